@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up what they need first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test setup system-deps test-services
+
+demo: setup system-deps
+	$(VENV)/bin/tuwen demo
+
+test: setup system-deps test-services
+	$(PY) -m pytest
+
+setup: $(VENV)/.installed
+
+# torch + torchvision first, pinned to the pair this machine installs from its own disk (a CUDA build
+# that also runs on CPU); then tuwen with the worker and dev extras.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e '.[worker,dev]'
+	touch $@
+
+# Debian packages the demo and the tests run: redis-server (started by the fixtures on free ports),
+# docker-compose v1 (offline lint of docker-compose.yml).
+system-deps:
+	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	   redis-server docker-compose >/dev/null)
+
+# s3rver (checks S3 signatures and presigned expiry, which moto does not).
+test-services:
+	@test -d tests/s3rver/node_modules || npm ci --prefix tests/s3rver --no-audit --no-fund --loglevel=error

@@ -1,0 +1,99 @@
+"""The Celery app factory and routing, shared by producers (send only) and workers.
+
+Choices, each measured (see shared/FACTS.md):
+
+* JSON only, pickle refused (``accept_content=["json"]``).
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a job is acknowledged only after its batch
+  wrote results, so a killed worker's jobs come back (Redis redelivers them after the visibility
+  timeout; jobs are idempotent through the job store).
+* Prefetch bounded to two batches: enough to fill the next batch while one runs, little enough that
+  the backlog stays in Redis (unbounded prefetch pulled everything into one worker and made
+  redelivery and fairness unworkable).
+* Queues ``interactive`` and ``bulk``, read in priority order (interactive first, always).
+* No Celery result backend: results live in tuwen's own job keys (``pipeline.jobs``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from pipeline.schema import JobRequest, Priority
+from pipeline.settings import Settings
+
+TASK_NAME = "tuwen.answer"
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "visibility_timeout": settings.visibility_timeout_s,
+        # How often unacknowledged messages of dead workers are looked for (default ~100 s).
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+        "unacked_restore_throttle": 1,
+        "queue_order_strategy": "priority",
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+        "health_check_interval": 25,
+        "retry_on_timeout": True,
+    }
+
+
+def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
+    """A configured app. ``worker=True`` also sets the consumer-side knobs (prefetch, events)."""
+    app = Celery("tuwen", broker=settings.broker, set_as_current=False)
+    conf: dict[str, Any] = {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_default_queue": settings.interactive_queue,
+        "task_queues": [Queue(settings.interactive_queue), Queue(settings.bulk_queue)],
+        "task_routes": {TASK_NAME: {"queue": settings.interactive_queue}},
+        "broker_transport_options": transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_pool_limit": 10,
+        "task_send_sent_event": True,
+        "enable_utc": True,
+    }
+    if settings.broker.startswith(("amqp://", "pyamqp://")):
+        conf["task_queues"] = [
+            Queue(settings.interactive_queue, queue_arguments={"x-queue-type": "quorum"}),
+            Queue(settings.bulk_queue, queue_arguments={"x-queue-type": "quorum"}),
+        ]
+        conf["broker_transport_options"] = {"confirm_publish": True}
+    if worker:
+        conf.update(
+            worker_prefetch_multiplier=2 * settings.max_batch_size,
+            worker_send_task_events=True,
+            worker_hijack_root_logger=False,
+            worker_cancel_long_running_tasks_on_connection_loss=False,
+        )
+    app.conf.update(conf)
+    return app
+
+
+def queue_for(settings: Settings, priority: Priority) -> str:
+    return settings.bulk_queue if priority == Priority.bulk else settings.interactive_queue
+
+
+def enqueue(app: Celery, settings: Settings, request: JobRequest) -> None:
+    """Publish one job. The message carries ids, keys and params; Flower shows only those."""
+    payload = request.model_dump(mode="json")
+    shown = {k: v for k, v in payload.items() if k != "question"}
+    app.send_task(
+        TASK_NAME,
+        kwargs={"job": payload},
+        task_id=request.id,
+        queue=queue_for(settings, request.priority),
+        argsrepr="()",
+        kwargsrepr=repr({"job": shown}),
+        retry=True,
+        retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
+    )

@@ -1,0 +1,199 @@
+"""``tuwen`` — the command line. Producer commands never import torch; worker-side commands import
+``workers`` lazily, inside the command.
+
+Exit codes: 0 ok · 1 the job failed · 2 input refused · 3 a service is unavailable · 4 not finished
+in time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from pipeline.errors import InvalidInput, TuwenError
+from pipeline.schema import JobResult, JobStatus
+from pipeline.settings import Quantization, Settings
+
+app = typer.Typer(help="tuwen (图文): Chinese visual question answering on a message queue.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXIT_FAILED, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 1, 2, 3, 4
+
+
+def settings_from(**overrides: Any) -> Settings:
+    """Settings from the environment, with the command line's explicit options on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _dump(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def _fail(exc: TuwenError, as_json: bool) -> None:
+    code = EXIT_REFUSED if isinstance(exc, InvalidInput) else EXIT_UNAVAILABLE if exc.retryable else EXIT_FAILED
+    if as_json:
+        _dump({"status": "refused" if code == EXIT_REFUSED else "error", "error": {**exc.to_dict(),
+                                                                                  "retryable": exc.retryable}})
+    else:
+        err.print(f"[red]error[/red] {exc.code}: {exc.message}")
+    raise typer.Exit(code)
+
+
+def _show(result: JobResult, as_json: bool) -> None:
+    if as_json:
+        _dump(result.to_json())
+    else:
+        console.print(f"[bold]{result.id}[/bold]  {result.status.value}")
+        if result.answer is not None:
+            console.print(result.answer)
+        if result.error is not None:
+            console.print(f"[red]{result.error.code}[/red]: {result.error.message}")
+        if result.timings.get("total_ms") is not None:
+            console.print(f"[dim]{result.timings['total_ms']:.0f} ms, batch of {result.batch_size}, "
+                          f"{result.model_id}[/dim]")
+    if result.status in (JobStatus.failed, JobStatus.cancelled):
+        raise typer.Exit(EXIT_FAILED)
+    if result.status == JobStatus.unknown:
+        raise typer.Exit(EXIT_FAILED)
+    if not result.status.terminal:
+        raise typer.Exit(EXIT_TIMEOUT)
+
+
+@app.command()
+def submit(
+    image: Annotated[Path, typer.Argument(help="picture file (PNG, JPEG, GIF, WebP, BMP, TIFF)")],
+    question: Annotated[str, typer.Argument(help="the question, e.g. 图中有几个圆形？")],
+    wait: Annotated[bool, typer.Option("--wait", help="block until the answer is there")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 120.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="cap on generated tokens")] = None,
+    priority: Annotated[str, typer.Option(help="interactive or bulk")] = "interactive",
+    owner: Annotated[str, typer.Option(help="owner of the job")] = "default",
+) -> None:
+    """Submit one picture and question; prints the job id (or the answer with --wait)."""
+    from pipeline.client import Client
+
+    client = Client(settings_from())
+    try:
+        data = image.read_bytes()
+    except OSError as exc:
+        _fail(InvalidInput(f"cannot read {image}: {exc.strerror}", code="file_not_readable"), as_json)
+    try:
+        job = client.submit(data, question, max_new_tokens=max_new_tokens, priority=priority, owner=owner)
+        if wait:
+            job = client.wait(job.id, timeout=timeout, owner=owner)
+    except TuwenError as exc:
+        _fail(exc, as_json)
+    if not wait:
+        if as_json:
+            _dump(job.to_json())
+        else:
+            console.print(job.id)
+        return
+    _show(job, as_json)
+
+
+@app.command()
+def result(
+    job_id: str,
+    wait: Annotated[float, typer.Option("--wait", help="seconds to wait for the job to end (0: do not wait)")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    owner: Annotated[Optional[str], typer.Option(help="only show the job if it is this owner's")] = None,
+) -> None:
+    """Show a job's state and answer."""
+    from pipeline.client import Client
+
+    client = Client(settings_from())
+    try:
+        res = client.wait(job_id, timeout=wait, owner=owner) if wait else client.get(job_id, owner)
+    except TuwenError as exc:
+        _fail(exc, as_json)
+    _show(res, as_json)
+
+
+@app.command()
+def cancel(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Cancel a queued job (a running job finishes)."""
+    from pipeline.client import Client
+
+    try:
+        res = Client(settings_from()).cancel(job_id, owner)
+    except TuwenError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _dump(res.to_json())
+    else:
+        console.print(f"{res.id}  {res.status.value}")
+
+
+@app.command()
+def worker(
+    model_path: Annotated[Optional[Path], typer.Option(help="checkpoint directory [TUWEN_MODEL_PATH]")] = None,
+    quantization: Annotated[Optional[Quantization], typer.Option(help="[TUWEN_QUANTIZATION]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N [TUWEN_DEVICE]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="[TUWEN_MAX_BATCH_SIZE]")] = None,
+    wait_ms: Annotated[Optional[int], typer.Option(help="[TUWEN_BATCH_WAIT_MS]")] = None,
+    queues: Annotated[Optional[str], typer.Option(help="comma-separated, default: interactive,bulk")] = None,
+    hostname: Annotated[Optional[str], typer.Option(help="worker name, e.g. gpu0@host")] = None,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run a GPU (or CPU) worker: load the model once and answer batches from the queues."""
+    from workers.service import run_worker
+
+    settings = settings_from(model_path=model_path, quantization=quantization, device=device,
+                             max_batch_size=batch_size, batch_wait_ms=wait_ms)
+    run_worker(settings, queues=queues.split(",") if queues else None, hostname=hostname, loglevel=loglevel)
+
+
+@app.command()
+def demo(
+    model_path: Annotated[Optional[Path], typer.Option(help="checkpoint (default: the bundled demo model)")] = None,
+) -> None:
+    """Start a private Redis, storage and a worker; ask the bundled pictures; print the answers."""
+    from workers.demo.run import run_demo
+
+    raise typer.Exit(run_demo(console, model_path=model_path))
+
+
+@app.command("train-demo")
+def train_demo(
+    out: Annotated[Path, typer.Option(help="output checkpoint directory")] = Path("runs/demo"),
+    steps: Annotated[int, typer.Option()] = 2800,
+    batch_size: Annotated[int, typer.Option()] = 48,
+    seed: Annotated[int, typer.Option()] = 1234,
+    threads: Annotated[int, typer.Option()] = 2,
+) -> None:
+    """Train the tiny demo model from scratch on freshly drawn worksheets (CPU; about an hour)."""
+    from workers.demo.train import train
+
+    train(out, steps=steps, batch_size=batch_size, seed=seed, threads=threads,
+          log=lambda line: console.print(line, markup=False))
+    console.print(f"saved to {out}")
+
+
+@app.command("eval-demo")
+def eval_demo(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="default: the bundled demo model")] = None,
+    per_kind: Annotated[int, typer.Option(help="held-out pictures per question type and style")] = 200,
+    threads: Annotated[int, typer.Option()] = 1,
+) -> None:
+    """Print the demo model's key-fact accuracy per question type (the README's table)."""
+    from workers.demo.evaluate import main
+
+    console.print(main(checkpoint, per_kind, threads), markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Job state in Redis under tuwen's own keys, with a TTL.
+
+Celery's PENDING means both "queued" and "never heard of it", and ``AsyncResult.get()`` stalled about
+a second per call here, so the record of truth is ours: one hash per job, changed only by small Lua
+scripts so that a redelivered or duplicated message can never overwrite a finished result, and a
+publish on ``tuwen:done:<id>`` when a job ends, which ``wait`` listens for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from pipeline.errors import Forbidden, Unavailable
+from pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
+
+PREFIX = "tuwen:job:"
+DONE_CHANNEL = "tuwen:done:"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+# KEYS[1]=job; ARGV: now, worker, max_attempts, ttl. Returns {state, attempts}.
+_CLAIM = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return {'missing', 0} end
+if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, 0} end
+local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {'running', n}
+"""
+
+# KEYS[1]=job; ARGV: status, result json, now, ttl, channel. Returns 1 if written, 0 if already final.
+_FINISH = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return -1 end
+if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'result', ARGV[2], 'finished_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[1])
+return 1
+"""
+
+# KEYS[1]=job; ARGV: result json, now, channel. Cancels a queued job; flags a running one.
+_CANCEL = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return 'missing' end
+if s == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[1], 'finished_at', ARGV[2])
+  redis.call('PUBLISH', ARGV[3], 'cancelled')
+  return 'cancelled'
+end
+if s == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+return s
+"""
+
+# KEYS[1]=job. Puts a running job back to queued (e.g. storage unreachable) unless it has ended.
+_REQUEUE = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if s == 'running' then redis.call('HSET', KEYS[1], 'status', 'queued'); return 1 end
+return 0
+"""
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client that retries short outages and fails fast on long ones."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=6),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Unavailable(f"Redis is not reachable: {exc}") from exc
+
+
+def _key(job_id: str) -> str:
+    return PREFIX + job_id
+
+
+def _channel(job_id: str) -> str:
+    return DONE_CHANNEL + job_id
+
+
+class JobStore:
+    """Create, claim, finish, cancel, read and wait for jobs."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+        self._cancel = client.register_script(_CANCEL)
+        self._requeue = client.register_script(_REQUEUE)
+
+    # -- producer side -------------------------------------------------------------------------------
+    def create(self, request: JobRequest) -> None:
+        with _redis_errors():
+            pipe = self.redis.pipeline()
+            pipe.hset(_key(request.id), mapping={
+                "status": JobStatus.queued.value,
+                "request": request.model_dump_json(),
+                "owner": request.owner,
+                "image_key": request.image_key,
+                "created_at": repr(request.created_at),
+                "attempts": 0,
+            })
+            pipe.expire(_key(request.id), self.ttl_s)
+            pipe.execute()
+
+    def delete(self, job_id: str) -> None:
+        with _redis_errors():
+            self.redis.delete(_key(job_id))
+
+    def request(self, job_id: str) -> JobRequest | None:
+        with _redis_errors():
+            raw = self.redis.hget(_key(job_id), "request")
+        return JobRequest.model_validate_json(raw) if raw else None
+
+    def get(self, job_id: str, owner: str | None = None) -> JobResult:
+        """The job's current state; ``unknown`` when there is no record (or it is not ``owner``'s)."""
+        with _redis_errors():
+            fields = self.redis.hgetall(_key(job_id))
+        return self._from_fields(job_id, fields, owner)
+
+    def get_many(self, job_ids: Iterable[str], owner: str | None = None) -> dict[str, JobResult]:
+        ids = list(job_ids)
+        with _redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(_key(job_id))
+            rows = pipe.execute()
+        return {job_id: self._from_fields(job_id, f, owner) for job_id, f in zip(ids, rows)}
+
+    @staticmethod
+    def _from_fields(job_id: str, f: dict[str, str], owner: str | None) -> JobResult:
+        if not f:
+            return JobResult.unknown(job_id)
+        if owner is not None and f.get("owner") != owner:
+            raise Forbidden("this job belongs to another owner", code="not_found")
+        if f.get("result"):
+            return JobResult.model_validate_json(f["result"])
+        return JobResult(
+            id=job_id,
+            status=JobStatus(f["status"]),
+            attempts=int(f.get("attempts", 0)),
+            owner=f.get("owner"),
+            image_key=f.get("image_key"),
+            worker=f.get("worker"),
+            created_at=float(f["created_at"]) if f.get("created_at") else None,
+            started_at=float(f["started_at"]) if f.get("started_at") else None,
+        )
+
+    def cancel(self, job_id: str, owner: str | None = None) -> JobResult:
+        """Cancel a queued job (it will never run); a running job finishes and says so."""
+        current = self.get(job_id, owner)
+        if current.status != JobStatus.queued:
+            if current.status == JobStatus.running:
+                with _redis_errors():
+                    self._cancel(keys=[_key(job_id)], args=["", "", ""])
+            return current
+        result = current.model_copy(update={
+            "status": JobStatus.cancelled, "finished_at": time.time(),
+            "error": ErrorInfo(code="cancelled", message="the job was cancelled before it ran")})
+        with _redis_errors():
+            self._cancel(keys=[_key(job_id)], args=[result.model_dump_json(), repr(time.time()), _channel(job_id)])
+        return self.get(job_id)
+
+    def wait(self, job_id: str, timeout: float, owner: str | None = None) -> JobResult:
+        """Block until the job ends or ``timeout`` seconds pass; returns its state either way."""
+        return self.wait_many([job_id], timeout, owner)[job_id]
+
+    def wait_many(self, job_ids: Iterable[str], timeout: float, owner: str | None = None) -> dict[str, JobResult]:
+        """Wait for several jobs at once over one pub/sub connection (re-checked every second, so a
+        missed message, e.g. across a Redis restart, costs at most a second)."""
+        ids = list(job_ids)
+        deadline = time.monotonic() + timeout
+        with _redis_errors():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            with _redis_errors():
+                if len(ids) <= 64:
+                    pubsub.subscribe(*[_channel(i) for i in ids])
+                else:
+                    pubsub.psubscribe(DONE_CHANNEL + "*")
+            results = self.get_many(ids, owner)
+            pending = {i for i, r in results.items() if not r.status.terminal and r.status != JobStatus.unknown}
+            last_poll = time.monotonic()
+            while pending and time.monotonic() < deadline:
+                try:
+                    msg = pubsub.get_message(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                except (redis.ConnectionError, redis.TimeoutError):
+                    time.sleep(0.5)
+                    pubsub = self._resubscribe(pubsub, pending)
+                    msg = None
+                changed: set[str] = set()
+                if msg and msg.get("type") in ("message", "pmessage"):
+                    job_id = str(msg["channel"])[len(DONE_CHANNEL):]
+                    if job_id in pending:
+                        changed.add(job_id)
+                if time.monotonic() - last_poll >= 1.0:
+                    changed |= pending
+                    last_poll = time.monotonic()
+                if changed:
+                    try:
+                        fresh = self.get_many(changed, owner)
+                    except Unavailable:
+                        continue
+                    results.update(fresh)
+                    pending -= {i for i, r in fresh.items() if r.status.terminal or r.status == JobStatus.unknown}
+            return results
+        finally:
+            try:
+                pubsub.close()
+            except redis.RedisError:
+                pass
+
+    def _resubscribe(self, old: Any, pending: set[str]) -> Any:
+        try:
+            old.close()
+        except redis.RedisError:
+            pass
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(*[_channel(i) for i in list(pending)[:64]])
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
+        return pubsub
+
+    # -- worker side -----------------------------------------------------------------------------------
+    def claim(self, job_ids: list[str], worker: str) -> dict[str, tuple[str, int]]:
+        """Mark jobs running; returns ``{id: (state, attempts)}``. A state other than ``running``
+        (finished, cancelled, missing) means: do not run it again."""
+        now = repr(time.time())
+        with _redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                self._claim(keys=[_key(job_id)], args=[now, worker, 0, self.ttl_s], client=pipe)
+            rows = pipe.execute()
+        return {job_id: (str(r[0]), int(r[1])) for job_id, r in zip(job_ids, rows)}
+
+    def finish(self, results: list[JobResult]) -> list[bool]:
+        """Write terminal results; a job that already ended keeps its first result (returns False)."""
+        if not results:
+            return []
+        now = repr(time.time())
+        with _redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for r in results:
+                self._finish(keys=[_key(r.id)], args=[r.status.value, r.model_dump_json(), now, self.ttl_s,
+                                                      _channel(r.id)], client=pipe)
+            return [int(x) == 1 for x in pipe.execute()]
+
+    def requeue(self, job_ids: list[str]) -> None:
+        with _redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                self._requeue(keys=[_key(job_id)], client=pipe)
+            pipe.execute()
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with _redis_errors():
+            return self.redis.hget(_key(job_id), "cancel_requested") == "1"
+
+
+def dumps(obj: Any) -> str:
+    """JSON that keeps Chinese readable."""
+    return json.dumps(obj, ensure_ascii=False)

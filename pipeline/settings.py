@@ -1,0 +1,98 @@
+"""One settings object for every entry point (worker, client, CLI, tests), read from ``TUWEN_*``."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Quantization(str, Enum):
+    """How the worker loads the language model's weights (one explicit ``BitsAndBytesConfig`` each)."""
+
+    none = "none"
+    int8 = "int8"
+    nf4 = "nf4"
+
+
+class DType(str, Enum):
+    auto = "auto"  #: float32 on CPU, bfloat16 on CUDA
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Built once at each entry point and passed down; never read at import."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TUWEN_", env_file=None, extra="ignore", frozen=True, env_ignore_empty=True
+    )
+
+    # -- model / worker runtime ------------------------------------------------------------------
+    #: Checkpoint directory (any llava-hf / Qwen-VL style directory). Empty: the bundled demo model.
+    model_path: Path | None = None
+    #: ``auto`` picks CUDA when available; else ``cpu``, ``cuda`` or ``cuda:N``.
+    device: str = "auto"
+    dtype: DType = DType.auto
+    quantization: Quantization = Quantization.none
+    #: Upper bound for generated tokens per answer (jobs may ask for fewer).
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    #: Questions longer than this (in characters, after trimming) are refused.
+    max_question_chars: int = Field(500, ge=1)
+    #: torch threads for a CPU worker (0: torch's default).
+    torch_threads: int = Field(0, ge=0)
+
+    # -- batching ------------------------------------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, le=512)
+    #: How long the worker waits for a batch to fill before it runs a partial one.
+    batch_wait_ms: int = Field(50, ge=0, le=60_000)
+
+    # -- queue ---------------------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Celery broker; defaults to ``redis_url``. Job state always lives in Redis.
+    broker_url: str | None = None
+    interactive_queue: str = "interactive"
+    bulk_queue: str = "bulk"
+    #: Seconds before Redis hands an unacknowledged job to another worker. Must exceed the longest
+    #: time a job can sit prefetched plus the longest batch.
+    visibility_timeout_s: int = Field(3600, ge=10)
+    #: How long job records and results are kept.
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    #: Attempts before a job whose processing keeps failing is failed for good.
+    max_attempts: int = Field(3, ge=1, le=20)
+
+    # -- storage ---------------------------------------------------------------------------------------
+    #: ``host:port`` of MinIO / any S3 server. Empty: images are kept in ``storage_dir``.
+    minio_endpoint: str | None = None
+    minio_access_key: str = "minioadmin"
+    minio_secret_key: SecretStr = SecretStr("minioadmin")
+    minio_bucket: str = "tuwen"
+    minio_secure: bool = False
+    minio_region: str | None = None
+    storage_dir: Path = Path(".tuwen/storage")
+    #: Presigned GET URLs for image owners expire after this many seconds.
+    presign_expiry_s: int = Field(300, ge=1, le=7 * 24 * 3600)
+
+    # -- input limits ----------------------------------------------------------------------------------
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    #: Longest side over shortest side; beyond this a picture is refused.
+    max_aspect_ratio: float = Field(20.0, ge=1.0)
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``TUWEN_*`` variables, for starting a worker process with the same view."""
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue
+            if isinstance(self.__dict__[name], SecretStr):
+                value = self.__dict__[name].get_secret_value()
+            env["TUWEN_" + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env

@@ -1,0 +1,99 @@
+"""Fixtures that start real services on free ports and clean up after themselves.
+
+* ``redis_server`` — a private redis-server (never the one on 6379).
+* ``s3`` — moto's standalone S3 server (real HTTP S3 protocol).
+* ``runtime`` — the bundled demo model, loaded once per session in this process.
+* ``pipeline_settings`` / ``worker`` — a real ``tuwen worker`` subprocess on those services.
+
+A missing service fails the run in CI (``CI`` set) and skips locally with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.client import Client
+from pipeline.localredis import LocalRedis
+from pipeline.settings import Settings
+from tests.s3servers import S3Endpoint, moto_server
+from workers.process import WorkerProcess
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip locally, fail in CI: a missing service must never turn CI green."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"required in CI: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis]:
+    need(shutil.which("redis-server") is not None, "redis-server is not installed")
+    with LocalRedis(appendonly=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Endpoint]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint() -> Path:
+    from workers.runtime import bundled_demo_model
+
+    path = bundled_demo_model()
+    assert (path / "config.json").exists(), f"the bundled demo checkpoint is missing at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def runtime(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
+    from workers.runtime import Runtime
+
+    rt = Runtime(Settings(model_path=demo_checkpoint, torch_threads=1, max_new_tokens=48))
+    rt.load()
+    return rt
+
+
+def make_settings(redis_url: str, s3: S3Endpoint, **overrides: object) -> Settings:
+    values: dict[str, object] = dict(
+        redis_url=redis_url, minio_endpoint=s3.endpoint, minio_access_key=s3.access_key,
+        minio_secret_key=s3.secret_key, minio_bucket=f"t-{uuid.uuid4().hex[:12]}", minio_secure=s3.secure,
+        max_batch_size=8, batch_wait_ms=100, visibility_timeout_s=60, max_new_tokens=48)
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pipeline_settings(redis_server: LocalRedis, s3: S3Endpoint) -> Settings:
+    """Settings for the shared session worker: its own queues, so other tests' workers never steal."""
+    return make_settings(redis_server.url, s3, interactive_queue="it-interactive", bulk_queue="it-bulk")
+
+
+@pytest.fixture(scope="session")
+def worker(pipeline_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess(pipeline_settings, "session@tests", tmp_path_factory.mktemp("worker") / "worker.log")
+    proc.start()
+    try:
+        proc.wait_ready(timeout=180)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def client(pipeline_settings: Settings) -> Iterator[Client]:
+    c = Client(pipeline_settings)
+    yield c
+    c.close()

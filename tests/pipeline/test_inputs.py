@@ -1,0 +1,70 @@
+"""Input validation: images and questions (no services needed)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from pipeline.errors import InvalidImage, InvalidQuestion
+from pipeline.inputs import check_question, decode_image
+
+LIMITS = dict(max_bytes=5_000_000, max_pixels=20_000_000, max_aspect_ratio=20.0)
+
+
+def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def code_of(data: bytes, **limits: float) -> str:
+    with pytest.raises(InvalidImage) as info:
+        decode_image(data, **{**LIMITS, **limits})  # type: ignore[arg-type]
+    return info.value.code
+
+
+def test_refuses_bad_images_with_stable_codes() -> None:
+    png = encode(Image.new("RGB", (64, 48), "red"), "PNG")
+    assert code_of(b"") == "empty_image"
+    assert code_of(png[:40]) == "corrupt_image"
+    assert code_of(b"<html><body>hi</body></html>") == "unsupported_image_format"
+    assert code_of(b"%PDF-1.4\n%...") == "unsupported_image_format"
+    assert code_of(png, max_bytes=10) == "image_too_large"
+    assert code_of(encode(Image.new("L", (4000, 100)), "PNG")) == "bad_aspect_ratio"
+
+
+def test_decompression_bomb_is_refused_from_the_header() -> None:
+    bomb = encode(Image.new("1", (30000, 30000)), "PNG", optimize=True)
+    assert len(bomb) < 200_000
+    assert code_of(bomb) == "image_too_many_pixels"
+
+
+def test_accepts_and_normalises_common_formats() -> None:
+    cmyk = decode_image(encode(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"), **LIMITS)
+    assert cmyk.mode == "RGB" and cmyk.getpixel((5, 5))[0] > 200
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    transparent = decode_image(encode(pal, "PNG", transparency=1), **LIMITS)
+    assert transparent.getpixel((0, 0)) == (255, 255, 255)
+    grey16 = decode_image(encode(Image.new("I;16", (8, 8), 65535), "PNG"), **LIMITS)
+    assert grey16.getpixel((0, 0))[0] > 200
+    assert decode_image(encode(Image.new("RGB", (20, 10)), "WEBP"), **LIMITS).size == (20, 10)
+
+
+def test_exif_orientation_is_respected() -> None:
+    img = Image.new("RGB", (40, 20), "blue")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise for display
+    assert decode_image(encode(img, "JPEG", exif=exif.tobytes()), **LIMITS).size == (20, 40)
+
+
+def test_questions() -> None:
+    assert check_question("  图中有几个圆形？ \n", max_chars=20) == "图中有几个圆形？"
+    for bad, code in [("", "empty_question"), (" \t\n", "empty_question"), ("问" * 21, "question_too_long"),
+                      ("图中\x00有什么", "invalid_question"), (b"\xff\xfe", "invalid_question"),
+                      (None, "invalid_question")]:
+        with pytest.raises(InvalidQuestion) as info:
+            check_question(bad, max_chars=20)
+        assert info.value.code == code, bad

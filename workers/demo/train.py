@@ -1,0 +1,152 @@
+"""Train the demo model on freshly drawn worksheet pictures (CPU, bf16 autocast, seeded).
+
+Loss = next-token loss on the answer + small auxiliary heads on the pooled image features that name
+what is drawn (shape, colour, count, digits). The auxiliary heads give the from-scratch ViT a direct
+signal early on (a real checkpoint would start from a pretrained CLIP); they are dropped on save, so
+the saved directory is a plain ``LlavaForConditionalGeneration`` checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from workers.demo.build import build_model, build_processor
+from workers.demo.scenes import COLOURS, KINDS, SHAPES, Example, draw_training_example
+
+#: Held-out seeds; training draws from ``seed`` and never from these.
+EVAL_SEED = 777_001
+WORKSHEET_SEED = 888_001
+SAMPLES_SEED = 999_001
+
+_HEADS = {"scene": 2, "shape": len(SHAPES), "colour": len(COLOURS), "count": 4, "a": 10, "op": 2, "b": 10}
+
+
+def _messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def _batch(processor, examples: list[Example]) -> dict[str, torch.Tensor]:
+    tok = processor.tokenizer
+    prompts = [processor.apply_chat_template(_messages(e.question), add_generation_prompt=True) for e in examples]
+    texts = [p + e.answer + tok.eos_token for p, e in zip(prompts, examples)]
+    enc = processor(images=[e.image for e in examples], text=texts, return_tensors="pt", padding=True)
+    labels = torch.full_like(enc["input_ids"], -100)
+    lengths = enc["attention_mask"].sum(-1)
+    for i, e in enumerate(examples):
+        n = len(tok(e.answer + tok.eos_token, add_special_tokens=False)["input_ids"])
+        end = int(lengths[i])
+        labels[i, end - n:end] = enc["input_ids"][i, end - n:end]
+    enc["labels"] = labels
+    return enc
+
+
+def _aux_loss(heads: nn.ModuleDict, feats: torch.Tensor, examples: list[Example]) -> torch.Tensor:
+    pooled = torch.cat([feats.mean(1), feats.amax(1)], dim=-1).float()
+    total = feats.new_zeros((), dtype=torch.float32)
+    for name, head in heads.items():
+        rows = [i for i, e in enumerate(examples) if name in e.labels]
+        if rows:
+            target = torch.tensor([examples[i].labels[name] for i in rows])
+            total = total + nn.functional.cross_entropy(head(pooled[rows]), target)
+    return total
+
+
+def train(
+    out_dir: Path,
+    *,
+    steps: int = 3000,
+    batch_size: int = 48,
+    lr: float = 1.5e-3,
+    seed: int = 1234,
+    threads: int = 2,
+    eval_every: int = 250,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train from scratch and save a ``save_pretrained`` checkpoint to ``out_dir``; returns it."""
+    torch.set_num_threads(threads)
+    rng = random.Random(seed)
+    processor = build_processor()
+    processor.tokenizer.padding_side = "right"
+    model = build_model(processor, seed=seed)
+    feat_dim = model.config.vision_config.hidden_size
+    heads = nn.ModuleDict({k: nn.Linear(2 * feat_dim, n) for k, n in _HEADS.items()})
+    captured: dict[str, torch.Tensor] = {}
+    model.model.multi_modal_projector.register_forward_pre_hook(lambda _m, args: captured.__setitem__("f", args[0]))
+
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = min(200, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
+    history = []
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        model.train()
+        examples = [draw_training_example(rng) for _ in range(batch_size)]
+        batch = _batch(processor, examples)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**batch)
+            aux = _aux_loss(heads, captured["f"], examples)
+        loss = out.loss.float() + 0.5 * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0:
+            log(f"step {step}/{steps} lm {out.loss.item():.4f} aux {aux.item():.4f} "
+                f"lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
+        if step % eval_every == 0 or step == steps:
+            save(model, processor, out_dir)
+            acc = quick_accuracy(out_dir, per_kind=20)
+            history.append({"step": step, "seconds": round(time.time() - t0), **acc})
+            log(f"eval step {step}: " + json.dumps(acc, ensure_ascii=False))
+            (out_dir / "training_log.json").write_text(json.dumps(history, ensure_ascii=False, indent=1))
+    return out_dir
+
+
+def save(model, processor, out_dir: Path) -> None:
+    """Save weights in bfloat16 (half the size; the runtime loads them in float32 on CPU)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    processor.tokenizer.padding_side = "left"
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    model.to(torch.float32)
+    processor.save_pretrained(out_dir)
+    processor.tokenizer.padding_side = "right"
+
+
+def quick_accuracy(checkpoint: Path, per_kind: int) -> dict[str, float]:
+    """Key-fact accuracy on a small held-out set, through the same loading path as production."""
+    from workers.demo.evaluate import evaluate
+
+    table = evaluate(checkpoint, per_kind=per_kind, styles=("training",), threads=torch.get_num_threads())
+    return {k: round(v, 3) for k, v in table["training"].items()}
+
+
+def main() -> None:  # pragma: no cover - manual entry point for background runs
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=250)
+    a = ap.parse_args()
+    train(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
+          eval_every=a.eval_every, log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

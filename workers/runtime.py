@@ -1,0 +1,260 @@
+"""The model runtime: one object that owns a loaded vision-language model and answers batches.
+
+Generic Hugging Face path only (``AutoProcessor`` + ``AutoModelForImageTextToText`` + the
+processor's chat template), so any llava-hf, LLaVA-NeXT or Qwen-VL checkpoint directory works.
+Batches are left-padded and decoded greedily, so a batched answer is token-identical to the same
+item answered alone (fp32). Bad items fail alone with a code; out-of-memory splits the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from pipeline.errors import ModelError, OutOfMemory, TuwenError
+from pipeline.inputs import check_question, decode_image
+from pipeline.settings import DType, Quantization, Settings
+
+log = logging.getLogger(__name__)
+
+#: Module names kept in full precision under quantization: vision encoders and projectors are
+#: small and sensitive; quantizing them costs accuracy and saves little memory.
+_SKIP_QUANT = ["vision_tower", "visual", "vision_model", "multi_modal_projector", "merger", "lm_head"]
+
+
+def bundled_demo_model() -> Path:
+    """Directory of the demo checkpoint shipped inside the package."""
+    return Path(__file__).resolve().parent / "demo" / "checkpoint"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request: picture (encoded bytes or an already decoded picture), question, token budget."""
+
+    image: bytes | Image.Image
+    question: str
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class Answer:
+    """The outcome for one item: an answer or an error, never both."""
+
+    answer: str | None = None
+    error: dict[str, str] | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    batch_size: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    #: The generated token ids (without the end-of-sequence token).
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _Prepared:
+    index: int
+    image: Image.Image
+    question: str
+    max_new_tokens: int
+
+
+class Runtime:
+    """Owns one model. Loads lazily on first use; ``answer_batch`` is the only hot path."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model_path = Path(settings.model_path or bundled_demo_model())
+        self._model: Any = None
+        self._processor: Any = None
+        self.load_seconds: float | None = None
+        #: Test hook, called with the batch size right before ``generate``: raise
+        #: ``torch.OutOfMemoryError`` from it to drill the split-and-retry path.
+        self.before_generate: Callable[[int], None] | None = None
+
+    # -- loading ---------------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        """The checkpoint's name plus a short digest of its config, for results and cache keys."""
+        config = self.model_path / "config.json"
+        digest = hashlib.sha256(config.read_bytes() if config.exists() else b"").hexdigest()[:8]
+        return f"{self.model_path.name}@{digest}:{self.settings.quantization.value}"
+
+    @property
+    def device(self) -> str:
+        import torch
+
+        if self.settings.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.settings.device
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        if self.settings.dtype == DType.auto:
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return getattr(torch, self.settings.dtype.value)
+
+    def quantization_config(self) -> Any:
+        """The one ``BitsAndBytesConfig`` for the configured quantization, or None."""
+        from transformers import BitsAndBytesConfig
+
+        q = self.settings.quantization
+        if q == Quantization.none:
+            return None
+        if q == Quantization.int8:
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_SKIP_QUANT)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=self.torch_dtype(),
+            llm_int8_skip_modules=_SKIP_QUANT,
+        )
+
+    def load(self) -> None:
+        """Load processor and model (idempotent)."""
+        if self._model is not None:
+            return
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        if not (self.model_path / "config.json").exists():
+            raise ModelError(f"no checkpoint at {self.model_path} (config.json missing)", code="model_not_found")
+        t0 = time.perf_counter()
+        processor = AutoProcessor.from_pretrained(self.model_path)
+        processor.tokenizer.padding_side = "left"
+        quant = self.quantization_config()
+        kwargs: dict[str, Any] = {"dtype": self.torch_dtype()}
+        if quant is not None:
+            kwargs.update(quantization_config=quant, device_map={"": self.device})
+        model = AutoModelForImageTextToText.from_pretrained(self.model_path, **kwargs)
+        if quant is None:
+            model.to(self.device)
+        model.eval()
+        self._processor, self._model = processor, model
+        self.load_seconds = time.perf_counter() - t0
+        log.info("loaded %s on %s in %.2fs", self.model_id, self.device, self.load_seconds)
+
+    @property
+    def processor(self) -> Any:
+        self.load()
+        return self._processor
+
+    @property
+    def model(self) -> Any:
+        self.load()
+        return self._model
+
+    # -- answering ---------------------------------------------------------------------------------
+    def answer_batch(self, items: Sequence[Item]) -> list[Answer]:
+        """One ``Answer`` per item, in order. Never raises for a bad item."""
+        self.load()
+        t0 = time.perf_counter()
+        answers: list[Answer] = [Answer() for _ in items]
+        ready: list[_Prepared] = []
+        for i, item in enumerate(items):
+            try:
+                ready.append(self._prepare(i, item))
+            except TuwenError as exc:
+                answers[i].error = exc.to_dict()
+        prep_ms = (time.perf_counter() - t0) * 1000
+        if ready:
+            self._generate_split(ready, answers)
+        for a in answers:
+            a.timings.setdefault("decode_ms", round(prep_ms, 2))
+        return answers
+
+    def _prepare(self, index: int, item: Item) -> _Prepared:
+        s = self.settings
+        image = item.image if isinstance(item.image, Image.Image) else decode_image(
+            item.image, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
+            max_aspect_ratio=s.max_aspect_ratio)
+        question = self._defuse(check_question(item.question, max_chars=s.max_question_chars))
+        budget = min(item.max_new_tokens or s.max_new_tokens, s.max_new_tokens)
+        return _Prepared(index, image.convert("RGB"), question, budget)
+
+    def _defuse(self, question: str) -> str:
+        """Break up any special token (``<image>``, role markers) a user typed into the question,
+        so it is read as plain text and never changes the number of image tokens."""
+        tok = self.processor.tokenizer
+        specials = set(tok.all_special_tokens) | {str(t) for t in getattr(tok, "added_tokens_decoder", {}).values()}
+        for extra in ("image_token", "video_token"):
+            if getattr(self.processor, extra, None):
+                specials.add(getattr(self.processor, extra))
+        for token in sorted(filter(None, specials), key=len, reverse=True):
+            if token in question:
+                question = question.replace(token, token[0] + "\u2060" + token[1:])
+        return question
+
+    def _generate_split(self, batch: list[_Prepared], answers: list[Answer]) -> None:
+        """Generate for ``batch``; on out-of-memory free the cache and retry each half."""
+        import torch
+
+        try:
+            self._generate(batch, answers)
+        except torch.OutOfMemoryError:
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                answers[batch[0].index].error = OutOfMemory(
+                    "the model ran out of memory on this single item").to_dict()
+                return
+            log.warning("out of memory on a batch of %d; retrying halves", len(batch))
+            half = len(batch) // 2
+            self._generate_split(batch[:half], answers)
+            self._generate_split(batch[half:], answers)
+
+    def messages(self, question: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+    def _generate(self, batch: list[_Prepared], answers: list[Answer]) -> None:
+        import torch
+
+        processor, model = self.processor, self.model
+        t0 = time.perf_counter()
+        prompts = [processor.apply_chat_template(self.messages(p.question), add_generation_prompt=True)
+                   for p in batch]
+        enc = processor(images=[p.image for p in batch], text=prompts, return_tensors="pt", padding=True)
+        enc = enc.to(model.device)
+        if "pixel_values" in enc and enc["pixel_values"].is_floating_point():
+            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+        t1 = time.perf_counter()
+        if self.before_generate is not None:
+            self.before_generate(len(batch))
+        tok = processor.tokenizer
+        with torch.inference_mode():
+            out = model.generate(
+                **enc, max_new_tokens=max(p.max_new_tokens for p in batch), do_sample=False,
+                pad_token_id=tok.pad_token_id, eos_token_id=model.generation_config.eos_token_id or tok.eos_token_id,
+            )
+        t2 = time.perf_counter()
+        prompt_len = enc["input_ids"].shape[1]
+        eos_ids = model.generation_config.eos_token_id
+        eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids if eos_ids is not None else tok.eos_token_id])
+        mask = enc["attention_mask"].sum(-1).tolist()
+        for row, p in enumerate(batch):
+            ids = out[row, prompt_len:].tolist()[: p.max_new_tokens]
+            cut = next((k for k, t in enumerate(ids) if t in eos), None)
+            if cut is not None:
+                ids = ids[:cut]
+            answers[p.index] = Answer(
+                answer=tok.decode(ids, skip_special_tokens=True).strip(),
+                prompt_tokens=int(mask[row]),
+                generated_tokens=len(ids),
+                tokens=ids,
+                batch_size=len(batch),
+                timings={"preprocess_ms": round((t1 - t0) * 1000, 2), "generate_ms": round((t2 - t1) * 1000, 2)},
+            )

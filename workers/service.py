@@ -1,0 +1,52 @@
+"""Start one worker process: load the model once, then consume batches until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from celery import signals
+
+from pipeline.jobs import JobStore, connect
+from pipeline.registry import Heartbeat
+from pipeline.settings import Settings
+from pipeline.stores import open_images
+from workers.runtime import Runtime
+from workers.tasks import BatchAnswerer, make_worker_app
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname: str | None = None,
+               loglevel: str = "INFO") -> None:
+    """One process per device: threads pool with one slot, so the model is used by one batch at a time
+    while the consumer keeps prefetching the next batch."""
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hostname = hostname or f"tuwen-{os.getpid()}@{socket.gethostname()}"
+    runtime = Runtime(settings)
+    runtime.load()
+    log.info("model %s loaded in %.2fs", runtime.model_id, runtime.load_seconds or 0)
+    redis_client = connect(settings.redis_url)
+    answerer = BatchAnswerer(settings, runtime, JobStore(redis_client, settings.result_ttl_s), open_images(settings))
+    app = make_worker_app(settings, answerer)
+    queues = queues or [settings.interactive_queue, settings.bulk_queue]
+    heartbeat = Heartbeat(redis_client, hostname, {
+        "model_id": runtime.model_id, "device": runtime.device, "queues": queues, "pid": os.getpid(),
+        "max_batch_size": settings.max_batch_size, "load_seconds": runtime.load_seconds,
+    })
+
+    def ready(**_: Any) -> None:
+        heartbeat.start()
+
+    def stopping(**_: Any) -> None:
+        heartbeat.stop()
+
+    signals.worker_ready.connect(ready, weak=False)
+    signals.worker_shutting_down.connect(stopping, weak=False)
+    app.worker_main([
+        "worker", "--pool=threads", "--concurrency=1", f"--queues={','.join(queues)}",
+        f"--loglevel={loglevel}", "--without-mingle", "--without-gossip", "--task-events",
+        f"--hostname={hostname}",
+    ])
