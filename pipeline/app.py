@@ -83,15 +83,16 @@ def queue_for(settings: Settings, priority: Priority) -> str:
     return settings.bulk_queue if priority == Priority.bulk else settings.interactive_queue
 
 
-def enqueue(app: Celery, settings: Settings, request: JobRequest) -> None:
+def enqueue(app: Celery, settings: Settings, request: JobRequest, countdown: float | None = None) -> None:
     """Publish one job. The message carries ids, keys and params; Flower shows only those."""
     payload = request.model_dump(mode="json")
-    shown = {k: v for k, v in payload.items() if k != "question"}
+    shown = {k: v for k, v in payload.items() if k != "question" or settings.flower_show_text}
     app.send_task(
         TASK_NAME,
         kwargs={"job": payload},
         task_id=request.id,
         queue=queue_for(settings, request.priority),
+        countdown=countdown,
         argsrepr="()",
         kwargsrepr=repr({"job": shown}),
         retry=True,

@@ -135,6 +135,41 @@ def cancel(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None,
 
 
 @app.command()
+def status(
+    minutes: Annotated[int, typer.Option(help="how many minutes of job counts to show")] = 10,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One screen: queue depths, live workers, jobs per minute, failures by code."""
+    from pipeline.status import collect, render
+
+    try:
+        snapshot = collect(settings_from(), minutes)
+    except TuwenError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        _dump(snapshot)
+    else:
+        console.print(render(snapshot))
+
+
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option()] = 5555,
+    basic_auth: Annotated[Optional[str], typer.Option(envvar="FLOWER_BASIC_AUTH", help="user:password")] = None,
+) -> None:
+    """Start Flower against the configured broker (basic auth strongly advised)."""
+    import subprocess
+
+    settings = settings_from()
+    cmd = [sys.executable, "-m", "celery", f"--broker={settings.broker}", "flower", f"--port={port}"]
+    if basic_auth:
+        cmd.append(f"--basic-auth={basic_auth}")
+    else:
+        err.print("[yellow]warning[/yellow]: Flower without --basic-auth shows every job to anyone who can reach it")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command()
 def worker(
     model_path: Annotated[Optional[Path], typer.Option(help="checkpoint directory [TUWEN_MODEL_PATH]")] = None,
     quantization: Annotated[Optional[Quantization], typer.Option(help="[TUWEN_QUANTIZATION]")] = None,

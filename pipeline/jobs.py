@@ -8,7 +8,6 @@ publish on ``tuwen:done:<id>`` when a job ends, which ``wait`` listens for.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -60,10 +59,15 @@ if s == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
 return s
 """
 
-# KEYS[1]=job. Puts a running job back to queued (e.g. storage unreachable) unless it has ended.
+# KEYS[1]=job. Puts a running job back to queued (storage unreachable: not the job's fault, so the
+# attempt is not counted) unless it has ended meanwhile.
 _REQUEUE = """
 local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'running' then redis.call('HSET', KEYS[1], 'status', 'queued'); return 1 end
+if s == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'queued')
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+  return 1
+end
 return 0
 """
 
@@ -276,8 +280,3 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         with _redis_errors():
             return self.redis.hget(_key(job_id), "cancel_requested") == "1"
-
-
-def dumps(obj: Any) -> str:
-    """JSON that keeps Chinese readable."""
-    return json.dumps(obj, ensure_ascii=False)

@@ -88,6 +88,10 @@ class JobResult(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     owner: str | None = None
     image_key: str | None = None
+    #: Answered from the answer cache, without a model call.
+    cached: bool = False
+    #: Someone asked to cancel the job while it was running; it finished anyway.
+    cancel_requested: bool = False
 
     @classmethod
     def unknown(cls, job_id: str) -> JobResult:

@@ -45,6 +45,19 @@ class Settings(BaseSettings):
     #: torch threads for a CPU worker (0: torch's default).
     torch_threads: int = Field(0, ge=0)
 
+    # -- worker operations -----------------------------------------------------------------------------
+    #: Port for the worker's Prometheus metrics (0: off).
+    metrics_port: int = Field(0, ge=0, le=65535)
+    #: Show question and answer text in Flower (task arguments/results). Off: they may be students' data.
+    flower_show_text: bool = False
+    #: Answer a repeated (image, question, params, model) from a cache, without the model.
+    answer_cache: bool = True
+    answer_cache_ttl_s: int = Field(24 * 3600, ge=1)
+    #: How long a batch keeps retrying unreachable storage before it gives its jobs back to the queue.
+    storage_wait_s: float = Field(60.0, ge=0)
+    #: Test hook: raise out-of-memory in the runtime for batches of at least this size (0: off).
+    fault_oom_min_batch: int = Field(0, ge=0)
+
     # -- batching ------------------------------------------------------------------------------------
     max_batch_size: int = Field(16, ge=1, le=512)
     #: How long the worker waits for a batch to fill before it runs a partial one.

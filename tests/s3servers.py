@@ -132,7 +132,7 @@ def _tail(log: IO[bytes]) -> str:
 
 def _with_signature_checks(plain: S3Endpoint) -> S3Endpoint:
     """Create an IAM user allowed ``s3:*`` on a fresh moto, then make moto verify every signature."""
-    import boto3  # moto[server] depends on it
+    import boto3  # type: ignore[import-untyped]  # moto[server] depends on it
 
     iam = boto3.client("iam", endpoint_url=plain.base_url, region_name="us-east-1",
                        aws_access_key_id=plain.access_key, aws_secret_access_key=plain.secret_key)

@@ -81,6 +81,14 @@ class Runtime:
         #: Test hook, called with the batch size right before ``generate``: raise
         #: ``torch.OutOfMemoryError`` from it to drill the split-and-retry path.
         self.before_generate: Callable[[int], None] | None = None
+        if settings.fault_oom_min_batch:
+            self.before_generate = self._injected_oom
+
+    def _injected_oom(self, batch_size: int) -> None:
+        import torch
+
+        if batch_size >= self.settings.fault_oom_min_batch:
+            raise torch.OutOfMemoryError(f"injected out-of-memory for a batch of {batch_size} (test hook)")
 
     # -- loading ---------------------------------------------------------------------------------
     @property

@@ -14,6 +14,7 @@ from pipeline.registry import Heartbeat
 from pipeline.settings import Settings
 from pipeline.stores import open_images
 from workers.runtime import Runtime
+from workers.metrics import WorkerMetrics
 from workers.tasks import BatchAnswerer, make_worker_app
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,17 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     runtime.load()
     log.info("model %s loaded in %.2fs", runtime.model_id, runtime.load_seconds or 0)
     redis_client = connect(settings.redis_url)
-    answerer = BatchAnswerer(settings, runtime, JobStore(redis_client, settings.result_ttl_s), open_images(settings))
-    app = make_worker_app(settings, answerer)
     queues = queues or [settings.interactive_queue, settings.bulk_queue]
+    metrics = WorkerMetrics()
+    metrics.model_load.set(runtime.load_seconds or 0)
+    if settings.broker == settings.redis_url:
+        metrics.watch_queues(redis_client, queues)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+        log.info("metrics on :%d/metrics", settings.metrics_port)
+    answerer = BatchAnswerer(settings, runtime, JobStore(redis_client, settings.result_ttl_s), open_images(settings),
+                             metrics)
+    app = make_worker_app(settings, answerer, hostname)
     heartbeat = Heartbeat(redis_client, hostname, {
         "model_id": runtime.model_id, "device": runtime.device, "queues": queues, "pid": os.getpid(),
         "max_batch_size": settings.max_batch_size, "load_seconds": runtime.load_seconds,

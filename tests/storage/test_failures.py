@@ -21,6 +21,10 @@ from tests.storage.conftest import integration, new_bucket_name, s3_backend
 pytestmark = [pytest.mark.timeout(60)]
 
 
+def servers(*names: str) -> list[object]:
+    return [pytest.param(name, marks=integration) for name in names]
+
+
 def store_calls(store: S3ObjectStore) -> dict[str, Callable[[], object]]:
     return {
         "ensure_ready": store.ensure_ready,
@@ -33,7 +37,7 @@ def store_calls(store: S3ObjectStore) -> dict[str, Callable[[], object]]:
     }
 
 
-@pytest.mark.parametrize("server", [pytest.param(name, marks=integration) for name in ("s3rver", "moto_signed", "minio")])
+@pytest.mark.parametrize("server", servers("s3rver", "moto_signed", "minio"))
 def test_unknown_access_key_is_an_auth_error(server: str, request: pytest.FixtureRequest) -> None:
     # Given a server that checks access keys, and a bucket with an object
     endpoint: S3Endpoint = request.getfixturevalue(server)
@@ -49,7 +53,7 @@ def test_unknown_access_key_is_an_auth_error(server: str, request: pytest.Fixtur
             assert (refused.value.code, refused.value.retryable) == ("storage_auth_failed", False), name
 
 
-@pytest.mark.parametrize("server", [pytest.param(name, marks=integration) for name in ("moto_signed", "minio")])
+@pytest.mark.parametrize("server", servers("moto_signed", "minio"))
 def test_wrong_secret_key_is_an_auth_error(server: str, request: pytest.FixtureRequest) -> None:
     # Given a server that verifies signatures (s3rver does not check a SigV4 signature), and an object
     endpoint: S3Endpoint = request.getfixturevalue(server)
@@ -66,7 +70,7 @@ def test_wrong_secret_key_is_an_auth_error(server: str, request: pytest.FixtureR
         assert good.store.get("images/x") == b"x"
 
 
-@pytest.mark.parametrize("server", [pytest.param(name, marks=integration) for name in ("s3rver", "minio")])
+@pytest.mark.parametrize("server", servers("s3rver", "minio"))
 def test_presigned_url_is_refused_after_it_expires(server: str, request: pytest.FixtureRequest) -> None:
     # Given an object and two presigned URLs for it, one valid for 1 s and one for a minute
     endpoint: S3Endpoint = request.getfixturevalue(server)

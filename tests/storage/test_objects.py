@@ -169,17 +169,20 @@ def test_one_store_is_shared_by_threads(store: ObjectStore) -> None:
     assert list(store.list("images/")) == sorted(blobs)
 
 
-def test_factory_picks_s3_when_an_endpoint_is_set(tmp_path: Path) -> None:
-    common = dict(access_key="a", secret_key="b", bucket="tuwen", secure=False, region=None, directory=tmp_path)
+def open_at(endpoint: str | None, directory: Path, bucket: str = "tuwen") -> ObjectStore:
+    return open_object_store(endpoint=endpoint, access_key="a", secret_key="b", bucket=bucket, secure=False,
+                             region=None, directory=directory)
 
-    assert isinstance(open_object_store(endpoint="127.0.0.1:9", **common), S3ObjectStore)  # type: ignore[arg-type]
+
+def test_factory_picks_s3_when_an_endpoint_is_set(tmp_path: Path) -> None:
+    assert isinstance(open_at("127.0.0.1:9", tmp_path), S3ObjectStore)
     for unset in (None, ""):
-        local = open_object_store(endpoint=unset, **common)  # type: ignore[arg-type]
+        local = open_at(unset, tmp_path)
         assert isinstance(local, LocalObjectStore) and local.root == tmp_path
     with pytest.raises(StorageConfigError, match="without a scheme"):
-        open_object_store(endpoint="http://127.0.0.1:9000", **common)  # type: ignore[arg-type]
+        open_at("http://127.0.0.1:9000", tmp_path)
     with pytest.raises(StorageConfigError, match="bucket"):
-        S3ObjectStore("127.0.0.1:9000", "a", "b", "Not_A_Bucket")
+        open_at("127.0.0.1:9000", tmp_path, bucket="Not_A_Bucket")
 
 
 def test_error_codes_are_stable() -> None:

@@ -1,0 +1,85 @@
+"""Per-job task events, so Flower shows each job's real state instead of PENDING forever.
+
+celery-batches sends no per-request events (measured: every job stayed PENDING in Flower). The worker
+sends them itself: ``task-received`` when a message arrives, ``task-started`` when its batch starts,
+``task-succeeded`` / ``task-failed`` with the runtime when its result is written. A batch also appears
+as a task of its own (``tuwen.batch``) listing the job ids it held.
+
+What Flower shows as arguments and results is ids, keys and parameters. Question and answer text may be
+students' data: they are shown only when ``TUWEN_FLOWER_SHOW_TEXT`` is true.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+from celery import Celery
+
+from pipeline.schema import JobRequest, JobResult, JobStatus
+
+
+def job_kwargs_repr(job: JobRequest, show_text: bool) -> str:
+    shown: dict[str, Any] = {"job_id": job.id, "image_key": job.image_key, "params": job.params.model_dump(),
+                             "priority": job.priority.value, "owner": job.owner}
+    if job.batch_id:
+        shown["batch_id"] = job.batch_id
+    if show_text:
+        shown["question"] = job.question
+    return repr(shown)
+
+
+def result_repr(result: JobResult, show_text: bool) -> str:
+    shown: dict[str, Any] = {"status": result.status.value, "batch_size": result.batch_size,
+                             "generated_tokens": result.generated_tokens, "cached": result.cached}
+    if show_text and result.answer is not None:
+        shown["answer"] = result.answer
+    return repr(shown)
+
+
+class JobEvents:
+    """Sends task events from the batch thread over its own connection (thread-safe, lazily opened)."""
+
+    def __init__(self, app: Celery, hostname: str, show_text: bool) -> None:
+        self.app, self.hostname, self.show_text = app, hostname, show_text
+        self._dispatcher: Any = None
+        self._lock = threading.Lock()
+
+    def _send(self, kind: str, **fields: Any) -> None:
+        with self._lock:
+            try:
+                if self._dispatcher is None:
+                    self._dispatcher = self.app.events.Dispatcher(
+                        self.app.connection_for_write(), hostname=self.hostname, enabled=True)
+                self._dispatcher.send(kind, **fields)
+            except Exception:  # noqa: BLE001 - monitoring must never fail a batch
+                self._dispatcher = None
+
+    def received(self, job: JobRequest) -> None:
+        self._send("task-received", uuid=job.id, name="tuwen.answer", args="()",
+                   kwargs=job_kwargs_repr(job, self.show_text), retries=0, eta=None, expires=None,
+                   root_id=job.id, parent_id=None)
+
+    def started(self, jobs: list[JobRequest]) -> str:
+        batch_id = uuid.uuid4().hex
+        self._send("task-received", uuid=batch_id, name="tuwen.batch", args="()",
+                   kwargs=repr({"jobs": [j.id for j in jobs]}), retries=0, eta=None, expires=None,
+                   root_id=batch_id, parent_id=None)
+        self._send("task-started", uuid=batch_id)
+        for job in jobs:
+            self._send("task-started", uuid=job.id)
+        return batch_id
+
+    def finished(self, batch_id: str, results: list[JobResult], runtime_s: float) -> None:
+        for r in results:
+            if r.status == JobStatus.succeeded:
+                self._send("task-succeeded", uuid=r.id, result=result_repr(r, self.show_text), runtime=runtime_s)
+            else:
+                code = r.error.code if r.error else r.status.value
+                message = r.error.message if r.error else ""
+                self._send("task-failed", uuid=r.id, exception=f"{code}: {message}", traceback="")
+        ok = sum(r.status == JobStatus.succeeded for r in results)
+        self._send("task-succeeded", uuid=batch_id, runtime=runtime_s,
+                   result=repr({"jobs": len(results), "succeeded": ok, "at": time.time()}))

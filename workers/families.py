@@ -1,0 +1,82 @@
+"""Per-family image limits: bound how many tokens one picture can become, whatever its size.
+
+Decided from what the loaded image processor has, never from a model name:
+
+* dynamic resolution (Qwen2-VL, Qwen2.5-VL and kin): the image processor has ``patch_size`` and
+  ``merge_size`` and a pixel range (``size["shortest_edge"/"longest_edge"]`` in transformers 5,
+  ``min_pixels``/``max_pixels`` before). One image token covers ``(patch_size * merge_size)²``
+  pixels, so the pixel range is set from tuwen's token limits. Huge pictures are scaled down first.
+* fixed resolution (LLaVA-1.5) and tiles (LLaVA-NeXT, at most its largest ``image_grid_pinpoints``
+  grid): already bounded by the checkpoint, left as they are. The pinpoints must not be trimmed here:
+  the model splits its features with the pinpoints in its own config, so processor and model would
+  disagree on the number of image tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class ImageLimits(Protocol):
+    """The two settings this module reads (``Settings`` has them; tests may pass any object)."""
+
+    #: At most this many image tokens per picture; caps the checkpoint's own limit, never raises it.
+    max_image_tokens: int
+    #: At least this many (small pictures are scaled up); 0 keeps the checkpoint's own minimum.
+    min_image_tokens: int
+
+
+def pixels_per_token(image_processor: Any) -> int | None:
+    """Pixels one image token covers for a dynamic-resolution image processor, else None."""
+    patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
+    if not isinstance(patch, int) or not isinstance(merge, int) or _pixel_range(image_processor) is None:
+        return None
+    return (patch * merge) ** 2
+
+
+def apply_image_limits(processor: Any, settings: ImageLimits) -> None:
+    """Bound the image tokens per picture on a freshly loaded processor (in place)."""
+    image_processor = getattr(processor, "image_processor", None)
+    unit = pixels_per_token(image_processor)
+    if unit is None:
+        return
+    low, high = _pixel_range(image_processor)  # type: ignore[misc]
+    new_high = min(high, settings.max_image_tokens * unit) if high else settings.max_image_tokens * unit
+    new_low = settings.min_image_tokens * unit if settings.min_image_tokens else low
+    new_low = min(new_low or unit, new_high)
+    _set_pixel_range(image_processor, new_low, new_high)
+    log.info("image tokens per picture: %d to %d (%d pixels each)", new_low // unit, new_high // unit, unit)
+
+
+def _pixel_range(image_processor: Any) -> tuple[int | None, int | None] | None:
+    """(min, max) pixels from ``size`` (transformers 5) or ``min_pixels``/``max_pixels`` (4.x)."""
+    size = _as_dict(getattr(image_processor, "size", None))
+    if "longest_edge" in size and "shortest_edge" in size:
+        return size["shortest_edge"], size["longest_edge"]
+    if getattr(image_processor, "max_pixels", None) is not None:
+        return getattr(image_processor, "min_pixels", None), image_processor.max_pixels
+    return None
+
+
+def _set_pixel_range(image_processor: Any, low: int, high: int) -> None:
+    size = getattr(image_processor, "size", None)
+    values = _as_dict(size)
+    if "longest_edge" in values:
+        values.update(shortest_edge=low, longest_edge=high)
+        if "min_pixels" in values or "max_pixels" in values:
+            values.update(min_pixels=low, max_pixels=high)
+        image_processor.size = values if isinstance(size, dict) else type(size)(**values)
+    for name, value in (("min_pixels", low), ("max_pixels", high)):
+        if getattr(image_processor, name, None) is not None:
+            setattr(image_processor, name, value)
+
+
+def _as_dict(size: Any) -> dict[str, Any]:
+    """A size given as a dict or a transformers ``SizeDict`` (a dataclass), without unset keys."""
+    if size is None or isinstance(size, (int, tuple, list)):
+        return {}
+    items = size.items() if isinstance(size, dict) else vars(size).items()
+    return {k: v for k, v in items if v is not None}

@@ -1,0 +1,62 @@
+"""Prometheus metrics of one worker process, served on ``TUWEN_METRICS_PORT``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+
+class QueueDepth(Collector):
+    """Jobs waiting per queue, read from the Redis broker at scrape time."""
+
+    def __init__(self, redis: Any, queues: Iterable[str]) -> None:
+        self.redis, self.queues = redis, list(queues)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("tuwen_queue_depth", "Jobs waiting in the broker queue", labels=["queue"])
+        for queue in self.queues:
+            try:
+                family.add_metric([queue], float(self.redis.llen(queue)))
+            except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
+                continue
+        yield family
+
+
+class WorkerMetrics:
+    """All metrics in one private registry (so tests can build several)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.batch_size = Histogram("tuwen_batch_size", "Jobs per model batch", buckets=_BATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram("tuwen_queue_wait_seconds", "Submit to batch start", buckets=_SECONDS, registry=r)
+        self.model_seconds = Histogram("tuwen_model_seconds", "Model time per batch (preprocess + generate)",
+                                       buckets=_SECONDS, registry=r)
+        self.generated_tokens = Counter("tuwen_generated_tokens", "Tokens generated", registry=r)
+        self.jobs = Counter("tuwen_jobs", "Jobs finished", ["status", "code"], registry=r)
+        self.model_load = Gauge("tuwen_model_load_seconds", "Time to load the model", registry=r)
+        self.images_fetched = Counter("tuwen_images_fetched", "Images fetched from storage", registry=r)
+        self.image_bytes = Counter("tuwen_image_bytes", "Image bytes fetched from storage", registry=r)
+        self.cache_hits = Counter("tuwen_answer_cache_hits", "Jobs answered from the answer cache", registry=r)
+        self.cache_misses = Counter("tuwen_answer_cache_misses", "Jobs the answer cache did not know", registry=r)
+        self.device_memory = Gauge("tuwen_device_memory_bytes", "CUDA memory allocated (peak since start)",
+                                   ["kind"], registry=r)
+
+    def watch_queues(self, redis: Any, queues: Iterable[str]) -> None:
+        self.registry.register(QueueDepth(redis, queues))
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, addr="0.0.0.0", registry=self.registry)
+
+    def observe_device(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.device_memory.labels("allocated").set(torch.cuda.memory_allocated())
+            self.device_memory.labels("peak").set(torch.cuda.max_memory_allocated())
