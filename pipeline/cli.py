@@ -135,6 +135,20 @@ def cancel(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None,
 
 
 @app.command()
+def delete(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None) -> None:
+    """Delete a job now: its result, and its image unless another job uses it."""
+    from pipeline.client import Client
+
+    try:
+        found = Client(settings_from()).delete(job_id, owner)
+    except TuwenError as exc:
+        _fail(exc, False)
+    console.print(f"{job_id}  {'deleted' if found else 'unknown'}")
+    if not found:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
 def status(
     minutes: Annotated[int, typer.Option(help="how many minutes of job counts to show")] = 10,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -201,7 +215,8 @@ def demo(
 @app.command("train-demo")
 def train_demo(
     out: Annotated[Path, typer.Option(help="output checkpoint directory")] = Path("runs/demo"),
-    steps: Annotated[int, typer.Option()] = 2800,
+    vision_steps: Annotated[int, typer.Option(help="stage 1: vision encoder alone, batches of 64")] = 600,
+    steps: Annotated[int, typer.Option(help="stage 2: the whole model")] = 2000,
     batch_size: Annotated[int, typer.Option()] = 48,
     seed: Annotated[int, typer.Option()] = 1234,
     threads: Annotated[int, typer.Option()] = 2,
@@ -209,7 +224,7 @@ def train_demo(
     """Train the tiny demo model from scratch on freshly drawn worksheets (CPU; about an hour)."""
     from workers.demo.train import train
 
-    train(out, steps=steps, batch_size=batch_size, seed=seed, threads=threads,
+    train(out, steps=steps, vision_steps=vision_steps, batch_size=batch_size, seed=seed, threads=threads,
           log=lambda line: console.print(line, markup=False))
     console.print(f"saved to {out}")
 

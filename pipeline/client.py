@@ -118,11 +118,33 @@ class Client:
     def cancel(self, job_id: str, owner: str | None = None) -> JobResult:
         return self.jobs.cancel(job_id, owner)
 
+    def delete(self, job_id: str, owner: str | None = None) -> bool:
+        """Delete a job's record and result now, and its image if no other job uses it. Cached
+        answers about that image go too. Returns False if there was no such job."""
+        if self.jobs.get(job_id, owner).status == JobStatus.unknown:
+            return False
+        image_key = self.jobs.delete(job_id, owner)
+        if image_key:
+            try:
+                self.images.delete(image_key)
+            except StorageError as exc:
+                raise Unavailable(f"could not delete the image: {exc}", code=exc.code, retryable=True) from exc
+            for key in self.jobs.redis.scan_iter(f"tuwen:cache:{image_cache_prefix(image_key)}:*", count=500):
+                self.jobs.redis.delete(key)
+        return True
+
     def close(self) -> None:
         if "celery" in self.__dict__:
             self.celery.close()
         if "jobs" in self.__dict__:
             self.jobs.redis.close()
+
+
+def image_cache_prefix(image_key: str) -> str:
+    """Answer-cache entries are grouped by image, so deleting an image can find its cached answers."""
+    import hashlib
+
+    return hashlib.sha256(image_key.encode()).hexdigest()[:16]
 
 
 def _content_type(fmt: str) -> str:

@@ -72,6 +72,22 @@ return 0
 """
 
 
+# KEYS[1]=job; ARGV: owner ('' = any), ref prefix. Deletes the job; returns its image key when no
+# other job uses that image any more ('' otherwise), or 'missing' / 'forbidden'.
+_DELETE = """
+local f = redis.call('HMGET', KEYS[1], 'owner', 'image_key')
+if not f[1] then return 'missing' end
+if ARGV[1] ~= '' and f[1] ~= ARGV[1] then return 'forbidden' end
+redis.call('DEL', KEYS[1])
+local ref = ARGV[2] .. f[2]
+redis.call('SREM', ref, string.sub(KEYS[1], string.len(ARGV[3]) + 1))
+if redis.call('SCARD', ref) == 0 then redis.call('DEL', ref); return f[2] end
+return ''
+"""
+
+IMAGE_REFS = "tuwen:imageref:"
+
+
 def connect(url: str) -> redis.Redis:
     """A Redis client that retries short outages and fails fast on long ones."""
     return redis.Redis.from_url(
@@ -111,6 +127,7 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
         self._requeue = client.register_script(_REQUEUE)
+        self._delete = client.register_script(_DELETE)
 
     # -- producer side -------------------------------------------------------------------------------
     def create(self, request: JobRequest) -> None:
@@ -125,11 +142,18 @@ class JobStore:
                 "attempts": 0,
             })
             pipe.expire(_key(request.id), self.ttl_s)
+            pipe.sadd(IMAGE_REFS + request.image_key, request.id)
+            pipe.expire(IMAGE_REFS + request.image_key, self.ttl_s)
             pipe.execute()
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str, owner: str | None = None) -> str | None:
+        """Remove the job's record and result. Returns its image key if no other job still uses the
+        image (the caller deletes the object), else None."""
         with _redis_errors():
-            self.redis.delete(_key(job_id))
+            out = self._delete(keys=[_key(job_id)], args=[owner or "", IMAGE_REFS, PREFIX])
+        if out == "forbidden":
+            raise Forbidden("this job belongs to another owner", code="not_found")
+        return out if out and out != "missing" else None
 
     def request(self, job_id: str) -> JobRequest | None:
         with _redis_errors():

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     minio_secure: bool = False
     minio_region: str | None = None
     storage_dir: Path = Path(".tuwen/storage")
+    #: Stored images are deleted this many days after upload (S3 lifecycle rule; a local directory is
+    #: swept at start-up). Job records and results expire after ``result_ttl_s``.
+    image_ttl_days: int = Field(7, ge=1, le=3650)
     #: Presigned GET URLs for image owners expire after this many seconds.
     presign_expiry_s: int = Field(300, ge=1, le=7 * 24 * 3600)
 
@@ -94,6 +97,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     #: Longest side over shortest side; beyond this a picture is refused.
     max_aspect_ratio: float = Field(20.0, ge=1.0)
+    #: Dynamic-resolution families (Qwen2-VL, Qwen2.5-VL): the most image tokens one picture may
+    #: become; bigger pictures are scaled down first. Lowers the checkpoint's own limit, never raises it.
+    max_image_tokens: int = Field(1280, ge=4, le=16384)
+    #: The fewest image tokens per picture (small pictures are scaled up); 0 keeps the checkpoint's
+    #: own minimum. Clipped to half of ``max_image_tokens``.
+    min_image_tokens: int = Field(0, ge=0, le=16384)
 
     @property
     def broker(self) -> str:

@@ -20,6 +20,7 @@ def open_objects(settings: Settings) -> ObjectStore:
         directory=settings.storage_dir,
     )
     store.ensure_ready()
+    store.expire("images/", settings.image_ttl_days)
     return store
 
 

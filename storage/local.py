@@ -1,6 +1,7 @@
 """Objects as files under one directory: for development, tests and single-machine use."""
 
 import os
+import time
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +101,16 @@ class LocalObjectStore:
                 if not (name.startswith(".") and name.endswith(_PARTIAL_SUFFIX)):
                     keys.append(base + name)
         return iter(sorted(k for k in keys if k.startswith(prefix)))
+
+    def expire(self, prefix: str, days: int) -> None:
+        """A directory has no lifecycle rules: delete what is older now (called at every start-up)."""
+        cutoff = time.time() - days * 86400
+        for key in list(self.list(prefix)):
+            try:
+                if self._path(key).stat().st_mtime < cutoff:
+                    self.delete(key)
+            except OSError:
+                continue
 
     def _path(self, key: str) -> Path:
         """The file for ``key``; refuses keys that would resolve outside the root (also via symlinks)."""

@@ -66,3 +66,6 @@ class ObjectStore(Protocol):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """The keys that start with ``prefix``, in lexicographic order."""
+
+    def expire(self, prefix: str, days: int) -> None:
+        """Objects under ``prefix`` are deleted ``days`` after they were written (privacy retention)."""

@@ -169,6 +169,18 @@ class S3ObjectStore:
                 if obj.object_name is not None and not obj.is_dir:
                     yield obj.object_name
 
+    def expire(self, prefix: str, days: int) -> None:
+        """An S3 lifecycle rule on the bucket: the server deletes old objects itself."""
+        from minio.commonconfig import ENABLED, Filter
+        from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+
+        rule = Rule(ENABLED, rule_filter=Filter(prefix=prefix), rule_id=f"tuwen-expire-{prefix.strip('/') or 'all'}",
+                    expiration=Expiration(days=days))
+        with self._errors("set lifecycle"):
+            current = self._client.get_bucket_lifecycle(self.bucket)
+            rules = [r for r in (current.rules if current else []) if r.rule_id != rule.rule_id]
+            self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig([*rules, rule]))
+
     @contextmanager
     def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
         """Turn minio, urllib3 and socket errors raised inside the block into ``StorageError``s."""

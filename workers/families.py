@@ -25,7 +25,8 @@ class ImageLimits(Protocol):
 
     #: At most this many image tokens per picture; caps the checkpoint's own limit, never raises it.
     max_image_tokens: int
-    #: At least this many (small pictures are scaled up); 0 keeps the checkpoint's own minimum.
+    #: At least this many (small pictures are scaled up); 0 keeps the checkpoint's own minimum. Clipped
+    #: to half the maximum: scaling up rounds each side up, which must not overshoot the maximum.
     min_image_tokens: int
 
 
@@ -41,14 +42,15 @@ def apply_image_limits(processor: Any, settings: ImageLimits) -> None:
     """Bound the image tokens per picture on a freshly loaded processor (in place)."""
     image_processor = getattr(processor, "image_processor", None)
     unit = pixels_per_token(image_processor)
-    if unit is None:
+    pixel_range = _pixel_range(image_processor)
+    if unit is None or pixel_range is None:
         return
-    low, high = _pixel_range(image_processor)  # type: ignore[misc]
-    new_high = min(high, settings.max_image_tokens * unit) if high else settings.max_image_tokens * unit
-    new_low = settings.min_image_tokens * unit if settings.min_image_tokens else low
-    new_low = min(new_low or unit, new_high)
-    _set_pixel_range(image_processor, new_low, new_high)
-    log.info("image tokens per picture: %d to %d (%d pixels each)", new_low // unit, new_high // unit, unit)
+    low, high = pixel_range
+    most = min(high // unit, settings.max_image_tokens) if high else settings.max_image_tokens
+    fewest = settings.min_image_tokens or (low // unit if low else 1)
+    fewest = max(1, min(fewest, most // 2))
+    _set_pixel_range(image_processor, fewest * unit, most * unit)
+    log.info("image tokens per picture: %d to %d (%d pixels each)", fewest, most, unit)
 
 
 def _pixel_range(image_processor: Any) -> tuple[int | None, int | None] | None:
@@ -62,12 +64,13 @@ def _pixel_range(image_processor: Any) -> tuple[int | None, int | None] | None:
 
 
 def _set_pixel_range(image_processor: Any, low: int, high: int) -> None:
+    """Write the range everywhere this transformers version may read it from."""
     size = getattr(image_processor, "size", None)
     values = _as_dict(size)
-    if "longest_edge" in values:
-        values.update(shortest_edge=low, longest_edge=high)
-        if "min_pixels" in values or "max_pixels" in values:
-            values.update(min_pixels=low, max_pixels=high)
+    if values:
+        for low_key, high_key in (("shortest_edge", "longest_edge"), ("min_pixels", "max_pixels")):
+            if high_key in values:
+                values.update({low_key: low, high_key: high})
         image_processor.size = values if isinstance(size, dict) else type(size)(**values)
     for name, value in (("min_pixels", low), ("max_pixels", high)):
         if getattr(image_processor, name, None) is not None:

@@ -21,12 +21,16 @@ from PIL import Image
 from pipeline.errors import ModelError, OutOfMemory, TuwenError
 from pipeline.inputs import check_question, decode_image
 from pipeline.settings import DType, Quantization, Settings
+from workers.families import apply_image_limits
 
 log = logging.getLogger(__name__)
 
 #: Module names kept in full precision under quantization: vision encoders and projectors are
-#: small and sensitive; quantizing them costs accuracy and saves little memory.
-_SKIP_QUANT = ["vision_tower", "visual", "vision_model", "multi_modal_projector", "merger", "lm_head"]
+#: small and sensitive; quantizing them costs accuracy and saves little memory. transformers 5
+#: matches a name only at the start of a module path or as its suffix, so each is also given as
+#: a pattern that finds it anywhere (``model.vision_tower.encoder...``).
+_SKIP_NAMES = ["vision_tower", "visual", "vision_model", "multi_modal_projector", "merger", "lm_head"]
+_SKIP_QUANT = _SKIP_NAMES + [rf".*\.{name}" for name in _SKIP_NAMES]
 
 
 def bundled_demo_model() -> Path:
@@ -144,6 +148,7 @@ class Runtime:
         t0 = time.perf_counter()
         processor = AutoProcessor.from_pretrained(self.model_path)
         processor.tokenizer.padding_side = "left"
+        apply_image_limits(processor, self.settings)
         quant = self.quantization_config()
         kwargs: dict[str, Any] = {"dtype": self.torch_dtype()}
         if quant is not None:

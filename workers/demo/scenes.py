@@ -61,6 +61,37 @@ class Example:
     facts: tuple[str, ...]
     #: Integer class labels of what is drawn (used as auxiliary targets in training).
     labels: dict[str, int] = field(default_factory=dict)
+    #: Where things are drawn: ``(x0, y0, x1, y1, dense class, is an object)`` in pixels.
+    marks: tuple[tuple[float, float, float, float, int, int], ...] = ()
+
+
+#: Per-patch classes for dense supervision: background, the shapes, digits, then + - = and other text.
+DENSE_CLASSES = ["bg", *SHAPES, *"0123456789", "+", "-", "=", "text"]
+
+
+def _dense_class(ch: str) -> int:
+    return DENSE_CLASSES.index(ch) if ch in DENSE_CLASSES else len(DENSE_CLASSES) - 1
+
+
+def patch_labels(example: Example, grid: int) -> tuple[list[int], list[int]]:
+    """Per patch of a ``grid``×``grid`` view of the picture (resized without cropping): what covers it,
+    and whether an object's centre falls in it. Training targets only; the model never sees them."""
+    w, h = example.image.size
+    cls = [0] * (grid * grid)
+    centre = [0] * (grid * grid)
+    for x0, y0, x1, y1, c, is_object in example.marks:
+        gx0, gx1 = int(x0 / w * grid), min(grid - 1, int(x1 / w * grid))
+        gy0, gy1 = int(y0 / h * grid), min(grid - 1, int(y1 / h * grid))
+        for gy in range(gy0, gy1 + 1):
+            for gx in range(gx0, gx1 + 1):
+                px, py = (gx + 0.5) * w / grid, (gy + 0.5) * h / grid
+                if x0 <= px <= x1 and y0 <= py <= y1:
+                    cls[gy * grid + gx] = c
+        cx, cy = min(grid - 1, int((x0 + x1) / 2 / w * grid)), min(grid - 1, int((y0 + y1) / 2 / h * grid))
+        cls[cy * grid + cx] = c
+        if is_object:
+            centre[cy * grid + cx] = 1
+    return cls, centre
 
 
 def has_facts(answer: str, facts: tuple[str, ...]) -> bool:
@@ -211,18 +242,24 @@ def draw_training_example(rng: random.Random, kind: str | None = None) -> Exampl
         a, op, b = _sum_terms(rng)
         sep = rng.choice(["", "", " "])
         text = sep.join([str(a), op, str(b), "="]) + rng.choice(["?", "?", "( )", ""])
-        font = _font(rng.choice(TRAIN_FONTS), max(10, int(min(w, h) * rng.uniform(0.2, 0.28))))
+        font = _font(rng.choice(TRAIN_FONTS), max(10, int(min(w, h) * rng.uniform(0.24, 0.4))))
         tw = draw.textlength(text, font=font)
         while tw > w * 0.92:
             font = _font(font.path.split("/")[-1], int(font.size * 0.9))
             tw = draw.textlength(text, font=font)
         x = rng.uniform(w * 0.04, max(w * 0.04, w - tw - w * 0.04))
         y = rng.uniform(h * 0.05, max(h * 0.05, h - font.size * 1.3))
-        ink = rng.choice([(20, 20, 20), (30, 40, 120), (60, 60, 60), (150, 20, 20)])
-        draw.text((x, y), text, fill=_jitter(ink, rng, 10), font=font)
+        ink = _jitter(rng.choice([(20, 20, 20), (30, 40, 120), (60, 60, 60), (150, 20, 20)]), rng, 10)
+        marks = []
+        for ch in text:  # one character at a time, so each glyph's box is known exactly
+            if ch != " ":
+                x0, y0, x1, y1 = draw.textbbox((x, y), ch, font=font)
+                draw.text((x, y), ch, fill=ink, font=font)
+                marks.append((x0, y0, x1, y1, _dense_class(ch), 0))
+            x += draw.textlength(ch, font=font)
         q, ans, facts = _qa_for_sum(rng, kind, a, op, b)
         labels = _labels(scene=1, a=a, op="+-".index(op), b=b)
-        return Example(_finish(img, rng), q, ans, kind, facts, labels)
+        return Example(_finish(img, rng), q, ans, kind, facts, labels, tuple(marks))
 
     shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     n = rng.randint(1, MAX_COUNT)
@@ -233,12 +270,15 @@ def draw_training_example(rng: random.Random, kind: str | None = None) -> Exampl
         spots = _place(rng, n, (w, h), scale)
     fill = _jitter(COLOURS[colour], rng)
     outline = (40, 40, 40) if rng.random() < 0.3 else None
+    shape_marks = []
     for x, y, s in spots:
         rot = rng.uniform(-0.25, 0.25) if shape in ("三角形", "五角星") else 0.0
-        _draw_shape(draw, shape, _shape_box(shape, x, y, s, rng), fill, outline, rot)
+        box = _shape_box(shape, x, y, s, rng)
+        _draw_shape(draw, shape, box, fill, outline, rot)
+        shape_marks.append((*box, _dense_class(shape), 1))
     q, ans, facts = _qa_for_shapes(rng, kind, shape, colour, n)
     labels = _labels(scene=0, shape=SHAPES.index(shape), colour=list(COLOURS).index(colour), count=n - 1)
-    return Example(_finish(img, rng), q, ans, kind, facts, labels)
+    return Example(_finish(img, rng), q, ans, kind, facts, labels, tuple(shape_marks))
 
 
 def draw_worksheet_example(rng: random.Random, kind: str) -> Example:

@@ -1,0 +1,204 @@
+"""API keys for the HTTP gateway: Bearer tokens, stored hashed in Redis, each key one owner.
+
+A token reads ``tw_<key id>_<secret>``. Redis keeps only the token's SHA-256 (the token has 256 bits of
+randomness, so a slow hash adds nothing) under ``tuwen:apikey:id:<key id>``; a Redis dump holds no
+usable token. The key id is public: it names the key in ``tuwen keys list`` and ``revoke``. Several
+keys may share an owner (rotation); jobs belong to owners, not keys.
+
+Rate limit: a fixed one-minute window per key (``INCR`` + ``EXPIRE``), the key's own limit or the
+gateway's default. ``Idempotency`` maps a caller's ``Idempotency-Key`` to its job, per owner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import redis
+
+from pipeline.errors import InvalidInput, NotFound, TuwenError, Unavailable
+
+PREFIX = "tuwen:apikey:"
+IDEMPOTENCY_PREFIX = "tuwen:gateway:idem:"
+_IDS = PREFIX + "ids"
+_TOKEN = re.compile(r"^tw_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
+_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    owner: str
+    name: str
+    created_at: float
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+    #: Requests per minute for this key; None: the gateway's ``rate_limit_per_minute``.
+    rate_limit_per_minute: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.id, "owner": self.owner, "name": self.name, "created_at": self.created_at,
+                "revoked_at": self.revoked_at, "last_used_at": self.last_used_at,
+                "rate_limit_per_minute": self.rate_limit_per_minute, "active": self.active}
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Unavailable(f"Redis is not reachable: {exc}") from exc
+
+
+def _record(key_id: str) -> str:
+    return f"{PREFIX}id:{key_id}"
+
+
+def _opt_float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+class KeyStore:
+    """Create, list, revoke and check API keys (``redis`` is a ``decode_responses=True`` client)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def create(self, owner: str, name: str = "", rate_limit_per_minute: int | None = None) -> tuple[ApiKey, str]:
+        """A new key for ``owner``; returns it and the token, which is shown only this once."""
+        if not _OWNER.match(owner):
+            raise InvalidInput("owner must be 1-128 characters of letters, digits and . _ : @ -", code="invalid_owner")
+        if rate_limit_per_minute is not None and rate_limit_per_minute < 0:
+            raise InvalidInput("rate limit must be 0 (unlimited) or more", code="invalid_params")
+        key_id = secrets.token_hex(6)
+        token = f"tw_{key_id}_{secrets.token_urlsafe(32)}"
+        key = ApiKey(id=key_id, owner=owner, name=name[:200], created_at=time.time(),
+                     rate_limit_per_minute=rate_limit_per_minute)
+        fields = {"hash": token_hash(token), "owner": owner, "name": key.name, "created_at": repr(key.created_at)}
+        if rate_limit_per_minute is not None:
+            fields["rate_limit_per_minute"] = str(rate_limit_per_minute)
+        with _redis_errors():
+            pipe = self.redis.pipeline()
+            pipe.hset(_record(key_id), mapping=fields)
+            pipe.sadd(_IDS, key_id)
+            pipe.execute()
+        return key, token
+
+    def get(self, key_id: str) -> ApiKey | None:
+        with _redis_errors():
+            fields = self.redis.hgetall(_record(key_id))
+        return self._from_fields(key_id, fields) if fields else None
+
+    def list(self) -> list[ApiKey]:
+        with _redis_errors():
+            ids = sorted(self.redis.smembers(_IDS))
+        keys = [self.get(i) for i in ids]
+        return sorted((k for k in keys if k is not None), key=lambda k: k.created_at)
+
+    def revoke(self, key_id: str) -> ApiKey:
+        """Revoke a key for good (it stays listed, marked revoked)."""
+        with _redis_errors():
+            if not self.redis.exists(_record(key_id)):
+                raise NotFound(f"no API key {key_id!r}")
+            self.redis.hsetnx(_record(key_id), "revoked_at", repr(time.time()))
+        key = self.get(key_id)
+        assert key is not None
+        return key
+
+    def authenticate(self, token: str) -> ApiKey | None:
+        """The active key this token belongs to, or None (unknown, malformed, wrong secret, revoked)."""
+        match = _TOKEN.match(token)
+        if not match:
+            return None
+        key_id = match.group(1)
+        with _redis_errors():
+            fields = self.redis.hgetall(_record(key_id))
+        if not fields or not hmac.compare_digest(str(fields.get("hash", "")), token_hash(token)):
+            return None
+        key = self._from_fields(key_id, fields)
+        return key if key.active else None
+
+    def hit(self, key: ApiKey, default_limit: int, now: float | None = None) -> float:
+        """Count one request; returns 0 when allowed, else the seconds until the window resets."""
+        limit = default_limit if key.rate_limit_per_minute is None else key.rate_limit_per_minute
+        now = time.time() if now is None else now
+        window = int(now // 60)
+        with _redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.incr(f"{PREFIX}rate:{key.id}:{window}")
+            pipe.expire(f"{PREFIX}rate:{key.id}:{window}", 120)
+            pipe.hset(_record(key.id), "last_used_at", repr(now))
+            count = int(pipe.execute()[0])
+        if limit <= 0 or count <= limit:
+            return 0.0
+        return float(max(1, math.ceil((window + 1) * 60 - now)))
+
+    @staticmethod
+    def _from_fields(key_id: str, f: dict[str, str]) -> ApiKey:
+        limit = f.get("rate_limit_per_minute")
+        return ApiKey(id=key_id, owner=f.get("owner", ""), name=f.get("name", ""),
+                      created_at=float(f.get("created_at") or 0), revoked_at=_opt_float(f.get("revoked_at")),
+                      last_used_at=_opt_float(f.get("last_used_at")),
+                      rate_limit_per_minute=int(limit) if limit else None)
+
+
+class Conflict(TuwenError):
+    """The same request is being handled right now; retry shortly."""
+
+    code = "conflict"
+    retryable = True
+
+
+class Idempotency:
+    """``Idempotency-Key`` → job id, per owner, for a TTL (Stripe-style): a retry gets the first job;
+    the same key on a different request is refused; a retry while the first is in flight gets
+    ``Conflict``. A request that fails releases its key, so the client can fix it and try again."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.redis, self.ttl_s = client, ttl_s
+
+    @staticmethod
+    def key(owner: str, idem: str) -> str:
+        return IDEMPOTENCY_PREFIX + hashlib.sha256(f"{owner}\0{idem}".encode()).hexdigest()
+
+    def begin(self, owner: str, idem: str, fingerprint: str) -> str | None:
+        """None: this request holds the key and must submit. Else the first request's job id."""
+        with _redis_errors():
+            for _ in range(3):
+                if self.redis.set(self.key(owner, idem), json.dumps({"fp": fingerprint}), nx=True, ex=120):
+                    return None
+                raw = self.redis.get(self.key(owner, idem))
+                if raw is None:
+                    continue
+                first = json.loads(raw)
+                if first["fp"] != fingerprint:
+                    raise InvalidInput("this Idempotency-Key was used for a different request",
+                                       code="idempotency_key_reused")
+                if "job_id" in first:
+                    return str(first["job_id"])
+                break
+        raise Conflict("a request with this Idempotency-Key is being handled", code="idempotency_in_progress")
+
+    def complete(self, owner: str, idem: str, fingerprint: str, job_id: str) -> None:
+        with _redis_errors():
+            self.redis.set(self.key(owner, idem), json.dumps({"fp": fingerprint, "job_id": job_id}), ex=self.ttl_s)
+
+    def release(self, owner: str, idem: str) -> None:
+        with _redis_errors():
+            self.redis.delete(self.key(owner, idem))

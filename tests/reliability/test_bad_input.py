@@ -1,0 +1,161 @@
+"""The bad-input corpus: every case gets a stable code through ``Client.submit`` and ``tuwen submit``,
+nothing is stored or queued for refused input, and the formats users really send do work."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.client import Client
+from pipeline.errors import InvalidInput
+from pipeline.jobs import PREFIX
+from pipeline.schema import JobStatus
+from pipeline.settings import Settings
+from tests.faults import report
+from workers.demo.samples import load_samples
+from workers.process import WorkerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+
+def enc(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def sample_png() -> bytes:
+    return load_samples()[0].path.read_bytes()
+
+
+def zip_bytes() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.txt", "not a picture")
+    return buf.getvalue()
+
+
+Q = "图中是什么形状？"
+JPEG = enc(Image.open(io.BytesIO(sample_png())).convert("RGB"), "JPEG")
+
+#: name → (image bytes, question, submit kwargs, expected code)
+REFUSED: dict[str, tuple[bytes, object, dict[str, object], str]] = {
+    "0 bytes": (b"", Q, {}, "empty_image"),
+    "truncated PNG": (sample_png()[:300], Q, {}, "corrupt_image"),
+    "truncated JPEG": (JPEG[: len(JPEG) // 2], Q, {}, "corrupt_image"),
+    "HTML page": (b"<!doctype html><html><body><img src=x></body></html>", Q, {}, "unsupported_image_format"),
+    "PDF document": (b"%PDF-1.7\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", Q, {}, "unsupported_image_format"),
+    "SVG drawing": (b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"><circle r="4"/></svg>', Q, {},
+                    "unsupported_image_format"),
+    "zip renamed .jpg": (zip_bytes(), Q, {}, "unsupported_image_format"),
+    "plain text": ("图中有三个圆形\n".encode(), Q, {}, "unsupported_image_format"),
+    "decompression bomb (PNG declaring 30000x30000)": (enc(Image.new("1", (30000, 30000)), "PNG", optimize=True),
+                                                       Q, {}, "image_too_many_pixels"),
+    "huge dimensions (7000x7000 JPEG)": (enc(Image.new("L", (7000, 7000)), "JPEG", quality=5), Q, {},
+                                         "image_too_many_pixels"),
+    "extreme aspect ratio (4000x10)": (enc(Image.new("RGB", (4000, 10)), "PNG"), Q, {}, "bad_aspect_ratio"),
+    "over the byte limit": (b"\x89PNG\r\n\x1a\n" + b"\x00" * (21 * 1024 * 1024), Q, {}, "image_too_large"),
+    "empty question": (sample_png(), "", {}, "empty_question"),
+    "whitespace-only question": (sample_png(), " \t\n　 ", {}, "empty_question"),
+    "over-long question": (sample_png(), "问" * 501, {}, "question_too_long"),
+    "invalid UTF-8 question": (sample_png(), b"\xff\xfe\xfa", {}, "invalid_question"),
+    "control characters in question": (sample_png(), "图中\x00有\x1b[31m什么", {}, "invalid_question"),
+    "question is not text": (sample_png(), 12345, {}, "invalid_question"),
+    "negative max_new_tokens": (sample_png(), Q, {"max_new_tokens": -5}, "invalid_params"),
+    "zero max_new_tokens": (sample_png(), Q, {"max_new_tokens": 0}, "invalid_params"),
+    "huge max_new_tokens": (sample_png(), Q, {"max_new_tokens": 10**9}, "invalid_params"),
+    "unknown priority": (sample_png(), Q, {"priority": "urgent!!"}, "invalid_params"),
+}
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return enc(Image.open(io.BytesIO(sample_png())).convert("RGB"), "JPEG", exif=exif.tobytes())
+
+
+def _gif() -> bytes:
+    first = Image.open(io.BytesIO(sample_png())).convert("RGB")
+    return enc(first.convert("P"), "GIF", save_all=True, append_images=[Image.new("P", first.size, 3)], duration=100)
+
+
+def _heic() -> bytes:
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    return enc(Image.open(io.BytesIO(sample_png())).convert("RGB"), "HEIF")
+
+
+def _rgba_palette() -> bytes:
+    img = Image.open(io.BytesIO(sample_png())).convert("RGBA").quantize(64)
+    return enc(img, "PNG", transparency=0)
+
+
+#: Formats that must WORK: name → bytes builder.
+ACCEPTED: dict[str, Callable[[], bytes]] = {
+    "CMYK JPEG": lambda: enc(Image.open(io.BytesIO(sample_png())).convert("CMYK"), "JPEG"),
+    "16-bit grey PNG": lambda: enc(Image.open(io.BytesIO(sample_png())).convert("L").convert("I;16"), "PNG"),
+    "palette PNG with transparency": _rgba_palette,
+    "greyscale PNG": lambda: enc(Image.open(io.BytesIO(sample_png())).convert("L"), "PNG"),
+    "EXIF-rotated phone JPEG": _exif_rotated,
+    "animated GIF (first frame)": _gif,
+    "WebP": lambda: enc(Image.open(io.BytesIO(sample_png())).convert("RGB"), "WEBP"),
+    "AVIF": lambda: enc(Image.open(io.BytesIO(sample_png())).convert("RGB"), "AVIF"),
+    "HEIC (pillow-heif extra)": _heic,
+    "special tokens in question": lambda: sample_png(),
+}
+
+
+def state(client: Client, queue: str) -> tuple[int, int, int]:
+    return (client.jobs.redis.llen(queue), sum(1 for _ in client.jobs.redis.scan_iter(PREFIX + "*")),
+            sum(1 for _ in client.images.objects.list("images/")))
+
+
+def test_corpus_is_refused_with_codes_and_nothing_stored(pipeline_settings: Settings, tmp_path: Path) -> None:
+    settings = pipeline_settings.model_copy(update={"interactive_queue": "corpus-probe"})
+    client = Client(settings)
+    before = state(client, "corpus-probe")
+    rows = []
+    for name, (image, question, kwargs, code) in REFUSED.items():
+        with pytest.raises(InvalidInput) as info:
+            client.submit(image, question, **kwargs)  # type: ignore[arg-type]
+        assert info.value.code == code, name
+        assert info.value.message and not info.value.retryable
+        rows.append((name, info.value.code))
+    assert state(client, "corpus-probe") == before
+    # The same corpus through the command line: exit code 2 and the same codes.
+    env = {"PATH": "/usr/bin:/bin", **settings.to_env()}
+    for name, (image, question, kwargs, code) in REFUSED.items():
+        if not isinstance(question, str) or "\x00" in question:
+            continue  # argv cannot carry non-text or NUL; covered through Client.submit above
+        path = tmp_path / "upload.jpg"
+        path.write_bytes(image)
+        extra = [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()]
+        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(path), question, "--json", *extra],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, (name, out.stdout, out.stderr)
+        assert json.loads(out.stdout)["error"]["code"] == code, name
+    assert state(client, "corpus-probe") == before
+    report("bad-input corpus", cases=len(REFUSED), refused_with_code=len(rows), stored=0, queued=0,
+           table=dict(rows))
+    client.close()
+
+
+def test_formats_users_send_are_answered(worker: WorkerProcess, client: Client) -> None:
+    jobs = {}
+    for name, build in ACCEPTED.items():
+        question = "<image>USER: 图中是什么形状？ ASSISTANT: </s>" if name.startswith("special") else Q
+        jobs[name] = client.submit(build(), question)
+    results = client.wait_many([j.id for j in jobs.values()], timeout=120)
+    for name, job in jobs.items():
+        assert results[job.id].status == JobStatus.succeeded, (name, results[job.id].error)
+    assert worker.alive
+    report("formats that must work", cases=len(ACCEPTED), succeeded=len(ACCEPTED), table=list(ACCEPTED))
