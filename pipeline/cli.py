@@ -16,11 +16,14 @@ import typer
 from rich.console import Console
 
 from pipeline.errors import InvalidInput, TuwenError
+from pipeline.gateway_cli import gateway_app, keys_app
 from pipeline.schema import JobResult, JobStatus
 from pipeline.settings import Quantization, Settings
 
 app = typer.Typer(help="tuwen (图文): Chinese visual question answering on a message queue.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(gateway_app, name="gateway")
+app.add_typer(keys_app, name="keys")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -239,6 +242,25 @@ def eval_demo(
     from workers.demo.evaluate import main
 
     console.print(main(checkpoint, per_kind, threads), markup=False)
+
+
+@app.command()
+def bench(
+    inputs: Annotated[int, typer.Option(help="(image, question) inputs, the same for every row")] = 64,
+    max_new_tokens: Annotated[int, typer.Option()] = 24,
+    transport_jobs: Annotated[int, typer.Option(help="jobs for the null-model transport row")] = 1000,
+    model_path: Annotated[Optional[Path], typer.Option()] = None,
+    out: Annotated[Optional[Path], typer.Option(help="also write the table here")] = None,
+) -> None:
+    """Benchmark: seed way vs transformers.pipeline vs tuwen (in-process, end to end, transport, scale-out)."""
+    from workers.bench import run, table
+
+    rows, header = run(inputs, max_new_tokens, transport_jobs, model_path,
+                       log=lambda line: err.print(line, markup=False))
+    text = table(rows, header)
+    console.print(text, markup=False)
+    if out:
+        out.write_text(text + "\n", encoding="utf-8")
 
 
 def main() -> None:

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     answer_cache_ttl_s: int = Field(24 * 3600, ge=1)
     #: How long a batch keeps retrying unreachable storage before it gives its jobs back to the queue.
     storage_wait_s: float = Field(60.0, ge=0)
+    #: Benchmark hook: answer every job with an empty answer and no model, to measure transport alone.
+    null_model: bool = False
     #: Test hook: raise out-of-memory in the runtime for batches of at least this size (0: off).
     fault_oom_min_batch: int = Field(0, ge=0)
 

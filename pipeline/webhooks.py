@@ -318,17 +318,22 @@ class Dispatcher:
             self._wake.set()
 
     def _loop(self) -> None:
+        last_sweep = 0.0
         while not self._stop.is_set():
             try:
-                self.sweep()
+                if time.monotonic() - last_sweep >= self.gw.webhook_sweep_s:
+                    self.sweep()
+                    last_sweep = time.monotonic()
                 self.run_due()
                 nxt = self.store.next_due_at()
             except (redis.RedisError, Unavailable) as exc:
                 log.warning("webhook sweep failed: %s", exc)
                 nxt = None
-            pause = self.gw.webhook_sweep_s if nxt is None else max(0.05, min(self.gw.webhook_sweep_s,
-                                                                              nxt - time.time()))
-            self._wake.wait(pause)
+            # Sleep until the next retry is due or the sweep; a finished delivery or an ended job wakes us.
+            pause = self.gw.webhook_sweep_s
+            if nxt is not None and nxt > time.time():
+                pause = min(pause, nxt - time.time())
+            self._wake.wait(max(0.05, pause))
             self._wake.clear()
 
     def sweep(self) -> None:
@@ -374,6 +379,8 @@ class Dispatcher:
             if hook is None or hook["state"] in FINAL_STATES:
                 self.store.drop(job_id)
                 return None
+            if hook["state"] == "retrying" and hook.get("next_attempt_at", 0) > time.time():
+                return None  # another process made the last attempt; this one is not due yet
             result = self.jobs.get(job_id)
             if result.status == JobStatus.unknown:
                 self.store.record(job_id, "expired", hook["attempts"], error="the job no longer exists")

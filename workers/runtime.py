@@ -271,3 +271,21 @@ class Runtime:
                 batch_size=len(batch),
                 timings={"preprocess_ms": round((t1 - t0) * 1000, 2), "generate_ms": round((t2 - t1) * 1000, 2)},
             )
+
+
+class NullRuntime(Runtime):
+    """No model: every item gets an empty answer. Measures the queue, storage and job store alone."""
+
+    @property
+    def model_id(self) -> str:
+        return "null"
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    def load(self) -> None:
+        self.load_seconds = 0.0
+
+    def answer_batch(self, items: Sequence[Item]) -> list[Answer]:
+        return [Answer(answer="", batch_size=len(items)) for _ in items]

@@ -13,7 +13,7 @@ from pipeline.jobs import JobStore, connect
 from pipeline.registry import Heartbeat
 from pipeline.settings import Settings
 from pipeline.stores import open_images
-from workers.runtime import Runtime
+from workers.runtime import NullRuntime, Runtime
 from workers.metrics import WorkerMetrics
 from workers.tasks import BatchAnswerer, make_worker_app
 
@@ -26,7 +26,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     while the consumer keeps prefetching the next batch."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     hostname = hostname or f"tuwen-{os.getpid()}@{socket.gethostname()}"
-    runtime = Runtime(settings)
+    runtime = NullRuntime(settings) if settings.null_model else Runtime(settings)
     runtime.load()
     log.info("model %s loaded in %.2fs", runtime.model_id, runtime.load_seconds or 0)
     redis_client = connect(settings.redis_url)
