@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     model_path: Path | None = None
     #: ``auto`` picks CUDA when available; else ``cpu``, ``cuda`` or ``cuda:N``.
     device: str = "auto"
+    #: ``auto`` (float32 on CPU, bfloat16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
     dtype: DType = DType.auto
+    #: ``none``, ``int8`` or ``nf4`` (bitsandbytes; the language model's linear layers only).
     quantization: Quantization = Quantization.none
     #: Upper bound for generated tokens per answer (jobs may ask for fewer).
     max_new_tokens: int = Field(64, ge=1, le=4096)
@@ -52,6 +54,7 @@ class Settings(BaseSettings):
     flower_show_text: bool = False
     #: Answer a repeated (image, question, params, model) from a cache, without the model.
     answer_cache: bool = True
+    #: How long a cached answer is kept.
     answer_cache_ttl_s: int = Field(24 * 3600, ge=1)
     #: How long a batch keeps retrying unreachable storage before it gives its jobs back to the queue.
     storage_wait_s: float = Field(60.0, ge=0)
@@ -61,19 +64,23 @@ class Settings(BaseSettings):
     fault_oom_min_batch: int = Field(0, ge=0)
 
     # -- batching ------------------------------------------------------------------------------------
+    #: Most jobs in one model batch (celery-batches ``flush_every``); prefetch is two batches.
     max_batch_size: int = Field(16, ge=1, le=512)
     #: How long the worker waits for a batch to fill before it runs a partial one.
     batch_wait_ms: int = Field(50, ge=0, le=60_000)
 
     # -- queue ---------------------------------------------------------------------------------------
+    #: Redis for job state, results and (by default) the queue.
     redis_url: str = "redis://127.0.0.1:6379/0"
     #: Celery broker; defaults to ``redis_url``. Job state always lives in Redis.
     broker_url: str | None = None
+    #: Queue for interactive jobs; workers always read it before the bulk queue.
     interactive_queue: str = "interactive"
+    #: Queue for bulk batches.
     bulk_queue: str = "bulk"
     #: Seconds before Redis hands an unacknowledged job to another worker. Must exceed the longest
     #: time a job can sit prefetched plus the longest batch.
-    visibility_timeout_s: int = Field(3600, ge=10)
+    visibility_timeout_s: int = Field(600, ge=10)
     #: How long job records and results are kept.
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     #: Attempts before a job whose processing keeps failing is failed for good.
@@ -82,11 +89,16 @@ class Settings(BaseSettings):
     # -- storage ---------------------------------------------------------------------------------------
     #: ``host:port`` of MinIO / any S3 server. Empty: images are kept in ``storage_dir``.
     minio_endpoint: str | None = None
+    #: S3 credentials; set them from the environment or a secret store, never in code.
     minio_access_key: str = "minioadmin"
     minio_secret_key: SecretStr = SecretStr("minioadmin")
+    #: The bucket (created private if missing).
     minio_bucket: str = "tuwen"
+    #: Use HTTPS to reach the S3 endpoint.
     minio_secure: bool = False
+    #: S3 region, if the server needs one.
     minio_region: str | None = None
+    #: Directory for images when no S3 endpoint is configured (single machine).
     storage_dir: Path = Path(".tuwen/storage")
     #: Stored images are deleted this many days after upload (S3 lifecycle rule; a local directory is
     #: swept at start-up). Job records and results expire after ``result_ttl_s``.
@@ -95,7 +107,9 @@ class Settings(BaseSettings):
     presign_expiry_s: int = Field(300, ge=1, le=7 * 24 * 3600)
 
     # -- input limits ----------------------------------------------------------------------------------
+    #: Largest upload accepted, in bytes.
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    #: Largest picture accepted, in pixels (checked from the header: decompression bombs never decode).
     max_image_pixels: int = Field(40_000_000, ge=1)
     #: Longest side over shortest side; beyond this a picture is refused.
     max_aspect_ratio: float = Field(20.0, ge=1.0)

@@ -78,7 +78,8 @@ def make_settings(redis_url: str, s3: S3Endpoint, **overrides: object) -> Settin
 @pytest.fixture(scope="session")
 def pipeline_settings(redis_server: LocalRedis, s3: S3Endpoint) -> Settings:
     """Settings for the shared session worker: its own queues, so other tests' workers never steal."""
-    return make_settings(redis_server.url, s3, interactive_queue="it-interactive", bulk_queue="it-bulk")
+    return make_settings(redis_server.url, s3, interactive_queue="it-interactive", bulk_queue="it-bulk",
+                         answer_cache=False)
 
 
 @pytest.fixture(scope="session")
