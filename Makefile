@@ -23,11 +23,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Debian packages the demo and the tests run: redis-server (started by the fixtures on free ports),
-# docker-compose v1 (offline lint of docker-compose.yml).
+# docker-compose v1 (offline lint of docker-compose.yml), chromium + a CJK font (screenshots of Flower
+# and of the bulk report).
 system-deps:
-	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null || \
+	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v chromium >/dev/null \
+	  && fc-list | grep -qi wenquanyi || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	   redis-server docker-compose >/dev/null)
+	   redis-server docker-compose chromium fonts-wqy-microhei >/dev/null)
 
 # s3rver (checks S3 signatures and presigned expiry, which moto does not).
 test-services:

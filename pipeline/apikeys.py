@@ -18,13 +18,12 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
 
-from pipeline.errors import InvalidInput, NotFound, TuwenError, Unavailable
+from pipeline.errors import InvalidInput, NotFound, TuwenError
+from pipeline.jobs import redis_errors
 
 PREFIX = "tuwen:apikey:"
 IDEMPOTENCY_PREFIX = "tuwen:gateway:idem:"
@@ -58,13 +57,6 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-@contextmanager
-def _redis_errors() -> Iterator[None]:
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise Unavailable(f"Redis is not reachable: {exc}") from exc
-
 
 def _record(key_id: str) -> str:
     return f"{PREFIX}id:{key_id}"
@@ -93,7 +85,7 @@ class KeyStore:
         fields = {"hash": token_hash(token), "owner": owner, "name": key.name, "created_at": repr(key.created_at)}
         if rate_limit_per_minute is not None:
             fields["rate_limit_per_minute"] = str(rate_limit_per_minute)
-        with _redis_errors():
+        with redis_errors():
             pipe = self.redis.pipeline()
             pipe.hset(_record(key_id), mapping=fields)
             pipe.sadd(_IDS, key_id)
@@ -101,19 +93,19 @@ class KeyStore:
         return key, token
 
     def get(self, key_id: str) -> ApiKey | None:
-        with _redis_errors():
+        with redis_errors():
             fields = self.redis.hgetall(_record(key_id))
         return self._from_fields(key_id, fields) if fields else None
 
     def list(self) -> list[ApiKey]:
-        with _redis_errors():
+        with redis_errors():
             ids = sorted(self.redis.smembers(_IDS))
         keys = [self.get(i) for i in ids]
         return sorted((k for k in keys if k is not None), key=lambda k: k.created_at)
 
     def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key for good (it stays listed, marked revoked)."""
-        with _redis_errors():
+        with redis_errors():
             if not self.redis.exists(_record(key_id)):
                 raise NotFound(f"no API key {key_id!r}")
             self.redis.hsetnx(_record(key_id), "revoked_at", repr(time.time()))
@@ -127,7 +119,7 @@ class KeyStore:
         if not match:
             return None
         key_id = match.group(1)
-        with _redis_errors():
+        with redis_errors():
             fields = self.redis.hgetall(_record(key_id))
         if not fields or not hmac.compare_digest(str(fields.get("hash", "")), token_hash(token)):
             return None
@@ -139,7 +131,7 @@ class KeyStore:
         limit = default_limit if key.rate_limit_per_minute is None else key.rate_limit_per_minute
         now = time.time() if now is None else now
         window = int(now // 60)
-        with _redis_errors():
+        with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
             pipe.incr(f"{PREFIX}rate:{key.id}:{window}")
             pipe.expire(f"{PREFIX}rate:{key.id}:{window}", 120)
@@ -179,7 +171,7 @@ class Idempotency:
 
     def begin(self, owner: str, idem: str, fingerprint: str) -> str | None:
         """None: this request holds the key and must submit. Else the first request's job id."""
-        with _redis_errors():
+        with redis_errors():
             for _ in range(3):
                 if self.redis.set(self.key(owner, idem), json.dumps({"fp": fingerprint}), nx=True, ex=120):
                     return None
@@ -196,9 +188,9 @@ class Idempotency:
         raise Conflict("a request with this Idempotency-Key is being handled", code="idempotency_in_progress")
 
     def complete(self, owner: str, idem: str, fingerprint: str, job_id: str) -> None:
-        with _redis_errors():
+        with redis_errors():
             self.redis.set(self.key(owner, idem), json.dumps({"fp": fingerprint, "job_id": job_id}), ex=self.ttl_s)
 
     def release(self, owner: str, idem: str) -> None:
-        with _redis_errors():
+        with redis_errors():
             self.redis.delete(self.key(owner, idem))

@@ -41,6 +41,7 @@ from pipeline import app as queue
 from pipeline.client import Client
 from pipeline.errors import InvalidInput, InvalidParams, NotFound, TuwenError, Unavailable
 from pipeline.inputs import check_question
+from pipeline.jobs import redis_errors
 from pipeline.schema import ErrorInfo, GenerationParams, JobRequest, JobResult, JobStatus, Priority
 from pipeline.stores import open_results
 from storage.errors import InvalidKey, StorageError
@@ -303,13 +304,6 @@ def job_id_for(batch_id: str, custom_id: str) -> str:
 
 # -- the batch store -----------------------------------------------------------------------------------
 
-@contextmanager
-def _redis_errors() -> Iterator[None]:
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise Unavailable(f"Redis is not reachable: {exc}") from exc
-
 
 _SET_STATE = """
 local s = redis.call('HGET', KEYS[1], 'state')
@@ -359,7 +353,7 @@ class BatchStore:
 
     # -- reading -------------------------------------------------------------------------------------
     def find(self, batch_id: str) -> Batch | None:
-        with _redis_errors():
+        with redis_errors():
             f: dict[str, str] = self.redis.hgetall(PREFIX + batch_id)  # type: ignore[assignment]
         if not f:
             return None
@@ -382,7 +376,7 @@ class BatchStore:
 
     def recent(self, limit: int = 20) -> list[Batch]:
         """The newest batches first."""
-        with _redis_errors():
+        with redis_errors():
             ids: list[str] = self.redis.zrevrange(INDEX, 0, max(0, limit - 1))  # type: ignore[assignment]
         batches = [b for b in (self.find(i) for i in ids) if b is not None]
         gone = set(ids) - {b.id for b in batches}
@@ -391,7 +385,7 @@ class BatchStore:
         return batches
 
     def _entries(self, batch_id: str, start: int, stop: int) -> list[dict[str, Any]]:
-        with _redis_errors():
+        with redis_errors():
             return [json.loads(e) for e in self.redis.lrange(PREFIX + batch_id + ":lines", start, stop - 1)]
 
     def _jobs_of(self, entries: list[dict[str, Any]]) -> list[JobResult | None]:
@@ -436,7 +430,7 @@ class BatchStore:
         if existing is not None and existing.state != BatchState.validating:
             return existing
         key, now = PREFIX + batch_id, time.time()
-        with _redis_errors():
+        with redis_errors():
             if existing is None:
                 self.redis.hset(key, mapping={"state": "validating", "input": source.name, "owner": owner,
                                               "created_at": repr(now), "expires_at": repr(now + window_s),
@@ -444,7 +438,7 @@ class BatchStore:
                 self.redis.expire(key, self.settings.result_ttl_s)
                 self.redis.zadd(INDEX, {batch_id: now})
         total, problems = validate(source)
-        with _redis_errors():
+        with redis_errors():
             self.redis.hset(key, mapping={"total": total, "errors": json.dumps(problems[:1000], ensure_ascii=False)})
             self._set_state(keys=[key], args=["failed" if problems else "in_progress", repr(time.time()), "validating"])
         if problems:
@@ -555,7 +549,7 @@ class BatchStore:
         if error:
             entry["e"] = {"code": error.code, "message": error.message}
         key = PREFIX + batch_id
-        with _redis_errors():
+        with redis_errors():
             pipe = self.redis.pipeline(transaction=True)
             pipe.rpush(key + ":lines", json.dumps(entry, ensure_ascii=False))
             pipe.hincrby(key, "queued" if job_id else "rejected", 1)
@@ -571,7 +565,7 @@ class BatchStore:
             return
         key, token = PREFIX + batch_id + ":lock", secrets.token_hex(8)
         deadline = time.monotonic() + wait_s
-        with _redis_errors():
+        with redis_errors():
             while not self.redis.set(key, token, nx=True, ex=LOCK_TTL_S):
                 if time.monotonic() > deadline:
                     raise BatchBusy(f"batch {batch_id} is being submitted by another process")
@@ -608,7 +602,7 @@ class BatchStore:
         if batch.state in (BatchState.validating, BatchState.failed) or (batch.state.terminal and settled):
             return batch
         key = PREFIX + batch_id
-        with _redis_errors():
+        with redis_errors():
             f = self.redis.hmget(key, ["cursor", "cursor_completed", "cursor_failed"])
         cursor, completed, failed = (int(v or 0) for v in f)
         pending = False
@@ -629,7 +623,7 @@ class BatchStore:
                 for entry, result in page:
                     if (outcome := _outcome(entry, result)) is not None:
                         extra[outcome] += 1
-        with _redis_errors():
+        with redis_errors():
             self._advance(keys=[key], args=[cursor, completed, failed, completed + extra["completed"],
                                             failed + extra["failed"]])
         batch = self.get(batch_id)
@@ -660,7 +654,7 @@ class BatchStore:
             errors = store.put_bytes(f"batches/{batch.id}/errors.jsonl", bytes(errs), "application/jsonl")
         except StorageError as exc:
             raise Unavailable(f"could not store the batch's results: {exc}", code=exc.code) from exc
-        with _redis_errors():
+        with redis_errors():
             self.redis.hset(PREFIX + batch.id, mapping={"output_key": output, "errors_key": errors})
             self._set_state(keys=[PREFIX + batch.id], args=["completed", repr(time.time()), "finalizing"])
 
@@ -669,7 +663,7 @@ class BatchStore:
         return self._halt(batch_id, BatchState.cancelled)
 
     def _halt(self, batch_id: str, state: BatchState) -> Batch:
-        with _redis_errors():
+        with redis_errors():
             changed = self._set_state(keys=[PREFIX + batch_id], args=[state.value, repr(time.time()), *_LIVE])
         if not changed and self.get(batch_id).state != state:
             return self.get(batch_id)  # already ended otherwise: nothing to stop

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from pipeline.errors import InvalidInput, TuwenError
+from pipeline.bulk_cli import bulk_app, eval_command
 from pipeline.gateway_cli import gateway_app, keys_app
 from pipeline.schema import JobResult, JobStatus
 from pipeline.settings import Quantization, Settings
@@ -23,6 +24,8 @@ from pipeline.settings import Quantization, Settings
 app = typer.Typer(help="tuwen (图文): Chinese visual question answering on a message queue.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(gateway_app, name="gateway")
+app.add_typer(bulk_app, name="bulk")
+app.command("eval")(eval_command)
 app.add_typer(keys_app, name="keys")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

@@ -102,7 +102,7 @@ def connect(url: str) -> redis.Redis:
 
 
 @contextmanager
-def _redis_errors() -> Iterator[None]:
+def redis_errors() -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -131,7 +131,7 @@ class JobStore:
 
     # -- producer side -------------------------------------------------------------------------------
     def create(self, request: JobRequest) -> None:
-        with _redis_errors():
+        with redis_errors():
             pipe = self.redis.pipeline()
             pipe.hset(_key(request.id), mapping={
                 "status": JobStatus.queued.value,
@@ -149,26 +149,26 @@ class JobStore:
     def delete(self, job_id: str, owner: str | None = None) -> str | None:
         """Remove the job's record and result. Returns its image key if no other job still uses the
         image (the caller deletes the object), else None."""
-        with _redis_errors():
+        with redis_errors():
             out = self._delete(keys=[_key(job_id)], args=[owner or "", IMAGE_REFS, PREFIX])
         if out == "forbidden":
             raise Forbidden("this job belongs to another owner", code="not_found")
         return out if out and out != "missing" else None
 
     def request(self, job_id: str) -> JobRequest | None:
-        with _redis_errors():
+        with redis_errors():
             raw = self.redis.hget(_key(job_id), "request")
         return JobRequest.model_validate_json(raw) if raw else None
 
     def get(self, job_id: str, owner: str | None = None) -> JobResult:
         """The job's current state; ``unknown`` when there is no record (or it is not ``owner``'s)."""
-        with _redis_errors():
+        with redis_errors():
             fields = self.redis.hgetall(_key(job_id))
         return self._from_fields(job_id, fields, owner)
 
     def get_many(self, job_ids: Iterable[str], owner: str | None = None) -> dict[str, JobResult]:
         ids = list(job_ids)
-        with _redis_errors():
+        with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:
                 pipe.hgetall(_key(job_id))
@@ -199,13 +199,13 @@ class JobStore:
         current = self.get(job_id, owner)
         if current.status != JobStatus.queued:
             if current.status == JobStatus.running:
-                with _redis_errors():
+                with redis_errors():
                     self._cancel(keys=[_key(job_id)], args=["", "", ""])
             return current
         result = current.model_copy(update={
             "status": JobStatus.cancelled, "finished_at": time.time(),
             "error": ErrorInfo(code="cancelled", message="the job was cancelled before it ran")})
-        with _redis_errors():
+        with redis_errors():
             self._cancel(keys=[_key(job_id)], args=[result.model_dump_json(), repr(time.time()), _channel(job_id)])
         return self.get(job_id)
 
@@ -218,10 +218,10 @@ class JobStore:
         missed message, e.g. across a Redis restart, costs at most a second)."""
         ids = list(job_ids)
         deadline = time.monotonic() + timeout
-        with _redis_errors():
+        with redis_errors():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            with _redis_errors():
+            with redis_errors():
                 if len(ids) <= 64:
                     pubsub.subscribe(*[_channel(i) for i in ids])
                 else:
@@ -275,7 +275,7 @@ class JobStore:
         """Mark jobs running; returns ``{id: (state, attempts)}``. A state other than ``running``
         (finished, cancelled, missing) means: do not run it again."""
         now = repr(time.time())
-        with _redis_errors():
+        with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
                 self._claim(keys=[_key(job_id)], args=[now, worker, 0, self.ttl_s], client=pipe)
@@ -287,7 +287,7 @@ class JobStore:
         if not results:
             return []
         now = repr(time.time())
-        with _redis_errors():
+        with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
             for r in results:
                 self._finish(keys=[_key(r.id)], args=[r.status.value, r.model_dump_json(), now, self.ttl_s,
@@ -295,12 +295,12 @@ class JobStore:
             return [int(x) == 1 for x in pipe.execute()]
 
     def requeue(self, job_ids: list[str]) -> None:
-        with _redis_errors():
+        with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
                 self._requeue(keys=[_key(job_id)], client=pipe)
             pipe.execute()
 
     def cancel_requested(self, job_id: str) -> bool:
-        with _redis_errors():
+        with redis_errors():
             return self.redis.hget(_key(job_id), "cancel_requested") == "1"
