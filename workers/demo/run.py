@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from pipeline.client import Client
 from pipeline.localredis import LocalRedis
@@ -40,17 +39,19 @@ def run_demo(console: Console, *, model_path: Path | None = None) -> int:
         finally:
             client.close()
             worker.stop()
-        table = Table(title="tuwen demo — answers from the queue", show_lines=True)
-        for col in ("picture", "question 问题", "answer 回答", "ms", "batch"):
-            table.add_column(col)
+        console.print("[bold]tuwen demo — questions and answers through the queue[/bold]\n")
         right = 0
-        for sample, job in zip(samples, jobs):
+        for n, (sample, job) in enumerate(zip(samples, jobs), 1):
             res = results[job.id]
             ok = res.answer is not None and all(f in res.answer for f in sample.facts)
             right += ok
-            answer = res.answer if res.answer is not None else f"[red]{res.status.value} {res.error}[/red]"
-            table.add_row(sample.path.name, sample.question, ("✓ " if ok else "✗ ") + answer,
-                          f"{res.timings.get('total_ms', 0):.0f}", str(res.batch_size or "-"))
-        console.print(table)
+            mark = "[green]✓[/green]" if ok else "[red]✗[/red]"
+            console.print(f"[dim]{n:>2}. {sample.path.name} · batch of {res.batch_size or '-'} · "
+                          f"{res.timings.get('total_ms', 0):.0f} ms[/dim]")
+            console.print(f"    问：{sample.question}")
+            if res.answer is not None:
+                console.print(f"    答：{res.answer} {mark}")
+            else:
+                console.print(f"    [red]{res.status.value}: {res.error.code if res.error else '?'}[/red]")
         console.print(f"{right}/{len(samples)} answers name the right facts; {len(samples)} jobs in {elapsed:.1f}s.")
         return 0 if all(results[j.id].status.value == "succeeded" for j in jobs) else 1
