@@ -154,7 +154,7 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="print the batch as JSON")] = False,
 ) -> None:
     """Submit a file of questions as a batch on the bulk queue; the same command again resumes it."""
-    from pipeline.bulk import open_source
+    from pipeline.manifest import open_source
 
     store = _store()
     with _errors():

@@ -38,7 +38,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pipeline.bulk import Batch, BatchStore, Record, RecordSource, SubmitProgress
+from pipeline.bulk import Batch, BatchStore, SubmitProgress
+from pipeline.manifest import Record, RecordSource
 from pipeline.errors import InvalidInput
 
 LETTERS = ("A", "B", "C", "D")

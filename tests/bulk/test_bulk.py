@@ -18,18 +18,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.bulk import (
-    CHUNK,
-    PREFIX,
-    BatchState,
-    BatchStore,
-    CsvSource,
-    FolderSource,
-    InvalidManifest,
-    JsonlSource,
-    open_source,
-    validate,
-)
+from pipeline.bulk import CHUNK, PREFIX, BatchState, BatchStore
+from pipeline.manifest import CsvSource, FolderSource, InvalidManifest, JsonlSource, open_source, validate
 from pipeline.client import Client
 from pipeline.jobs import PREFIX as JOB_PREFIX
 from pipeline.settings import Settings

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bulk import BatchState, BatchStore, open_source
+from pipeline.bulk import BatchState, BatchStore
+from pipeline.manifest import open_source
 from pipeline.client import Client
 from pipeline.localredis import LocalRedis
 from pipeline.schema import JobStatus
