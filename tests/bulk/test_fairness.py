@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -42,21 +43,36 @@ def test_interactive_jobs_finish_within_about_two_batch_times_during_a_300_job_b
             {"custom_id": p.stem, "image": f"bulk/{p.name}", "question": q} for p, q in bulk])
         interactive = draw_pictures(tmp_path / "interactive", 60, seed=47_11)
         batch = store.submit(open_source(manifest))
-        # When interactive jobs arrive one after another while the batch runs
+        # When interactive jobs arrive, from three users one after another each, while the batch runs
         latencies: list[float] = []
         backlog: list[int] = []
-        for path, question in interactive:
-            current = store.refresh(batch.id)
-            if current.state.terminal:
-                break
-            backlog.append(current.request_counts.total - current.request_counts.completed
-                           - current.request_counts.failed)
-            t0 = time.monotonic()
-            job = client.submit(path.read_bytes(), question)
-            result = client.wait(job.id, timeout=120)
-            latencies.append(time.monotonic() - t0)
-            assert result.status == JobStatus.succeeded, result
-            time.sleep(0.05)
+        pictures = iter(interactive)
+        lock = threading.Lock()
+        failures: list[object] = []
+
+        def user() -> None:
+            while True:
+                with lock:
+                    current = store.refresh(batch.id)
+                    nxt = next(pictures, None)
+                if current.state.terminal or nxt is None:
+                    return
+                counts = current.request_counts
+                t0 = time.monotonic()
+                job = client.submit(nxt[0].read_bytes(), nxt[1])
+                result = client.wait(job.id, timeout=120)
+                with lock:
+                    if result.status != JobStatus.succeeded:
+                        failures.append(result)
+                    latencies.append(time.monotonic() - t0)
+                    backlog.append(counts.total - counts.completed - counts.failed)
+
+        users = [threading.Thread(target=user) for _ in range(3)]
+        for t in users:
+            t.start()
+        for t in users:
+            t.join(300)
+        assert not failures
         done = store.wait(batch.id, timeout=600)
         # Then the whole batch completed …
         assert done.state == BatchState.completed
