@@ -4,12 +4,15 @@ retention and deletion."""
 from __future__ import annotations
 
 import os
+import secrets
 import time
 import urllib.error
 import urllib.request
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pipeline.app import TASK_NAME, make_celery
 from pipeline.client import Client
@@ -21,6 +24,13 @@ from workers.demo.samples import load_samples
 from workers.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def unique_png() -> bytes:
+    """A picture no other test uses (its storage key is its content hash)."""
+    buf = BytesIO()
+    Image.frombytes("RGB", (24, 24), secrets.token_bytes(24 * 24 * 3)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class Exploit:
@@ -86,7 +96,7 @@ def test_secrets_and_image_bytes_stay_out_of_logs_and_messages(worker: WorkerPro
 
 
 def test_delete_removes_result_and_unshared_image(worker: WorkerProcess, client: Client) -> None:
-    shared = load_samples()[4].path.read_bytes()
+    shared = unique_png()
     first = client.submit(shared, "图中有几个圆形？")
     second = client.submit(shared, "描述这张图片。")
     client.wait_many([first.id, second.id], timeout=60)

@@ -16,13 +16,13 @@ import pytest
 from storage.errors import StorageAuthError, StorageError, StorageUnavailable
 from storage.s3 import S3ObjectStore
 from tests.s3servers import S3Endpoint, free_port
-from tests.storage.conftest import integration, new_bucket_name, s3_backend
+from tests.storage.conftest import WITH_MINIO, integration, new_bucket_name, s3_backend
 
 pytestmark = [pytest.mark.timeout(60)]
 
 
 def servers(*names: str) -> list[object]:
-    return [pytest.param(name, marks=integration) for name in names]
+    return [pytest.param(name, marks=integration) for name in names if name != "minio" or WITH_MINIO]
 
 
 def store_calls(store: S3ObjectStore) -> dict[str, Callable[[], object]]:
