@@ -59,7 +59,9 @@ def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_pool_limit": 10,
-        "task_send_sent_event": True,
+        # No task-sent event: the worker sends task-received per job, which is what Flower needs; the
+        # extra publish cost producers a fifth of their submit time (profiled).
+        "task_send_sent_event": False,
         "enable_utc": True,
     }
     if settings.broker.startswith(("amqp://", "pyamqp://")):

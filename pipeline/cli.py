@@ -226,11 +226,12 @@ def train_demo(
     batch_size: Annotated[int, typer.Option()] = 48,
     seed: Annotated[int, typer.Option()] = 1234,
     threads: Annotated[int, typer.Option()] = 2,
+    init_from: Annotated[Optional[Path], typer.Option(help="continue from this checkpoint (skips stage 1)")] = None,
 ) -> None:
     """Train the tiny demo model from scratch on freshly drawn worksheets (CPU; about an hour)."""
     from workers.demo.train import train
 
-    train(out, steps=steps, vision_steps=vision_steps, batch_size=batch_size, seed=seed, threads=threads,
+    train(out, steps=steps, vision_steps=0 if init_from else vision_steps, init_from=init_from, batch_size=batch_size, seed=seed, threads=threads,
           log=lambda line: console.print(line, markup=False))
     console.print(f"saved to {out}")
 

@@ -116,6 +116,7 @@ def train(
     *,
     steps: int = 3000,
     vision_steps: int = 0,
+    init_from: Path | None = None,
     batch_size: int = 48,
     lr: float = 1.5e-3,
     seed: int = 1234,
@@ -126,9 +127,15 @@ def train(
     """Train from scratch and save a ``save_pretrained`` checkpoint to ``out_dir``; returns it."""
     torch.set_num_threads(threads)
     rng = random.Random(seed)
-    processor = build_processor()
+    if init_from is not None:  # continue from a saved checkpoint (fresh optimizer and auxiliary heads)
+        from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+        processor = LlavaProcessor.from_pretrained(init_from)
+        model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
+    else:
+        processor = build_processor()
+        model = build_model(processor, seed=seed)
     processor.tokenizer.padding_side = "right"
-    model = build_model(processor, seed=seed)
     feat_dim = model.config.vision_config.hidden_size
     heads = _heads(feat_dim)
     if vision_steps:
@@ -194,13 +201,14 @@ def main() -> None:  # pragma: no cover - manual entry point for background runs
     ap.add_argument("out", type=Path)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--vision-steps", type=int, default=0)
+    ap.add_argument("--init-from", type=Path, default=None)
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=250)
     a = ap.parse_args()
-    train(a.out, steps=a.steps, vision_steps=a.vision_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
+    train(a.out, steps=a.steps, vision_steps=a.vision_steps, init_from=a.init_from, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
           eval_every=a.eval_every, log=lambda s: print(s, flush=True))
 
 
