@@ -80,6 +80,16 @@ def start_worker(settings: Settings, name: str, tmp: Path) -> WorkerProcess:
     return w
 
 
+def when_running(client: Client, ids: list[str], timeout: float = 60) -> None:
+    """Block until some job is in a batch (status running): a kill then lands mid-batch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r.status == JobStatus.running for r in client.jobs.get_many(ids).values()):
+            return
+        time.sleep(0.005)
+    raise AssertionError("no job was ever seen running")
+
+
 def outcome(client: Client, ids: list[str], counter: DoneCounter, timeout: float) -> dict[str, int]:
     results = client.wait_many(ids, timeout=timeout)
     time.sleep(1.0)  # let the last publishes arrive
@@ -101,7 +111,7 @@ def test_kill_9_worker_three_times_during_a_100_job_run(drill_redis: LocalRedis,
     worker = start_worker(settings, "kill@drill", tmp_path)
     ids = submit_many(client, 100)
     for _ in range(3):
-        time.sleep(0.4)
+        when_running(client, ids)
         worker.kill()
         worker = start_worker(settings, "kill@drill", tmp_path)
     t0 = time.monotonic()
@@ -219,7 +229,7 @@ def test_sigterm_mid_batch_loses_nothing(drill_redis: LocalRedis, s3: S3Endpoint
     client = Client(settings)
     worker = start_worker(settings, "term@drill", tmp_path)
     ids = submit_many(client, 60)
-    time.sleep(1.0)
+    when_running(client, ids)
     worker.signal(signal.SIGTERM)
     assert worker.proc is not None and worker.proc.wait(120) == 0
     done_at_stop = sum(r.status.terminal for r in client.jobs.get_many(ids).values())
