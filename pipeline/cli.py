@@ -221,18 +221,24 @@ def demo(
 @app.command("train-demo")
 def train_demo(
     out: Annotated[Path, typer.Option(help="output checkpoint directory")] = Path("runs/demo"),
-    vision_steps: Annotated[int, typer.Option(help="stage 1: vision encoder alone, batches of 64")] = 600,
-    steps: Annotated[int, typer.Option(help="stage 2: the whole model")] = 2000,
-    batch_size: Annotated[int, typer.Option()] = 48,
-    seed: Annotated[int, typer.Option()] = 1234,
     threads: Annotated[int, typer.Option()] = 2,
-    init_from: Annotated[Optional[Path], typer.Option(help="continue from this checkpoint (skips stage 1)")] = None,
 ) -> None:
-    """Train the tiny demo model from scratch on freshly drawn worksheets (CPU; about an hour)."""
+    """Train the tiny demo model from scratch on freshly drawn worksheets (CPU, about an hour), seeded.
+
+    The recipe that made the bundled checkpoint: phase A — vision encoder alone (600 steps), then the
+    whole model (1000 of a 2000-step schedule), question types drawn uniformly; phase B — from A, the
+    vision encoder again (300 steps), then the whole model (1500 steps), digits and counts drawn more
+    often.
+    """
     from workers.demo.train import train
 
-    train(out, steps=steps, vision_steps=0 if init_from else vision_steps, init_from=init_from, batch_size=batch_size, seed=seed, threads=threads,
-          log=lambda line: console.print(line, markup=False))
+    def log(line: str) -> None:
+        console.print(line, markup=False)
+
+    phase_a = out.with_name(out.name + "-phase-a")
+    train(phase_a, vision_steps=600, steps=2000, stop_after=1000, uniform_kinds=True, seed=1234, lr=1.5e-3,
+          threads=threads, log=log)
+    train(out, init_from=phase_a, vision_steps=300, steps=1500, seed=4321, lr=1e-3, threads=threads, log=log)
     console.print(f"saved to {out}")
 
 

@@ -85,8 +85,20 @@ def _aux_loss(heads: nn.ModuleDict, feats: torch.Tensor, examples: list[Example]
     return total, acc
 
 
+#: How often each question type is drawn. Reading digits and counting are the slow skills for a ViT
+#: learnt from scratch, so they are drawn more often than colour and shape.
+KIND_WEIGHTS = {"shape": 0.12, "colour": 0.08, "count": 0.25, "arithmetic": 0.4, "describe": 0.15}
+
+
+def draw_batch(rng: random.Random, n: int, uniform: bool = False) -> list[Example]:
+    if uniform:
+        return [draw_training_example(rng) for _ in range(n)]
+    kinds = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()), k=n)
+    return [draw_training_example(rng, kind) for kind in kinds]
+
+
 def pretrain_vision(model, processor, heads: nn.ModuleDict, rng: random.Random, *, steps: int, batch_size: int,
-                    lr: float, log: Callable[[str], None]) -> None:
+                    lr: float, log: Callable[[str], None], uniform: bool = False) -> None:
     """Stage 1: the vision encoder alone learns to see shapes, colours, digits and object centres
     (about 4× cheaper per picture than the full model; the bottleneck of learning from scratch)."""
     tower = model.model.vision_tower
@@ -97,7 +109,7 @@ def pretrain_vision(model, processor, heads: nn.ModuleDict, rng: random.Random, 
     layer = model.config.vision_feature_layer
     t0 = time.time()
     for step in range(1, steps + 1):
-        examples = [draw_training_example(rng) for _ in range(batch_size)]
+        examples = draw_batch(rng, batch_size, uniform)
         pixels = processor.image_processor([e.image for e in examples], return_tensors="pt")["pixel_values"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             feats = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
@@ -117,6 +129,8 @@ def train(
     steps: int = 3000,
     vision_steps: int = 0,
     init_from: Path | None = None,
+    stop_after: int | None = None,
+    uniform_kinds: bool = False,
     batch_size: int = 48,
     lr: float = 1.5e-3,
     seed: int = 1234,
@@ -139,7 +153,8 @@ def train(
     feat_dim = model.config.vision_config.hidden_size
     heads = _heads(feat_dim)
     if vision_steps:
-        pretrain_vision(model, processor, heads, rng, steps=vision_steps, batch_size=64, lr=2e-3, log=log)
+        pretrain_vision(model, processor, heads, rng, steps=vision_steps, batch_size=64, lr=2e-3, log=log,
+                        uniform=uniform_kinds)
     captured: dict[str, torch.Tensor] = {}
     model.model.multi_modal_projector.register_forward_pre_hook(lambda _m, args: captured.__setitem__("f", args[0]))
 
@@ -151,9 +166,9 @@ def train(
     )
     history = []
     t0 = time.time()
-    for step in range(1, steps + 1):
+    for step in range(1, (stop_after or steps) + 1):
         model.train()
-        examples = [draw_training_example(rng) for _ in range(batch_size)]
+        examples = draw_batch(rng, batch_size, uniform_kinds)
         batch = _batch(processor, examples)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(**batch)
@@ -167,7 +182,7 @@ def train(
         if step % 25 == 0:
             log(f"step {step}/{steps} lm {out.loss.item():.4f} aux {aux.item():.4f} "
                 f"dense-acc {dense_acc:.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
-        if step % eval_every == 0 or step == steps:
+        if step % eval_every == 0 or step == (stop_after or steps):
             save(model, processor, out_dir)
             acc = quick_accuracy(out_dir, per_kind=20)
             history.append({"step": step, "seconds": round(time.time() - t0), **acc})
@@ -202,13 +217,16 @@ def main() -> None:  # pragma: no cover - manual entry point for background runs
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--vision-steps", type=int, default=0)
     ap.add_argument("--init-from", type=Path, default=None)
+    ap.add_argument("--stop-after", type=int, default=None, help="stop early (the schedule still spans --steps)")
+    ap.add_argument("--uniform-kinds", action="store_true", help="draw question types uniformly")
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=250)
     a = ap.parse_args()
-    train(a.out, steps=a.steps, vision_steps=a.vision_steps, init_from=a.init_from, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
+    train(a.out, steps=a.steps, vision_steps=a.vision_steps, init_from=a.init_from, stop_after=a.stop_after,
+          uniform_kinds=a.uniform_kinds, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads,
           eval_every=a.eval_every, log=lambda s: print(s, flush=True))
 
 
