@@ -87,6 +87,8 @@ class Runtime:
         self.before_generate: Callable[[int], None] | None = None
         if settings.fault_oom_min_batch:
             self.before_generate = self._injected_oom
+        #: Benchmarks only: force this many new tokens (decode-bound measurements).
+        self.min_new_tokens = 0
 
     def _injected_oom(self, batch_size: int) -> None:
         import torch
@@ -251,6 +253,7 @@ class Runtime:
         with torch.inference_mode():
             out = model.generate(
                 **enc, max_new_tokens=max(p.max_new_tokens for p in batch), do_sample=False,
+                **({"min_new_tokens": self.min_new_tokens} if self.min_new_tokens else {}),
                 pad_token_id=tok.pad_token_id, eos_token_id=model.generation_config.eos_token_id or tok.eos_token_id,
             )
         t2 = time.perf_counter()
