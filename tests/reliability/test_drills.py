@@ -90,6 +90,16 @@ def when_running(client: Client, ids: list[str], timeout: float = 60) -> None:
     raise AssertionError("no job was ever seen running")
 
 
+def kill_during_run(settings: Settings, client: Client, ids: list[str], worker: WorkerProcess, times: int,
+                    tmp: Path) -> WorkerProcess:
+    """kill -9 the worker ``times`` times, each while a job is running, restarting it each time."""
+    for _ in range(times):
+        when_running(client, ids)
+        worker.kill()
+        worker = start_worker(settings, worker.hostname, tmp)
+    return worker
+
+
 def outcome(client: Client, ids: list[str], counter: DoneCounter, timeout: float) -> dict[str, int]:
     results = client.wait_many(ids, timeout=timeout)
     time.sleep(1.0)  # let the last publishes arrive
@@ -110,10 +120,7 @@ def test_kill_9_worker_three_times_during_a_100_job_run(drill_redis: LocalRedis,
     client = Client(settings)
     worker = start_worker(settings, "kill@drill", tmp_path)
     ids = submit_many(client, 100)
-    for _ in range(3):
-        when_running(client, ids)
-        worker.kill()
-        worker = start_worker(settings, "kill@drill", tmp_path)
+    worker = kill_during_run(settings, client, ids, worker, 3, tmp_path)
     t0 = time.monotonic()
     numbers = outcome(client, ids, counter, timeout=240)
     recover_s = time.monotonic() - t0

@@ -21,7 +21,7 @@ from pipeline.schema import JobStatus
 from pipeline.settings import Settings
 from tests.conftest import make_settings, need
 from tests.faults import report
-from tests.reliability.test_drills import DoneCounter, outcome, start_worker, submit_many, when_running
+from tests.reliability.test_drills import DoneCounter, kill_during_run, outcome, start_worker, submit_many
 from tests.s3servers import S3Endpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -74,10 +74,7 @@ def test_kill_9_on_rabbitmq(rabbit_settings: Settings, tmp_path: Path) -> None:
     client = Client(rabbit_settings)
     worker = start_worker(rabbit_settings, "rabbit-kill@tests", tmp_path)
     ids = submit_many(client, 60)
-    for _ in range(2):
-        when_running(client, ids)
-        worker.kill()
-        worker = start_worker(rabbit_settings, "rabbit-kill@tests", tmp_path)
+    worker = kill_during_run(rabbit_settings, client, ids, worker, 2, tmp_path)
     t0 = time.monotonic()
     numbers = outcome(client, ids, counter, timeout=180)
     recover_s = time.monotonic() - t0

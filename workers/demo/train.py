@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,6 +98,14 @@ def draw_batch(rng: random.Random, n: int, uniform: bool = False) -> list[Exampl
     return [draw_training_example(rng, kind) for kind in kinds]
 
 
+def _optimise(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, params: list[nn.Parameter]) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def pretrain_vision(model, processor, heads: nn.ModuleDict, rng: random.Random, *, steps: int, batch_size: int,
                     lr: float, log: Callable[[str], None], uniform: bool = False) -> None:
     """Stage 1: the vision encoder alone learns to see shapes, colours, digits and object centres
@@ -114,11 +123,7 @@ def pretrain_vision(model, processor, heads: nn.ModuleDict, rng: random.Random, 
         with torch.autocast("cpu", dtype=torch.bfloat16):
             feats = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
         loss, acc = _aux_loss(heads, feats, examples)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimise(loss, opt, sched, params)
         if step % 25 == 0:
             log(f"vision step {step}/{steps} aux {loss.item():.4f} dense-acc {acc:.3f} {time.time() - t0:.0f}s")
 
@@ -160,7 +165,7 @@ def train(
 
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = min(200, steps // 10)
+    warmup = max(1, min(200, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     )
@@ -173,12 +178,7 @@ def train(
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(**batch)
             aux, dense_acc = _aux_loss(heads, captured["f"], examples)
-        loss = out.loss.float() + 0.5 * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimise(out.loss.float() + 0.5 * aux, opt, sched, params)
         if step % 25 == 0:
             log(f"step {step}/{steps} lm {out.loss.item():.4f} aux {aux.item():.4f} "
                 f"dense-acc {dense_acc:.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
