@@ -177,7 +177,7 @@ class BatchStore:
     # -- reading -------------------------------------------------------------------------------------
     def find(self, batch_id: str) -> Batch | None:
         with redis_errors():
-            f: dict[str, str] = self.redis.hgetall(PREFIX + batch_id)  # type: ignore[assignment]
+            f: dict[str, str] = self.redis.hgetall(PREFIX + batch_id)
         if not f:
             return None
         times = {k: float(f[k]) for k in ("in_progress_at", "finalizing_at", "completed_at", "failed_at",
@@ -200,7 +200,7 @@ class BatchStore:
     def recent(self, limit: int = 20) -> list[Batch]:
         """The newest batches first."""
         with redis_errors():
-            ids: list[str] = self.redis.zrevrange(INDEX, 0, max(0, limit - 1))  # type: ignore[assignment]
+            ids: list[str] = self.redis.zrevrange(INDEX, 0, max(0, limit - 1))
         batches = [b for b in (self.find(i) for i in ids) if b is not None]
         gone = set(ids) - {b.id for b in batches}
         if gone:

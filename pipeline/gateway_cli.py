@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Annotated, Optional
+from typing import Any, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -37,7 +37,8 @@ def serve(
 
     from pipeline.gateway import GatewaySettings
 
-    gw = GatewaySettings(**{k: v for k, v in {"gateway_host": host, "gateway_port": port}.items() if v is not None})
+    overrides: dict[str, Any] = {k: v for k, v in {"gateway_host": host, "gateway_port": port}.items() if v is not None}
+    gw = GatewaySettings(**overrides)
     uvicorn.run("pipeline.gateway:app_from_env", factory=True, host=gw.gateway_host, port=gw.gateway_port,
                 workers=workers, log_level=log_level, proxy_headers=False, server_header=False)
 

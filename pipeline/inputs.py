@@ -18,7 +18,7 @@ from pipeline.errors import InvalidImage, InvalidQuestion
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "TIFF", "HEIF", "AVIF"})
 
 try:  # optional extra: tuwen[heif] adds HEIC/AVIF phone photos
-    from pillow_heif import register_heif_opener  # type: ignore[import-not-found]
+    from pillow_heif import register_heif_opener
 
     register_heif_opener()
 except ImportError:  # pragma: no cover - depends on the installed extras
@@ -66,8 +66,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, max_aspect_rat
             img.load()
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
-        img = ImageOps.exif_transpose(img) or img
-        return _to_rgb(img)
+        upright: Image.Image = ImageOps.exif_transpose(img) or img
+        return _to_rgb(upright)
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt data surfaces here
         raise InvalidImage(f"the image data is damaged or truncated: {exc}", code="corrupt_image") from exc
 

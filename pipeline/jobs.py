@@ -303,4 +303,4 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         with redis_errors():
-            return self.redis.hget(_key(job_id), "cancel_requested") == "1"
+            return bool(self.redis.hget(_key(job_id), "cancel_requested") == "1")
