@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from pipeline import app as queue
 from pipeline.errors import InvalidParams, Unavailable
 from pipeline.inputs import check_question, decode_image
-from pipeline.jobs import JobStore, connect
+from pipeline.jobs import JobStore, cache_prefix, connect
 from pipeline.schema import GenerationParams, JobRequest, JobResult, JobStatus, Priority
 from pipeline.settings import Settings
 from pipeline.stores import open_images
@@ -129,7 +129,7 @@ class Client:
                 self.images.delete(image_key)
             except StorageError as exc:
                 raise Unavailable(f"could not delete the image: {exc}", code=exc.code, retryable=True) from exc
-            for key in self.jobs.redis.scan_iter(f"tuwen:cache:{image_cache_prefix(image_key)}:*", count=500):
+            for key in self.jobs.redis.scan_iter(cache_prefix(image_key) + "*", count=500):
                 self.jobs.redis.delete(key)
         return True
 
@@ -138,13 +138,6 @@ class Client:
             self.celery.close()
         if "jobs" in self.__dict__:
             self.jobs.redis.close()
-
-
-def image_cache_prefix(image_key: str) -> str:
-    """Answer-cache entries are grouped by image, so deleting an image can find its cached answers."""
-    import hashlib
-
-    return hashlib.sha256(image_key.encode()).hexdigest()[:16]
 
 
 def _content_type(fmt: str) -> str:

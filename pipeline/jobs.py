@@ -8,6 +8,7 @@ publish on ``tuwen:done:<id>`` when a job ends, which ``wait`` listens for.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -86,6 +87,14 @@ return ''
 """
 
 IMAGE_REFS = "tuwen:imageref:"
+#: Answer-cache entries live under ``tuwen:cache:<image digest>:<entry digest>``, grouped by image so that
+#: deleting an image can find the cached answers about it.
+CACHE = "tuwen:cache:"
+
+
+def cache_prefix(image_key: str) -> str:
+    """Where the cached answers about one image live."""
+    return f"{CACHE}{hashlib.sha256(image_key.encode()).hexdigest()[:16]}:"
 
 
 def connect(url: str) -> redis.Redis:

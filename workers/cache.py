@@ -7,15 +7,12 @@ import hashlib
 import json
 from typing import Any
 
-from pipeline.client import image_cache_prefix
+from pipeline.jobs import cache_prefix
 from pipeline.schema import JobRequest
-
-KEY = "tuwen:cache:"
-
 
 def cache_key(job: JobRequest, model_id: str) -> str:
     ident = json.dumps([job.image_key, job.question, job.params.model_dump(), model_id], ensure_ascii=False)
-    return f"{KEY}{image_cache_prefix(job.image_key)}:{hashlib.sha256(ident.encode()).hexdigest()}"
+    return cache_prefix(job.image_key) + hashlib.sha256(ident.encode()).hexdigest()
 
 
 class AnswerCache:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -201,15 +202,20 @@ class Runtime:
         budget = min(item.max_new_tokens or s.max_new_tokens, s.max_new_tokens)
         return _Prepared(index, image.convert("RGB"), question, budget)
 
-    def _defuse(self, question: str) -> str:
-        """Break up any special token (``<image>``, role markers) a user typed into the question,
-        so it is read as plain text and never changes the number of image tokens."""
+    @cached_property
+    def _special_tokens(self) -> list[str]:
+        """The processor's special tokens, longest first (computed once per loaded model)."""
         tok = self.processor.tokenizer
         specials = set(tok.all_special_tokens) | {str(t) for t in getattr(tok, "added_tokens_decoder", {}).values()}
         for extra in ("image_token", "video_token"):
             if getattr(self.processor, extra, None):
                 specials.add(getattr(self.processor, extra))
-        for token in sorted(filter(None, specials), key=len, reverse=True):
+        return sorted(filter(None, specials), key=len, reverse=True)
+
+    def _defuse(self, question: str) -> str:
+        """Break up any special token (``<image>``, role markers) a user typed into the question,
+        so it is read as plain text and never changes the number of image tokens."""
+        for token in self._special_tokens:
             if token in question:
                 question = question.replace(token, token[0] + "\u2060" + token[1:])
         return question
