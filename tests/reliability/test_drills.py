@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -100,10 +101,13 @@ def kill_during_run(settings: Settings, client: Client, ids: list[str], worker: 
     return worker
 
 
-def outcome(client: Client, ids: list[str], counter: DoneCounter, timeout: float) -> dict[str, int]:
+def outcome(client: Client, ids: list[str], counter: DoneCounter, timeout: float, since: float) -> dict[str, Any]:
+    """Wait for the jobs; count what was lost, written twice, run twice; time to recover from ``since``."""
     results = client.wait_many(ids, timeout=timeout)
+    recover_s = round(time.monotonic() - since, 1)
     time.sleep(1.0)  # let the last publishes arrive
     return {
+        "recover_s": recover_s,
         "jobs": len(ids),
         "succeeded": sum(r.status == JobStatus.succeeded for r in results.values()),
         "lost": sum(not r.status.terminal for r in results.values()),
@@ -122,11 +126,10 @@ def test_kill_9_worker_three_times_during_a_100_job_run(drill_redis: LocalRedis,
     ids = submit_many(client, 100)
     worker = kill_during_run(settings, client, ids, worker, 3, tmp_path)
     t0 = time.monotonic()
-    numbers = outcome(client, ids, counter, timeout=240)
-    recover_s = time.monotonic() - t0
+    numbers = outcome(client, ids, counter, timeout=240, since=t0)
     worker.stop()
     counter.stop()
-    report("kill -9 the worker 3× during a run, restart it", recover_s=round(recover_s, 1), **numbers)
+    report("kill -9 the worker 3× during a run, restart it", **numbers)
     assert numbers["succeeded"] == 100 and numbers["lost"] == 0
     assert numbers["duplicated"] == 0 and numbers["written_once"] == 100
 
@@ -142,12 +145,11 @@ def test_redis_restart_mid_run(drill_redis: LocalRedis, s3: S3Endpoint, tmp_path
     drill_redis.restart()  # same port, same AOF directory
     t0 = time.monotonic()
     ids += submit_many(client, 10)  # producers reconnect by themselves
-    numbers = outcome(client, ids, counter, timeout=240)
-    recover_s = time.monotonic() - t0
+    numbers = outcome(client, ids, counter, timeout=240, since=t0)
     assert worker.alive, worker.log_tail()
     worker.stop()
     counter.stop()
-    report("Redis restarted mid-run (AOF)", recover_s=round(recover_s, 1), **numbers)
+    report("Redis restarted mid-run (AOF)", **numbers)
     assert numbers["succeeded"] == 70 and numbers["lost"] == 0 and numbers["duplicated"] == 0
 
 
@@ -174,12 +176,11 @@ def test_s3_outage_of_20_seconds(drill_redis: LocalRedis, s3: S3Endpoint, tmp_pa
     assert all(r.status != JobStatus.succeeded for r in client.jobs.get_many([p.id for p in prepared]).values())
     proxy.up()
     t0 = time.monotonic()
-    numbers = outcome(client, [p.id for p in prepared], counter, timeout=180)
-    recover_s = time.monotonic() - t0
+    numbers = outcome(client, [p.id for p in prepared], counter, timeout=180, since=t0)
     worker.stop()
     counter.stop()
     proxy.down()
-    report("S3 unreachable for 20 s mid-run", recover_s=round(recover_s, 1), submit_during_outage=refused.value.code,
+    report("S3 unreachable for 20 s mid-run", submit_during_outage=refused.value.code,
            **numbers)
     assert numbers["succeeded"] == 30 and numbers["duplicated"] == 0
 
@@ -242,10 +243,9 @@ def test_sigterm_mid_batch_loses_nothing(drill_redis: LocalRedis, s3: S3Endpoint
     done_at_stop = sum(r.status.terminal for r in client.jobs.get_many(ids).values())
     t0 = time.monotonic()
     worker = start_worker(settings, "term@drill", tmp_path)
-    numbers = outcome(client, ids, counter, timeout=180)
-    recover_s = time.monotonic() - t0
+    numbers = outcome(client, ids, counter, timeout=180, since=t0)
     worker.stop()
     counter.stop()
-    report("SIGTERM to the worker mid-batch, then restart", recover_s=round(recover_s, 1),
+    report("SIGTERM to the worker mid-batch, then restart",
            done_before_stop=done_at_stop, **numbers)
     assert numbers["succeeded"] == 60 and numbers["lost"] == 0 and numbers["duplicated"] == 0

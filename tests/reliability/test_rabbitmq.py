@@ -76,9 +76,8 @@ def test_kill_9_on_rabbitmq(rabbit_settings: Settings, tmp_path: Path) -> None:
     ids = submit_many(client, 60)
     worker = kill_during_run(rabbit_settings, client, ids, worker, 2, tmp_path)
     t0 = time.monotonic()
-    numbers = outcome(client, ids, counter, timeout=180)
-    recover_s = time.monotonic() - t0
+    numbers = outcome(client, ids, counter, timeout=180, since=t0)
     worker.stop()
     counter.stop()
-    report("kill -9 the worker 2× on RabbitMQ (quorum queues)", recover_s=round(recover_s, 1), **numbers)
+    report("kill -9 the worker 2× on RabbitMQ (quorum queues)", **numbers)
     assert numbers["succeeded"] == 60 and numbers["lost"] == 0 and numbers["duplicated"] == 0
