@@ -7,6 +7,7 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY storage ./storage
 COPY workers ./workers
+COPY tuwen ./tuwen
 RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install ".[worker,flower]"
 
 RUN useradd --create-home --uid 1000 tuwen

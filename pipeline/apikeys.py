@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import redis
 
-from pipeline.errors import InvalidInput, NotFound, TuwenError
-from pipeline.jobs import redis_errors
+from tuwen.pipeline.errors import InvalidInput, NotFound, TuwenError
+from tuwen.pipeline.jobs import redis_errors
 
 PREFIX = "tuwen:apikey:"
 IDEMPOTENCY_PREFIX = "tuwen:gateway:idem:"

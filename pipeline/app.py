@@ -10,7 +10,7 @@ Choices, each measured (see shared/FACTS.md):
   the backlog stays in Redis (unbounded prefetch pulled everything into one worker and made
   redelivery and fairness unworkable).
 * Queues ``interactive`` and ``bulk``, read in priority order (interactive first, always).
-* No Celery result backend: results live in tuwen's own job keys (``pipeline.jobs``).
+* No Celery result backend: results live in tuwen's own job keys (``tuwen.pipeline.jobs``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from pipeline.schema import JobRequest, Priority
-from pipeline.settings import Settings
+from tuwen.pipeline.schema import JobRequest, Priority
+from tuwen.pipeline.settings import Settings
 
 TASK_NAME = "tuwen.answer"
 

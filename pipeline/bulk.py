@@ -36,16 +36,16 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline import app as queue
-from pipeline.client import Client
-from pipeline.errors import InvalidInput, InvalidParams, NotFound, TuwenError, Unavailable
-from pipeline.inputs import check_question
-from pipeline.jobs import redis_errors
-from pipeline.manifest import InvalidManifest, Record, Source, validate
-from pipeline.schema import ErrorInfo, GenerationParams, JobRequest, JobResult, JobStatus, Priority
-from pipeline.stores import open_results
-from storage.errors import InvalidKey, StorageError
-from storage.images import ResultStore
+from tuwen.pipeline import app as queue
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.errors import InvalidInput, InvalidParams, NotFound, TuwenError, Unavailable
+from tuwen.pipeline.inputs import check_question
+from tuwen.pipeline.jobs import redis_errors
+from tuwen.pipeline.manifest import InvalidManifest, Record, Source, validate
+from tuwen.pipeline.schema import ErrorInfo, GenerationParams, JobRequest, JobResult, JobStatus, Priority
+from tuwen.pipeline.stores import open_results
+from tuwen.storage.errors import InvalidKey, StorageError
+from tuwen.storage.images import ResultStore
 
 PREFIX = "tuwen:batch:"
 INDEX = PREFIX + "index"

@@ -23,11 +23,11 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.errors import InvalidInput, TuwenError
-from pipeline.settings import Settings
+from tuwen.pipeline.errors import InvalidInput, TuwenError
+from tuwen.pipeline.settings import Settings
 
 if TYPE_CHECKING:
-    from pipeline.bulk import Batch, BatchStore, SubmitProgress
+    from tuwen.pipeline.bulk import Batch, BatchStore, SubmitProgress
 
 bulk_app = typer.Typer(help="Bulk batches: one file in (JSONL, CSV or a folder), one answer per line out.",
                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -37,8 +37,8 @@ EXIT_FAILED, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 def _store() -> BatchStore:
-    from pipeline.bulk import BatchStore
-    from pipeline.client import Client
+    from tuwen.pipeline.bulk import BatchStore
+    from tuwen.pipeline.client import Client
 
     return BatchStore(Client(Settings()))
 
@@ -154,7 +154,7 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="print the batch as JSON")] = False,
 ) -> None:
     """Submit a file of questions as a batch on the bulk queue; the same command again resumes it."""
-    from pipeline.manifest import open_source
+    from tuwen.pipeline.manifest import open_source
 
     store = _store()
     with _errors():
@@ -277,7 +277,7 @@ def report(
     limit: Annotated[int, typer.Option(help="most lines on the page (failures first)")] = 2000,
 ) -> None:
     """A self-contained HTML page (thumbnails, question, answer, status, failure filter)."""
-    from pipeline.report import write_report
+    from tuwen.pipeline.report import write_report
 
     store = _store()
     with _errors():
@@ -295,7 +295,7 @@ def eval_command(
     timeout: Annotated[float | None, typer.Option(help="seconds to wait for the answers")] = None,
 ) -> None:
     """Evaluate the served model on an MMBench(-CN) TSV through the queue; prints accuracy per category."""
-    from pipeline.mmbench import PromptStyle, evaluate
+    from tuwen.pipeline.mmbench import PromptStyle, evaluate
 
     try:
         style = PromptStyle(prompt)
@@ -323,7 +323,7 @@ def eval_command(
         err.print(f"report → {out_path}")
 
 
-if __name__ == "__main__":  # `python -m pipeline.bulk_cli …` until the lead mounts it under `tuwen`
+if __name__ == "__main__":  # `python -m tuwen.pipeline.bulk_cli …` until the lead mounts it under `tuwen`
     root = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     root.add_typer(bulk_app, name="bulk")
     root.command("eval")(eval_command)

@@ -1,5 +1,7 @@
-"""``tuwen`` — the command line. Producer commands never import torch; worker-side commands import
-``workers`` lazily, inside the command.
+"""``tuwen`` — the producer commands (submit, result, cancel, delete, status, flower, bulk, gateway, keys).
+
+The model-side commands (worker, demo, train-demo, eval-demo, bench) are added by ``tuwen.workers.cli``,
+which composes the whole ``tuwen`` command; this module never imports ``workers``.
 
 Exit codes: 0 ok · 1 the job failed · 2 input refused · 3 a service is unavailable · 4 not finished
 in time.
@@ -15,11 +17,11 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from pipeline.errors import InvalidInput, TuwenError
-from pipeline.bulk_cli import bulk_app, eval_command
-from pipeline.gateway_cli import gateway_app, keys_app
-from pipeline.schema import JobResult, JobStatus
-from pipeline.settings import Quantization, Settings
+from tuwen.pipeline.errors import InvalidInput, TuwenError
+from tuwen.pipeline.bulk_cli import bulk_app, eval_command
+from tuwen.pipeline.gateway_cli import gateway_app, keys_app
+from tuwen.pipeline.schema import JobResult, JobStatus
+from tuwen.pipeline.settings import Settings
 
 app = typer.Typer(help="tuwen (图文): Chinese visual question answering on a message queue.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -84,7 +86,7 @@ def submit(
     owner: Annotated[str, typer.Option(help="owner of the job")] = "default",
 ) -> None:
     """Submit one picture and question; prints the job id (or the answer with --wait)."""
-    from pipeline.client import Client
+    from tuwen.pipeline.client import Client
 
     client = Client(settings_from())
     try:
@@ -114,7 +116,7 @@ def result(
     owner: Annotated[Optional[str], typer.Option(help="only show the job if it is this owner's")] = None,
 ) -> None:
     """Show a job's state and answer."""
-    from pipeline.client import Client
+    from tuwen.pipeline.client import Client
 
     client = Client(settings_from())
     try:
@@ -128,7 +130,7 @@ def result(
 def cancel(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None,
            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Cancel a queued job (a running job finishes)."""
-    from pipeline.client import Client
+    from tuwen.pipeline.client import Client
 
     try:
         res = Client(settings_from()).cancel(job_id, owner)
@@ -143,7 +145,7 @@ def cancel(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None,
 @app.command()
 def delete(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None) -> None:
     """Delete a job now: its result, and its image unless another job uses it."""
-    from pipeline.client import Client
+    from tuwen.pipeline.client import Client
 
     try:
         found = Client(settings_from()).delete(job_id, owner)
@@ -160,7 +162,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """One screen: queue depths, live workers, jobs per minute, failures by code."""
-    from pipeline.status import collect, render
+    from tuwen.pipeline.status import collect, render
 
     try:
         snapshot = collect(settings_from(), minutes)
@@ -187,90 +189,6 @@ def flower(
     else:
         err.print("[yellow]warning[/yellow]: Flower without --basic-auth shows every job to anyone who can reach it")
     raise typer.Exit(subprocess.call(cmd))
-
-
-@app.command()
-def worker(
-    model_path: Annotated[Optional[Path], typer.Option(help="checkpoint directory [TUWEN_MODEL_PATH]")] = None,
-    quantization: Annotated[Optional[Quantization], typer.Option(help="[TUWEN_QUANTIZATION]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N [TUWEN_DEVICE]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="[TUWEN_MAX_BATCH_SIZE]")] = None,
-    wait_ms: Annotated[Optional[int], typer.Option(help="[TUWEN_BATCH_WAIT_MS]")] = None,
-    queues: Annotated[Optional[str], typer.Option(help="comma-separated, default: interactive,bulk")] = None,
-    hostname: Annotated[Optional[str], typer.Option(help="worker name, e.g. gpu0@host")] = None,
-    loglevel: Annotated[str, typer.Option()] = "INFO",
-) -> None:
-    """Run a GPU (or CPU) worker: load the model once and answer batches from the queues."""
-    from workers.service import run_worker
-
-    settings = settings_from(model_path=model_path, quantization=quantization, device=device,
-                             max_batch_size=batch_size, batch_wait_ms=wait_ms)
-    run_worker(settings, queues=queues.split(",") if queues else None, hostname=hostname, loglevel=loglevel)
-
-
-@app.command()
-def demo(
-    model_path: Annotated[Optional[Path], typer.Option(help="checkpoint (default: the bundled demo model)")] = None,
-) -> None:
-    """Start a private Redis, storage and a worker; ask the bundled pictures; print the answers."""
-    from workers.demo.run import run_demo
-
-    raise typer.Exit(run_demo(console, model_path=model_path))
-
-
-@app.command("train-demo")
-def train_demo(
-    out: Annotated[Path, typer.Option(help="output checkpoint directory")] = Path("runs/demo"),
-    threads: Annotated[int, typer.Option()] = 2,
-) -> None:
-    """Train the tiny demo model from scratch on freshly drawn worksheets (CPU, about an hour), seeded.
-
-    The recipe that made the bundled checkpoint: phase A — vision encoder alone (600 steps), then the
-    whole model (1000 of a 2000-step schedule), question types drawn uniformly; phase B — from A, the
-    vision encoder again (300 steps), then the whole model (1500 steps), digits and counts drawn more
-    often.
-    """
-    from workers.demo.train import train
-
-    def log(line: str) -> None:
-        console.print(line, markup=False)
-
-    phase_a = out.with_name(out.name + "-phase-a")
-    train(phase_a, vision_steps=600, steps=2000, stop_after=1000, uniform_kinds=True, seed=1234, lr=1.5e-3,
-          threads=threads, log=log)
-    train(out, init_from=phase_a, vision_steps=300, steps=1500, seed=4321, lr=1e-3, threads=threads, log=log)
-    console.print(f"saved to {out}")
-
-
-@app.command("eval-demo")
-def eval_demo(
-    checkpoint: Annotated[Optional[Path], typer.Option(help="default: the bundled demo model")] = None,
-    per_kind: Annotated[int, typer.Option(help="held-out pictures per question type and style")] = 200,
-    threads: Annotated[int, typer.Option()] = 1,
-) -> None:
-    """Print the demo model's key-fact accuracy per question type (the README's table)."""
-    from workers.demo.evaluate import main
-
-    console.print(main(checkpoint, per_kind, threads), markup=False)
-
-
-@app.command()
-def bench(
-    inputs: Annotated[int, typer.Option(help="(image, question) inputs, the same for every row")] = 64,
-    max_new_tokens: Annotated[int, typer.Option()] = 24,
-    transport_jobs: Annotated[int, typer.Option(help="jobs for the null-model transport row")] = 1000,
-    model_path: Annotated[Optional[Path], typer.Option()] = None,
-    out: Annotated[Optional[Path], typer.Option(help="also write the table here")] = None,
-) -> None:
-    """Benchmark: seed way vs transformers.pipeline vs tuwen (in-process, end to end, transport, scale-out)."""
-    from workers.bench import run, table
-
-    rows, header = run(inputs, max_new_tokens, transport_jobs, model_path,
-                       log=lambda line: err.print(line, markup=False))
-    text = table(rows, header)
-    console.print(text, markup=False)
-    if out:
-        out.write_text(text + "\n", encoding="utf-8")
 
 
 def main() -> None:

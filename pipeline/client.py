@@ -1,6 +1,6 @@
 """The producer's client: submit / get / wait / cancel. No torch; a web backend imports only this.
 
-    from pipeline.client import Client
+    from tuwen.pipeline.client import Client
     client = Client.from_env()
     job = client.submit(image=open("q.jpg", "rb").read(), question="图中有几个圆形？")
     result = client.wait(job.id, timeout=60)        # client.get(job.id) does not block
@@ -14,14 +14,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline import app as queue
-from pipeline.errors import InvalidParams, Unavailable
-from pipeline.inputs import check_question, decode_image
-from pipeline.jobs import JobStore, cache_prefix, connect
-from pipeline.schema import GenerationParams, JobRequest, JobResult, JobStatus, Priority
-from pipeline.settings import Settings
-from pipeline.stores import open_images
-from storage.errors import StorageError
+from tuwen.pipeline import app as queue
+from tuwen.pipeline.errors import InvalidParams, Unavailable
+from tuwen.pipeline.inputs import check_question, decode_image
+from tuwen.pipeline.jobs import JobStore, cache_prefix, connect
+from tuwen.pipeline.schema import GenerationParams, JobRequest, JobResult, JobStatus, Priority
+from tuwen.pipeline.settings import Settings
+from tuwen.pipeline.stores import open_images
+from tuwen.storage.errors import StorageError
 
 
 class Client:

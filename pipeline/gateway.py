@@ -3,8 +3,8 @@
 ``create_app(settings)`` wraps the same ``Client`` the Python producers use, so validation and error
 codes are the same (``InvalidInput`` → 422, ``Unavailable`` → 503 with ``Retry-After``; every error is
 ``{"error": {"code", "message"}}``). Run it with ``tuwen gateway serve`` or
-``uvicorn --factory pipeline.gateway:app_from_env``. API keys: ``pipeline.apikeys``; webhooks:
-``pipeline.webhooks``; the walk-through for web backends: ``docs/gateway.md``.
+``uvicorn --factory tuwen.pipeline.gateway:app_from_env``. API keys: ``tuwen.pipeline.apikeys``; webhooks:
+``tuwen.pipeline.webhooks``; the walk-through for web backends: ``docs/gateway.md``.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real types of the closures' parameters.
@@ -31,12 +31,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.apikeys import ApiKey, Conflict, Idempotency, KeyStore
-from pipeline.client import Client
-from pipeline.errors import Forbidden, InvalidInput, NotFound, TuwenError, Unavailable
-from pipeline.schema import ErrorInfo, JobStatus, Priority
-from pipeline.settings import Settings
-from pipeline.webhooks import DoneListener, Dispatcher, WebhookStore, check_callback_url, job_payload
+from tuwen.pipeline.apikeys import ApiKey, Conflict, Idempotency, KeyStore
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.errors import Forbidden, InvalidInput, NotFound, TuwenError, Unavailable
+from tuwen.pipeline.schema import ErrorInfo, JobStatus, Priority
+from tuwen.pipeline.settings import Settings
+from tuwen.pipeline.webhooks import DoneListener, Dispatcher, WebhookStore, check_callback_url, job_payload
 
 log = logging.getLogger("tuwen.gateway")
 FORM_FIELDS = frozenset({"image", "question", "priority", "max_new_tokens", "callback_url"})
@@ -509,5 +509,5 @@ def create_app(settings: Settings, gateway: GatewaySettings | None = None) -> Fa
 
 
 def app_from_env() -> FastAPI:
-    """For ``uvicorn --factory pipeline.gateway:app_from_env`` (settings from ``TUWEN_*``)."""
+    """For ``uvicorn --factory tuwen.pipeline.gateway:app_from_env`` (settings from ``TUWEN_*``)."""
     return create_app(Settings(), GatewaySettings())

@@ -1,4 +1,4 @@
-"""``tuwen gateway serve`` and ``tuwen keys create|list|revoke`` (mounted by ``pipeline.cli``).
+"""``tuwen gateway serve`` and ``tuwen keys create|list|revoke`` (mounted by ``tuwen.pipeline.cli``).
 
 FastAPI and uvicorn are imported inside ``serve`` only, so the rest of the CLI stays light.
 """
@@ -13,10 +13,10 @@ from typing import Any, Annotated, Optional
 import typer
 from rich.console import Console
 
-from pipeline.apikeys import ApiKey, KeyStore
-from pipeline.errors import TuwenError
-from pipeline.jobs import connect
-from pipeline.settings import Settings
+from tuwen.pipeline.apikeys import ApiKey, KeyStore
+from tuwen.pipeline.errors import TuwenError
+from tuwen.pipeline.jobs import connect
+from tuwen.pipeline.settings import Settings
 
 gateway_app = typer.Typer(help="The HTTP gateway for web backends.", no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="API keys of the HTTP gateway (stored hashed in Redis).", no_args_is_help=True,
@@ -35,11 +35,11 @@ def serve(
     """Serve the HTTP API (and deliver webhooks) with uvicorn."""
     import uvicorn
 
-    from pipeline.gateway import GatewaySettings
+    from tuwen.pipeline.gateway import GatewaySettings
 
     overrides: dict[str, Any] = {k: v for k, v in {"gateway_host": host, "gateway_port": port}.items() if v is not None}
     gw = GatewaySettings(**overrides)
-    uvicorn.run("pipeline.gateway:app_from_env", factory=True, host=gw.gateway_host, port=gw.gateway_port,
+    uvicorn.run("tuwen.pipeline.gateway:app_from_env", factory=True, host=gw.gateway_host, port=gw.gateway_port,
                 workers=workers, log_level=log_level, proxy_headers=False, server_header=False)
 
 

@@ -12,7 +12,7 @@ import warnings
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import InvalidImage, InvalidQuestion
+from tuwen.pipeline.errors import InvalidImage, InvalidQuestion
 
 #: Formats Pillow may open. Anything else (SVG, PDF, HTML, zip …) is refused as unsupported.
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "TIFF", "HEIF", "AVIF"})

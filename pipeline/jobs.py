@@ -18,8 +18,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from pipeline.errors import Forbidden, Unavailable
-from pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
+from tuwen.pipeline.errors import Forbidden, Unavailable
+from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
 
 PREFIX = "tuwen:job:"
 DONE_CHANNEL = "tuwen:done:"

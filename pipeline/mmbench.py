@@ -38,9 +38,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pipeline.bulk import Batch, BatchStore, SubmitProgress
-from pipeline.manifest import Record, RecordSource
-from pipeline.errors import InvalidInput
+from tuwen.pipeline.bulk import Batch, BatchStore, SubmitProgress
+from tuwen.pipeline.manifest import Record, RecordSource
+from tuwen.pipeline.errors import InvalidInput
 
 LETTERS = ("A", "B", "C", "D")
 ROTATION = 1_000_000

@@ -18,8 +18,8 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.bulk import Batch
-from pipeline.inputs import decode_image
+from tuwen.pipeline.bulk import Batch
+from tuwen.pipeline.inputs import decode_image
 
 THUMB_PX = 160
 

@@ -8,10 +8,10 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from pipeline import registry, stats
-from pipeline.app import make_celery
-from pipeline.jobs import connect
-from pipeline.settings import Settings
+from tuwen.pipeline import registry, stats
+from tuwen.pipeline.app import make_celery
+from tuwen.pipeline.jobs import connect
+from tuwen.pipeline.settings import Settings
 
 
 def queue_depths(settings: Settings) -> dict[str, int]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from storage.factory import open_object_store
-from storage.images import ImageStore, ResultStore
-from storage.objects import ObjectStore
+from tuwen.storage.factory import open_object_store
+from tuwen.storage.images import ImageStore, ResultStore
+from tuwen.storage.objects import ObjectStore
 
-from pipeline.settings import Settings
+from tuwen.pipeline.settings import Settings
 
 
 def open_objects(settings: Settings) -> ObjectStore:

@@ -39,12 +39,12 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import redis
 
-from pipeline.errors import InvalidInput, Unavailable
-from pipeline.jobs import DONE_CHANNEL, JobStore
-from pipeline.schema import JobResult, JobStatus
+from tuwen.pipeline.errors import InvalidInput, Unavailable
+from tuwen.pipeline.jobs import DONE_CHANNEL, JobStore
+from tuwen.pipeline.schema import JobResult, JobStatus
 
 if TYPE_CHECKING:
-    from pipeline.gateway import GatewaySettings
+    from tuwen.pipeline.gateway import GatewaySettings
 
 log = logging.getLogger("tuwen.webhooks")
 

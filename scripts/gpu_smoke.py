@@ -2,7 +2,7 @@
 
 Builds a random-weight LLaVA (CLIP ViT-L/14-336 + a ~1.3B Llama, ~1.7B parameters) with a
 character-level tokenizer made offline, saves it, then for bf16, int8 and nf4 loads it through
-``workers.runtime.Runtime`` and answers batches of 1, 8 and 32 questions. Prints a Markdown table:
+``tuwen.workers.runtime.Runtime`` and answers batches of 1, 8 and 32 questions. Prints a Markdown table:
 tokens/s, answers/s, peak GPU memory, load seconds. Random weights answer gibberish; this measures
 speed and memory, not quality. Runs in about 2-4 minutes on one H200 (the budget is 8).
 
@@ -60,7 +60,7 @@ def build_tokenizer(vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    from workers.demo.build import vocabulary
+    from tuwen.workers.demo.build import vocabulary
 
     tokens = vocabulary()
     seen = set(tokens)
@@ -85,7 +85,7 @@ def build_checkpoint(shape: Shape, path: Path, device: str) -> int:
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    from workers.demo.build import CHAT_TEMPLATE
+    from tuwen.workers.demo.build import CHAT_TEMPLATE
 
     tok = build_tokenizer(shape.vocab_size)
     side = shape.image_size
@@ -132,8 +132,8 @@ def run_mode(path: Path, mode: str, device: str, batches: list[int], max_new_tok
     """Load the checkpoint in one mode and time ``answer_batch`` for each batch size."""
     import torch
 
-    from pipeline.settings import DType, Quantization, Settings
-    from workers.runtime import Item, Runtime
+    from tuwen.pipeline.settings import DType, Quantization, Settings
+    from tuwen.workers.runtime import Item, Runtime
 
     cuda = device.startswith("cuda")
     dtype = DType.bfloat16 if cuda else DType.float32

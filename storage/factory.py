@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from storage.local import LocalObjectStore
-from storage.objects import ObjectStore
-from storage.s3 import S3ObjectStore
+from tuwen.storage.local import LocalObjectStore
+from tuwen.storage.objects import ObjectStore
+from tuwen.storage.s3 import S3ObjectStore
 
 
 def open_object_store(

@@ -4,8 +4,8 @@ import hashlib
 import json
 from typing import Any
 
-from storage.errors import InvalidKey
-from storage.objects import ObjectStore, check_key
+from tuwen.storage.errors import InvalidKey
+from tuwen.storage.objects import ObjectStore, check_key
 
 
 class ImageStore:

@@ -6,8 +6,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from storage.errors import ObjectNotFound, StorageConfigError, StorageError
-from storage.objects import check_key
+from tuwen.storage.errors import ObjectNotFound, StorageConfigError, StorageError
+from tuwen.storage.objects import check_key
 
 #: Suffix of the temporary files a write goes through; never listed as objects.
 _PARTIAL_SUFFIX = ".partial"

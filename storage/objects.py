@@ -7,7 +7,7 @@ so data written to a local directory in development has the same names in MinIO 
 from collections.abc import Iterator
 from typing import Protocol
 
-from storage.errors import InvalidKey
+from tuwen.storage.errors import InvalidKey
 
 #: S3's limit on a key's UTF-8 length.
 MAX_KEY_BYTES = 1024

@@ -10,14 +10,14 @@ from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import MAX_PART_SIZE, MIN_PART_SIZE, check_bucket_name
 
-from storage.errors import (
+from tuwen.storage.errors import (
     ObjectNotFound,
     StorageAuthError,
     StorageConfigError,
     StorageError,
     StorageUnavailable,
 )
-from storage.objects import check_key
+from tuwen.storage.objects import check_key
 
 #: S3 error codes by what they mean for the caller. Any other code with a 5xx status is unavailable.
 _NOT_FOUND_CODES = frozenset({"NoSuchKey"})

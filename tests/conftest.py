@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.client import Client
-from pipeline.localredis import LocalRedis
-from pipeline.settings import Settings
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.localredis import LocalRedis
+from tuwen.pipeline.settings import Settings
 from tests.s3servers import S3Endpoint, moto_server
-from workers.process import WorkerProcess
+from tuwen.workers.process import WorkerProcess
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -50,7 +50,7 @@ def s3() -> Iterator[S3Endpoint]:
 
 @pytest.fixture(scope="session")
 def demo_checkpoint() -> Path:
-    from workers.runtime import bundled_demo_model
+    from tuwen.workers.runtime import bundled_demo_model
 
     path = bundled_demo_model()
     assert (path / "config.json").exists(), f"the bundled demo checkpoint is missing at {path}"
@@ -59,7 +59,7 @@ def demo_checkpoint() -> Path:
 
 @pytest.fixture(scope="session")
 def runtime(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
-    from workers.runtime import Runtime
+    from tuwen.workers.runtime import Runtime
 
     rt = Runtime(Settings(model_path=demo_checkpoint, torch_threads=1, max_new_tokens=48))
     rt.load()

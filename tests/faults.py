@@ -8,7 +8,7 @@ import socket
 import threading
 from pathlib import Path
 
-from pipeline.localredis import free_port
+from tuwen.pipeline.localredis import free_port
 
 DRILL_REPORT = Path(os.environ.get("TUWEN_DRILL_REPORT", "build/drills.jsonl"))
 

@@ -1,26 +1,82 @@
-"""Imports point one way: storage <- pipeline <- workers. A producer never loads torch."""
+"""Imports point one way: storage <- pipeline <- workers, and only workers load the model libraries.
+
+Checked on the syntax tree of every module, so an import inside a function counts as much as one at the
+top; and once at run time, so that what a producer process really loads is seen too.
+"""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = {"storage": 0, "pipeline": 1, "workers": 2}
+MODEL_LIBRARIES = ("torch", "torchvision", "transformers", "bitsandbytes", "accelerate", "celery_batches",
+                   "tokenizers", "safetensors")
 
-def loaded_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print('\\n'.join(sys.modules))"],
-                         capture_output=True, text=True, timeout=120, check=True)
-    return set(out.stdout.split())
+
+def module_name(package: str, path: Path) -> str:
+    return ".".join(["tuwen", package, *path.relative_to(ROOT / package).with_suffix("").parts])
+
+
+def imports_of(source: str, module: str) -> list[tuple[int, str]]:
+    """Every module a file imports, absolute, with its line: top-level, in functions, relative ones too."""
+    tree = ast.parse(source)
+    here = module.split(".")[:-1]  # the package that relative imports start from
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = node.module or ""
+            if node.level:
+                base = here[: len(here) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            found.append((node.lineno, target))
+            found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names]
+    return found
+
+
+def modules() -> list[tuple[str, Path]]:
+    return [(pkg, p) for pkg in LAYERS for p in sorted((ROOT / pkg).rglob("*.py"))]
+
+
+def test_every_layer_has_modules() -> None:
+    counts = {pkg: sum(1 for p, _ in modules() if p == pkg) for pkg in LAYERS}
+    assert all(n >= 5 for n in counts.values()), counts
+
+
+@pytest.mark.parametrize("package,path", modules(), ids=lambda v: str(v.relative_to(ROOT)) if isinstance(v, Path) else v)
+def test_imports_point_one_way(package: str, path: Path) -> None:
+    wrong = []
+    for line, module in imports_of(path.read_text(encoding="utf-8"), module_name(package, path)):
+        top = module.split(".")
+        if top[0] in LAYERS:
+            wrong.append(f"line {line}: {module} (a bare top-level name; import tuwen.{module})")
+        if top[0] == "tuwen" and len(top) > 1 and top[1] in LAYERS and LAYERS[top[1]] > LAYERS[package]:
+            wrong.append(f"line {line}: {module} (a higher layer)")
+        if top[0] == "tuwen" and len(top) == 1 and package != "workers":
+            wrong.append(f"line {line}: {module} (the top package composes layers; layers don't import it)")
+        if top[0] in MODEL_LIBRARIES and package != "workers":
+            wrong.append(f"line {line}: {module} (only workers load the model libraries)")
+    assert not wrong, f"{path.relative_to(ROOT)}:\n  " + "\n  ".join(wrong)
+
+
+def test_the_checker_sees_imports_inside_functions() -> None:
+    """The walk must catch what a sys.modules check would miss: an import that only runs in a command."""
+    source = "def f():\n    from tuwen.workers.runtime import Runtime\n    import torch\nfrom . import schema\n"
+    found = [m for _, m in imports_of(source, "tuwen.pipeline.probe")]
+    assert "tuwen.workers.runtime" in found and "torch" in found and "tuwen.pipeline.schema" in found
 
 
 @pytest.mark.timeout(200)
-def test_producer_side_never_imports_torch_or_workers() -> None:
-    mods = loaded_after("import pipeline.client, pipeline.cli, pipeline.gateway, pipeline.bulk, pipeline.mmbench")
-    assert not {m for m in mods if m.split(".")[0] in ("torch", "transformers", "bitsandbytes", "workers")}
-
-
-@pytest.mark.timeout(200)
-def test_storage_imports_nothing_of_ours() -> None:
-    mods = loaded_after("import storage.factory, storage.images, storage.s3, storage.local")
-    assert not {m for m in mods if m.split(".")[0] in ("pipeline", "workers")}
+def test_a_producer_process_loads_no_model_library() -> None:
+    code = ("import tuwen.pipeline.client, tuwen.pipeline.cli, tuwen.pipeline.gateway, tuwen.pipeline.bulk, "
+            "tuwen.pipeline.mmbench, tuwen.storage.factory\nimport sys; print('\\n'.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    loaded = set(out.stdout.split())
+    assert not {m for m in loaded if m.split(".")[0] in MODEL_LIBRARIES or m.startswith("tuwen.workers")}

@@ -24,12 +24,12 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pipeline.client import Client
-from pipeline.localredis import LocalRedis
-from pipeline.settings import Settings
-from workers.demo.scenes import KINDS, draw_training_example
-from workers.process import WorkerProcess
-from workers.runtime import Item, Runtime
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.localredis import LocalRedis
+from tuwen.pipeline.settings import Settings
+from tuwen.workers.demo.scenes import KINDS, draw_training_example
+from tuwen.workers.process import WorkerProcess
+from tuwen.workers.runtime import Item, Runtime
 
 BATCH = 16
 

@@ -7,8 +7,8 @@ import hashlib
 import json
 from typing import Any
 
-from pipeline.jobs import cache_prefix
-from pipeline.schema import JobRequest
+from tuwen.pipeline.jobs import cache_prefix
+from tuwen.pipeline.schema import JobRequest
 
 def cache_key(job: JobRequest, model_id: str) -> str:
     ident = json.dumps([job.image_key, job.question, job.params.model_dump(), model_id], ensure_ascii=False)

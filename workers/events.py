@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 
-from pipeline.schema import JobRequest, JobResult, JobStatus
+from tuwen.pipeline.schema import JobRequest, JobResult, JobStatus
 
 
 def job_kwargs_repr(job: JobRequest, show_text: bool) -> str:

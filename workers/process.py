@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.jobs import connect
-from pipeline.registry import live_workers
-from pipeline.settings import Settings
+from tuwen.pipeline.jobs import connect
+from tuwen.pipeline.registry import live_workers
+from tuwen.pipeline.settings import Settings
 
 
 class WorkerProcess:
@@ -33,7 +33,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker", f"--hostname={self.hostname}", "--loglevel=INFO"],
+            [sys.executable, "-m", "tuwen.workers.cli", "worker", f"--hostname={self.hostname}", "--loglevel=INFO"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         return self

@@ -19,10 +19,10 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.errors import ModelError, OutOfMemory, TuwenError
-from pipeline.inputs import check_question, decode_image
-from pipeline.settings import DType, Quantization, Settings
-from workers.families import apply_image_limits
+from tuwen.pipeline.errors import ModelError, OutOfMemory, TuwenError
+from tuwen.pipeline.inputs import check_question, decode_image
+from tuwen.pipeline.settings import DType, Quantization, Settings
+from tuwen.workers.families import apply_image_limits
 
 log = logging.getLogger(__name__)
 

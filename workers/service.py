@@ -9,13 +9,13 @@ from typing import Any
 
 from celery import signals
 
-from pipeline.jobs import JobStore, connect
-from pipeline.registry import Heartbeat
-from pipeline.settings import Settings
-from pipeline.stores import open_images
-from workers.runtime import NullRuntime, Runtime
-from workers.metrics import WorkerMetrics
-from workers.tasks import BatchAnswerer, make_worker_app
+from tuwen.pipeline.jobs import JobStore, connect
+from tuwen.pipeline.registry import Heartbeat
+from tuwen.pipeline.settings import Settings
+from tuwen.pipeline.stores import open_images
+from tuwen.workers.runtime import NullRuntime, Runtime
+from tuwen.workers.metrics import WorkerMetrics
+from tuwen.workers.tasks import BatchAnswerer, make_worker_app
 
 log = logging.getLogger(__name__)
 

@@ -18,17 +18,17 @@ from typing import Any
 from celery import Celery, signals
 from celery_batches import Batches
 
-from pipeline import app as queue
-from pipeline import stats
-from pipeline.errors import TuwenError, Unavailable
-from pipeline.jobs import JobStore
-from pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
-from pipeline.settings import Settings
-from storage.errors import ObjectNotFound, StorageError
-from workers.cache import AnswerCache
-from workers.events import JobEvents
-from workers.metrics import WorkerMetrics
-from workers.runtime import Item, Runtime
+from tuwen.pipeline import app as queue
+from tuwen.pipeline import stats
+from tuwen.pipeline.errors import TuwenError, Unavailable
+from tuwen.pipeline.jobs import JobStore
+from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
+from tuwen.pipeline.settings import Settings
+from tuwen.storage.errors import ObjectNotFound, StorageError
+from tuwen.workers.cache import AnswerCache
+from tuwen.workers.events import JobEvents
+from tuwen.workers.metrics import WorkerMetrics
+from tuwen.workers.runtime import Item, Runtime
 
 log = logging.getLogger(__name__)
 

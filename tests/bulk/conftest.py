@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.bulk import BatchStore
-from pipeline.client import Client
-from pipeline.settings import Settings
+from tuwen.pipeline.bulk import BatchStore
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.settings import Settings
 from tests.conftest import need
-from workers.demo.scenes import draw_training_example
+from tuwen.workers.demo.scenes import draw_training_example
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -72,7 +72,7 @@ def cli() -> Any:
     """``tuwen bulk …`` and ``tuwen eval`` as the lead mounts them (independent of pipeline/cli.py)."""
     import typer
 
-    from pipeline.bulk_cli import bulk_app, eval_command
+    from tuwen.pipeline.bulk_cli import bulk_app, eval_command
 
     root = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     root.add_typer(bulk_app, name="bulk")

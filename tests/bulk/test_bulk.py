@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.bulk import CHUNK, PREFIX, BatchState, BatchStore
-from pipeline.manifest import CsvSource, FolderSource, InvalidManifest, JsonlSource, open_source, validate
-from pipeline.client import Client
-from pipeline.jobs import PREFIX as JOB_PREFIX
-from pipeline.settings import Settings
-from pipeline.stores import open_results
+from tuwen.pipeline.bulk import CHUNK, PREFIX, BatchState, BatchStore
+from tuwen.pipeline.manifest import CsvSource, FolderSource, InvalidManifest, JsonlSource, open_source, validate
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.jobs import PREFIX as JOB_PREFIX
+from tuwen.pipeline.settings import Settings
+from tuwen.pipeline.stores import open_results
 from tests.bulk.conftest import cli, draw_pictures, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -208,7 +208,7 @@ def test_a_killed_submission_resumes_and_loses_nothing(idle_store: BatchStore, i
     rows = [{"custom_id": f"k{i}", "image": pics[i % 3][0].name, "question": pics[i % 3][1]} for i in range(800)]
     manifest = write_jsonl(tmp_path / "in.jsonl", rows)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **idle_settings.to_env()}
-    cmd = [sys.executable, "-m", "pipeline.bulk_cli", "bulk", "submit", str(manifest), "--no-wait"]
+    cmd = [sys.executable, "-m", "tuwen.pipeline.bulk_cli", "bulk", "submit", str(manifest), "--no-wait"]
     # Given a submission killed with SIGKILL part-way through
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

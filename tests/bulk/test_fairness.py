@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bulk import BatchState, BatchStore
-from pipeline.manifest import open_source
-from pipeline.client import Client
-from pipeline.localredis import LocalRedis
-from pipeline.schema import JobStatus
+from tuwen.pipeline.bulk import BatchState, BatchStore
+from tuwen.pipeline.manifest import open_source
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.localredis import LocalRedis
+from tuwen.pipeline.schema import JobStatus
 from tests.bulk.conftest import draw_pictures, write_jsonl
 from tests.conftest import make_settings
 from tests.s3servers import S3Endpoint
-from workers.process import WorkerProcess
+from tuwen.workers.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.bulk import BatchStore
-from pipeline.mmbench import (
+from tuwen.pipeline.bulk import BatchStore
+from tuwen.pipeline.mmbench import (
     ROTATION,
     PromptStyle,
     Question,
@@ -26,9 +26,9 @@ from pipeline.mmbench import (
     rotate,
     score,
 )
-from pipeline.settings import Settings
+from tuwen.pipeline.settings import Settings
 from tests.bulk.conftest import cli
-from workers.demo.mmbench_demo import KINDS, write_tsv
+from tuwen.workers.demo.mmbench_demo import KINDS, write_tsv
 
 SHAPES = {"A": "圆形", "B": "三角形", "C": "正方形", "D": "五角星"}
 

@@ -21,11 +21,11 @@ import httpx
 import pytest
 import uvicorn
 
-from pipeline.apikeys import KeyStore
-from pipeline.gateway import GatewaySettings, create_app
-from pipeline.jobs import connect
-from pipeline.localredis import free_port
-from pipeline.settings import Settings
+from tuwen.pipeline.apikeys import KeyStore
+from tuwen.pipeline.gateway import GatewaySettings, create_app
+from tuwen.pipeline.jobs import connect
+from tuwen.pipeline.localredis import free_port
+from tuwen.pipeline.settings import Settings
 
 SECRET = "whsec-test-0123456789"
 UPLOAD_LIMIT = 1024 * 1024

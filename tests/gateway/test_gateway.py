@@ -19,14 +19,14 @@ import httpx
 import pytest
 from PIL import Image
 
-from pipeline.apikeys import KeyStore
-from pipeline.client import Client
-from pipeline.jobs import PREFIX
-from pipeline.settings import Settings
-from pipeline.webhooks import Dispatcher, WebhookStore, check_callback_url, sign, verify
+from tuwen.pipeline.apikeys import KeyStore
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.jobs import PREFIX
+from tuwen.pipeline.settings import Settings
+from tuwen.pipeline.webhooks import Dispatcher, WebhookStore, check_callback_url, sign, verify
 from tests.gateway.conftest import SECRET, UPLOAD_LIMIT, Gateway, Receiver, gateway_settings, start_gateway
-from workers.demo.samples import load_samples
-from workers.process import WorkerProcess
+from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -54,7 +54,7 @@ def png_header(width: int, height: int) -> bytes:
 
 
 def verify_like_a_receiver(secret: str, headers: dict[str, str], body: bytes) -> bool:
-    """The verification snippet from docs/gateway.md, written out independently of pipeline.webhooks."""
+    """The verification snippet from docs/gateway.md, written out independently of tuwen.pipeline.webhooks."""
     timestamp, signature = headers["X-Tuwen-Timestamp"], headers["X-Tuwen-Signature"]
     expected = "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, signature) and abs(time.time() - int(timestamp)) < 300
@@ -477,7 +477,7 @@ def test_unreachable_redis_gives_503_with_retry_after(pipeline_settings: Setting
 def test_keys_cli_creates_lists_and_revokes(pipeline_settings: Settings, parked_gateway: Gateway) -> None:
     from typer.testing import CliRunner
 
-    from pipeline.gateway_cli import keys_app
+    from tuwen.pipeline.gateway_cli import keys_app
 
     env = {"TUWEN_REDIS_URL": pipeline_settings.redis_url}
     runner = CliRunner()

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.client import Client
-from pipeline.localredis import LocalRedis, free_port
-from pipeline.schema import JobStatus
-from pipeline.settings import Settings
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.localredis import LocalRedis, free_port
+from tuwen.pipeline.schema import JobStatus
+from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings, need
 from tests.s3servers import S3Endpoint
-from workers.demo.samples import load_samples
-from workers.process import WorkerProcess
+from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -164,7 +164,7 @@ def test_worker_metrics_match_the_run(run: dict, mon_settings: Settings) -> None
 
 def test_status_command_matches_the_run(run: dict, mon_settings: Settings) -> None:  # type: ignore[type-arg]
     env = {"PATH": "/usr/bin:/bin", **mon_settings.to_env()}
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--json"], env=env,
+    out = subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", "status", "--json"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     snap = json.loads(out.stdout)
@@ -172,6 +172,6 @@ def test_status_command_matches_the_run(run: dict, mon_settings: Settings) -> No
     assert [w["name"] for w in snap["workers"]] == ["mon@tests"]
     assert sum(m["succeeded"] for m in snap["stats"]["minutes"]) == 12
     assert snap["stats"]["codes"] == {"image_not_found": 1}
-    screen = subprocess.run([sys.executable, "-m", "pipeline.cli", "status"], env=env, capture_output=True,
+    screen = subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", "status"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert "mon@tests" in screen.stdout and "image_not_found" in screen.stdout

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.client import Client
-from pipeline.localredis import free_port
-from pipeline.schema import JobStatus
-from pipeline.settings import Settings
-from workers.demo.samples import load_samples
-from workers.process import WorkerProcess
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.localredis import free_port
+from tuwen.pipeline.schema import JobStatus
+from tuwen.pipeline.settings import Settings
+from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

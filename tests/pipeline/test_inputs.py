@@ -7,8 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.errors import InvalidImage, InvalidQuestion
-from pipeline.inputs import check_question, decode_image
+from tuwen.pipeline.errors import InvalidImage, InvalidQuestion
+from tuwen.pipeline.inputs import check_question, decode_image
 
 LIMITS = dict(max_bytes=5_000_000, max_pixels=20_000_000, max_aspect_ratio=20.0)
 

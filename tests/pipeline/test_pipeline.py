@@ -10,13 +10,13 @@ import urllib.request
 
 import pytest
 
-from pipeline.client import Client
-from pipeline.errors import InvalidImage, InvalidQuestion
-from pipeline.jobs import PREFIX
-from pipeline.schema import JobStatus
-from pipeline.settings import Settings
-from workers.demo.samples import load_samples
-from workers.process import WorkerProcess
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.errors import InvalidImage, InvalidQuestion
+from tuwen.pipeline.jobs import PREFIX
+from tuwen.pipeline.schema import JobStatus
+from tuwen.pipeline.settings import Settings
+from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -93,15 +93,15 @@ def test_bucket_is_private_and_images_are_stored_once(client: Client, pipeline_s
 def test_cli_submit_wait_json_keeps_chinese_readable(worker: WorkerProcess, pipeline_settings: Settings) -> None:
     s = load_samples()[0]
     env = {"PATH": "/usr/bin:/bin", **pipeline_settings.to_env()}
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(s.path), s.question, "--wait", "--json"],
+    out = subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", "submit", str(s.path), s.question, "--wait", "--json"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "\\u" not in out.stdout
     result = json.loads(out.stdout)
     assert result["status"] == "succeeded" and all(f in result["answer"] for f in s.facts)
-    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "result", result["id"], "--json"],
+    again = subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", "result", result["id"], "--json"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert json.loads(again.stdout)["answer"] == result["answer"]
-    refused = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(s.path), " ", "--json"],
+    refused = subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", "submit", str(s.path), " ", "--json"],
                              env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and json.loads(refused.stdout)["error"]["code"] == "empty_question"

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.client import Client
-from pipeline.errors import InvalidInput
-from pipeline.jobs import PREFIX
-from pipeline.schema import JobStatus
-from pipeline.settings import Settings
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.errors import InvalidInput
+from tuwen.pipeline.jobs import PREFIX
+from tuwen.pipeline.schema import JobStatus
+from tuwen.pipeline.settings import Settings
 from tests.faults import report
-from workers.demo.samples import load_samples
-from workers.process import WorkerProcess
+from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -143,7 +143,7 @@ def test_corpus_is_refused_with_codes_and_nothing_stored(pipeline_settings: Sett
         path = tmp_path / "upload.jpg"
         path.write_bytes(image)
         extra = [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()]
-        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(path), question, "--json", *extra],
+        out = subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", "submit", str(path), question, "--json", *extra],
                              env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2, (name, out.stdout, out.stderr)
         assert json.loads(out.stdout)["error"]["code"] == code, name

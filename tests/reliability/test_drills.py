@@ -18,17 +18,17 @@ import pytest
 import redis
 from PIL import Image
 
-from pipeline.client import Client
-from pipeline.errors import Unavailable
-from pipeline.jobs import DONE_CHANNEL, JobStore
-from pipeline.localredis import LocalRedis
-from pipeline.schema import JobRequest, JobStatus
-from pipeline.settings import Settings
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.errors import Unavailable
+from tuwen.pipeline.jobs import DONE_CHANNEL, JobStore
+from tuwen.pipeline.localredis import LocalRedis
+from tuwen.pipeline.schema import JobRequest, JobStatus
+from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings
 from tests.faults import TcpProxy, report
 from tests.s3servers import S3Endpoint
-from workers.demo.samples import load_samples
-from workers.process import WorkerProcess
+from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -222,7 +222,7 @@ def test_out_of_memory_splits_batches(drill_redis: LocalRedis, s3: S3Endpoint, t
 
 
 def test_out_of_memory_on_a_single_item_is_reported(demo_checkpoint: Path) -> None:
-    from workers.runtime import Item, Runtime
+    from tuwen.workers.runtime import Item, Runtime
 
     rt = Runtime(Settings(model_path=demo_checkpoint, fault_oom_min_batch=1, torch_threads=1))
     sample = load_samples()[0]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.app import make_celery
-from pipeline.client import Client
-from pipeline.localredis import LocalRedis
-from pipeline.schema import JobStatus
-from pipeline.settings import Settings
+from tuwen.pipeline.app import make_celery
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.localredis import LocalRedis
+from tuwen.pipeline.schema import JobStatus
+from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings, need
 from tests.faults import report
 from tests.reliability.test_drills import DoneCounter, kill_during_run, outcome, start_worker, submit_many

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.app import TASK_NAME, make_celery
-from pipeline.client import Client
-from pipeline.errors import Forbidden
-from pipeline.jobs import IMAGE_REFS, PREFIX
-from pipeline.schema import JobStatus
-from pipeline.settings import Settings
-from workers.demo.samples import load_samples
-from workers.process import WorkerProcess
+from tuwen.pipeline.app import TASK_NAME, make_celery
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.errors import Forbidden
+from tuwen.pipeline.jobs import IMAGE_REFS, PREFIX
+from tuwen.pipeline.schema import JobStatus
+from tuwen.pipeline.settings import Settings
+from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -16,9 +16,9 @@ import pytest
 from minio import Minio
 from minio.error import S3Error
 
-from storage.local import LocalObjectStore
-from storage.objects import ObjectStore
-from storage.s3 import S3ObjectStore
+from tuwen.storage.local import LocalObjectStore
+from tuwen.storage.objects import ObjectStore
+from tuwen.storage.s3 import S3ObjectStore
 from tests.s3servers import S3Endpoint, moto_server, real_minio_from_env, s3rver_server
 
 MINIO_NOT_SET = ("no real MinIO configured: set TUWEN_TEST_MINIO_ENDPOINT (host:port), TUWEN_TEST_MINIO_ACCESS_KEY, "

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from storage.errors import StorageAuthError, StorageError, StorageUnavailable
-from storage.s3 import S3ObjectStore
+from tuwen.storage.errors import StorageAuthError, StorageError, StorageUnavailable
+from tuwen.storage.s3 import S3ObjectStore
 from tests.s3servers import S3Endpoint, free_port
 from tests.storage.conftest import WITH_MINIO, integration, new_bucket_name, s3_backend
 

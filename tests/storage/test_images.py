@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from storage.errors import InvalidKey, ObjectNotFound
-from storage.images import ImageStore, ResultStore
-from storage.objects import ObjectStore
+from tuwen.storage.errors import InvalidKey, ObjectNotFound
+from tuwen.storage.images import ImageStore, ResultStore
+from tuwen.storage.objects import ObjectStore
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import (
+from tuwen.storage.errors import (
     InvalidKey,
     ObjectNotFound,
     StorageAuthError,
@@ -19,10 +19,10 @@ from storage.errors import (
     StorageError,
     StorageUnavailable,
 )
-from storage.factory import open_object_store
-from storage.local import LocalObjectStore
-from storage.objects import ObjectStore
-from storage.s3 import S3ObjectStore
+from tuwen.storage.factory import open_object_store
+from tuwen.storage.local import LocalObjectStore
+from tuwen.storage.objects import ObjectStore
+from tuwen.storage.s3 import S3ObjectStore
 from tests.storage.conftest import Backend
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,15 +17,15 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pipeline.client import Client
-from pipeline.localredis import LocalRedis
-from pipeline.schema import JobStatus
-from pipeline.settings import Quantization, Settings
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.localredis import LocalRedis
+from tuwen.pipeline.schema import JobStatus
+from tuwen.pipeline.settings import Quantization, Settings
 from tests.conftest import make_settings
 from tests.s3servers import S3Endpoint
-from workers.families import apply_image_limits, pixels_per_token
-from workers.process import WorkerProcess
-from workers.runtime import Answer, Item, Runtime
+from tuwen.workers.families import apply_image_limits, pixels_per_token
+from tuwen.workers.process import WorkerProcess
+from tuwen.workers.runtime import Answer, Item, Runtime
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -70,7 +70,7 @@ def build_llava(path: Path) -> None:
     """LLaVA-1.5: the demo model's recipe (CLIP ViT + projector + Llama, ``LlavaProcessor``)."""
     import torch
 
-    from workers.demo.build import build_model, build_processor
+    from tuwen.workers.demo.build import build_model, build_processor
 
     processor = build_processor()
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def build_llava_next(path: Path) -> None:
     from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
                               LlavaNextImageProcessor, LlavaNextProcessor)
 
-    from workers.demo.build import CHAT_TEMPLATE, build_tokenizer
+    from tuwen.workers.demo.build import CHAT_TEMPLATE, build_tokenizer
 
     side, patch, pinpoints = 56, 14, [[56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
     tok = build_tokenizer()
@@ -128,7 +128,7 @@ def qwen_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    from workers.demo.build import vocabulary
+    from tuwen.workers.demo.build import vocabulary
 
     chars = [c for c in vocabulary() if len(c) == 1]
     vocab = {t: i for i, t in enumerate(QWEN_SPECIALS + ["<unk>"] + chars)}

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.settings import Quantization, Settings
-from workers.demo.samples import load_samples
-from workers.runtime import Item, Runtime
+from tuwen.pipeline.settings import Quantization, Settings
+from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.runtime import Item, Runtime
 
 QUESTIONS = [
     "图中是什么形状？",

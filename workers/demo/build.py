@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from workers.demo.scenes import QUESTIONS, SHAPES, COLOURS
+from tuwen.workers.demo.scenes import QUESTIONS, SHAPES, COLOURS
 
 IMAGE_SIZE = 96
 PATCH_SIZE = 12

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.settings import Settings
-from workers.demo.scenes import KINDS, has_facts, held_out_set
-from workers.runtime import Item, Runtime
+from tuwen.pipeline.settings import Settings
+from tuwen.workers.demo.scenes import KINDS, has_facts, held_out_set
+from tuwen.workers.runtime import Item, Runtime
 
 STYLE_SEEDS = {"training": 777_001, "worksheet": 888_001}
 

@@ -1,7 +1,7 @@
 """An MMBench-format TSV drawn from the demo task: four-option multiple-choice questions about shape,
 colour, count and arithmetic pictures, question text in Chinese, pictures as base64 PNG.
 
-    python -m workers.demo.mmbench_demo demo-mmbench.tsv --per-kind 25
+    python -m tuwen.workers.demo.mmbench_demo demo-mmbench.tsv --per-kind 25
     tuwen eval demo-mmbench.tsv --circular --prompt plain
 
 The seed is one the demo model was never trained on. Pure Pillow; no torch.
@@ -17,7 +17,7 @@ import random
 import re
 from pathlib import Path
 
-from workers.demo.scenes import COLOURS, MAX_COUNT, SHAPES, Example, draw_training_example, draw_worksheet_example
+from tuwen.workers.demo.scenes import COLOURS, MAX_COUNT, SHAPES, Example, draw_training_example, draw_worksheet_example
 
 SEED = 555_001
 KINDS = ("shape", "colour", "count", "arithmetic")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.client import Client
-from pipeline.localredis import LocalRedis
-from pipeline.settings import Settings
-from workers.demo.samples import load_samples
-from workers.process import WorkerProcess
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.localredis import LocalRedis
+from tuwen.pipeline.settings import Settings
+from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.process import WorkerProcess
 
 
 def run_demo(console: Console, *, model_path: Path | None = None) -> int:

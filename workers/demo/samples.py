@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.demo.scenes import KINDS, draw_training_example, draw_worksheet_example
+from tuwen.workers.demo.scenes import KINDS, draw_training_example, draw_worksheet_example
 
 SAMPLES_SEED = 999_001
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"

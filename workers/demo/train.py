@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.demo.build import build_model, build_processor
-from workers.demo.build import PATCH_SIZE, IMAGE_SIZE
-from workers.demo.scenes import COLOURS, DENSE_CLASSES, SHAPES, Example, draw_training_example, patch_labels
+from tuwen.workers.demo.build import build_model, build_processor
+from tuwen.workers.demo.build import PATCH_SIZE, IMAGE_SIZE
+from tuwen.workers.demo.scenes import COLOURS, DENSE_CLASSES, SHAPES, Example, draw_training_example, patch_labels
 
 #: Held-out seeds; training draws from ``seed`` and never from these.
 EVAL_SEED = 777_001
@@ -203,7 +203,7 @@ def save(model, processor, out_dir: Path) -> None:
 
 def quick_accuracy(checkpoint: Path, per_kind: int) -> dict[str, float]:
     """Key-fact accuracy on a small held-out set, through the same loading path as production."""
-    from workers.demo.evaluate import evaluate
+    from tuwen.workers.demo.evaluate import evaluate
 
     table = evaluate(checkpoint, per_kind=per_kind, styles=("training",), threads=torch.get_num_threads())
     return {k: round(v, 3) for k, v in table["training"].items()}

@@ -1,0 +1,124 @@
+"""The whole ``tuwen`` command: the producer commands of ``tuwen.pipeline.cli`` plus the model-side ones
+(worker, demo, train-demo, eval-demo, bench).
+
+Composed here, at the top layer, so that ``pipeline`` never imports ``workers``. Nothing here imports
+torch at import time: a producer-only install (``pip install tuwen``) still runs every producer command,
+and a model-side command says which extra to install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tuwen.pipeline.cli import app, console, err, settings_from
+from tuwen.pipeline.settings import Quantization
+
+
+def _need_worker_extra() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        err.print(f"this command needs the model side: pip install 'tuwen[worker]' ({exc.name} is missing)",
+                  markup=False)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def worker(
+    model_path: Annotated[Optional[Path], typer.Option(help="checkpoint directory [TUWEN_MODEL_PATH]")] = None,
+    quantization: Annotated[Optional[Quantization], typer.Option(help="[TUWEN_QUANTIZATION]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N [TUWEN_DEVICE]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="[TUWEN_MAX_BATCH_SIZE]")] = None,
+    wait_ms: Annotated[Optional[int], typer.Option(help="[TUWEN_BATCH_WAIT_MS]")] = None,
+    queues: Annotated[Optional[str], typer.Option(help="comma-separated, default: interactive,bulk")] = None,
+    hostname: Annotated[Optional[str], typer.Option(help="worker name, e.g. gpu0@host")] = None,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run a GPU (or CPU) worker: load the model once and answer batches from the queues."""
+    _need_worker_extra()
+    from tuwen.workers.service import run_worker
+
+    settings = settings_from(model_path=model_path, quantization=quantization, device=device,
+                             max_batch_size=batch_size, batch_wait_ms=wait_ms)
+    run_worker(settings, queues=queues.split(",") if queues else None, hostname=hostname, loglevel=loglevel)
+
+
+@app.command()
+def demo(
+    model_path: Annotated[Optional[Path], typer.Option(help="checkpoint (default: the bundled demo model)")] = None,
+) -> None:
+    """Start a private Redis, storage and a worker; ask the bundled pictures; print the answers."""
+    _need_worker_extra()
+    from tuwen.workers.demo.run import run_demo
+
+    raise typer.Exit(run_demo(console, model_path=model_path))
+
+
+@app.command("train-demo")
+def train_demo(
+    out: Annotated[Path, typer.Option(help="output checkpoint directory")] = Path("runs/demo"),
+    threads: Annotated[int, typer.Option()] = 2,
+) -> None:
+    """Train the tiny demo model from scratch on freshly drawn worksheets (CPU, about an hour), seeded.
+
+    The recipe that made the bundled checkpoint: phase A — vision encoder alone (600 steps), then the
+    whole model (1000 of a 2000-step schedule), question types drawn uniformly; phase B — from A, the
+    vision encoder again (300 steps), then the whole model (1500 steps), digits and counts drawn more
+    often.
+    """
+    _need_worker_extra()
+    from tuwen.workers.demo.train import train
+
+    def log(line: str) -> None:
+        console.print(line, markup=False)
+
+    phase_a = out.with_name(out.name + "-phase-a")
+    train(phase_a, vision_steps=600, steps=2000, stop_after=1000, uniform_kinds=True, seed=1234, lr=1.5e-3,
+          threads=threads, log=log)
+    train(out, init_from=phase_a, vision_steps=300, steps=1500, seed=4321, lr=1e-3, threads=threads, log=log)
+    console.print(f"saved to {out}", markup=False)
+
+
+@app.command("eval-demo")
+def eval_demo(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="default: the bundled demo model")] = None,
+    per_kind: Annotated[int, typer.Option(help="held-out pictures per question type and style")] = 200,
+    threads: Annotated[int, typer.Option()] = 1,
+) -> None:
+    """Print the demo model's key-fact accuracy per question type (the README's table)."""
+    _need_worker_extra()
+    from tuwen.workers.demo.evaluate import main as evaluate
+
+    console.print(evaluate(checkpoint, per_kind, threads), markup=False)
+
+
+@app.command()
+def bench(
+    inputs: Annotated[int, typer.Option(help="(image, question) inputs, the same for every row")] = 64,
+    max_new_tokens: Annotated[int, typer.Option()] = 24,
+    transport_jobs: Annotated[int, typer.Option(help="jobs for the null-model transport row")] = 1000,
+    model_path: Annotated[Optional[Path], typer.Option()] = None,
+    out: Annotated[Optional[Path], typer.Option(help="also write the table here")] = None,
+) -> None:
+    """Benchmark: seed way vs transformers.pipeline vs tuwen (in-process, end to end, transport, scale-out)."""
+    _need_worker_extra()
+    from tuwen.workers.bench import run, table
+
+    rows, header = run(inputs, max_new_tokens, transport_jobs, model_path,
+                       log=lambda line: err.print(line, markup=False))
+    text = table(rows, header)
+    console.print(text, markup=False)
+    if out:
+        out.write_text(text + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
