@@ -1,0 +1,123 @@
+"""The continuous-batching engine: rows that join mid-run and leave when done answer exactly as alone.
+
+Every family's tiny checkpoint plus the bundled demo model (whose answers end at different lengths, so
+rows really leave mid-run), fp32 and greedy, against ``model.generate`` on each row alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.workers.test_families import FAMILIES, Family, _have, items
+from tuwen.pipeline.settings import Settings
+from tuwen.workers.engine import Engine, Finished, Row, Sampling
+from tuwen.workers.runtime import Item, Runtime, bundled_demo_model
+
+
+@pytest.fixture(scope="module", params=["demo", *[f.name for f in FAMILIES]])
+def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Runtime:
+    if request.param == "demo":
+        path = bundled_demo_model()
+    else:
+        family: Family = next(f for f in FAMILIES if f.name == request.param)
+        assert _have(family.name), f"this transformers has no {family.name}"
+        path = tmp_path_factory.mktemp(family.name)
+        family.build(path)
+    rt = Runtime(Settings(model_path=path, torch_threads=1, max_new_tokens=24))
+    rt.load()
+    return rt
+
+
+def engine_for(rt: Runtime) -> Engine:
+    eos = rt.model.generation_config.eos_token_id
+    return Engine(rt.model, rt.processor, set(eos if isinstance(eos, list) else [eos]), rt.processor.tokenizer.pad_token_id)
+
+
+def rows_for(rt: Runtime, its: list[Item], **extra: Any) -> list[Row]:
+    return [Row(key=i, prompt=rt.processor.apply_chat_template(rt.messages(it.question), add_generation_prompt=True),
+                images=[it.image.convert("RGB")], max_new_tokens=it.max_new_tokens or 24, **extra)  # type: ignore[union-attr]
+            for i, it in enumerate(its)]
+
+
+def staggered(engine: Engine, rows: list[Row], joins: dict[int, int]) -> list[Finished]:
+    """Start with two rows; at decode step s, ``joins[s]`` more rows join. Returns every finished row."""
+    done = engine.add(rows[:2])
+    waiting, step = rows[2:], 0
+    while engine.size or waiting:
+        take = joins.get(step, 0) or (len(waiting) if not engine.size else 0)
+        if take and waiting:
+            done += engine.add(waiting[:take])
+            waiting = waiting[take:]
+        done += engine.step()
+        step += 1
+    return done
+
+
+def test_rows_joining_mid_run_answer_as_alone(loaded: Runtime) -> None:
+    its = items(24)
+    alone = [loaded.answer_batch([it])[0].tokens for it in its]
+    assert len({tuple(t) for t in alone}) > 1, "the rows must differ, or identity proves nothing"
+    finished = staggered(engine_for(loaded), rows_for(loaded, its), {1: 2, 3: 1, 4: 1})
+    got = {f.row.key: f.tokens for f in finished}
+    assert [got[i] for i in range(len(its))] == alone
+    assert max(f.batch_size for f in finished) >= 3, "rows must have shared decode steps"
+
+
+def test_demo_rows_leave_when_done_and_text_streams_whole() -> None:
+    rt = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=48))
+    rt.load()
+    its = items(48)
+    pieces: dict[int, list[str]] = {i: [] for i in range(len(its))}
+    rows = [Row(key=r.key, prompt=r.prompt, images=r.images, max_new_tokens=48,
+                on_text=lambda s, k=r.key: pieces[k].append(s)) for r in rows_for(rt, its)]
+    engine = engine_for(rt)
+    sizes = []
+    engine.add(rows)
+    finished: list[Finished] = []
+    while engine.size:
+        sizes.append(engine.size)
+        finished += engine.step()
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0], "finished rows must leave at once"
+    tok = rt.processor.tokenizer
+    for f in finished:
+        assert f.finish_reason == "stop"
+        assert "".join(pieces[f.row.key]) == f.text == tok.decode(f.tokens, skip_special_tokens=True).strip()
+        assert len(pieces[f.row.key]) >= 2 and all(pieces[f.row.key])
+        assert "\ufffd" not in f.text
+
+
+def test_length_limit_and_stop_strings() -> None:
+    rt = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=48))
+    rt.load()
+    it = items(48)[0]
+    (full,) = engine_for(rt).run(rows_for(rt, [it]))
+    (short,) = engine_for(rt).run(rows_for(rt, [Item(it.image, it.question, 3)]))
+    assert short.finish_reason == "length" and short.tokens == full.tokens[:3]
+    cut = full.text[len(full.text) // 2]
+    streamed: list[str] = []
+    (stopped,) = engine_for(rt).run([Row(key=0, prompt=rows_for(rt, [it])[0].prompt, images=[it.image.convert("RGB")],
+                                         max_new_tokens=48, stop=[cut], on_text=streamed.append)])
+    assert stopped.finish_reason == "stop" and stopped.text == full.text[: full.text.index(cut)]
+    assert "".join(streamed) == stopped.text
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_any_batch() -> None:
+    rt = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=24))
+    rt.load()
+    its = items(24)
+    hot = Sampling(temperature=1.5, top_p=0.95, seed=1234)
+    target = rows_for(rt, its[:1], sampling=hot)[0]
+    (alone,) = engine_for(rt).run([target])
+    others = rows_for(rt, its[1:] + its[1:3], sampling=Sampling(temperature=0.8, top_p=0.9, seed=7))
+    mixed = others[:3] + [Row(key="t", prompt=target.prompt, images=target.images, max_new_tokens=24, sampling=hot)]
+    engine = engine_for(rt)
+    finished = staggered(engine, others[3:] + mixed, {1: 2, 2: 2})
+    in_batch = next(f for f in finished if f.row.key == "t")
+    assert in_batch.tokens == alone.tokens
+    greedy = engine_for(rt).run(rows_for(rt, its[:1]))[0]
+    other_seed = engine_for(rt).run([Row(key=0, prompt=target.prompt, images=target.images, max_new_tokens=24,
+                                         sampling=Sampling(temperature=1.5, top_p=0.95, seed=99))])[0]
+    assert alone.tokens != greedy.tokens or other_seed.tokens != alone.tokens, "sampling must change something"

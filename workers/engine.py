@@ -1,0 +1,297 @@
+"""The decode loop: a running batch that rows join and leave between steps (continuous batching).
+
+On plain Hugging Face models, in the manner of TGI's ``CausalLMBatch`` (``concatenate`` / ``filter``):
+
+* Rows that join are prefilled together (left-padded, with their pictures), which gives their
+  ``DynamicCache`` and first logits. Their caches and attention masks are then left-padded to the
+  running batch's length and concatenated along the batch dimension.
+* Each decode step feeds every row its last token with explicit position ids: the row's count of real
+  tokens so far, plus the row's M-RoPE offset for the Qwen-VL families (``rope_deltas``, which the
+  model's own ``_prepare_position_ids_for_generation`` computes at prefill; 0 elsewhere).
+* A finished row leaves at once (``batch_select_indices``); padding columns no row needs any more are
+  trimmed from the left.
+* Each row picks its token on its own: greedy (the default) or temperature / top-p sampling with the
+  row's own seeded generator, so a seeded job gets the same answer whatever batch it lands in.
+* Text is detokenized incrementally per row and handed to the row's ``on_text`` callback; a delta never
+  ends inside a multi-byte character or inside a possible stop string.
+
+Greedy answers are token-identical to ``model.generate`` on the same row alone in fp32 (tested per
+family in tests/workers/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: What a row's prompt inputs may hold besides ids and mask (the families' picture tensors).
+_PICTURE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos",
+                 "video_grid_thw")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one row picks its tokens. ``temperature == 0`` is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Row:
+    """One request for the engine: a rendered prompt, its pictures, and what to do with the text."""
+
+    key: Any
+    prompt: str
+    images: list[Any] = field(default_factory=list)
+    max_new_tokens: int = 64
+    sampling: Sampling = Sampling()
+    stop: Sequence[str] = ()
+    #: Called with each new piece of text as it is generated (streaming); never with an empty string.
+    on_text: Callable[[str], None] | None = None
+
+
+@dataclass
+class Finished:
+    """A row that left the batch."""
+
+    row: Row
+    text: str
+    tokens: list[int]
+    finish_reason: str  #: ``stop`` (end of sequence or a stop string) or ``length``
+    prompt_tokens: int
+    #: Most rows that shared a decode step with this one.
+    batch_size: int
+    timings: dict[str, float]
+
+
+class _Live:
+    """A row inside the running batch: its tokens, sampler and incremental detokenizer state."""
+
+    def __init__(self, row: Row, prompt_tokens: int, tokenizer: Any, joined: float) -> None:
+        self.row = row
+        self.prompt_tokens = prompt_tokens
+        self.tokens: list[int] = []
+        self.text = ""  #: decoded text so far (stop strings cut off)
+        self.sent = 0  #: characters already handed to on_text
+        self._prefix = 0  #: incremental detokenization offsets (TGI's prefix_offset / read_offset)
+        self._read = 0
+        self.tokenizer = tokenizer
+        self.joined = joined
+        self.first_token_at: float | None = None
+        self.batch_size = 0
+        self.generator: torch.Generator | None = None
+        if not row.sampling.greedy:
+            self.generator = torch.Generator()
+            if row.sampling.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(row.sampling.seed)
+        self.hold = max((len(s) for s in row.stop), default=1) - 1
+
+    def push(self, token: int) -> str | None:
+        """Take one generated token; returns the finish reason if the row is done."""
+        self.tokens.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        prefix = self.tokenizer.decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            piece = full[len(prefix):]
+            self.text += piece if self.text else piece.lstrip()
+            self._prefix, self._read = self._read, len(self.tokens)
+        for stop in self.row.stop:
+            at = self.text.find(stop)
+            if stop and at >= 0:
+                self.text = self.text[:at]
+                return "stop"
+        return None
+
+    def flush(self, final: bool) -> None:
+        """Hand new text to the callback; hold back what could still become a stop string."""
+        if self.row.on_text is None:
+            return
+        upto = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        if upto > self.sent:
+            self.row.on_text(self.text[self.sent:upto])
+            self.sent = upto
+
+
+class Engine:
+    """A running batch over one loaded model. Not thread-safe: one loop drives it."""
+
+    def __init__(self, model: Any, processor: Any, eos_token_ids: set[int], pad_token_id: int) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.eos = eos_token_ids
+        self.pad = pad_token_id
+        self.rows: list[_Live] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  #: (rows, columns) 1 = real token
+        self._next_pos: torch.Tensor | None = None  #: (rows,) position id of each row's next token
+        self._last: torch.Tensor | None = None  #: (rows, 1) each row's last token
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def columns(self) -> int:
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    # -- joining ----------------------------------------------------------------------------------
+    def encode(self, rows: Sequence[Row]) -> Any:
+        """The processor's left-padded batch for ``rows`` (pictures in prompt order)."""
+        images = [img for r in rows for img in r.images]
+        enc = self.processor(images=images or None, text=[r.prompt for r in rows], return_tensors="pt",
+                             padding=True)
+        enc = enc.to(self.model.device)
+        if "pixel_values" in enc and enc["pixel_values"].is_floating_point():
+            enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        return enc
+
+    def add(self, rows: Sequence[Row], enc: Any | None = None) -> list[Finished]:
+        """Prefill ``rows`` together and join them to the running batch. Returns rows that finished
+        on their first token (end of sequence at once, or ``max_new_tokens == 1``)."""
+        if not rows:
+            return []
+        joined = time.perf_counter()
+        enc = enc if enc is not None else self.encode(rows)
+        inputs = dict(enc)
+        mask = inputs["attention_mask"]
+        kwargs = {k: inputs[k] for k in _PICTURE_KEYS if k in inputs}
+        positions = self.model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
+        with torch.inference_mode():
+            out = self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **kwargs)
+        deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
+        real = mask.sum(-1)
+        next_pos = real + (deltas.view(-1).to(real.device) if deltas is not None and positions.ndim == 3 else 0)
+        live = [_Live(r, int(n), self.tokenizer, joined) for r, n in zip(rows, real.tolist())]
+        self._join(live, out.cache, mask, next_pos)
+        logits = out.logits[:, -1, :]
+        return self._advance(logits, first=len(live))
+
+    def _join(self, live: list[_Live], cache: Any, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
+        if self._cache is None or not self.rows:
+            self.rows, self._cache, self._mask, self._next_pos = live, cache, mask, next_pos
+            self._last = torch.zeros((len(live), 1), dtype=torch.long, device=mask.device)
+            return
+        assert self._mask is not None and self._next_pos is not None and self._last is not None
+        width = max(self.columns, int(mask.shape[1]))
+        old_pad, new_pad = width - self.columns, width - int(mask.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, old_pad), _left_pad(new.keys, new_pad)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, old_pad), _left_pad(new.values, new_pad)], dim=0)
+        self._mask = torch.cat([_left_pad(self._mask, old_pad, dim=1), _left_pad(mask, new_pad, dim=1)], dim=0)
+        self._next_pos = torch.cat([self._next_pos, next_pos])
+        self._last = torch.cat([self._last, torch.zeros((len(live), 1), dtype=torch.long, device=mask.device)])
+        self.rows = self.rows + live
+
+    # -- stepping ---------------------------------------------------------------------------------
+    def step(self) -> list[Finished]:
+        """One decode step for every running row; returns the rows that finished on it."""
+        if not self.rows:
+            return []
+        assert self._mask is not None and self._next_pos is not None and self._last is not None
+        ones = torch.ones((self.size, 1), dtype=self._mask.dtype, device=self._mask.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        with torch.inference_mode():
+            out = self.model(input_ids=self._last, attention_mask=self._mask,
+                             position_ids=self._next_pos.view(-1, 1), cache=self._cache, use_cache=True)
+        self._cache = out.cache
+        self._next_pos = self._next_pos + 1
+        return self._advance(out.logits[:, -1, :], first=0)
+
+    def _advance(self, logits: torch.Tensor, first: int) -> list[Finished]:
+        """Pick each row's next token (the last ``first`` rows just joined); drop finished rows."""
+        offset = self.size - first if first else 0
+        rows = self.rows[offset:]
+        tokens = self._pick(logits.float(), rows)
+        assert self._last is not None
+        self._last[offset:, 0] = torch.tensor(tokens, dtype=torch.long, device=self._last.device)
+        done: list[tuple[int, str]] = []
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            row.batch_size = max(row.batch_size, self.size)
+            reason = "stop" if token in self.eos else row.push(token)
+            if reason is None and len(row.tokens) >= row.row.max_new_tokens:
+                reason = "length"
+            row.flush(final=reason is not None)
+            if reason is not None:
+                done.append((offset + i, reason))
+        return self._drop(done)
+
+    def _pick(self, logits: torch.Tensor, rows: list[_Live]) -> list[int]:
+        picked = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                picked[i] = _sample(logits[i], row.row.sampling, row.generator)
+        return picked
+
+    def _drop(self, done: list[tuple[int, str]]) -> list[Finished]:
+        if not done:
+            return []
+        now = time.perf_counter()
+        finished = []
+        for index, reason in done:
+            live = self.rows[index]
+            finished.append(Finished(
+                row=live.row, text=live.text, tokens=live.tokens, finish_reason=reason,
+                prompt_tokens=live.prompt_tokens, batch_size=live.batch_size,
+                timings={"first_token_ms": round(((live.first_token_at or now) - live.joined) * 1000, 2),
+                         "generate_ms": round((now - live.joined) * 1000, 2)}))
+        gone = {i for i, _ in done}
+        keep = [i for i in range(self.size) if i not in gone]
+        if not keep:
+            self.rows, self._cache, self._mask, self._next_pos, self._last = [], None, None, None, None
+            return finished
+        assert self._mask is not None and self._next_pos is not None and self._last is not None
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._next_pos, self._last = self._mask[index], self._next_pos[index], self._last[index]
+        self.rows = [self.rows[i] for i in keep]
+        unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+        if unused:
+            self._mask = self._mask[:, unused:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+        return finished
+
+    def run(self, rows: Sequence[Row], enc: Any | None = None) -> list[Finished]:
+        """Answer ``rows`` (a static batch): add them, step until all have finished."""
+        finished = self.add(rows, enc)
+        while self.rows:
+            finished += self.step()
+        order = {id(r): i for i, r in enumerate(rows)}
+        return sorted(finished, key=lambda f: order[id(f.row)])
+
+
+def _left_pad(t: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:
+    if n <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """Temperature and nucleus (top-p) sampling for one row, with the row's own generator."""
+    scaled = logits / max(sampling.temperature, 1e-5)
+    probs = torch.softmax(scaled, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
