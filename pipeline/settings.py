@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     #: Dynamic-resolution families (Qwen2-VL, Qwen2.5-VL): the most image tokens one picture may
     #: become; bigger pictures are scaled down first. Lowers the checkpoint's own limit, never raises it.
     max_image_tokens: int = Field(1280, ge=4, le=16384)
+    #: Most pictures in one job (a conversation's pictures together). Lowers the model family's own
+    #: limit (4 for LLaVA, 8 for Qwen-VL), never raises it; past it a job is refused with too_many_images.
+    max_images_per_job: int = Field(8, ge=1, le=64)
     #: The fewest image tokens per picture (small pictures are scaled up); 0 keeps the checkpoint's
     #: own minimum. Clipped to half of ``max_image_tokens``.
     min_image_tokens: int = Field(0, ge=0, le=16384)

@@ -56,6 +56,8 @@ class Row:
     max_new_tokens: int = 64
     sampling: Sampling = Sampling()
     stop: Sequence[str] = ()
+    #: End of sequence is not allowed before this many tokens (benchmarks force answer lengths).
+    min_new_tokens: int = 0
     #: Called with each new piece of text as it is generated (streaming); never with an empty string.
     on_text: Callable[[str], None] | None = None
 
@@ -232,6 +234,9 @@ class Engine:
         return self._drop(done)
 
     def _pick(self, logits: torch.Tensor, rows: list[_Live]) -> list[int]:
+        for i, row in enumerate(rows):
+            if len(row.tokens) < row.row.min_new_tokens:
+                logits[i, list(self.eos)] = float("-inf")
         picked = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             if row.generator is not None:

@@ -83,3 +83,14 @@ def _as_dict(size: Any) -> dict[str, Any]:
         return {}
     items = size.items() if isinstance(size, dict) else vars(size).items()
     return {k: v for k, v in items if v is not None}
+
+
+#: Most pictures one job may carry, per family: what the family was trained to read together. LLaVA-1.5
+#: and LLaVA-NeXT see one picture per turn in training but read a few in one prompt; the Qwen-VL
+#: families take several by design (each costs its own image tokens, bounded by the context).
+MAX_IMAGES = {"llava": 4, "llava_next": 4, "qwen2_vl": 8, "qwen2_5_vl": 8}
+
+
+def family_max_images(config: Any) -> int:
+    """Most pictures per job for a loaded model's config (1 for a family tuwen has not measured)."""
+    return MAX_IMAGES.get(getattr(config, "model_type", ""), 1)

@@ -19,10 +19,10 @@ from typing import Any
 
 from PIL import Image
 
-from tuwen.pipeline.errors import ModelError, OutOfMemory, TuwenError
+from tuwen.pipeline.errors import InvalidInput, ModelError, OutOfMemory, TuwenError
 from tuwen.pipeline.inputs import check_question, decode_image
 from tuwen.pipeline.settings import DType, Quantization, Settings
-from tuwen.workers.families import apply_image_limits
+from tuwen.workers.families import apply_image_limits, family_max_images
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,32 @@ def bundled_demo_model() -> Path:
 
 @dataclass(frozen=True)
 class Item:
-    """One request: picture (encoded bytes or an already decoded picture), question, token budget."""
+    """One request: a picture and a question, or a whole conversation with its pictures.
 
-    image: bytes | Image.Image
-    question: str
+    ``messages`` are in the Hugging Face chat format (``{"role", "content": [{"type": "image"},
+    {"type": "text", "text": ...}]}``); ``images`` holds their pictures in the order of the image parts.
+    """
+
+    image: bytes | Image.Image | None = None
+    question: str = ""
     max_new_tokens: int | None = None
+    messages: tuple[dict[str, Any], ...] = ()
+    images: tuple[bytes | Image.Image, ...] = ()
+    #: ``None`` is greedy; else an ``engine.Sampling`` (temperature, top_p, seed).
+    sampling: Any = None
+    stop: tuple[str, ...] = ()
+    #: ``none``: a conversation longer than the context is refused; ``oldest_turns``: its oldest turns
+    #: are dropped until it fits (never the system prompt, nor the last user turn and its pictures).
+    truncation: str = "none"
+    #: Streaming: called with each new piece of the answer.
+    on_text: Callable[[str], None] | None = None
+
+    def conversation(self) -> tuple[list[dict[str, Any]], list[bytes | Image.Image]]:
+        if self.messages:
+            return [dict(m) for m in self.messages], list(self.images)
+        if self.image is None:
+            return [{"role": "user", "content": [{"type": "text", "text": self.question}]}], []
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}], [self.image]
 
 
 @dataclass
@@ -60,6 +81,8 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     #: The generated token ids (without the end-of-sequence token).
     tokens: list[int] = field(default_factory=list)
+    #: ``stop`` (the model ended, or a stop string) or ``length`` (the token budget ran out).
+    finish_reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -69,9 +92,10 @@ class Answer:
 @dataclass
 class _Prepared:
     index: int
-    image: Image.Image
-    question: str
+    messages: list[dict[str, Any]]
+    images: list[Image.Image]
     max_new_tokens: int
+    item: Item
 
 
 class Runtime:
@@ -195,12 +219,39 @@ class Runtime:
 
     def _prepare(self, index: int, item: Item) -> _Prepared:
         s = self.settings
-        image = item.image if isinstance(item.image, Image.Image) else decode_image(
-            item.image, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
-            max_aspect_ratio=s.max_aspect_ratio)
-        question = self._defuse(check_question(item.question, max_chars=s.max_question_chars))
+        messages, pictures = item.conversation()
+        if len(pictures) > self.max_images:
+            raise InvalidInput(f"{len(pictures)} pictures in one job; this model takes at most {self.max_images}",
+                               code="too_many_images")
+        images = [p if isinstance(p, Image.Image) else decode_image(
+            p, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, max_aspect_ratio=s.max_aspect_ratio)
+            for p in pictures]
+        if item.messages:
+            messages = [self._defuse_message(m) for m in messages]
+        else:
+            question = self._defuse(check_question(item.question, max_chars=s.max_question_chars))
+            messages[-1]["content"][-1]["text"] = question
         budget = min(item.max_new_tokens or s.max_new_tokens, s.max_new_tokens)
-        return _Prepared(index, image.convert("RGB"), question, budget)
+        return _Prepared(index, messages, [img.convert("RGB") for img in images], budget, item)
+
+    def _defuse_message(self, message: dict[str, Any]) -> dict[str, Any]:
+        content = message["content"]
+        if isinstance(content, str):
+            return {**message, "content": self._defuse(content)}
+        return {**message, "content": [{**part, "text": self._defuse(part["text"])} if part.get("type") == "text"
+                                       else part for part in content]}
+
+    @cached_property
+    def max_images(self) -> int:
+        """Most pictures one job may carry: the family's limit, lowered by ``TUWEN_MAX_IMAGES_PER_JOB``."""
+        return min(family_max_images(self.model.config), self.settings.max_images_per_job)
+
+    @cached_property
+    def context_length(self) -> int:
+        """The language model's context, in tokens."""
+        config = self.model.config
+        text = getattr(config, "text_config", None) or config
+        return int(getattr(text, "max_position_embeddings", 0) or self.processor.tokenizer.model_max_length)
 
     @cached_property
     def _special_tokens(self) -> list[str]:
@@ -241,45 +292,75 @@ class Runtime:
     def messages(self, question: str) -> list[dict[str, Any]]:
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
-    def _generate(self, batch: list[_Prepared], answers: list[Answer]) -> None:
-        import torch
+    def engine(self) -> Any:
+        """A fresh decode engine over the loaded model (``workers.engine``)."""
+        from tuwen.workers.engine import Engine
 
-        processor, model = self.processor, self.model
+        model, tok = self.model, self.processor.tokenizer
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tok.eos_token_id
+        return Engine(model, self.processor, set(eos if isinstance(eos, list) else [eos]), tok.pad_token_id)
+
+    def _row(self, p: _Prepared) -> Any:
+        from tuwen.workers.engine import Row, Sampling
+
+        prompt = self.processor.apply_chat_template(p.messages, add_generation_prompt=True)
+        return Row(key=p.index, prompt=prompt, images=p.images, max_new_tokens=p.max_new_tokens,
+                   sampling=p.item.sampling or Sampling(), stop=p.item.stop, on_text=p.item.on_text,
+                   min_new_tokens=min(self.min_new_tokens, p.max_new_tokens))
+
+    def _fit(self, batch: list[_Prepared], answers: list[Answer], engine: Any) -> tuple[list[Any], Any]:
+        """Rows and their encoding, every row within the context: a conversation that is too long is
+        shortened (``truncation: oldest_turns``) or refused with ``context_too_long``."""
+        while True:
+            rows = [self._row(p) for p in batch]
+            if not rows:
+                return [], None
+            enc = engine.encode(rows)
+            lengths = enc["attention_mask"].sum(-1).tolist()
+            over = [(p, n) for p, n in zip(batch, lengths) if n + p.max_new_tokens > self.context_length]
+            if not over:
+                return rows, enc
+            for p, n in over:
+                if p.item.truncation == "oldest_turns" and _drop_oldest_turn(p):
+                    continue
+                answers[p.index].error = InvalidInput(
+                    f"the conversation is {n} tokens; with max_tokens {p.max_new_tokens} it needs {n + p.max_new_tokens}"
+                    f", more than the model's context of {self.context_length} tokens", code="context_too_long").to_dict()
+                batch = [b for b in batch if b is not p]
+
+    def _generate(self, batch: list[_Prepared], answers: list[Answer]) -> None:
         t0 = time.perf_counter()
-        prompts = [processor.apply_chat_template(self.messages(p.question), add_generation_prompt=True)
-                   for p in batch]
-        enc = processor(images=[p.image for p in batch], text=prompts, return_tensors="pt", padding=True)
-        enc = enc.to(model.device)
-        if "pixel_values" in enc and enc["pixel_values"].is_floating_point():
-            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+        engine = self.engine()
+        rows, enc = self._fit(batch, answers, engine)
+        if not rows:
+            return
         t1 = time.perf_counter()
         if self.before_generate is not None:
-            self.before_generate(len(batch))
-        tok = processor.tokenizer
-        with torch.inference_mode():
-            out = model.generate(
-                **enc, max_new_tokens=max(p.max_new_tokens for p in batch), do_sample=False,
-                **({"min_new_tokens": self.min_new_tokens} if self.min_new_tokens else {}),
-                pad_token_id=tok.pad_token_id, eos_token_id=model.generation_config.eos_token_id or tok.eos_token_id,
-            )
-        t2 = time.perf_counter()
-        prompt_len = enc["input_ids"].shape[1]
-        eos_ids = model.generation_config.eos_token_id
-        eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids if eos_ids is not None else tok.eos_token_id])
-        mask = enc["attention_mask"].sum(-1).tolist()
-        for row, p in enumerate(batch):
-            ids = out[row, prompt_len:].tolist()[: p.max_new_tokens]
-            cut = next((k for k, t in enumerate(ids) if t in eos), None)
-            if cut is not None:
-                ids = ids[:cut]
-            answers[p.index] = Answer(
-                answer=tok.decode(ids, skip_special_tokens=True).strip(),
-                prompt_tokens=int(mask[row]),
-                generated_tokens=len(ids),
-                tokens=ids,
-                batch_size=len(batch),
-                timings={"preprocess_ms": round((t1 - t0) * 1000, 2), "generate_ms": round((t2 - t1) * 1000, 2)},
-            )
+            self.before_generate(len(rows))
+        finished = engine.run(rows, enc)
+        prep_ms = round((t1 - t0) * 1000, 2)
+        for f in finished:
+            answers[f.row.key] = Answer(
+                answer=f.text, prompt_tokens=f.prompt_tokens, generated_tokens=len(f.tokens), tokens=f.tokens,
+                batch_size=len(rows), finish_reason=f.finish_reason,
+                timings={"preprocess_ms": prep_ms, **f.timings})
+
+
+def _drop_oldest_turn(p: _Prepared) -> bool:
+    """Drop the oldest turn after the system prompt (and that turn's pictures); never the last user turn.
+    Returns False when nothing more can go."""
+    first = 1 if p.messages and p.messages[0]["role"] == "system" else 0
+    last_user = max(i for i, m in enumerate(p.messages) if m["role"] == "user")
+    if first >= last_user:
+        return False
+    gone = p.messages.pop(first)
+    content = gone["content"] if isinstance(gone["content"], list) else []
+    skip = sum(1 for m in p.messages[:first] for part in (m["content"] if isinstance(m["content"], list) else [])
+               if part.get("type") == "image")
+    for _ in range(sum(1 for part in content if part.get("type") == "image")):
+        p.images.pop(skip)
+    return True
 
 
 class NullRuntime(Runtime):
