@@ -46,7 +46,7 @@ class Sampling:
         return self.temperature <= 0.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     """One request for the engine: a rendered prompt, its pictures, and what to do with the text."""
 
@@ -234,9 +234,10 @@ class Engine:
         return self._drop(done)
 
     def _pick(self, logits: torch.Tensor, rows: list[_Live]) -> list[int]:
-        for i, row in enumerate(rows):
-            if len(row.tokens) < row.row.min_new_tokens:
-                logits[i, list(self.eos)] = float("-inf")
+        early = [i for i, row in enumerate(rows) if len(row.tokens) < row.row.min_new_tokens]
+        if early:
+            logits = logits.clone()
+            logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.eos))[None, :]] = float("-inf")
         picked = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             if row.generator is not None:

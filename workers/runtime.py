@@ -90,6 +90,16 @@ class Answer:
 
 
 @dataclass
+class Group:
+    """Items made ready for the engine: an answer per item (errors already filled in) and the rows of
+    the good ones (``row.key`` is the item's index), encoded together."""
+
+    answers: list[Answer]
+    rows: list[Any]
+    enc: Any
+
+
+@dataclass
 class _Prepared:
     index: int
     messages: list[dict[str, Any]]
@@ -200,7 +210,15 @@ class Runtime:
 
     # -- answering ---------------------------------------------------------------------------------
     def answer_batch(self, items: Sequence[Item]) -> list[Answer]:
-        """One ``Answer`` per item, in order. Never raises for a bad item."""
+        """One ``Answer`` per item, in order (a static batch). Never raises for a bad item."""
+        group = self.prepare(items)
+        if group.rows:
+            self._generate_split(group.rows, group.enc, group.answers)
+        return group.answers
+
+    def prepare(self, items: Sequence[Item]) -> Group:
+        """Validate, decode and encode ``items`` for the engine. Bad items get their error answer at once
+        (bad picture, too many pictures, context too long); the rest become engine rows keyed by index."""
         self.load()
         t0 = time.perf_counter()
         answers: list[Answer] = [Answer() for _ in items]
@@ -210,12 +228,19 @@ class Runtime:
                 ready.append(self._prepare(i, item))
             except TuwenError as exc:
                 answers[i].error = exc.to_dict()
-        prep_ms = (time.perf_counter() - t0) * 1000
-        if ready:
-            self._generate_split(ready, answers)
+        rows, enc = self._fit(ready, answers, self.engine()) if ready else ([], None)
+        prep_ms = round((time.perf_counter() - t0) * 1000, 2)
         for a in answers:
-            a.timings.setdefault("decode_ms", round(prep_ms, 2))
-        return answers
+            a.timings["preprocess_ms"] = prep_ms
+        return Group(answers, rows, enc)
+
+    def finish(self, group: Group, f: Any) -> Answer:
+        """Fill in (and return) the answer of a finished engine row."""
+        answer = group.answers[f.row.key]
+        answer.answer, answer.tokens, answer.finish_reason = f.text, f.tokens, f.finish_reason
+        answer.prompt_tokens, answer.generated_tokens, answer.batch_size = f.prompt_tokens, len(f.tokens), f.batch_size
+        answer.timings.update(f.timings)
+        return answer
 
     def _prepare(self, index: int, item: Item) -> _Prepared:
         s = self.settings
@@ -271,23 +296,26 @@ class Runtime:
                 question = question.replace(token, token[0] + "\u2060" + token[1:])
         return question
 
-    def _generate_split(self, batch: list[_Prepared], answers: list[Answer]) -> None:
-        """Generate for ``batch``; on out-of-memory free the cache and retry each half."""
+    def _generate_split(self, rows: list[Any], enc: Any, answers: list[Answer]) -> None:
+        """Generate for ``rows``; on out-of-memory free the cache and retry each half."""
         import torch
 
+        group = Group(answers, rows, enc)
         try:
-            self._generate(batch, answers)
+            if self.before_generate is not None:
+                self.before_generate(len(rows))
+            for f in self.engine().run(rows, enc):
+                self.finish(group, f)
         except torch.OutOfMemoryError:
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            if len(batch) == 1:
-                answers[batch[0].index].error = OutOfMemory(
-                    "the model ran out of memory on this single item").to_dict()
+            if len(rows) == 1:
+                answers[rows[0].key].error = OutOfMemory("the model ran out of memory on this single item").to_dict()
                 return
-            log.warning("out of memory on a batch of %d; retrying halves", len(batch))
-            half = len(batch) // 2
-            self._generate_split(batch[:half], answers)
-            self._generate_split(batch[half:], answers)
+            log.warning("out of memory on a batch of %d; retrying halves", len(rows))
+            half = len(rows) // 2
+            for part in (rows[:half], rows[half:]):
+                self._generate_split(part, self.engine().encode(part), answers)
 
     def messages(self, question: str) -> list[dict[str, Any]]:
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -328,23 +356,6 @@ class Runtime:
                     f"the conversation is {n} tokens; with max_tokens {p.max_new_tokens} it needs {n + p.max_new_tokens}"
                     f", more than the model's context of {self.context_length} tokens", code="context_too_long").to_dict()
                 batch = [b for b in batch if b is not p]
-
-    def _generate(self, batch: list[_Prepared], answers: list[Answer]) -> None:
-        t0 = time.perf_counter()
-        engine = self.engine()
-        rows, enc = self._fit(batch, answers, engine)
-        if not rows:
-            return
-        t1 = time.perf_counter()
-        if self.before_generate is not None:
-            self.before_generate(len(rows))
-        finished = engine.run(rows, enc)
-        prep_ms = round((t1 - t0) * 1000, 2)
-        for f in finished:
-            answers[f.row.key] = Answer(
-                answer=f.text, prompt_tokens=f.prompt_tokens, generated_tokens=len(f.tokens), tokens=f.tokens,
-                batch_size=len(rows), finish_reason=f.finish_reason,
-                timings={"preprocess_ms": prep_ms, **f.timings})
 
 
 def _drop_oldest_turn(p: _Prepared) -> bool:

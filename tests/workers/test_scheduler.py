@@ -1,0 +1,147 @@
+"""The decode loop: groups join a running batch between steps, interactive first, and every row's answer
+is the same as alone; out-of-memory on joining or mid-decode loses nothing and sends no text twice."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from tuwen.pipeline.settings import Settings
+from tuwen.workers.engine import Engine
+from tuwen.workers.runtime import Answer, Item, Runtime, bundled_demo_model
+from tuwen.workers.scheduler import Scheduler
+
+SAMPLES = bundled_demo_model().parent / "samples"
+
+
+@pytest.fixture(scope="module")
+def rt() -> Runtime:
+    runtime = Runtime(Settings(torch_threads=1, max_new_tokens=48))
+    runtime.load()
+    return runtime
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[tuple[bytes, str, str]]:
+    entries = json.loads((SAMPLES / "samples.json").read_text("utf-8"))
+    return [((SAMPLES / e["file"]).read_bytes(), e["question"], e["facts"][0]) for e in entries]
+
+
+def collect(scheduler: Scheduler, items: list[Item], interactive: bool) -> tuple[Any, dict[int, Answer], dict[int, float]]:
+    answers: dict[int, Answer] = {}
+    at: dict[int, float] = {}
+
+    def on_answer(i: int, a: Answer) -> None:
+        answers[i] = a
+        at[i] = time.perf_counter()
+
+    ticket = scheduler.submit(scheduler.runtime.prepare(items), interactive=interactive, on_answer=on_answer)
+    return ticket, answers, at
+
+
+def test_an_interactive_job_joins_a_running_bulk_batch(rt: Runtime, samples: list[tuple[bytes, str, str]]) -> None:
+    """Bulk answers are made 40 tokens long (the benchmark hook), so the batch is still running when the
+    interactive job (a natural ~10-token answer) arrives; it must join and finish long before them."""
+    bulk_items = [Item(img, q, 48) for img, q, _ in samples[:6]] * 2
+    rt.min_new_tokens = 40
+    try:
+        alone = {i: rt.answer_batch([it])[0].tokens for i, it in enumerate(bulk_items)}
+        bulk_group = rt.prepare(bulk_items)
+    finally:
+        rt.min_new_tokens = 0
+    steps: list[tuple[int, int]] = []
+    scheduler = Scheduler(rt, max_rows=16)
+    scheduler.on_step.append(lambda running, waiting: steps.append((running, waiting)))
+    scheduler.start()
+    try:
+        bulk_answers: dict[int, Answer] = {}
+        bulk_at: dict[int, float] = {}
+        bulk = scheduler.submit(bulk_group, interactive=False,
+                                on_answer=lambda i, a: (bulk_answers.__setitem__(i, a),
+                                                        bulk_at.__setitem__(i, time.perf_counter())))
+        deadline = time.monotonic() + 30
+        while len(steps) < 3 and time.monotonic() < deadline:  # the bulk rows are decoding
+            time.sleep(0.001)
+        assert steps and not bulk.done.is_set()
+        img, q, fact = samples[8]
+        quick, quick_answers, quick_at = collect(scheduler, [Item(img, q, 48)], interactive=True)
+        assert quick.wait(60) and bulk.wait(120)
+    finally:
+        scheduler.stop()
+    assert fact in (quick_answers[0].answer or "")
+    assert quick_answers[0].tokens == rt.answer_batch([Item(img, q, 48)])[0].tokens
+    assert quick_at[0] < min(bulk_at.values()), "the interactive job must not wait for the bulk batch"
+    assert all(len(a.tokens) >= 40 for a in bulk_answers.values())
+    assert max(r for r, _ in steps) == len(bulk_items) + 1, "it joined the running rows"
+    assert {i: a.tokens for i, a in bulk_answers.items()} == alone
+    assert [r for r, _ in steps] != sorted([r for r, _ in steps]), "finished rows left the batch"
+
+
+def test_out_of_memory_on_join_splits_the_group(rt: Runtime, samples: list[tuple[bytes, str, str]]) -> None:
+    items = [Item(img, q, 48) for img, q, _ in samples[:8]]
+    alone = [rt.answer_batch([it])[0].tokens for it in items]
+    sizes: list[int] = []
+
+    def oom_from_4(size: int) -> None:
+        sizes.append(size)
+        if size >= 4:
+            raise torch.OutOfMemoryError(f"injected for {size} rows")
+
+    scheduler = Scheduler(rt, max_rows=16).start()
+    rt.before_generate = oom_from_4
+    try:
+        ticket, answers, _ = collect(scheduler, items, interactive=True)
+        assert ticket.wait(120)
+    finally:
+        rt.before_generate = None
+        scheduler.stop()
+    assert sizes[0] == 8 and any(s < 4 for s in sizes), "the group of 8 failed to join and went in smaller parts"
+    assert [answers[i].tokens for i in range(8)] == alone
+    assert all(a.ok for a in answers.values())
+
+
+class FailingOnce(Engine):
+    """An engine whose decode step runs out of memory once, at step ``at``."""
+
+    def __init__(self, *args: Any, at: int, fired: threading.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.at, self.fired, self.steps = at, fired, 0
+
+    def step(self) -> Any:
+        self.steps += 1
+        if self.steps == self.at and not self.fired.is_set():
+            self.fired.set()
+            raise torch.OutOfMemoryError("injected in a decode step")
+        return super().step()
+
+
+def test_out_of_memory_mid_decode_restarts_rows_without_sending_text_twice(
+        rt: Runtime, samples: list[tuple[bytes, str, str]]) -> None:
+    fired = threading.Event()
+    base = rt.engine()
+    scheduler = Scheduler(rt, max_rows=16)
+
+    def failing_engine() -> Engine:
+        return FailingOnce(base.model, base.processor, base.eos, base.pad, at=4, fired=fired)
+
+    scheduler.engine = failing_engine()
+    streamed: dict[int, list[str]] = {}
+    items = []
+    for i, (img, q, _) in enumerate(samples[:4]):
+        streamed[i] = []
+        items.append(Item(img, q, 48, on_text=streamed[i].append))
+    scheduler.start()
+    try:
+        ticket, answers, _ = collect(scheduler, items, interactive=True)
+        assert ticket.wait(120)
+    finally:
+        scheduler.stop()
+    assert fired.is_set()
+    for i, (img, q, fact) in enumerate(samples[:4]):
+        assert answers[i].ok and fact in (answers[i].answer or "")
+        assert "".join(streamed[i]) == answers[i].answer, "streamed text must equal the answer, sent once"

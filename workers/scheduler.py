@@ -1,0 +1,251 @@
+"""Continuous batching in a worker: one decode loop that groups of jobs join between steps.
+
+Groups arrive from any thread (each Celery batch call prepares its jobs' pictures and prompts on its
+own thread, overlapping the running decode), wait in two lanes (interactive before bulk, each first
+come first served), and join the running batch between decode steps while there are free rows. A row
+that finishes leaves at once and its answer is handed to the group's ``on_answer`` right away; the group
+is done when its last row is.
+
+Out of memory: a group that fails to join is split in halves that queue again (one row alone fails with
+``out_of_memory``); a decode step that fails hands every row back to the front of its lane to start over
+(rows already streamed skip the text they already sent, since greedy and seeded rows regenerate it).
+Any other error fails the rows it touched with ``model_error`` and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuwen.pipeline.errors import ModelError, OutOfMemory
+from tuwen.workers.runtime import Answer, Group, Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One group inside the scheduler; ``done`` is set when all its rows have answers."""
+
+    group: Group
+    interactive: bool
+    on_answer: Callable[[int, Answer], None] | None
+    done: threading.Event = field(default_factory=threading.Event)
+    pending: set[int] = field(default_factory=set)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+
+class Scheduler:
+    """Owns the runtime's engine; ``submit`` from any thread, ``start`` runs the loop on its own thread."""
+
+    def __init__(self, runtime: Runtime, max_rows: int, *, idle_wait_s: float = 0.05) -> None:
+        self.runtime = runtime
+        self.max_rows = max_rows
+        self.idle_wait_s = idle_wait_s
+        self.engine = runtime.engine()
+        self._lanes: tuple[deque[tuple[Ticket, list[Any]]], deque[tuple[Ticket, list[Any]]]] = (deque(), deque())
+        self._owner: dict[int, Ticket] = {}  #: id(row) -> its ticket
+        self._lock = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: A row could not join for lack of memory: admit nothing until a running row leaves.
+        self._blocked = False
+        #: Observers: called with (rows running, rows waiting) after every step (metrics).
+        self.on_step: list[Callable[[int, int], None]] = []
+
+    # -- producer side (any thread) ------------------------------------------------------------------
+    def submit(self, group: Group, *, interactive: bool = True,
+               on_answer: Callable[[int, Answer], None] | None = None) -> Ticket:
+        """Queue a prepared group. Items that already failed preparation are reported at once."""
+        ticket = Ticket(group, interactive, on_answer)
+        rows = list(group.rows)
+        ticket.pending = {r.key for r in rows}
+        for i, answer in enumerate(group.answers):
+            if i not in ticket.pending and on_answer is not None:
+                on_answer(i, answer)
+        if not rows:
+            ticket.done.set()
+            return ticket
+        with self._lock:
+            for r in rows:
+                self._owner[id(r)] = ticket
+            self._lanes[0 if interactive else 1].append((ticket, rows))
+            self._lock.notify()
+        return ticket
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(rows) for lane in self._lanes for _, rows in lane)
+
+    @property
+    def free_rows(self) -> int:
+        """Rows that could join now (what the consumer should hand over next)."""
+        return max(0, self.max_rows - self.engine.size - self.waiting)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def start(self) -> Scheduler:
+        self._thread = threading.Thread(target=self._loop, name="tuwen-decode", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one batch
+                log.exception("decode loop error")
+
+    def tick(self) -> None:
+        """Admit waiting groups into free rows, then one decode step (or wait for work)."""
+        joining = self._admit()
+        if joining is not None:
+            self._join(*joining)
+        if not self.engine.size:
+            with self._lock:
+                if not any(self._lanes) and not self._stop.is_set():
+                    self._lock.wait(self.idle_wait_s)
+            return
+        try:
+            finished = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - decided in _step_failed
+            self._step_failed(exc)
+            return
+        self._report(finished)
+        for observe in self.on_step:
+            observe(self.engine.size, self.waiting)
+
+    def _admit(self) -> tuple[Ticket, list[Any]] | None:
+        if self._blocked:
+            return None
+        with self._lock:
+            for lane in self._lanes:
+                if lane and self.engine.size + len(lane[0][1]) <= self.max_rows:
+                    return lane.popleft()
+                if lane:
+                    return None  # first come first served within a lane: wait for rows to free up
+        return None
+
+    def _join(self, ticket: Ticket, rows: list[Any]) -> None:
+        import torch
+
+        try:
+            if self.runtime.before_generate is not None:
+                self.runtime.before_generate(self.engine.size + len(rows))
+            whole = len(rows) == len(ticket.group.rows) and all(a is b for a, b in zip(rows, ticket.group.rows))
+            enc = ticket.group.enc if whole else self.engine.encode(rows)
+            finished = self.engine.add(rows, enc)
+        except torch.OutOfMemoryError:
+            self._free_memory()
+            if len(rows) == 1 and not self.engine.size:
+                self._fail(rows, OutOfMemory("the model ran out of memory on this single item").to_dict())
+                return
+            if len(rows) == 1:  # wait until some running rows have left
+                self._requeue(ticket, rows, front=True)
+                self._blocked = True
+                return
+            log.warning("out of memory joining %d rows; trying halves", len(rows))
+            half = len(rows) // 2
+            self._requeue(ticket, rows[half:], front=True)
+            self._requeue(ticket, rows[:half], front=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - the model failed on these rows only
+            log.exception("joining %d rows failed", len(rows))
+            self._fail(rows, ModelError(f"the model failed on this batch: {exc}").to_dict())
+            return
+        self._report(finished)
+
+    def _step_failed(self, exc: Exception) -> None:
+        import torch
+
+        live = list(self.engine.rows)
+        rows = [lv.row for lv in live]
+        self.engine = self.runtime.engine()
+        self._blocked = False
+        if isinstance(exc, torch.OutOfMemoryError):
+            self._free_memory()
+            log.warning("out of memory in a decode step of %d rows; they start again", len(rows))
+            for lv in reversed(live):
+                ticket = self._owner.pop(id(lv.row))
+                self._requeue(ticket, [_again(lv.row, lv.sent)], front=True)
+            return
+        log.error("decode step failed: %s", exc)
+        self._fail(rows, ModelError(f"the model failed while answering: {exc}").to_dict())
+
+    def _requeue(self, ticket: Ticket, rows: list[Any], front: bool) -> None:
+        with self._lock:
+            for r in rows:
+                self._owner[id(r)] = ticket
+            lane = self._lanes[0 if ticket.interactive else 1]
+            lane.appendleft((ticket, rows)) if front else lane.append((ticket, rows))
+
+    def _free_memory(self) -> None:
+        import torch
+
+        if self.runtime.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def _report(self, finished: list[Any]) -> None:
+        if finished:
+            self._blocked = False
+        for f in finished:
+            ticket = self._owner.pop(id(f.row))
+            self._deliver(ticket, f.row.key, self.runtime.finish(ticket.group, f))
+
+    def _fail(self, rows: list[Any], error: dict[str, str]) -> None:
+        for row in rows:
+            ticket = self._owner.pop(id(row))
+            answer = ticket.group.answers[row.key]
+            answer.error = error
+            self._deliver(ticket, row.key, answer)
+
+    def _deliver(self, ticket: Ticket, index: int, answer: Answer) -> None:
+        answer.timings["queue_in_worker_ms"] = round((time.perf_counter() - ticket.queued_at) * 1000, 2)
+        if ticket.on_answer is not None:
+            try:
+                ticket.on_answer(index, answer)
+            except Exception:  # noqa: BLE001 - a failing observer must not stop the loop
+                log.exception("on_answer failed")
+        ticket.pending.discard(index)
+        if not ticket.pending:
+            ticket.done.set()
+
+
+class _SkipSent:
+    """A streaming callback for a row that starts again: the first ``already`` characters were sent."""
+
+    def __init__(self, target: Callable[[str], None], already: int) -> None:
+        self.target, self.already, self.seen = target, already, 0
+
+    def __call__(self, piece: str) -> None:
+        start, self.seen = self.seen, self.seen + len(piece)
+        skip = max(0, self.already - start)
+        if skip < len(piece):
+            self.target(piece[skip:])
+
+
+def _again(row: Any, sent: int) -> Any:
+    """The same row, to start over after its decode step failed."""
+    from dataclasses import replace
+
+    if row.on_text is None:
+        return row
+    previous = row.on_text
+    if isinstance(previous, _SkipSent):
+        return replace(row, on_text=_SkipSent(previous.target, max(previous.already, sent)))
+    return replace(row, on_text=_SkipSent(previous, sent))
