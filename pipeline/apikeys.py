@@ -6,7 +6,8 @@ usable token. The key id is public: it names the key in ``tuwen keys list`` and 
 keys may share an owner (rotation); jobs belong to owners, not keys.
 
 Rate limit: a fixed one-minute window per key (``INCR`` + ``EXPIRE``), the key's own limit or the
-gateway's default. ``Idempotency`` maps a caller's ``Idempotency-Key`` to its job, per owner.
+gateway's default; the gateway counts submits, cancels and reads that find no job (reading one's own
+jobs is free). ``Idempotency`` maps a caller's ``Idempotency-Key`` to its job, per owner.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from dataclasses import dataclass
 
 import redis
 
+from tuwen.pipeline import keys
 from tuwen.pipeline.errors import InvalidInput, NotFound, TuwenError
 from tuwen.pipeline.jobs import redis_errors
 
-PREFIX = "tuwen:apikey:"
-IDEMPOTENCY_PREFIX = "tuwen:gateway:idem:"
-_IDS = PREFIX + "ids"
+_IDS = keys.API_KEY + "ids"
 _TOKEN = re.compile(r"^tw_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
 _OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
@@ -57,9 +57,8 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-
 def _record(key_id: str) -> str:
-    return f"{PREFIX}id:{key_id}"
+    return f"{keys.API_KEY}id:{key_id}"
 
 
 def _opt_float(value: str | None) -> float | None:
@@ -100,8 +99,8 @@ class KeyStore:
     def list(self) -> list[ApiKey]:
         with redis_errors():
             ids = sorted(self.redis.smembers(_IDS))
-        keys = [self.get(i) for i in ids]
-        return sorted((k for k in keys if k is not None), key=lambda k: k.created_at)
+        found = [self.get(i) for i in ids]
+        return sorted((k for k in found if k is not None), key=lambda k: k.created_at)
 
     def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key for good (it stays listed, marked revoked)."""
@@ -133,8 +132,8 @@ class KeyStore:
         window = int(now // 60)
         with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
-            pipe.incr(f"{PREFIX}rate:{key.id}:{window}")
-            pipe.expire(f"{PREFIX}rate:{key.id}:{window}", 120)
+            pipe.incr(f"{keys.API_KEY}rate:{key.id}:{window}")
+            pipe.expire(f"{keys.API_KEY}rate:{key.id}:{window}", 120)
             pipe.hset(_record(key.id), "last_used_at", repr(now))
             count = int(pipe.execute()[0])
         if limit <= 0 or count <= limit:
@@ -167,7 +166,7 @@ class Idempotency:
 
     @staticmethod
     def key(owner: str, idem: str) -> str:
-        return IDEMPOTENCY_PREFIX + hashlib.sha256(f"{owner}\0{idem}".encode()).hexdigest()
+        return keys.IDEMPOTENCY + hashlib.sha256(f"{owner}\0{idem}".encode()).hexdigest()
 
     def begin(self, owner: str, idem: str, fingerprint: str) -> str | None:
         """None: this request holds the key and must submit. Else the first request's job id."""

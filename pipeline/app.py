@@ -4,8 +4,8 @@ Choices, each measured (see shared/FACTS.md):
 
 * JSON only, pickle refused (``accept_content=["json"]``).
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a job is acknowledged only after its batch
-  wrote results, so a killed worker's jobs come back (Redis redelivers them after the visibility
-  timeout; jobs are idempotent through the job store).
+  wrote results, so a killed worker's jobs come back (put back by a live worker's reaper within about
+  40 s, else by Redis after the visibility timeout; jobs are idempotent through the job store).
 * Prefetch bounded to two batches: enough to fill the next batch while one runs, little enough that
   the backlog stays in Redis (unbounded prefetch pulled everything into one worker and made
   redelivery and fairness unworkable).
@@ -27,14 +27,18 @@ TASK_NAME = "tuwen.answer"
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis broker options: every connection has connect and read timeouts, TCP keepalive and a health
+    check before reuse, so a dead or half-open connection is noticed instead of waited on."""
     return {
         "visibility_timeout": settings.visibility_timeout_s,
-        # How often unacknowledged messages of dead workers are looked for (default ~100 s).
+        # How often kombu looks for messages older than the visibility timeout (default ~100 s). A dead
+        # worker's jobs come back much sooner through tuwen's reaper (tuwen.workers.reaper).
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
         "unacked_restore_throttle": 1,
         "queue_order_strategy": "priority",
-        "socket_connect_timeout": 5,
+        "socket_connect_timeout": 2,
         "socket_timeout": 30,
+        "socket_keepalive": True,
         "health_check_interval": 25,
         "retry_on_timeout": True,
     }
@@ -72,7 +76,8 @@ def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
         conf["broker_transport_options"] = {"confirm_publish": True}
     if worker:
         conf.update(
-            worker_prefetch_multiplier=2 * settings.max_batch_size,
+            # Prefetch is per pool thread: about two full batches in all.
+            worker_prefetch_multiplier=max(1, -(-2 * settings.max_batch_size // settings.worker_groups)),
             worker_send_task_events=True,
             worker_hijack_root_logger=False,
             worker_cancel_long_running_tasks_on_connection_loss=False,
@@ -88,7 +93,11 @@ def queue_for(settings: Settings, priority: Priority) -> str:
 def enqueue(app: Celery, settings: Settings, request: JobRequest, countdown: float | None = None) -> None:
     """Publish one job. The message carries ids, keys and params; Flower shows only those."""
     payload = request.model_dump(mode="json")
-    shown = {k: v for k, v in payload.items() if k != "question" or settings.flower_show_text}
+    shown = {k: v for k, v in payload.items() if k != "messages"}
+    shown["image_keys"] = request.image_keys
+    shown["turns"] = len(request.messages)
+    if settings.flower_show_text:
+        shown["question"] = request.question
     app.send_task(
         TASK_NAME,
         kwargs={"job": payload},

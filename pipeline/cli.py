@@ -3,8 +3,18 @@
 The model-side commands (worker, demo, train-demo, eval-demo, bench) are added by ``tuwen.workers.cli``,
 which composes the whole ``tuwen`` command; this module never imports ``workers``.
 
-Exit codes: 0 ok · 1 the job failed · 2 input refused · 3 a service is unavailable · 4 not finished
-in time.
+Exit codes: 0 ok · 1 the job failed or was cancelled, or there is no such job (for this owner) ·
+2 input refused · 3 a service is unavailable · 4 not finished in time.
+
+* ``submit``: 0 queued (or, with ``--wait``, answered) · 1 failed · 2 refused · 3 · 4 (``--wait``).
+* ``result``: 0 answered · 1 failed, cancelled or no such job · 3 · 4 still queued or running.
+* ``cancel``: 0 cancelled, or running and asked to stop (it finishes) · 1 no such job, or it had already
+  ended (nothing to cancel) · 3.
+* ``delete``: 0 deleted · 1 no such job · 3.
+
+"No such job" and "another owner's job" (``--owner``) give the same message and exit code, so that the
+answer does not tell whether someone else's job exists. User data (ids, answers, paths) is printed
+escaped: rich would read ``[...]`` in it as markup.
 """
 
 from __future__ import annotations
@@ -12,14 +22,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from tuwen.pipeline.errors import InvalidInput, TuwenError
-from tuwen.pipeline.bulk_cli import bulk_app, eval_command
-from tuwen.pipeline.gateway_cli import gateway_app, keys_app
+from tuwen.pipeline.bulk.cli import bulk_app, eval_command
+from tuwen.pipeline.gateway.cli import gateway_app, keys_app
+from tuwen.pipeline.jobs import no_such_job
 from tuwen.pipeline.schema import JobResult, JobStatus
 from tuwen.pipeline.settings import Settings
 
@@ -29,46 +42,65 @@ app.add_typer(gateway_app, name="gateway")
 app.add_typer(bulk_app, name="bulk")
 app.command("eval")(eval_command)
 app.add_typer(keys_app, name="keys")
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+console = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 EXIT_FAILED, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 1, 2, 3, 4
 
 
 def settings_from(**overrides: Any) -> Settings:
-    """Settings from the environment, with the command line's explicit options on top."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from the environment, with the command line's explicit options on top. A bad setting
+    (e.g. a Redis URL without a scheme, an example secret) is reported in a line each, exit status 2."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = f"TUWEN_{str(e['loc'][0]).upper()}: " if e["loc"] else ""
+            message = str(e["msg"]).removeprefix("Value error, ")
+            err.print(f"[red]error[/red] invalid_setting: {escape(where + message)}", soft_wrap=True)
+        raise typer.Exit(EXIT_REFUSED) from None
 
 
 def _dump(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
-def _fail(exc: TuwenError, as_json: bool) -> None:
+def _fail(exc: TuwenError, as_json: bool) -> NoReturn:
     code = EXIT_REFUSED if isinstance(exc, InvalidInput) else EXIT_UNAVAILABLE if exc.retryable else EXIT_FAILED
     if as_json:
         _dump({"status": "refused" if code == EXIT_REFUSED else "error", "error": {**exc.to_dict(),
                                                                                   "retryable": exc.retryable}})
     else:
-        err.print(f"[red]error[/red] {exc.code}: {exc.message}")
+        err.print(f"[red]error[/red] {escape(exc.code)}: {escape(exc.message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
+def _how(result: JobResult) -> str:
+    """``812 ms, batch of 8, model`` — or ``from the answer cache`` where no model ran."""
+    parts = [f"{result.timings['total_ms']:.0f} ms"]
+    if result.cached:
+        parts.append("from the answer cache")
+    elif result.batch_size is not None:
+        parts.append(f"batch of {result.batch_size}")
+    if result.model_id:
+        parts.append(result.model_id)
+    return ", ".join(parts)
+
+
 def _show(result: JobResult, as_json: bool) -> None:
+    if result.status == JobStatus.unknown:
+        _fail(no_such_job(result.id), as_json)
     if as_json:
         _dump(result.to_json())
     else:
-        console.print(f"[bold]{result.id}[/bold]  {result.status.value}")
+        console.print(f"[bold]{escape(result.id)}[/bold]  {result.status.value}")
         if result.answer is not None:
-            console.print(result.answer)
+            console.print(escape(result.answer), soft_wrap=True)
         if result.error is not None:
-            console.print(f"[red]{result.error.code}[/red]: {result.error.message}")
+            console.print(f"[red]{escape(result.error.code)}[/red]: {escape(result.error.message)}", soft_wrap=True)
         if result.timings.get("total_ms") is not None:
-            console.print(f"[dim]{result.timings['total_ms']:.0f} ms, batch of {result.batch_size}, "
-                          f"{result.model_id}[/dim]")
+            console.print(f"[dim]{escape(_how(result))}[/dim]")
     if result.status in (JobStatus.failed, JobStatus.cancelled):
-        raise typer.Exit(EXIT_FAILED)
-    if result.status == JobStatus.unknown:
         raise typer.Exit(EXIT_FAILED)
     if not result.status.terminal:
         raise typer.Exit(EXIT_TIMEOUT)
@@ -90,11 +122,7 @@ def submit(
 
     client = Client(settings_from())
     try:
-        data = image.read_bytes()
-    except OSError as exc:
-        _fail(InvalidInput(f"cannot read {image}: {exc.strerror}", code="file_not_readable"), as_json)
-    try:
-        job = client.submit(data, question, max_new_tokens=max_new_tokens, priority=priority, owner=owner)
+        job = client.submit(image, question, max_new_tokens=max_new_tokens, priority=priority, owner=owner)
         if wait:
             job = client.wait(job.id, timeout=timeout, owner=owner)
     except TuwenError as exc:
@@ -103,8 +131,10 @@ def submit(
         if as_json:
             _dump(job.to_json())
         else:
-            console.print(job.id)
+            console.print(escape(job.id))
         return
+    if job.status in (JobStatus.queued, JobStatus.running):
+        _say_if_nobody_consumes(client, priority)
     _show(job, as_json)
 
 
@@ -136,10 +166,15 @@ def cancel(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None,
         res = Client(settings_from()).cancel(job_id, owner)
     except TuwenError as exc:
         _fail(exc, as_json)
+    if res.status == JobStatus.unknown:
+        _fail(no_such_job(job_id), as_json)
     if as_json:
         _dump(res.to_json())
     else:
-        console.print(f"{res.id}  {res.status.value}")
+        console.print(f"{escape(res.id)}  {res.status.value}")
+    if res.status in (JobStatus.succeeded, JobStatus.failed):
+        err.print(f"the job had already {res.status.value}; nothing was cancelled")
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -151,9 +186,24 @@ def delete(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None) 
         found = Client(settings_from()).delete(job_id, owner)
     except TuwenError as exc:
         _fail(exc, False)
-    console.print(f"{job_id}  {'deleted' if found else 'unknown'}")
     if not found:
-        raise typer.Exit(EXIT_FAILED)
+        _fail(no_such_job(job_id), False)
+    console.print(f"{escape(job_id)}  deleted")
+
+
+def _say_if_nobody_consumes(client: Any, priority: str) -> None:
+    """After a timed-out wait: say so on stderr when no live worker consumes the job's queue."""
+    from tuwen.pipeline.app import queue_for
+    from tuwen.pipeline.registry import no_consumer_message
+    from tuwen.pipeline.schema import Priority
+
+    try:
+        note = no_consumer_message(client.jobs.redis, queue_for(client.settings, Priority(priority)))
+    except Exception:  # noqa: BLE001 - only a hint; the timeout itself is reported anyway
+        return
+    if note:
+        err.print(f"[yellow]{escape(note)}[/yellow]: the job stays queued until a worker for it starts",
+                  soft_wrap=True)
 
 
 @app.command()
@@ -161,7 +211,8 @@ def status(
     minutes: Annotated[int, typer.Option(help="how many minutes of job counts to show")] = 10,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """One screen: queue depths, live workers, jobs per minute, failures by code."""
+    """One screen: queues and the live workers consuming each, workers, jobs per minute, failures by
+    code, refused (dead-letter) messages. Exit status 3 when Redis or the broker is unreachable."""
     from tuwen.pipeline.status import collect, render
 
     try:
@@ -177,18 +228,55 @@ def status(
 @app.command()
 def flower(
     port: Annotated[int, typer.Option()] = 5555,
-    basic_auth: Annotated[Optional[str], typer.Option(envvar="FLOWER_BASIC_AUTH", help="user:password")] = None,
+    address: Annotated[str, typer.Option(help="interface to listen on; 0.0.0.0 exposes it to the network "
+                                              "(put a TLS proxy in front)")] = "127.0.0.1",
+    basic_auth: Annotated[Optional[str], typer.Option(envvar="FLOWER_BASIC_AUTH", show_envvar=True,
+                                                      help="user:password; set FLOWER_BASIC_AUTH rather than "
+                                                           "this option, which ps shows")] = None,
 ) -> None:
-    """Start Flower against the configured broker (basic auth strongly advised)."""
+    """Start Flower against the configured broker, on this host only unless --address says otherwise.
+
+    The broker URL and the credentials reach Flower through its environment, never its command line
+    (which any user can read with ps); Flower stops when this command stops (SIGTERM, SIGINT, or even
+    SIGKILL on Linux)."""
+    import os
+    import signal
     import subprocess
 
+    from tuwen.pipeline.settings import is_placeholder
+
     settings = settings_from()
-    cmd = [sys.executable, "-m", "celery", f"--broker={settings.broker}", "flower", f"--port={port}"]
+    env = {**os.environ, "CELERY_BROKER_URL": settings.broker}
     if basic_auth:
-        cmd.append(f"--basic-auth={basic_auth}")
+        if is_placeholder(basic_auth.partition(":")[2]):
+            _fail(InvalidInput("FLOWER_BASIC_AUTH still has an example password (such as change-me); set a "
+                               "real one", code="invalid_setting"), False)
+        env["FLOWER_BASIC_AUTH"] = basic_auth
     else:
-        err.print("[yellow]warning[/yellow]: Flower without --basic-auth shows every job to anyone who can reach it")
-    raise typer.Exit(subprocess.call(cmd))
+        err.print("[yellow]warning[/yellow]: Flower without FLOWER_BASIC_AUTH shows every job to anyone who can "
+                  "reach it")
+    cmd = [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}"]
+    child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        code = child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    raise typer.Exit(code)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: have Linux send it SIGTERM when its parent dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def main() -> None:

@@ -2,26 +2,49 @@
 
     from tuwen.pipeline.client import Client
     client = Client.from_env()
-    job = client.submit(image=open("q.jpg", "rb").read(), question="图中有几个圆形？")
+    job = client.submit("q.jpg", "图中有几个圆形？")     # bytes, a path or a binary file
     result = client.wait(job.id, timeout=60)        # client.get(job.id) does not block
     print(result.status, result.answer)
 """
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import IO, Any, Union
 
 from pydantic import ValidationError
 
 from tuwen.pipeline import app as queue
-from tuwen.pipeline.errors import InvalidParams, Unavailable
+from tuwen.pipeline.errors import InvalidImage, InvalidInput, InvalidParams, Unavailable
 from tuwen.pipeline.inputs import check_question, decode_image
 from tuwen.pipeline.jobs import JobStore, cache_prefix, connect
 from tuwen.pipeline.schema import GenerationParams, JobRequest, JobResult, JobStatus, Priority
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.stores import open_images
-from tuwen.storage.errors import StorageError
+from tuwen.pipeline.streams import Delta, read
+from tuwen.storage.errors import InvalidKey, StorageError
+
+#: A picture as callers hold it: its bytes, a file path, or a file opened in binary mode.
+ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike[str], IO[bytes]]
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A picture already in the image store, named by its key (``images/<sha256>``)."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """A picture that passed validation, not stored yet."""
+
+    data: bytes
+    content_type: str
 
 
 class Client:
@@ -52,56 +75,120 @@ class Client:
 
     def submit(
         self,
-        image: bytes,
+        image: ImageInput | StoredImage,
         question: str,
         *,
         max_new_tokens: int | None = None,
+        params: GenerationParams | Mapping[str, Any] | None = None,
         priority: Priority | str = Priority.interactive,
         owner: str = "default",
-        batch_id: str | None = None,
+        bulk_id: str | None = None,
         job_id: str | None = None,
+        stream: bool = False,
     ) -> JobResult:
         """Validate, store the image, record and enqueue the job; returns it as ``queued``.
 
         Bad input raises an ``InvalidInput`` subclass (with a ``code``) before anything is stored
         or queued. An unreachable Redis, broker or storage raises ``Unavailable`` (retryable).
         """
-        request = self.prepare(image, question, max_new_tokens=max_new_tokens, priority=priority,
-                               owner=owner, batch_id=batch_id, job_id=job_id)
+        request = self.prepare(image, question, max_new_tokens=max_new_tokens, params=params, priority=priority,
+                               owner=owner, bulk_id=bulk_id, job_id=job_id, stream=stream)
         self.enqueue(request)
         return JobResult(id=request.id, status=JobStatus.queued, owner=owner, created_at=request.created_at,
                          image_key=request.image_key)
 
-    def prepare(self, image: bytes, question: str, *, max_new_tokens: int | None = None,
+    def prepare(self, image: ImageInput | StoredImage, question: str, *, max_new_tokens: int | None = None,
+                params: GenerationParams | Mapping[str, Any] | None = None,
                 priority: Priority | str = Priority.interactive, owner: str = "default",
-                batch_id: str | None = None, job_id: str | None = None) -> JobRequest:
-        """Validate and store the image; returns the request, not yet queued."""
-        s = self.settings
-        text = check_question(question, max_chars=s.max_question_chars)
+                bulk_id: str | None = None, job_id: str | None = None, stream: bool = False) -> JobRequest:
+        """Validate the job and store its picture; returns the request, not yet queued.
+
+        ``image`` is the picture (bytes, a path, a binary file) or a ``StoredImage``: the key of a picture
+        ``owner`` stored before (else ``image_not_found``). ``params`` are the generation parameters;
+        ``max_new_tokens``, if given, overrides theirs. Nothing is stored unless everything else is valid.
+        """
+        text = check_question(question, max_chars=self.settings.max_question_chars)
         try:
-            params = GenerationParams(max_new_tokens=max_new_tokens)
+            raw: Any = params.model_dump(exclude_unset=True) if isinstance(params, GenerationParams) else params
+            if max_new_tokens is not None:
+                raw = {**(raw or {}), "max_new_tokens": max_new_tokens}
+            generation = GenerationParams.model_validate(raw or {})
             priority = Priority(priority)
-        except (ValidationError, ValueError) as exc:
-            raise InvalidParams(f"invalid generation parameters: {exc}", code="invalid_params") from exc
-        picture = decode_image(image, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
-                               max_aspect_ratio=s.max_aspect_ratio)
-        try:
-            key = self.images.put(image, _content_type(picture.format or ""))
-        except StorageError as exc:
-            raise Unavailable(f"could not store the image: {exc}", code=exc.code, retryable=exc.retryable) from exc
-        fields: dict[str, Any] = {"image_key": key, "question": text, "params": params, "priority": priority,
-                                  "owner": owner, "batch_id": batch_id}
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise InvalidParams(f"invalid generation parameters: {first_error(exc)}", code="invalid_params") from exc
+        fields: dict[str, Any] = {"image_key": self.image_key(image, owner), "question": text, "params": generation,
+                                  "priority": priority, "owner": owner, "bulk_id": bulk_id, "stream": stream}
         if job_id:
             fields["id"] = job_id
         return JobRequest(**fields)
+
+    def image_key(self, image: ImageInput | StoredImage, owner: str = "default") -> str:
+        """The key a job names ``image`` by: a ``StoredImage``'s, if ``owner`` may name it (else
+        ``image_not_found``, worded alike for a missing key and another owner's); or that of the picture,
+        validated and stored for ``owner``."""
+        if isinstance(image, StoredImage):
+            if not self.owns_image(image.key, owner):
+                raise InvalidInput(f"no such picture: {image.key}", code="image_not_found")
+            return image.key
+        return self.store_image(image, owner)
+
+    def store_image(self, image: ImageInput, owner: str = "default") -> str:
+        """Validate a picture and store it for ``owner``; returns its key (``images/<sha256>``).
+
+        Keys are content hashes, so the key alone must not grant the picture: only an owner who
+        stored these bytes may name the key in a later job (see ``owns_image``).
+        """
+        return self.put_image(self.check_image(image), owner)
+
+    def check_image(self, image: ImageInput) -> CheckedImage:
+        """Read (bounded) and validate a picture without storing it (``InvalidInput`` with a code)."""
+        s = self.settings
+        data = read_image(image, s.max_image_bytes)
+        picture = decode_image(data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
+                               max_aspect_ratio=s.max_aspect_ratio)
+        return CheckedImage(data, _content_type(picture.format or ""))
+
+    def put_image(self, picture: CheckedImage, owner: str = "default") -> str:
+        """Store a checked picture for ``owner``; returns its key."""
+        try:
+            key: str = self.images.put(picture.data, picture.content_type)
+        except StorageError as exc:
+            raise Unavailable(f"could not store the image: {exc}", code=exc.code, retryable=exc.retryable) from exc
+        # A day past the picture's life: the bucket's lifecycle rule rounds expiry up to a midnight.
+        self.jobs.add_image_owner(key, owner, (self.settings.image_ttl_days + 1) * 86400)
+        return key
+
+    def owns_image(self, key: str, owner: str) -> bool:
+        """Whether ``owner`` may name the stored picture ``key`` in a job: it stored those bytes and
+        they are still there. A key that does not exist and another owner's key both give False, so
+        every caller refuses the two alike (no existence oracle)."""
+        images = self.images
+        if not isinstance(key, str) or not key.startswith(images.prefix):
+            return False
+        if not self.jobs.is_image_owner(key, owner):
+            return False
+        try:
+            return bool(images.exists(key))
+        except InvalidKey:
+            return False
+        except StorageError as exc:
+            raise Unavailable(f"image storage failed: {exc}", code=exc.code, retryable=exc.retryable) from exc
 
     def enqueue(self, request: JobRequest) -> None:
         """Record the job, then publish it; if publishing fails the record is removed again."""
         self.jobs.create(request)
         try:
-            queue.enqueue(self.celery, self.settings, request)
-        except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
+            self.publish(request)
+        except Unavailable:
             self.jobs.delete(request.id)
+            raise
+
+    def publish(self, request: JobRequest, *, countdown: float | None = None) -> None:
+        """Publish a job whose record exists (a resumed bulk line, a job given back to the queue). The job
+        store runs a job once whatever the number of its messages, so publishing again is harmless."""
+        try:
+            queue.enqueue(self.celery, self.settings, request, countdown=countdown)
+        except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
             raise Unavailable(f"the job queue is not reachable: {exc}") from exc
 
     def get(self, job_id: str, owner: str | None = None) -> JobResult:
@@ -112,6 +199,12 @@ class Client:
         """Block until the job ends or ``timeout`` passes; returns the state either way."""
         return self.jobs.wait(job_id, timeout, owner)
 
+    def stream(self, job_id: str, timeout: float = 120.0, owner: str | None = None) -> Iterator[Delta]:
+        """The answer of a job submitted with ``stream=True`` as it is generated: ``Delta``s of text,
+        then one with the finish reason and the result (``tuwen.pipeline.streams``). A job that did not
+        stream (or an answer from the cache) arrives as one piece."""
+        return read(self.jobs, job_id, timeout, owner)
+
     def wait_many(self, job_ids: list[str], timeout: float = 60.0) -> dict[str, JobResult]:
         return self.jobs.wait_many(job_ids, timeout)
 
@@ -119,18 +212,22 @@ class Client:
         return self.jobs.cancel(job_id, owner)
 
     def delete(self, job_id: str, owner: str | None = None) -> bool:
-        """Delete a job's record and result now, and its image if no other job uses it. Cached
-        answers about that image go too. Returns False if there was no such job."""
+        """Delete a job's record and result now, and its images that no other job uses. The owner's
+        cached answers about an image go with its last job on that image (everyone's with the image).
+        Returns False if there was no such job."""
         if self.jobs.get(job_id, owner).status == JobStatus.unknown:
             return False
-        image_key = self.jobs.delete(job_id, owner)
-        if image_key:
-            try:
-                self.images.delete(image_key)
-            except StorageError as exc:
-                raise Unavailable(f"could not delete the image: {exc}", code=exc.code, retryable=True) from exc
-            for key in self.jobs.redis.scan_iter(cache_prefix(image_key) + "*", count=500):
-                self.jobs.redis.delete(key)
+        job_owner, images = self.jobs.delete(job_id, owner)
+        for image_key, fate in images.items():
+            if fate == "gone":
+                try:
+                    self.images.delete(image_key)
+                except StorageError as exc:
+                    raise Unavailable(f"could not delete the image: {exc}", code=exc.code, retryable=True) from exc
+            if fate != "kept":
+                prefix = cache_prefix(image_key, None if fate == "gone" else job_owner)
+                for key in self.jobs.redis.scan_iter(prefix + "*", count=500):
+                    self.jobs.redis.delete(key)
         return True
 
     def close(self) -> None:
@@ -138,6 +235,74 @@ class Client:
             self.celery.close()
         if "jobs" in self.__dict__:
             self.jobs.redis.close()
+
+
+def read_image(image: ImageInput, max_bytes: int, *, follow_symlinks: bool = True) -> bytes:
+    """The picture's bytes from bytes, a path or a binary file, never reading more than
+    ``max_bytes`` + 1 bytes: a file's size is checked before it is read (``image_too_large``)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        return _read_path(os.fspath(image), max_bytes, follow_symlinks)
+    read = getattr(image, "read", None)
+    if not callable(read):
+        raise InvalidImage(f"the image must be bytes, a path or a binary file, not {type(image).__name__}",
+                           code="invalid_image")
+    data = _read_at_most(read, max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InvalidImage(f"the image is more than {max_bytes} bytes; the limit is {max_bytes}",
+                           code="image_too_large")
+    return data
+
+
+def _read_path(path: str | bytes, max_bytes: int, follow_symlinks: bool) -> bytes:
+    shown = os.fsdecode(path)
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)  # non-blocking: opening a FIFO must not hang; it is refused below
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"no such file: {shown}", code="file_not_found") from exc
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot read {shown}: {getattr(exc, 'strerror', None) or exc}",
+                           code="file_not_readable") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"not a regular file: {shown}", code="file_not_readable")
+        if st.st_size > max_bytes:
+            raise InvalidImage(f"the image is {st.st_size} bytes; the limit is {max_bytes}", code="image_too_large")
+        data = _read_at_most(lambda n: os.read(fd, n), max_bytes + 1)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {shown}: {exc.strerror or exc}", code="file_not_readable") from exc
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # it grew after the size check
+        raise InvalidImage(f"the image is more than {max_bytes} bytes; the limit is {max_bytes}",
+                           code="image_too_large")
+    return data
+
+
+def _read_at_most(read: Callable[[int], Any], limit: int) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < limit:
+        chunk = read(limit - got)
+        if not chunk:
+            break
+        if not isinstance(chunk, (bytes, bytearray)):
+            raise InvalidImage("the file is open in text mode; open pictures with 'rb'", code="invalid_image")
+        chunks.append(bytes(chunk))
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def first_error(exc: Exception) -> str:
+    """A validation error's first problem, as ``field: message``."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    return str(exc)
 
 
 def _content_type(fmt: str) -> str:

@@ -91,7 +91,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def check_question(question: object, *, max_chars: int) -> str:
-    """Return the trimmed question, or raise ``InvalidQuestion`` (empty, too long, not text)."""
+    """Return the question trimmed, with line breaks as ``\\n``, or raise ``InvalidQuestion`` (empty,
+    too long, not text).
+
+    CRLF and lone CR become ``\\n`` (browser text areas send CRLF). Whitespace and invisible format
+    characters (zero-width space/joiners, word joiner, BOM, bidi marks) are trimmed from both ends, so a
+    question made only of them is empty.
+    """
     if isinstance(question, bytes):
         try:
             question = question.decode("utf-8")
@@ -99,7 +105,7 @@ def check_question(question: object, *, max_chars: int) -> str:
             raise InvalidQuestion("the question is not valid UTF-8 text", code="invalid_question") from exc
     if not isinstance(question, str):
         raise InvalidQuestion("the question must be text", code="invalid_question")
-    text = question.strip()
+    text = _trim(question.replace("\r\n", "\n").replace("\r", "\n"))
     if not text:
         raise InvalidQuestion("the question is empty", code="empty_question")
     if len(text) > max_chars:
@@ -110,3 +116,17 @@ def check_question(question: object, *, max_chars: int) -> str:
         raise InvalidQuestion(f"the question contains control or invalid characters ({bad[0]!r})",
                               code="invalid_question")
     return text
+
+
+def _invisible(ch: str) -> bool:
+    return ch.isspace() or unicodedata.category(ch) == "Cf"
+
+
+def _trim(text: str) -> str:
+    """``str.strip`` that also drops format characters (category Cf: U+200B, U+FEFF …) at the ends."""
+    start, end = 0, len(text)
+    while start < end and _invisible(text[start]):
+        start += 1
+    while end > start and _invisible(text[end - 1]):
+        end -= 1
+    return text[start:end]

@@ -18,11 +18,12 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from tuwen.pipeline.errors import Forbidden, Unavailable
+from tuwen.pipeline import keys
+from tuwen.pipeline.errors import Forbidden, InvalidInput, Unavailable
 from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
 
-PREFIX = "tuwen:job:"
-DONE_CHANNEL = "tuwen:done:"
+PREFIX = keys.JOB
+DONE_CHANNEL = keys.DONE
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 # KEYS[1]=job; ARGV: now, worker, max_attempts, ttl. Returns {state, attempts}.
@@ -73,41 +74,68 @@ return 0
 """
 
 
-# KEYS[1]=job; ARGV: owner ('' = any), ref prefix. Deletes the job; returns its image key when no
-# other job uses that image any more ('' otherwise), or 'missing' / 'forbidden'.
+# KEYS[1]=job; ARGV: owner ('' = any), ref prefix, job prefix, image-owner prefix. Deletes the job;
+# returns {'deleted', job owner, image, fate, image, fate, …} or {'missing'} / {'forbidden'}. An image's
+# fate: 'gone' (no job uses it any more: the caller deletes the object), 'released' (none of this
+# owner's jobs uses it: the owner loses its claim on it) or 'kept'.
 _DELETE = """
-local f = redis.call('HMGET', KEYS[1], 'owner', 'image_key')
-if not f[1] then return 'missing' end
-if ARGV[1] ~= '' and f[1] ~= ARGV[1] then return 'forbidden' end
+local f = redis.call('HMGET', KEYS[1], 'owner', 'image_keys', 'image_key')
+if not f[1] then return {'missing'} end
+if ARGV[1] ~= '' and f[1] ~= ARGV[1] then return {'forbidden'} end
 redis.call('DEL', KEYS[1])
-local ref = ARGV[2] .. f[2]
-redis.call('SREM', ref, string.sub(KEYS[1], string.len(ARGV[3]) + 1))
-if redis.call('SCARD', ref) == 0 then redis.call('DEL', ref); return f[2] end
-return ''
+local id = string.sub(KEYS[1], string.len(ARGV[3]) + 1)
+local out = {'deleted', f[1]}
+for image in string.gmatch(f[2] or f[3] or '', '[^\\n]+') do
+  local ref = ARGV[2] .. image
+  redis.call('SREM', ref, id)
+  local fate = 'released'
+  if redis.call('SCARD', ref) == 0 then
+    redis.call('DEL', ref, ARGV[4] .. image)
+    fate = 'gone'
+  else
+    for _, other in ipairs(redis.call('SMEMBERS', ref)) do
+      if redis.call('HGET', ARGV[3] .. other, 'owner') == f[1] then fate = 'kept'; break end
+    end
+    if fate == 'released' then redis.call('SREM', ARGV[4] .. image, f[1]) end
+  end
+  table.insert(out, image)
+  table.insert(out, fate)
+end
+return out
 """
 
-IMAGE_REFS = "tuwen:imageref:"
-#: Answer-cache entries live under ``tuwen:cache:<image digest>:<entry digest>``, grouped by image so that
-#: deleting an image can find the cached answers about it.
-CACHE = "tuwen:cache:"
+#: ``<image key>`` → the ids of the jobs that use the image (it is deleted with the last of them).
+IMAGE_REFS = keys.IMAGE_REFS
+#: ``<image key>`` → the owners who stored that picture; only they may name the key in a job.
+IMAGE_OWNERS = keys.IMAGE_OWNERS
+#: Answer-cache entries live under ``tuwen:cache:<image digest>:<owner digest>:<entry digest>``, grouped by
+#: image and owner so that deleting an image, or an owner's last job on it, can find the cached answers.
+CACHE = keys.CACHE
 
 
-def cache_prefix(image_key: str) -> str:
-    """Where the cached answers about one image live."""
-    return f"{CACHE}{hashlib.sha256(image_key.encode()).hexdigest()[:16]}:"
+def cache_prefix(image_key: str, owner: str | None = None) -> str:
+    """Where the cached answers about one image live (all owners', or one owner's)."""
+    prefix = f"{CACHE}{hashlib.sha256(image_key.encode()).hexdigest()[:16]}:"
+    return prefix if owner is None else prefix + hashlib.sha256(owner.encode()).hexdigest()[:16] + ":"
 
 
 def connect(url: str) -> redis.Redis:
-    """A Redis client that retries short outages and fails fast on long ones."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=6),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    """A Redis client that rides out a dropped connection (one Redis restart) and reports an unreachable
+    Redis within about 1.5 s: a refused connection is retried twice within 0.6 s, a connect that times
+    out is not retried (it was 6 retries over 7-8 s). Reads time out after 30 s; idle connections are
+    health-checked before reuse."""
+    try:
+        return redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=1.5,
+            socket_timeout=30,
+            socket_keepalive=True,
+            health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), retries=2, supported_errors=(redis.ConnectionError,)),
+        )
+    except ValueError as exc:  # e.g. a URL without a scheme; the message does not repeat the URL
+        raise InvalidInput(f"invalid Redis URL: {exc}", code="invalid_setting") from exc
 
 
 @contextmanager
@@ -120,6 +148,12 @@ def redis_errors() -> Iterator[None]:
 
 def _key(job_id: str) -> str:
     return PREFIX + job_id
+
+
+def no_such_job(job_id: str) -> Forbidden:
+    """The one error for a job that does not exist and for another owner's job: the two must read
+    alike (code, message and exit status), or the answer tells whether someone else's job exists."""
+    return Forbidden(f"no job {job_id}", code="not_found")
 
 
 def _channel(job_id: str) -> str:
@@ -140,29 +174,48 @@ class JobStore:
 
     # -- producer side -------------------------------------------------------------------------------
     def create(self, request: JobRequest) -> None:
+        images = list(dict.fromkeys(request.image_keys))
         with redis_errors():
             pipe = self.redis.pipeline()
             pipe.hset(_key(request.id), mapping={
                 "status": JobStatus.queued.value,
                 "request": request.model_dump_json(),
                 "owner": request.owner,
-                "image_key": request.image_key,
+                "image_key": request.image_key or "",
+                "image_keys": "\n".join(images),
                 "created_at": repr(request.created_at),
                 "attempts": 0,
             })
             pipe.expire(_key(request.id), self.ttl_s)
-            pipe.sadd(IMAGE_REFS + request.image_key, request.id)
-            pipe.expire(IMAGE_REFS + request.image_key, self.ttl_s)
+            for image in images:
+                pipe.sadd(IMAGE_REFS + image, request.id)
+                pipe.expire(IMAGE_REFS + image, self.ttl_s)
             pipe.execute()
 
-    def delete(self, job_id: str, owner: str | None = None) -> str | None:
-        """Remove the job's record and result. Returns its image key if no other job still uses the
-        image (the caller deletes the object), else None."""
+    def delete(self, job_id: str, owner: str | None = None) -> tuple[str, dict[str, str]]:
+        """Remove the job's record and result. Returns the job's owner and each of its images' fate:
+        ``gone`` (no job uses it any more: the caller deletes the object), ``released`` (none of
+        this owner's jobs uses it any more) or ``kept``. ``("", {})`` if there was no such job."""
         with redis_errors():
-            out = self._delete(keys=[_key(job_id)], args=[owner or "", IMAGE_REFS, PREFIX])
-        if out == "forbidden":
-            raise Forbidden("this job belongs to another owner", code="not_found")
-        return out if out and out != "missing" else None
+            out = self._delete(keys=[_key(job_id)], args=[owner or "", IMAGE_REFS, PREFIX, IMAGE_OWNERS])
+        if out[0] == "forbidden":
+            raise no_such_job(job_id)
+        if out[0] == "missing":
+            return "", {}
+        return str(out[1]), {str(k): str(v) for k, v in zip(out[2::2], out[3::2])}
+
+    def add_image_owner(self, image_key: str, owner: str, ttl_s: int) -> None:
+        """Record that ``owner`` stored this picture, for at least ``ttl_s`` (the picture's life)."""
+        key = IMAGE_OWNERS + image_key
+        with redis_errors():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.sadd(key, owner)
+            pipe.expire(key, ttl_s)
+            pipe.execute()
+
+    def is_image_owner(self, image_key: str, owner: str) -> bool:
+        with redis_errors():
+            return bool(self.redis.sismember(IMAGE_OWNERS + image_key, owner))
 
     def request(self, job_id: str) -> JobRequest | None:
         with redis_errors():
@@ -189,7 +242,7 @@ class JobStore:
         if not f:
             return JobResult.unknown(job_id)
         if owner is not None and f.get("owner") != owner:
-            raise Forbidden("this job belongs to another owner", code="not_found")
+            raise no_such_job(job_id)
         if f.get("result"):
             return JobResult.model_validate_json(f["result"])
         return JobResult(
@@ -197,7 +250,7 @@ class JobStore:
             status=JobStatus(f["status"]),
             attempts=int(f.get("attempts", 0)),
             owner=f.get("owner"),
-            image_key=f.get("image_key"),
+            image_key=f.get("image_key") or None,
             worker=f.get("worker"),
             created_at=float(f["created_at"]) if f.get("created_at") else None,
             started_at=float(f["started_at"]) if f.get("started_at") else None,

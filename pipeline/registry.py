@@ -1,26 +1,53 @@
-"""Live workers announce themselves in Redis with a short TTL, so clients can see who is up."""
+"""Live workers announce themselves in Redis with a short TTL, so clients can see who is up.
+
+A worker's announcement is written every ``PERIOD_S`` only while its consuming loop is running (the
+beat comes from that loop, see ``tuwen.workers.liveness``) and lapses ``TTL_S`` after the last one: a
+worker whose loop has stopped drops out of the list within ``TTL_S``, even if its process lives on.
+Each announcement lists the queues the worker consumes and the delivery tags it holds (``held``: jobs
+received and not yet acknowledged, for the reaper of ``tuwen.workers.reaper``).
+"""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
 
-KEY = "tuwen:worker:"
-TTL_S = 30
+from tuwen.pipeline import keys
+
+KEY = keys.WORKER
+#: An announcement lapses this long after it was last written.
+TTL_S = 20
+#: A live worker re-announces itself this often.
+PERIOD_S = 5
 
 
 def announce(client: redis.Redis, name: str, info: dict[str, Any]) -> None:
     client.set(KEY + name, json.dumps({**info, "name": name, "seen_at": time.time()}, ensure_ascii=False), ex=TTL_S)
 
 
+def withdraw(client: redis.Redis, name: str) -> None:
+    client.delete(KEY + name)
+
+
 def live_workers(client: redis.Redis) -> list[dict[str, Any]]:
     keys = sorted(client.scan_iter(KEY + "*", count=500))
     values = client.mget(keys) if keys else []
     return [json.loads(v) for v in values if v]
+
+
+def consumers(workers: list[dict[str, Any]], queues: Iterable[str]) -> dict[str, list[str]]:
+    """``{queue: names of the live workers consuming it}`` (a worker that is shutting down does not count)."""
+    return {q: [w["name"] for w in workers if q in (w.get("queues") or []) and not w.get("stopping")]
+            for q in queues}
+
+
+def no_consumer_message(client: redis.Redis, queue: str) -> str | None:
+    """"no live worker is consuming <queue>" when that is so, else None."""
+    return None if consumers(live_workers(client), [queue])[queue] else f"no live worker is consuming {queue}"
 
 
 def wait_for_worker(client: redis.Redis, timeout: float, name: str | None = None) -> dict[str, Any]:
@@ -32,27 +59,3 @@ def wait_for_worker(client: redis.Redis, timeout: float, name: str | None = None
                 return w
         time.sleep(0.2)
     raise TimeoutError(f"no worker{' ' + name if name else ''} became ready within {timeout:.0f}s")
-
-
-class Heartbeat(threading.Thread):
-    """Re-announces a worker every ``TTL_S / 3`` seconds until stopped; removes it on stop."""
-
-    def __init__(self, client: redis.Redis, name: str, info: dict[str, Any]) -> None:
-        super().__init__(daemon=True, name="tuwen-heartbeat")
-        self.client, self.name, self.info = client, name, info
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                announce(self.client, self.name, self.info)
-            except redis.RedisError:
-                pass
-            self._stop_event.wait(TTL_S / 3)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        try:
-            self.client.delete(KEY + self.name)
-        except redis.RedisError:
-            pass

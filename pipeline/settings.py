@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The example secrets of ``.env.example`` (and their like): a service refuses to start with one of them.
+PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "change-me-to-a-long-random-string", "replace-me",
+                                 "secret", "password"})
+#: URL schemes for ``TUWEN_REDIS_URL`` and (with the AMQP ones) ``TUWEN_BROKER_URL``.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+BROKER_SCHEMES = REDIS_SCHEMES + ("amqp", "amqps", "pyamqp")
+
+
+def is_placeholder(secret: str) -> bool:
+    """True for an example value such as ``change-me`` or ``change-me-to-a-long-random-string``."""
+    value = secret.strip().lower()
+    return value in PLACEHOLDER_SECRETS or value.startswith(("change-me", "changeme"))
 
 
 class Quantization(str, Enum):
@@ -28,7 +42,8 @@ class Settings(BaseSettings):
     """Everything configurable. Built once at each entry point and passed down; never read at import."""
 
     model_config = SettingsConfigDict(
-        env_prefix="TUWEN_", env_file=None, extra="ignore", frozen=True, env_ignore_empty=True
+        env_prefix="TUWEN_", env_file=None, extra="ignore", frozen=True, env_ignore_empty=True,
+        hide_input_in_errors=True,  # an error message must never print a secret
     )
 
     # -- model / worker runtime ------------------------------------------------------------------
@@ -44,12 +59,25 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(64, ge=1, le=4096)
     #: Questions longer than this (in characters, after trimming) are refused.
     max_question_chars: int = Field(500, ge=1)
+    #: A conversation's text, all turns together, longer than this is refused before it is queued
+    #: (the worker then checks the model's own context, in tokens).
+    max_conversation_chars: int = Field(32_000, ge=1)
     #: torch threads for a CPU worker (0: torch's default).
     torch_threads: int = Field(0, ge=0)
 
     # -- worker operations -----------------------------------------------------------------------------
     #: Port for the worker's Prometheus metrics (0: off).
     metrics_port: int = Field(0, ge=0, le=65535)
+    #: Interface the metrics listen on: ``127.0.0.1`` (this host only) or ``0.0.0.0`` (e.g. a container
+    #: network that Prometheus scrapes from).
+    metrics_address: str = "127.0.0.1"
+    #: A worker whose queues have had jobs waiting this long while it took none (though it had room,
+    #: or its consuming loop had stopped) exits with status 75, so that its supervisor restarts it.
+    stall_timeout_s: int = Field(60, ge=5)
+    #: A warm shutdown (SIGTERM) still running after this long ends anyway (exit status 1), e.g. when
+    #: Redis is gone; the jobs it held are put back by the other workers. Keep it under the supervisor's
+    #: grace period (compose: ``stop_grace_period``).
+    shutdown_timeout_s: float = Field(90.0, ge=1)
     #: Show question and answer text in Flower (task arguments/results). Off: they may be students' data.
     flower_show_text: bool = False
     #: Answer a repeated (image, question, params, model) from a cache, without the model.
@@ -58,16 +86,18 @@ class Settings(BaseSettings):
     answer_cache_ttl_s: int = Field(24 * 3600, ge=1)
     #: How long a batch keeps retrying unreachable storage before it gives its jobs back to the queue.
     storage_wait_s: float = Field(60.0, ge=0)
-    #: Benchmark hook: answer every job with an empty answer and no model, to measure transport alone.
-    null_model: bool = False
-    #: Test hook: raise out-of-memory in the runtime for batches of at least this size (0: off).
-    fault_oom_min_batch: int = Field(0, ge=0)
 
     # -- batching ------------------------------------------------------------------------------------
-    #: Most jobs in one model batch (celery-batches ``flush_every``); prefetch is two batches.
+    #: Most jobs decoding together (rows of the running batch); also the largest group handed over at once.
     max_batch_size: int = Field(16, ge=1, le=512)
-    #: How long the worker waits for a batch to fill before it runs a partial one.
+    #: Most tokens the running batch may hold (each row's prompt plus its answer budget): a memory bound
+    #: for long conversations. 0: no bound beyond ``max_batch_size``.
+    max_batch_tokens: int = Field(32_768, ge=0)
+    #: How long a job waits for others to join it when the model has room (continuous batching lets later
+    #: jobs join between decode steps anyway).
     batch_wait_ms: int = Field(50, ge=0, le=60_000)
+    #: Groups of jobs a worker prepares at once (pictures fetched and preprocessed while the model decodes).
+    worker_groups: int = Field(4, ge=1, le=64)
 
     # -- queue ---------------------------------------------------------------------------------------
     #: Redis for job state, results and (by default) the queue.
@@ -91,6 +121,7 @@ class Settings(BaseSettings):
     minio_endpoint: str | None = None
     #: S3 credentials; set them from the environment or a secret store, never in code.
     minio_access_key: str = "minioadmin"
+    #: The S3 secret (a placeholder such as ``change-me`` is refused when an endpoint is set).
     minio_secret_key: SecretStr = SecretStr("minioadmin")
     #: The bucket (created private if missing).
     minio_bucket: str = "tuwen"
@@ -103,8 +134,6 @@ class Settings(BaseSettings):
     #: Stored images are deleted this many days after upload (S3 lifecycle rule; a local directory is
     #: swept at start-up). Job records and results expire after ``result_ttl_s``.
     image_ttl_days: int = Field(7, ge=1, le=3650)
-    #: Presigned GET URLs for image owners expire after this many seconds.
-    presign_expiry_s: int = Field(300, ge=1, le=7 * 24 * 3600)
 
     # -- input limits ----------------------------------------------------------------------------------
     #: Largest upload accepted, in bytes.
@@ -122,6 +151,31 @@ class Settings(BaseSettings):
     #: The fewest image tokens per picture (small pictures are scaled up); 0 keeps the checkpoint's
     #: own minimum. Clipped to half of ``max_image_tokens``.
     min_image_tokens: int = Field(0, ge=0, le=16384)
+
+    @field_validator("redis_url", "broker_url")
+    @classmethod
+    def _known_scheme(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """``localhost:6379`` is refused here with a clear message, not deep in redis-py."""
+        schemes = BROKER_SCHEMES if info.field_name == "broker_url" else REDIS_SCHEMES
+        scheme, sep, _ = (value or "").partition("://")
+        if value is not None and (not sep or scheme not in schemes):
+            raise ValueError(f"not a URL tuwen can use: it must start with {', '.join(s + '://' for s in schemes)} "
+                             "(for example redis://127.0.0.1:6379/0)")
+        return value
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> Settings:
+        """Refuse the example secrets of ``.env.example``: a deployment must set its own."""
+        left = []
+        if self.minio_endpoint and is_placeholder(self.minio_secret_key.get_secret_value()):
+            left.append("TUWEN_MINIO_SECRET_KEY")
+        for name, url in (("TUWEN_REDIS_URL", self.redis_url), ("TUWEN_BROKER_URL", self.broker_url)):
+            if url and is_placeholder(urlsplit(url).password or ""):
+                left.append(f"the password in {name}")
+        if left:
+            raise ValueError(f"{' and '.join(left)} still has an example value (such as change-me); "
+                             "set a real secret (see .env.example)")
+        return self
 
     @property
     def broker(self) -> str:

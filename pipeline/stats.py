@@ -7,7 +7,9 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-KEY = "tuwen:stats:"
+from tuwen.pipeline import keys
+
+KEY = keys.STATS
 KEEP_S = 3 * 3600
 
 

@@ -2,13 +2,11 @@
 
 Signature: ``X-Tuwen-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`` with the
 timestamp (Unix seconds) in ``X-Tuwen-Timestamp``; receivers check both (``verify``) and refuse old
-timestamps, so a captured delivery cannot be replayed later.
+timestamps, so a captured delivery cannot be replayed later. The body is the public job,
+``schema.JobView`` (what ``GET /v1/jobs/{id}`` shows, less the delivery state).
 
-SSRF guard: the callback host must match ``webhook_allowed_hosts``; the host is resolved and *every*
-address must be public (loopback, private, link-local, reserved … are refused unless
-``webhook_allow_private``). The check runs at submit and again before each attempt, and the request
-goes to the address that was checked (Host header and TLS SNI keep the name), so DNS rebinding cannot
-slip in between. Redirects are not followed.
+Callback URLs pass the SSRF guard (``ssrf.UrlGuard``) at submit and again before each attempt, and
+each attempt goes to the address that was checked. Redirects are not followed.
 
 State lives under ``tuwen:webhook:*``: one hash per job (visible on ``GET /v1/jobs/{id}``), a set of
 jobs still running, and a sorted set of deliveries due. The ``Dispatcher`` runs inside each gateway
@@ -23,36 +21,67 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Annotated, Any
 
 import httpx
 import redis
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tuwen.pipeline import keys
 from tuwen.pipeline.errors import InvalidInput, Unavailable
 from tuwen.pipeline.jobs import DONE_CHANNEL, JobStore
-from tuwen.pipeline.schema import JobResult, JobStatus
-
-if TYPE_CHECKING:
-    from tuwen.pipeline.gateway import GatewaySettings
+from tuwen.pipeline.locks import Locks
+from tuwen.pipeline.schema import JobResult, JobStatus, JobView, WebhookView
+from tuwen.pipeline.ssrf import ForbiddenTarget, InvalidUrl, Target, UrlGuard
 
 log = logging.getLogger("tuwen.webhooks")
 
-PREFIX = "tuwen:webhook:"
-_WAITING = PREFIX + "waiting"
-_DUE = PREFIX + "due"
+_WAITING = keys.WEBHOOK + "waiting"
+_DUE = keys.WEBHOOK + "due"
 FINAL_STATES = ("delivered", "failed", "refused", "expired")
-_UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class WebhookSettings(BaseSettings):
+    """Webhook delivery settings (``TUWEN_WEBHOOK_*``); the gateway's settings extend them."""
+
+    model_config = SettingsConfigDict(env_prefix="TUWEN_", env_file=None, extra="ignore", frozen=True,
+                                      env_ignore_empty=True)
+
+    #: HMAC key for webhook signatures. Unset: webhooks are off and ``callback_url`` is refused.
+    webhook_secret: SecretStr | None = None
+    #: Callback hosts allowed: ``hooks.example.com``, ``*.example.com`` or ``*`` (comma-separated in env).
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Allow callbacks to loopback / private / link-local addresses (off: SSRF guard).
+    webhook_allow_private: bool = False
+    #: Deliveries tried per job before its webhook is given up (``failed`` on ``GET /v1/jobs/{id}``).
+    webhook_max_attempts: int = Field(8, ge=1, le=50)
+    #: First retry after this many seconds, doubling each time up to ``webhook_backoff_max_s``.
+    webhook_backoff_s: float = Field(2.0, gt=0)
+    #: Longest wait between two attempts.
+    webhook_backoff_max_s: float = Field(600.0, gt=0)
+    #: One delivery attempt's whole time (connect, send, answer), in seconds.
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120)
+    #: How often the delivery loop looks for ended jobs it did not hear about.
+    webhook_sweep_s: float = Field(5.0, gt=0, le=300)
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.lstrip().startswith("[") else [
+                h.strip() for h in value.split(",") if h.strip()]
+        return value
+
+    @property
+    def guard(self) -> UrlGuard:
+        return UrlGuard(tuple(self.webhook_allowed_hosts), self.webhook_allow_private, what="callback_url")
 
 
 # -- signing --------------------------------------------------------------------------------------------
@@ -72,79 +101,23 @@ def verify(secret: str, body: bytes, timestamp: str, signature: str, *, toleranc
     return age <= tolerance_s and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
-def job_payload(result: JobResult) -> dict[str, Any]:
-    """The job as its owner sees it (GET and webhook body): no storage keys, owner or worker names."""
-    data = result.to_json()
-    for private in ("owner", "image_key", "worker"):
-        data.pop(private, None)
-    return data
+def body_of(result: JobResult) -> bytes:
+    """The delivery's body: the public job (``JobView``) as compact UTF-8 JSON."""
+    return json.dumps(JobView.of(result).to_json(), ensure_ascii=False, separators=(",", ":"),
+                      sort_keys=True).encode("utf-8")
 
 
-def encode_body(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
-
-
-# -- SSRF guard -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Target:
-    """Where one attempt goes: the URL with the host replaced by a checked address."""
-
-    url: str
-    host_header: str
-    sni_hostname: str | None
-
-
-def host_allowed(host: str, patterns: list[str]) -> bool:
-    """``example.com`` matches itself; ``*.example.com`` its subdomains; ``*`` any host."""
-    host = host.lower().rstrip(".")
-    for p in (p.strip().lower().rstrip(".") for p in patterns):
-        if p == "*" or p == host or (p.startswith("*.") and host.endswith(p[1:])):
-            return True
-    return False
-
-
-def address_allowed(address: str, allow_private: bool) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_unspecified or ip.is_multicast:
-        return False
-    return allow_private or ip.is_global
-
-
-def check_callback_url(url: str, gw: GatewaySettings) -> Target:
+def check_callback_url(url: str, settings: WebhookSettings) -> Target:
     """Refuse callback URLs the gateway must not call; returns the pinned target of one attempt."""
-    if gw.webhook_secret is None:
+    if settings.webhook_secret is None:
         raise InvalidInput("webhooks are not enabled on this gateway (TUWEN_WEBHOOK_SECRET)",
                            code="webhooks_disabled")
     try:
-        parts = urlsplit(url.strip())
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:
-        raise InvalidInput(f"callback_url is not a valid URL: {exc}", code="invalid_callback_url") from exc
-    host = parts.hostname
-    if parts.scheme not in ("http", "https") or not host or len(url) > 2048:
-        raise InvalidInput("callback_url must be an http(s) URL with a host", code="invalid_callback_url")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidInput("callback_url must not carry credentials", code="invalid_callback_url")
-    if not host_allowed(host, gw.webhook_allowed_hosts):
-        raise InvalidInput(f"callback host {host!r} is not in this gateway's allow-list",
-                           code="callback_not_allowed")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise InvalidInput(f"callback host {host!r} does not resolve", code="invalid_callback_url") from exc
-    addresses = sorted({str(info[4][0]) for info in infos})
-    refused = [a for a in addresses if not address_allowed(a, gw.webhook_allow_private)]
-    if refused:
-        raise InvalidInput(f"callback host {host!r} resolves to a non-public address ({refused[0]})",
-                           code="callback_not_allowed")
-    if not addresses:
-        raise InvalidInput(f"callback host {host!r} has no address", code="invalid_callback_url")
-    ip = addresses[0]
-    netloc = (f"[{ip}]" if ":" in ip else ip) + (f":{parts.port}" if parts.port else "")
-    pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-    return Target(pinned, parts.netloc, host if parts.scheme == "https" else None)
+        return settings.guard.target(url)
+    except InvalidUrl as exc:
+        raise InvalidInput(str(exc), code="invalid_callback_url") from exc
+    except ForbiddenTarget as exc:
+        raise InvalidInput(str(exc), code="callback_not_allowed") from exc
 
 
 # -- state ------------------------------------------------------------------------------------------------
@@ -154,11 +127,11 @@ class WebhookStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
-        self._unlock = client.register_script(_UNLOCK)
+        self._locks = Locks(client)
 
     @staticmethod
     def key(job_id: str) -> str:
-        return f"{PREFIX}job:{job_id}"
+        return f"{keys.WEBHOOK}job:{job_id}"
 
     def register(self, job_id: str, url: str) -> None:
         """Record a delivery to make once the job ends (call before the job is queued)."""
@@ -183,16 +156,12 @@ class WebhookStore:
         pipe.zrem(_DUE, job_id)
         pipe.execute()
 
-    def state(self, job_id: str) -> dict[str, Any] | None:
+    def state(self, job_id: str) -> WebhookView | None:
         f = self.redis.hgetall(self.key(job_id))
         if not f.get("state"):
             return None
-        out: dict[str, Any] = {"url": f.get("url", ""), "state": f["state"], "attempts": int(f.get("attempts", 0))}
-        for name, cast in (("last_status", int), ("last_error", str), ("next_attempt_at", float),
-                           ("delivered_at", float), ("created_at", float)):
-            if f.get(name):
-                out[name] = cast(f[name])
-        return out
+        return WebhookView(url=f.get("url", ""), **{name: value for name, value in f.items() if value and name in (
+            "state", "attempts", "last_status", "last_error", "next_attempt_at", "delivered_at", "created_at")})
 
     def make_due(self, job_ids: list[str], at: float) -> None:
         if job_ids:
@@ -233,11 +202,10 @@ class WebhookStore:
         pipe.execute()
 
     def lock(self, job_id: str, ttl_ms: int) -> str | None:
-        token = secrets.token_hex(8)
-        return token if self.redis.set(f"{PREFIX}lock:{job_id}", token, nx=True, px=ttl_ms) else None
+        return self._locks.acquire(f"{keys.WEBHOOK}lock:{job_id}", ttl_ms / 1000)
 
     def unlock(self, job_id: str, token: str) -> None:
-        self._unlock(keys=[f"{PREFIX}lock:{job_id}"], args=[token])
+        self._locks.release(f"{keys.WEBHOOK}lock:{job_id}", token)
 
 
 # -- jobs that ended ------------------------------------------------------------------------------------
@@ -285,9 +253,9 @@ class DoneListener:
 class Dispatcher:
     """Delivers webhooks from inside a gateway process (``start`` / ``stop``)."""
 
-    def __init__(self, gw: GatewaySettings, jobs: JobStore, store: WebhookStore,
+    def __init__(self, settings: WebhookSettings, jobs: JobStore, store: WebhookStore,
                  on_outcome: Callable[[str], None] = lambda outcome: None) -> None:
-        self.gw, self.jobs, self.store, self.on_outcome = gw, jobs, store, on_outcome
+        self.settings, self.jobs, self.store, self.on_outcome = settings, jobs, store, on_outcome
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tuwen-webhook")
@@ -296,7 +264,7 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._loop, name="tuwen-webhook-sweep", daemon=True)
         # No keep-alive: a pooled TLS connection is keyed by address, and must not carry a request for
         # another host name than the one its certificate was checked for. No proxies from the env.
-        self._http = httpx.Client(timeout=gw.webhook_timeout_s, follow_redirects=False, trust_env=False,
+        self._http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False,
                                   limits=httpx.Limits(max_keepalive_connections=0),
                                   headers={"User-Agent": "tuwen-webhook/1"})
 
@@ -321,7 +289,7 @@ class Dispatcher:
         last_sweep = 0.0
         while not self._stop.is_set():
             try:
-                if time.monotonic() - last_sweep >= self.gw.webhook_sweep_s:
+                if time.monotonic() - last_sweep >= self.settings.webhook_sweep_s:
                     self.sweep()
                     last_sweep = time.monotonic()
                 self.run_due()
@@ -330,7 +298,7 @@ class Dispatcher:
                 log.warning("webhook sweep failed: %s", exc)
                 nxt = None
             # Sleep until the next retry is due or the sweep; a finished delivery or an ended job wakes us.
-            pause = self.gw.webhook_sweep_s
+            pause = self.settings.webhook_sweep_s
             if nxt is not None and nxt > time.time():
                 pause = min(pause, nxt - time.time())
             self._wake.wait(max(0.05, pause))
@@ -348,8 +316,8 @@ class Dispatcher:
             hook = self.store.state(job_id)
             if hook is None:
                 self.store.drop(job_id)
-            elif time.time() - hook.get("created_at", 0) > 60:  # registered just before its job record
-                self.store.record(job_id, "expired", hook["attempts"], error="the job no longer exists")
+            elif time.time() - (hook.created_at or 0) > 60:  # registered just before its job record
+                self.store.record(job_id, "expired", hook.attempts, error="the job no longer exists")
 
     def run_due(self) -> None:
         for job_id in self.store.due(time.time()):
@@ -371,39 +339,39 @@ class Dispatcher:
 
     def deliver(self, job_id: str) -> str | None:
         """Make one attempt if one is due; returns the state written (None if nothing to do)."""
-        token = self.store.lock(job_id, int((self.gw.webhook_timeout_s + 30) * 1000))
+        token = self.store.lock(job_id, int((self.settings.webhook_timeout_s + 30) * 1000))
         if token is None:
             return None
         try:
             hook = self.store.state(job_id)
-            if hook is None or hook["state"] in FINAL_STATES:
+            if hook is None or hook.state in FINAL_STATES:
                 self.store.drop(job_id)
                 return None
-            if hook["state"] == "retrying" and hook.get("next_attempt_at", 0) > time.time():
+            if hook.state == "retrying" and (hook.next_attempt_at or 0) > time.time():
                 return None  # another process made the last attempt; this one is not due yet
             result = self.jobs.get(job_id)
             if result.status == JobStatus.unknown:
-                self.store.record(job_id, "expired", hook["attempts"], error="the job no longer exists")
+                self.store.record(job_id, "expired", hook.attempts, error="the job no longer exists")
                 return "expired"
             if not result.status.terminal:
                 self.store.wait_again(job_id)
                 return None
-            attempt = hook["attempts"] + 1
+            attempt = hook.attempts + 1
             try:
-                target = check_callback_url(hook["url"], self.gw)
+                target = check_callback_url(hook.url, self.settings)
             except InvalidInput as exc:
                 self.store.record(job_id, "refused", attempt, error=f"{exc.code}: {exc.message}")
                 self.on_outcome("refused")
                 return "refused"
-            status, error = self._post(job_id, target, encode_body(job_payload(result)), attempt)
+            status, error = self._post(job_id, target, body_of(result), attempt)
             if status is not None and 200 <= status < 300:
                 state, next_at = "delivered", None
-            elif attempt >= self.gw.webhook_max_attempts:
+            elif attempt >= self.settings.webhook_max_attempts:
                 state, next_at = "failed", None
             else:
                 state = "retrying"
-                next_at = time.time() + min(self.gw.webhook_backoff_max_s,
-                                            self.gw.webhook_backoff_s * 2 ** (attempt - 1))
+                next_at = time.time() + min(self.settings.webhook_backoff_max_s,
+                                            self.settings.webhook_backoff_s * 2 ** (attempt - 1))
             self.store.record(job_id, state, attempt, status=status, error=error, next_at=next_at)
             self.on_outcome(state)
             return state
@@ -411,15 +379,22 @@ class Dispatcher:
             self.store.unlock(job_id, token)
 
     def _post(self, job_id: str, target: Target, body: bytes, attempt: int) -> tuple[int | None, str | None]:
-        assert self.gw.webhook_secret is not None
-        timestamp = str(int(time.time()))
-        headers = {"Host": target.host_header, "Content-Type": "application/json; charset=utf-8",
-                   "X-Tuwen-Timestamp": timestamp, "X-Tuwen-Job-Id": job_id,
-                   "X-Tuwen-Delivery-Attempt": str(attempt),
-                   "X-Tuwen-Signature": sign(self.gw.webhook_secret.get_secret_value(), timestamp, body)}
-        extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
-        try:
-            response = self._http.post(target.url, content=body, headers=headers, extensions=extensions)
-        except httpx.HTTPError as exc:
-            return None, f"{type(exc).__name__}: {exc}"
-        return response.status_code, None if response.is_success else f"HTTP {response.status_code}"
+        assert self.settings.webhook_secret is not None
+        return post_signed(self._http, self.settings.webhook_secret.get_secret_value(), target, body, attempt,
+                           ("X-Tuwen-Job-Id", job_id))
+
+
+def post_signed(http: httpx.Client, secret: str, target: Target, body: bytes, attempt: int,
+                ident: tuple[str, str]) -> tuple[int | None, str | None]:
+    """One signed delivery (jobs' and batches' webhooks alike): ``(status, error)``; the connection goes to
+    the address the SSRF guard checked, with the callback's own host name for Host and TLS."""
+    timestamp = str(int(time.time()))
+    headers = {"Host": target.host_header, "Content-Type": "application/json; charset=utf-8",
+               "X-Tuwen-Timestamp": timestamp, ident[0]: ident[1], "X-Tuwen-Delivery-Attempt": str(attempt),
+               "X-Tuwen-Signature": sign(secret, timestamp, body)}
+    extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+    try:
+        response = http.post(target.url, content=body, headers=headers, extensions=extensions)
+    except httpx.HTTPError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    return response.status_code, None if response.is_success else f"HTTP {response.status_code}"

@@ -1,5 +1,12 @@
-"""The answer cache: a repeated (image, question, generation params, model) is answered without the
-model. Image keys are content hashes, so the same picture uploaded twice hits the same entry."""
+"""The answer cache: a repeated (owner, image, question, generation params, model) is answered without
+the model. Image keys are content hashes, so the same picture uploaded twice (by one owner) hits the same entry.
+
+Entries are per owner. A shared entry would tell owner B that someone else already asked this question
+about this picture: B's answer would come back marked ``cached``, faster, and without a batch size or
+model time. Within one owner a cached result still says ``cached`` and carries no ``batch_size`` or
+``generate_ms``: no model ran for it, and inventing those numbers would make the timings and batch
+statistics false, while an owner learns nothing from it but its own history.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +17,13 @@ from typing import Any
 from tuwen.pipeline.jobs import cache_prefix
 from tuwen.pipeline.schema import JobRequest
 
+
 def cache_key(job: JobRequest, model_id: str) -> str:
-    ident = json.dumps([job.image_key, job.question, job.params.model_dump(), model_id], ensure_ascii=False)
-    return cache_prefix(job.image_key) + hashlib.sha256(ident.encode()).hexdigest()
+    """The entry for the whole conversation (every turn and picture) of this owner, filed under its
+    first picture and owner so that deleting that picture, or the owner's last job on it, finds it."""
+    ident = json.dumps([job.owner, [m.model_dump(mode="json") for m in job.messages],
+                        job.params.model_dump(mode="json"), model_id], ensure_ascii=False)
+    return cache_prefix(job.image_key or "", job.owner) + hashlib.sha256(ident.encode()).hexdigest()
 
 
 class AnswerCache:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one worker process, served on ``TUWEN_METRICS_PORT``."""
+"""Prometheus metrics of one worker process, served on ``TUWEN_METRICS_ADDRESS:TUWEN_METRICS_PORT``."""
 
 from __future__ import annotations
 
@@ -34,9 +34,17 @@ class WorkerMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.batch_size = Histogram("tuwen_batch_size", "Jobs per model batch", buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("tuwen_batch_size", "Jobs per hand-over from the queue to the decode loop",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.running_rows = Gauge("tuwen_running_rows", "Jobs decoding together right now (continuous batching)",
+                                  registry=r)
+        self.rows_per_answer = Histogram("tuwen_model_batch_rows", "Most rows that decoded alongside a job",
+                                         buckets=_BATCH_BUCKETS, registry=r)
+        self.first_token = Histogram("tuwen_time_to_first_token_seconds",
+                                     "From a job joining the decode loop to its first token", buckets=_SECONDS,
+                                     registry=r)
         self.queue_wait = Histogram("tuwen_queue_wait_seconds", "Submit to batch start", buckets=_SECONDS, registry=r)
-        self.model_seconds = Histogram("tuwen_model_seconds", "Model time per batch (preprocess + generate)",
+        self.model_seconds = Histogram("tuwen_model_seconds", "Model time per job (joining the decode loop to its last token)",
                                        buckets=_SECONDS, registry=r)
         self.generated_tokens = Counter("tuwen_generated_tokens", "Tokens generated", registry=r)
         self.jobs = Counter("tuwen_jobs", "Jobs finished", ["status", "code"], registry=r)
@@ -45,14 +53,28 @@ class WorkerMetrics:
         self.image_bytes = Counter("tuwen_image_bytes", "Image bytes fetched from storage", registry=r)
         self.cache_hits = Counter("tuwen_answer_cache_hits", "Jobs answered from the answer cache", registry=r)
         self.cache_misses = Counter("tuwen_answer_cache_misses", "Jobs the answer cache did not know", registry=r)
+        self.poison = Counter("tuwen_poison_messages", "Queue messages refused and moved to the dead-letter list",
+                              ["reason"], registry=r)
+        self.recovered = Counter("tuwen_recovered_messages", "Jobs of dead workers put back on their queue",
+                                 registry=r)
         self.device_memory = Gauge("tuwen_device_memory_bytes", "CUDA memory allocated (peak since start)",
                                    ["kind"], registry=r)
 
     def watch_queues(self, redis: Any, queues: Iterable[str]) -> None:
         self.registry.register(QueueDepth(redis, queues))
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, addr="0.0.0.0", registry=self.registry)
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        """Serve ``/metrics`` on ``address:port`` (``TUWEN_METRICS_ADDRESS``; this host only by default)."""
+        start_http_server(port, addr=address, registry=self.registry)
+
+    def observe_answer(self, answer: Any) -> None:
+        """One answered job: its time to first token, model time and the batch it decoded in."""
+        timings = answer.timings
+        if "first_token_ms" in timings:
+            self.first_token.observe(timings["first_token_ms"] / 1000)
+        if "generate_ms" in timings:
+            self.model_seconds.observe(timings["generate_ms"] / 1000)
+        self.rows_per_answer.observe(answer.batch_size)
 
     def observe_device(self) -> None:
         import torch

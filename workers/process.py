@@ -12,16 +12,17 @@ from pathlib import Path
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.registry import live_workers
 from tuwen.pipeline.settings import Settings
+from tuwen.workers.hooks import Hooks
 
 
 class WorkerProcess:
     """A worker subprocess configured by ``settings`` (passed as ``TUWEN_*``, nothing inherited)."""
 
     def __init__(self, settings: Settings, hostname: str, log_path: Path, *, threads: int = 1,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, hooks: Hooks | None = None) -> None:
         self.settings, self.hostname, self.log_path = settings, hostname, log_path
         self.threads = threads
-        self.extra_env = extra_env or {}
+        self.extra_env = {**(hooks.to_env() if hooks else {}), **(extra_env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
@@ -39,14 +40,15 @@ class WorkerProcess:
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Block until the worker consumes (it announces itself only after the model loaded)."""
+        """Block until this very process consumes (it announces itself, with its pid, only after the model
+        loaded): a heartbeat left by an earlier process of the same name does not count."""
         client = connect(self.settings.redis_url)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
                 if self.proc is None or self.proc.poll() is not None:
                     raise RuntimeError(f"worker exited early; log:\n{self.log_tail()}")
-                if any(w["name"] == self.hostname for w in live_workers(client)):
+                if any(w["name"] == self.hostname and w.get("pid") == self.proc.pid for w in live_workers(client)):
                     return
                 time.sleep(0.2)
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 
@@ -59,4 +61,33 @@ def test_repeated_job_is_answered_from_the_cache(cache_worker: WorkerProcess, ca
         client.delete(job_id)
     fresh = client.wait(client.submit(sample.path.read_bytes(), sample.question).id, timeout=60)
     assert not fresh.cached
+    client.close()
+
+
+def test_the_cache_is_per_owner(cache_worker: WorkerProcess, cache_settings: Settings) -> None:
+    client = Client(cache_settings)
+    sample = load_samples()[4]
+    png = sample.path.read_bytes()
+    # Given school-a's answered question
+    first = client.wait(client.submit(png, sample.question, owner="school-a").id, timeout=60)
+    assert first.status == JobStatus.succeeded and not first.cached and first.batch_size
+    # When school-b asks the same about the same picture
+    other = client.wait(client.submit(png, sample.question, owner="school-b").id, timeout=60)
+    # Then the model answers it: nothing tells school-b that someone asked before
+    assert other.status == JobStatus.succeeded and not other.cached and other.batch_size
+    assert set(other.timings) == set(first.timings) and "generate_ms" in other.timings
+    # While school-a's repeat comes from the cache, and the command line says so (not "batch of None")
+    again = client.wait(client.submit(png, sample.question, owner="school-a").id, timeout=60)
+    assert again.cached and again.answer == first.answer
+    env = {"PATH": "/usr/bin:/bin", **cache_settings.to_env()}
+    shown = subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", "result", again.id], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "from the answer cache" in shown.stdout and "None" not in shown.stdout
+    # And when school-a deletes its jobs, its cached answers go, though school-b's job keeps the picture
+    for job_id in (first.id, again.id):
+        assert client.delete(job_id, owner="school-a")
+    assert client.images.exists(first.image_key or "")
+    assert not client.wait(client.submit(png, sample.question, owner="school-a").id, timeout=60).cached
+    assert client.wait(client.submit(png, sample.question, owner="school-b").id, timeout=60).cached
     client.close()

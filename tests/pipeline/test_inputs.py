@@ -68,3 +68,20 @@ def test_questions() -> None:
         with pytest.raises(InvalidQuestion) as info:
             check_question(bad, max_chars=20)
         assert info.value.code == code, bad
+
+
+def test_invisible_questions_are_empty() -> None:
+    for invisible in ("\u200b", "\u200b\u200c\u200d\u2060", "\ufeff", " \ufeff\u200b\r\n\t", "\u200e\u200f"):
+        with pytest.raises(InvalidQuestion) as info:
+            check_question(invisible, max_chars=20)
+        assert info.value.code == "empty_question", repr(invisible)
+    # Trimmed at the ends only: a joiner inside an emoji sequence stays
+    assert check_question("\ufeff图中有几个👩\u200d👩？\u200b", max_chars=20) == "图中有几个👩\u200d👩？"
+
+
+def test_browser_line_breaks_are_accepted_as_newlines() -> None:
+    assert check_question("图中有几个圆形？\r\n请数一数。\r\n", max_chars=40) == "图中有几个圆形？\n请数一数。"
+    assert check_question("第一行\r第二行", max_chars=40) == "第一行\n第二行"
+    assert check_question("多\r\n\r\n行", max_chars=4) == "多\n\n行"  # a CRLF counts as one character
+    with pytest.raises(InvalidQuestion):
+        check_question("图中\x0b有什么", max_chars=40)  # other control characters are still refused

@@ -69,6 +69,8 @@ REFUSED: dict[str, tuple[bytes, object, dict[str, object], str]] = {
     "over the byte limit": (b"\x89PNG\r\n\x1a\n" + b"\x00" * (21 * 1024 * 1024), Q, {}, "image_too_large"),
     "empty question": (sample_png(), "", {}, "empty_question"),
     "whitespace-only question": (sample_png(), " \t\n　 ", {}, "empty_question"),
+    "zero-width-only question": (sample_png(), "\u200b\u200c\u200d\u2060", {}, "empty_question"),
+    "BOM-only question": (sample_png(), "\ufeff", {}, "empty_question"),
     "over-long question": (sample_png(), "问" * 501, {}, "question_too_long"),
     "invalid UTF-8 question": (sample_png(), b"\xff\xfe\xfa", {}, "invalid_question"),
     "control characters in question": (sample_png(), "图中\x00有\x1b[31m什么", {}, "invalid_question"),
