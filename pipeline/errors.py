@@ -6,6 +6,151 @@ on ``code``, never on message text.
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import Any
+
+
+class ErrorCode(str, Enum):
+    """Every error code tuwen gives, with what it means and whether the same request may succeed later.
+
+    docs/errors.md is generated from this list (``python -m tuwen.pipeline.errors``); a test fails when
+    the two differ, or when the code base uses a code that is not here.
+    """
+
+    meaning: str
+    retryable: bool
+
+    def __new__(cls, value: str, meaning: str, retryable: bool = False) -> ErrorCode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        member.retryable = retryable
+        return member
+
+    # -- the request ---------------------------------------------------------------------------------
+    invalid_input = ("invalid_input", "The request is refused as it is; sending it again unchanged cannot help.")
+    invalid_request = ("invalid_request", "The HTTP request is malformed (a field missing or of the wrong type).")
+    invalid_params = ("invalid_params", "A generation parameter or form field is unknown, repeated or out of range.")
+    invalid_messages = ("invalid_messages", "The conversation's shape is wrong: roles, order, or a picture outside "
+                        "a user message.")
+    invalid_question = ("invalid_question", "The question is not valid text (not UTF-8, control characters).")
+    empty_question = ("empty_question", "There is no question: empty, or only whitespace and invisible characters.")
+    missing_question = ("missing_question", "A bulk line has no question and the submission gave none.")
+    question_too_long = ("question_too_long", "The question is longer than TUWEN_MAX_QUESTION_CHARS.")
+    conversation_too_long = ("conversation_too_long", "The conversation's text is longer than "
+                             "TUWEN_MAX_CONVERSATION_CHARS.")
+    context_too_long = ("context_too_long", "The conversation in tokens, plus max_tokens, does not fit the model's "
+                        "context; the message gives the counts (or ask for truncation: oldest_turns).")
+    too_many_images = ("too_many_images", "More pictures than the model family (or TUWEN_MAX_IMAGES_PER_JOB) takes "
+                       "in one job.")
+    request_too_large = ("request_too_large", "The request body is larger than the gateway accepts.")
+    unsupported_parameter = ("unsupported_parameter", "A chat completions parameter tuwen does not support "
+                             "(n > 1, tools, response_format, logprobs...); the error's param names it.")
+    method_not_allowed = ("method_not_allowed", "This path does not take this HTTP method.")
+    http_error = ("http_error", "Another HTTP-level refusal; the status code says which.")
+    # -- pictures ------------------------------------------------------------------------------------
+    invalid_image = ("invalid_image", "The picture is not something tuwen can read (for example a text-mode file).")
+    empty_image = ("empty_image", "The picture has no bytes.")
+    missing_image = ("missing_image", "A bulk line names no picture.")
+    corrupt_image = ("corrupt_image", "The picture's data is damaged or truncated.")
+    unsupported_image_format = ("unsupported_image_format", "Not a PNG, JPEG, GIF, WebP, BMP, TIFF, HEIF or AVIF.")
+    image_too_large = ("image_too_large", "The picture file is larger than TUWEN_MAX_IMAGE_BYTES.")
+    image_too_many_pixels = ("image_too_many_pixels", "The picture has more pixels than TUWEN_MAX_IMAGE_PIXELS "
+                             "(checked before decoding).")
+    bad_aspect_ratio = ("bad_aspect_ratio", "The picture is longer than TUWEN_MAX_ASPECT_RATIO times its width, "
+                        "or the other way round.")
+    image_not_found = ("image_not_found", "No such picture for this owner: missing, expired, outside the images "
+                       "folder, or stored by someone else (all worded alike).")
+    image_url_not_allowed = ("image_url_not_allowed", "A remote picture URL whose host is not allow-listed, or "
+                             "that points at a private address.")
+    invalid_image_url = ("invalid_image_url", "An image_url that is not a data: URL, a tuwen://images/<sha256> key "
+                         "or an http(s) URL.")
+    unsupported_image_encoding = ("unsupported_image_encoding", "A data: URL that is not base64-encoded.")
+    image_url_failed = ("image_url_failed", "A remote picture could not be fetched (status, timeout or size).",
+                        True)
+    image_fetch_failed = ("image_fetch_failed", "A remote picture could not be fetched (status, timeout or size).",
+                          True)
+    file_not_found = ("file_not_found", "A local file the command was given does not exist.")
+    file_not_readable = ("file_not_readable", "A local file exists but cannot be read (permissions, a folder, "
+                         "a FIFO).")
+    # -- jobs and bulks ------------------------------------------------------------------------------
+    not_found = ("not_found", "No such job for this owner (never submitted, expired, deleted, or another "
+                 "owner's: all worded alike).")
+    cancelled = ("cancelled", "The job was cancelled before it ran.")
+    already_finished = ("already_finished", "The job has ended; it can no longer be cancelled.")
+    too_many_attempts = ("too_many_attempts", "The job was started TUWEN_MAX_ATTEMPTS times without finishing "
+                         "(its worker kept dying); it is failed for good.")
+    job_expired = ("job_expired", "A bulk line's job record expired before its result was read.")
+    bulk_not_found = ("bulk_not_found", "No such bulk (never created, expired, or another owner's).")
+    bulk_busy = ("bulk_busy", "Another process is submitting or cancelling this bulk right now.", True)
+    bulk_expired = ("bulk_expired", "The bulk did not finish within its completion window; its line was "
+                    "cancelled.")
+    invalid_manifest = ("invalid_manifest", "A bulk input file is refused as a whole (the message lists the lines).")
+    # -- bulk and Batch API input files (each refuses the whole file; the batch's errors list the lines) --
+    invalid_json_line = ("invalid_json_line", "An input line is not a JSON object (not JSON, not UTF-8, or nested "
+                         "too deep).")
+    missing_custom_id = ("missing_custom_id", "An input line has no custom_id, or one that is not a non-empty string "
+                         "of at most 512 characters.")
+    duplicate_custom_id = ("duplicate_custom_id", "Two lines of an input file have the same custom_id.")
+    invalid_method = ("invalid_method", "A Batch API line's method is not POST.")
+    invalid_url = ("invalid_url", "A Batch API line's url is not the batch's endpoint (/v1/chat/completions).")
+    missing_body = ("missing_body", "A Batch API line has no body object (the chat completion request).")
+    line_too_long = ("line_too_long", "A Batch API line is longer than one chat completions request may be "
+                     "(TUWEN_GATEWAY_MAX_CHAT_BYTES).")
+    too_many_lines = ("too_many_lines", "A Batch API input file has more lines than TUWEN_MAX_BATCH_LINES.")
+    empty_file = ("empty_file", "The input file has no lines.")
+    # -- the Batch API: files and batches (/v1/files, /v1/batches) -----------------------------------
+    file_too_large = ("file_too_large", "An uploaded file is larger than TUWEN_MAX_BATCH_FILE_BYTES.")
+    unsupported_purpose = ("unsupported_purpose", "A file uploaded with a purpose other than batch (tuwen keeps "
+                           "Batch API files only).")
+    unknown_file = ("unknown_file", "No such file for this owner (never uploaded, deleted, expired, or another "
+                    "owner's: all worded alike).")
+    file_in_use = ("file_in_use", "The file is the input of a batch that is still reading it; delete it once "
+                   "the batch has ended.", True)
+    invalid_endpoint = ("invalid_endpoint", "A batch for another endpoint than /v1/chat/completions (the only one "
+                        "tuwen serves).")
+    invalid_completion_window = ("invalid_completion_window", "A batch's completion_window is not 24h.")
+    batch_ended = ("batch_ended", "The batch has ended (completed, failed or expired); it can no longer be "
+                   "cancelled.")
+    # -- API keys, owners, the gateway ---------------------------------------------------------------
+    unauthorized = ("unauthorized", "No API key was sent (Authorization: Bearer <key>).")
+    invalid_api_key = ("invalid_api_key", "The API key is unknown or revoked.")
+    forbidden = ("forbidden", "The key may not do this.")
+    invalid_owner = ("invalid_owner", "An owner name that is empty, too long or has characters outside the "
+                     "allowed set.")
+    rate_limited = ("rate_limited", "Too many requests for this API key; Retry-After says when to try again.", True)
+    conflict = ("conflict", "The thing exists already (for example an API key name).")
+    idempotency_key_reused = ("idempotency_key_reused", "This Idempotency-Key was used for a different request.")
+    idempotency_in_progress = ("idempotency_in_progress", "A request with this Idempotency-Key is still being "
+                               "handled.", True)
+    invalid_idempotency_key = ("invalid_idempotency_key", "The Idempotency-Key header is empty or too long.")
+    invalid_callback_url = ("invalid_callback_url", "The webhook URL is malformed, too long, or not http(s).")
+    callback_not_allowed = ("callback_not_allowed", "The webhook URL's host is not allowed or resolves to a "
+                            "private address.")
+    webhooks_disabled = ("webhooks_disabled", "This gateway sends no webhooks (no signing secret configured).")
+    model_not_served = ("model_not_served", "No live worker serves the model the request names.")
+    # -- services and the model ---------------------------------------------------------------------
+    service_unavailable = ("service_unavailable", "Redis or the broker did not answer; the same call may work "
+                           "later.", True)
+    storage_unavailable = ("storage_unavailable", "The S3 / MinIO server did not answer.", True)
+    storage_auth_failed = ("storage_auth_failed", "The S3 / MinIO server refused tuwen's credentials.")
+    storage_misconfigured = ("storage_misconfigured", "The bucket or endpoint setting is wrong.")
+    invalid_key = ("invalid_key", "An object key that tuwen would never create.")
+    invalid_setting = ("invalid_setting", "A TUWEN_* setting is malformed (a URL without a scheme, a placeholder "
+                       "secret).")
+    timeout = ("timeout", "The answer did not come within the wait; the job goes on (poll it by id).", True)
+    out_of_memory = ("out_of_memory", "The model ran out of memory on this job alone.")
+    model_error = ("model_error", "The model failed on this job or batch.", True)
+    model_not_found = ("model_not_found", "The worker's checkpoint directory has no config.json.")
+    internal_error = ("internal_error", "A bug in tuwen; the message says where.")
+
+
+def error_table() -> str:
+    """The Markdown table of docs/errors.md."""
+    lines = ["| code | retry may help | meaning |", "|---|---|---|"]
+    lines += [f"| `{c.value}` | {'yes' if c.retryable else 'no'} | {c.meaning} |" for c in ErrorCode]
+    return "\n".join(lines)
+
 
 class TuwenError(Exception):
     code = "internal_error"
@@ -21,6 +166,10 @@ class TuwenError(Exception):
 
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
+
+    def as_error(self) -> dict[str, Any]:
+        """The error as result data, ``retryable`` included (``schema.ErrorInfo``'s fields)."""
+        return {"code": self.code, "message": self.message, "retryable": self.retryable}
 
 
 class InvalidInput(TuwenError):
@@ -64,6 +213,8 @@ class ModelError(TuwenError):
     code = "model_error"
 
 
-class Timeout(TuwenError):
-    code = "timeout"
-    retryable = True
+
+if __name__ == "__main__":
+    print("# Error codes\n\nEvery error tuwen gives carries one of these codes (generated from "
+          "`tuwen.pipeline.errors.ErrorCode`; match on the code, never on the message).\n")
+    print(error_table())

@@ -75,8 +75,9 @@ def test_the_checker_sees_imports_inside_functions() -> None:
 
 @pytest.mark.timeout(200)
 def test_a_producer_process_loads_no_model_library() -> None:
-    code = ("import tuwen.pipeline.client, tuwen.pipeline.cli, tuwen.pipeline.gateway, tuwen.pipeline.bulk, "
-            "tuwen.pipeline.mmbench, tuwen.storage.factory\nimport sys; print('\\n'.join(sys.modules))")
+    code = ("import tuwen.pipeline.client, tuwen.pipeline.cli, tuwen.pipeline.gateway.app, "
+            "tuwen.pipeline.bulk.store, tuwen.pipeline.bulk.mmbench, tuwen.storage.factory\n"
+            "import sys; print('\\n'.join(sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     loaded = set(out.stdout.split())
     assert not {m for m in loaded if m.split(".")[0] in MODEL_LIBRARIES or m.startswith("tuwen.workers")}

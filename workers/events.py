@@ -2,8 +2,8 @@
 
 celery-batches sends no per-request events (measured: every job stayed PENDING in Flower). The worker
 sends them itself: ``task-received`` when a message arrives, ``task-started`` when its batch starts,
-``task-succeeded`` / ``task-failed`` with the runtime when its result is written. A batch also appears
-as a task of its own (``tuwen.batch``) listing the job ids it held.
+``task-succeeded`` / ``task-failed`` with the runtime when its result is written. Each hand-over from
+the queue to the decode loop also appears as a task of its own (``tuwen.group``) listing its job ids.
 
 What Flower shows as arguments and results is ids, keys and parameters. Question and answer text may be
 students' data: they are shown only when ``TUWEN_FLOWER_SHOW_TEXT`` is true.
@@ -22,10 +22,11 @@ from tuwen.pipeline.schema import JobRequest, JobResult, JobStatus
 
 
 def job_kwargs_repr(job: JobRequest, show_text: bool) -> str:
-    shown: dict[str, Any] = {"job_id": job.id, "image_key": job.image_key, "params": job.params.model_dump(),
-                             "priority": job.priority.value, "owner": job.owner}
-    if job.batch_id:
-        shown["batch_id"] = job.batch_id
+    shown: dict[str, Any] = {"job_id": job.id, "image_keys": job.image_keys, "turns": len(job.messages),
+                             "params": job.params.model_dump(mode="json"), "priority": job.priority.value,
+                             "owner": job.owner}
+    if job.bulk_id:
+        shown["bulk_id"] = job.bulk_id
     if show_text:
         shown["question"] = job.question
     return repr(shown)
@@ -63,23 +64,27 @@ class JobEvents:
                    root_id=job.id, parent_id=None)
 
     def started(self, jobs: list[JobRequest]) -> str:
-        batch_id = uuid.uuid4().hex
-        self._send("task-received", uuid=batch_id, name="tuwen.batch", args="()",
+        group_id = uuid.uuid4().hex
+        self._send("task-received", uuid=group_id, name="tuwen.group", args="()",
                    kwargs=repr({"jobs": [j.id for j in jobs]}), retries=0, eta=None, expires=None,
-                   root_id=batch_id, parent_id=None)
-        self._send("task-started", uuid=batch_id)
+                   root_id=group_id, parent_id=None)
+        self._send("task-started", uuid=group_id)
         for job in jobs:
             self._send("task-started", uuid=job.id)
-        return batch_id
+        return group_id
 
-    def finished(self, batch_id: str, results: list[JobResult], runtime_s: float) -> None:
+    def ended(self, results: list[JobResult]) -> None:
+        """Each job as its result is written (rows leave the decode loop one by one)."""
         for r in results:
+            runtime = ((r.finished_at or time.time()) - (r.started_at or r.created_at or time.time()))
             if r.status == JobStatus.succeeded:
-                self._send("task-succeeded", uuid=r.id, result=result_repr(r, self.show_text), runtime=runtime_s)
+                self._send("task-succeeded", uuid=r.id, result=result_repr(r, self.show_text), runtime=runtime)
             else:
                 code = r.error.code if r.error else r.status.value
                 message = r.error.message if r.error else ""
                 self._send("task-failed", uuid=r.id, exception=f"{code}: {message}", traceback="")
+
+    def finished(self, group_id: str, results: list[JobResult], runtime_s: float) -> None:
         ok = sum(r.status == JobStatus.succeeded for r in results)
-        self._send("task-succeeded", uuid=batch_id, runtime=runtime_s,
+        self._send("task-succeeded", uuid=group_id, runtime=runtime_s,
                    result=repr({"jobs": len(results), "succeeded": ok, "at": time.time()}))

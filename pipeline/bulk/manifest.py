@@ -2,8 +2,8 @@
 
 JSONL lines ``{"custom_id", "image", "question", "params"?}``; a CSV with the same columns (``params`` as
 JSON text); or every picture in a folder × one question (custom_id: the relative path). ``image`` is a
-path (relative to ``images_dir``, default the input file's folder) or the key of a picture already in
-the image store (``images/<sha256>``).
+path inside ``images_dir`` (default: the input file's folder) or the key of a picture the same owner
+stored before (``images/<sha256>``). A line nested deeper than ``MAX_NESTING`` is refused, unparsed.
 """
 
 from __future__ import annotations
@@ -11,14 +11,37 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuwen.pipeline.bulk.model import InputError
 from tuwen.pipeline.errors import InvalidInput
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".avif"})
+#: Deepest JSON nesting a line (or a CSV ``params`` cell) may have. ``json.loads`` recurses: a line
+#: nested 100,000 deep raised RecursionError and left its bulk in ``validating``.
+MAX_NESTING = 32
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def too_deep(text: str, limit: int = MAX_NESTING) -> bool:
+    """Whether the JSON text nests arrays/objects deeper than ``limit`` (brackets in strings do not count)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token == "[" or token == "{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif token == "]" or token == "}":
+            depth -= 1
+    return False
+
 
 class InvalidManifest(InvalidInput):
     """The input file as a whole is refused; ``problems`` lists the offending lines."""
@@ -44,11 +67,15 @@ class Record:
     params: Any = None
     #: The picture's bytes, for sources that carry them (evaluation) instead of a path.
     data: bytes | None = field(default=None, repr=False)
+    #: A Batch API line's request body (a chat completion request), for ``openai_input.BatchInput``.
+    request: Any = field(default=None, repr=False)
     problem: str | None = None
+    #: The problem's error code (``invalid_manifest`` if none is given).
+    code: str | None = None
 
 
 class Source:
-    """Where a batch's lines come from. ``records()`` streams them again on every call."""
+    """Where a bulk's lines come from. ``records()`` streams them again on every call."""
 
     name: str = ""
     base: Path | None = None  #: folder that relative image paths are read from
@@ -69,7 +96,8 @@ def _file_digest(path: Path, *extra: object) -> str:
     return h.hexdigest()
 
 
-def _custom_id(value: Any) -> tuple[str | None, str | None]:
+def custom_id_of(value: Any) -> tuple[str | None, str | None]:
+    """The line's custom_id as text, or why there is none (None, None: absent or blank)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None, None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -90,18 +118,22 @@ class JsonlSource(Source):
             for number, raw in enumerate(f, 1):
                 try:
                     text = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+                    if too_deep(text):
+                        yield Record(number, None, problem=f"nested deeper than {MAX_NESTING} levels",
+                                     code="invalid_json_line")
+                        continue
                     obj = json.loads(text) if text else None
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    yield Record(number, None, problem=f"not a JSON line ({exc})")
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                    yield Record(number, None, problem=f"not a JSON line ({exc})", code="invalid_json_line")
                     continue
                 if obj is None:
                     continue
                 if not isinstance(obj, dict):
-                    yield Record(number, None, problem="not a JSON object")
+                    yield Record(number, None, problem="not a JSON object", code="invalid_json_line")
                     continue
-                cid, problem = _custom_id(obj.get("custom_id"))
+                cid, problem = custom_id_of(obj.get("custom_id"))
                 yield Record(number, cid, obj.get("image"), obj.get("question", self.question), obj.get("params"),
-                             problem=problem)
+                             problem=problem, code="missing_custom_id" if problem else None)
 
 
 class CsvSource(JsonlSource):
@@ -111,21 +143,26 @@ class CsvSource(JsonlSource):
     def records(self) -> Iterator[Record]:
         with self.path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             reader = csv.DictReader(f)
-            if "custom_id" not in (reader.fieldnames or []):
-                yield Record(1, None, problem="the CSV header has no custom_id column")
-                return
-            for row in reader:
-                number = reader.line_num
-                if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                    continue
-                params: Any = (row.get("params") or "").strip() or None
-                try:
-                    params = json.loads(params) if params else None
-                except json.JSONDecodeError:
-                    pass  # left as text: that line fails with invalid_params
-                cid, problem = _custom_id(row.get("custom_id"))
-                yield Record(number, cid, (row.get("image") or "").strip() or None,
-                             row.get("question") or self.question, params, problem=problem)
+            rows = iter(reader)
+            try:
+                if "custom_id" not in (reader.fieldnames or []):
+                    yield Record(1, None, problem="the CSV header has no custom_id column", code="missing_custom_id")
+                    return
+                while (row := next(rows, None)) is not None:
+                    if any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                        yield self._record(reader.line_num, row)
+            except csv.Error as exc:  # e.g. a field over csv's size limit: the rest cannot be read
+                yield Record(reader.line_num, None, problem=f"not readable as CSV ({exc})")
+
+    def _record(self, number: int, row: dict[str, Any]) -> Record:
+        params: Any = (row.get("params") or "").strip() or None
+        try:
+            params = json.loads(params) if params and not too_deep(params) else params
+        except (json.JSONDecodeError, RecursionError):
+            pass  # left as text: that line fails with invalid_params
+        cid, problem = custom_id_of(row.get("custom_id"))
+        return Record(number, cid, (row.get("image") or "").strip() or None, row.get("question") or self.question,
+                      params, problem=problem, code="missing_custom_id" if problem else None)
 
 
 class FolderSource(Source):
@@ -176,21 +213,29 @@ def open_source(path: Path, *, images_dir: Path | None = None, question: str | N
     return cls(path, images_dir, question)
 
 
-def validate(source: Source) -> tuple[int, list[str]]:
-    """Count the lines and list what refuses the file: unreadable lines, missing or repeated custom_ids."""
+def check(source: Source) -> tuple[int, list[InputError]]:
+    """Count the lines and list what refuses the file (line, code, message): unreadable lines, missing or
+    repeated custom_ids. Streams the input; only the custom_ids are kept, to find repeats."""
     seen: dict[str, int] = {}
-    problems: list[str] = []
+    problems: list[InputError] = []
     total = 0
     for rec in source.records():
         total += 1
         if rec.problem:
-            problems.append(f"line {rec.line}: {rec.problem}")
+            problems.append(InputError(line=rec.line, code=rec.code or "invalid_manifest", message=rec.problem))
         elif rec.custom_id is None:
-            problems.append(f"line {rec.line}: no custom_id")
+            problems.append(InputError(line=rec.line, code="missing_custom_id", message="no custom_id"))
         elif rec.custom_id in seen:
-            problems.append(f"line {rec.line}: custom_id {rec.custom_id!r} repeats line {seen[rec.custom_id]}")
+            problems.append(InputError(line=rec.line, code="duplicate_custom_id",
+                                       message=f"custom_id {rec.custom_id!r} repeats line {seen[rec.custom_id]}"))
         else:
             seen[rec.custom_id] = rec.line
     if total == 0:
-        problems.append("the input has no lines")
+        problems.append(InputError(line=None, code="empty_file", message="the input has no lines"))
     return total, problems
+
+
+def validate(source: Source) -> tuple[int, list[str]]:
+    """``check`` with each problem as one line of text (``line 3: custom_id 'a' repeats line 1``)."""
+    total, problems = check(source)
+    return total, [p.text for p in problems]

@@ -1,4 +1,4 @@
-"""MMBench(-CN) evaluation through the queue: read the TSV, ask every question as one bulk batch, score.
+"""MMBench(-CN) evaluation through the queue: read the TSV, ask every question as one bulk, score.
 
 The TSV has a header with at least ``index``, ``question``, ``A``, ``B`` (``C``, ``D`` optional: some
 questions have two or three options) and ``image`` (base64; a short all-digit value refers to the image
@@ -38,8 +38,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from tuwen.pipeline.bulk import Batch, BatchStore, SubmitProgress
-from tuwen.pipeline.manifest import Record, RecordSource
+from tuwen.pipeline.bulk.manifest import Record, RecordSource
+from tuwen.pipeline.bulk.model import Bulk
+from tuwen.pipeline.bulk.store import BulkStore
+from tuwen.pipeline.bulk.submission import SubmitProgress
 from tuwen.pipeline.errors import InvalidInput
 
 LETTERS = ("A", "B", "C", "D")
@@ -203,11 +205,11 @@ def score(grouped: list[list[Question]], answers: dict[str, str | None]) -> dict
     }
 
 
-def evaluate(store: BatchStore, path: Path, *, circular: bool = False, style: PromptStyle = PromptStyle.options,
+def evaluate(store: BulkStore, path: Path, *, circular: bool = False, style: PromptStyle = PromptStyle.options,
              owner: str = "eval", fresh: bool = False, timeout: float | None = None,
              stop: threading.Event | None = None, on_progress: Callable[[SubmitProgress], None] | None = None,
-             on_update: Callable[[Batch], None] | None = None) -> dict[str, Any]:
-    """Run the TSV through the queue as one bulk batch (resumable like any batch) and score it."""
+             on_update: Callable[[Bulk], None] | None = None) -> dict[str, Any]:
+    """Run the TSV through the queue as one bulk (resumable like any bulk) and score it."""
     questions = read_tsv(path)
     grouped = groups(questions, circular)
     flat = [q for g in grouped for q in g]
@@ -217,13 +219,13 @@ def evaluate(store: BatchStore, path: Path, *, circular: bool = False, style: Pr
             h.update(block)
     h.update(f"mmbench\0{circular}\0{style.value}".encode())
     source = RecordSource(f"mmbench:{path.name}", lambda: _records(flat, style), h.hexdigest())
-    batch = store.submit(source, owner=owner, fresh=fresh, stop=stop, on_progress=on_progress,
+    bulk = store.submit(source, owner=owner, fresh=fresh, stop=stop, on_progress=on_progress,
                          metadata={"kind": "mmbench", "file": path.name, "circular": str(circular).lower(),
                                    "prompt": style.value})
     if not (stop is not None and stop.is_set()):
-        batch = store.wait(batch.id, timeout=timeout, on_update=on_update)
-    lines = list(store.results(batch.id))
+        bulk = store.wait(bulk.id, timeout=timeout, on_update=on_update)
+    lines = list(store.results(bulk.id))
     report = score(grouped, {r["custom_id"]: r["answer"] for r in lines})
     models = sorted({r["model_id"] for r in lines if r.get("model_id")})
-    return {"file": str(path), "batch_id": batch.id, "batch_state": batch.state.value, "circular": circular,
+    return {"file": str(path), "bulk_id": bulk.id, "bulk_state": bulk.state.value, "circular": circular,
             "prompt": style.value, "model_ids": models, **report}

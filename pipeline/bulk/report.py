@@ -1,4 +1,4 @@
-"""A self-contained HTML page for a teacher to review a batch: thumbnail, question, answer and status per
+"""A self-contained HTML page for a teacher to review a bulk: thumbnail, question, answer and status per
 line, with a filter for failures. Pictures are inlined as data URIs, so the one file works offline and
 can be mailed; nothing is fetched from anywhere.
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from tuwen.pipeline.bulk import Batch
+from tuwen.pipeline.bulk.model import Bulk
 from tuwen.pipeline.inputs import decode_image
 
 THUMB_PX = 160
@@ -91,9 +91,9 @@ def pick(lines: Iterable[dict[str, Any]], limit: int) -> tuple[list[dict[str, An
     return chosen, total
 
 
-def write_report(path: Path, batch: Batch, lines: Iterable[dict[str, Any]], images: Any, *,
+def write_report(path: Path, bulk: Bulk, lines: Iterable[dict[str, Any]], images: Any, *,
                  limit: int = 2000, title: str | None = None) -> int:
-    """Write the page for ``lines`` (``BatchStore.results`` output); returns the number of rows shown."""
+    """Write the page for ``lines`` (``BulkStore.results`` output); returns the number of rows shown."""
     rows, total = pick(lines, limit)
 
     def fetch(line: dict[str, Any]) -> str | None:
@@ -107,16 +107,16 @@ def write_report(path: Path, batch: Batch, lines: Iterable[dict[str, Any]], imag
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         thumbs = list(pool.map(fetch, rows))
-    counts = batch.request_counts
+    counts = bulk.request_counts
     failed = sum(r["status"] in ("failed", "cancelled") for r in rows)
     e = html.escape
     with path.open("w", encoding="utf-8") as out:
         out.write(f'<!doctype html>\n<html lang="zh-CN"><head><meta charset="utf-8">'
                   f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-                  f"<title>{e(title or 'tuwen 批量结果 ' + batch.id)}</title><style>{_CSS}</style></head>\n<body>\n")
-        out.write(f"<h1>{e(title or '批量作业结果 · Batch report')}</h1>\n"
-                  f'<p class="meta">{e(batch.id)} · {e(batch.input)} · 状态 state: <b>{e(batch.state.value)}</b>'
-                  f" · 创建 created {_when(batch.created_at)} · 完成 finished {_when(batch.finished_at)}</p>\n"
+                  f"<title>{e(title or 'tuwen 批量结果 ' + bulk.id)}</title><style>{_CSS}</style></head>\n<body>\n")
+        out.write(f"<h1>{e(title or '批量作业结果 · Bulk report')}</h1>\n"
+                  f'<p class="meta">{e(bulk.id)} · {e(bulk.input)} · 状态 state: <b>{e(bulk.state.value)}</b>'
+                  f" · 创建 created {_when(bulk.created_at)} · 完成 finished {_when(bulk.finished_at)}</p>\n"
                   f'<p class="counts"><span>总数 total <b>{counts.total}</b></span>'
                   f"<span>成功 completed <b>{counts.completed}</b></span>"
                   f"<span>失败 failed <b>{counts.failed}</b></span></p>\n")

@@ -32,15 +32,17 @@ def serve(
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
-    """Serve the HTTP API (and deliver webhooks) with uvicorn."""
+    """Serve the HTTP API (and deliver webhooks) with uvicorn, with read deadlines and a connection cap
+    (TUWEN_GATEWAY_HEADER_TIMEOUT_S, TUWEN_GATEWAY_BODY_TIMEOUT_S, TUWEN_GATEWAY_MAX_CONNECTIONS)."""
     import uvicorn
 
-    from tuwen.pipeline.gateway import GatewaySettings
+    from tuwen.pipeline.gateway.server import server_options
+    from tuwen.pipeline.gateway.settings import GatewaySettings
 
     overrides: dict[str, Any] = {k: v for k, v in {"gateway_host": host, "gateway_port": port}.items() if v is not None}
     gw = GatewaySettings(**overrides)
-    uvicorn.run("tuwen.pipeline.gateway:app_from_env", factory=True, host=gw.gateway_host, port=gw.gateway_port,
-                workers=workers, log_level=log_level, proxy_headers=False, server_header=False)
+    uvicorn.run("tuwen.pipeline.gateway.app:app_from_env", factory=True, workers=workers, log_level=log_level,
+                **server_options(gw))
 
 
 def _store() -> KeyStore:

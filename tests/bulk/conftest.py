@@ -1,4 +1,4 @@
-"""Helpers for the bulk tests: input files, drawn pictures, a batch store, an idle queue, Chromium."""
+"""Helpers for the bulk tests: input files, drawn pictures, a bulk store, an idle queue, Chromium."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tuwen.pipeline.bulk import BatchStore
+from tuwen.pipeline.bulk.store import BulkStore
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.settings import Settings
 from tests.conftest import need
@@ -39,10 +39,10 @@ def draw_pictures(directory: Path, n: int, seed: int, kinds: tuple[str, ...] = (
 
 
 @pytest.fixture
-def store(pipeline_settings: Settings) -> Iterator[BatchStore]:
-    """A batch store on the session worker's queues."""
+def store(pipeline_settings: Settings) -> Iterator[BulkStore]:
+    """A bulk store on the session worker's queues."""
     client = Client(pipeline_settings)
-    yield BatchStore(client)
+    yield BulkStore(client)
     client.close()
 
 
@@ -54,9 +54,9 @@ def idle_settings(pipeline_settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def idle_store(idle_settings: Settings) -> Iterator[BatchStore]:
+def idle_store(idle_settings: Settings) -> Iterator[BulkStore]:
     client = Client(idle_settings)
-    yield BatchStore(client)
+    yield BulkStore(client)
     client.close()
 
 
@@ -69,10 +69,10 @@ def chromium() -> str:
 
 
 def cli() -> Any:
-    """``tuwen bulk …`` and ``tuwen eval`` as the lead mounts them (independent of pipeline/cli.py)."""
+    """``tuwen bulk …`` and ``tuwen eval`` as pipeline/cli.py mounts them, in this process."""
     import typer
 
-    from tuwen.pipeline.bulk_cli import bulk_app, eval_command
+    from tuwen.pipeline.bulk.cli import bulk_app, eval_command
 
     root = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     root.add_typer(bulk_app, name="bulk")

@@ -1,4 +1,4 @@
-"""Bulk batches: input parsing, refusal, bad lines, results in order, resume, cancel, expiry, report."""
+"""Bulks: input parsing, refusal, bad lines, results in order, resume, cancel, expiry, report."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,16 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tuwen.pipeline.bulk import CHUNK, PREFIX, BatchState, BatchStore
-from tuwen.pipeline.manifest import CsvSource, FolderSource, InvalidManifest, JsonlSource, open_source, validate
+from tuwen.pipeline.bulk import model
+from tuwen.pipeline.bulk import store as store_module
+from tuwen.pipeline.bulk.manifest import CsvSource, FolderSource, InvalidManifest, JsonlSource, open_source, validate
+from tuwen.pipeline.bulk.model import LEGACY_ID_PREFIX, BulkState
+from tuwen.pipeline.bulk.records import PREFIX
+from tuwen.pipeline.bulk.store import BulkStore
+from tuwen.pipeline.bulk.submission import CHUNK
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import PREFIX as JOB_PREFIX
+from tuwen.pipeline.schema import GenerationParams, Priority
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.stores import open_results
 from tests.bulk.conftest import cli, draw_pictures, write_jsonl
@@ -30,8 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
-def entries(store: BatchStore, batch_id: str) -> list[dict[str, Any]]:
-    return [json.loads(e) for e in store.redis.lrange(PREFIX + batch_id + ":lines", 0, -1)]
+def entries(store: BulkStore, bulk_id: str) -> list[dict[str, Any]]:
+    return [json.loads(e) for e in store.redis.lrange(PREFIX + bulk_id + ":lines", 0, -1)]
 
 
 # -- input, no services --------------------------------------------------------------------------------
@@ -58,7 +65,7 @@ def test_jsonl_csv_and_folder_inputs_are_read_alike(tmp_path: Path) -> None:
     assert isinstance(open_source(csv_path), CsvSource) and isinstance(open_source(jsonl), JsonlSource)
     with pytest.raises(InvalidManifest):
         open_source(tmp_path)  # a folder needs a question
-    # The same input and options give the same batch; another question gives another
+    # The same input and options give the same bulk; another question gives another
     assert JsonlSource(jsonl).digest() == JsonlSource(jsonl).digest() != JsonlSource(jsonl, question="x").digest()
 
 
@@ -96,13 +103,13 @@ def test_a_50000_line_file_is_streamed_not_loaded(tmp_path: Path) -> None:
 # -- against real services -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mixed_batch(worker: Any, pipeline_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A finished batch with six good lines and five bad ones, submitted through the CLI."""
+def mixed_bulk(worker: Any, pipeline_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A finished bulk with six good lines and five bad ones, submitted through the CLI."""
     tmp = tmp_path_factory.mktemp("mixed")
     pics = draw_pictures(tmp / "imgs", 7, seed=4242)
     (tmp / "imgs" / "broken.png").write_bytes(pics[0][0].read_bytes()[:150])
     client = Client(pipeline_settings)
-    key = client.images.put(pics[6][0].read_bytes(), "image/png")
+    key = client.store_image(pics[6][0], owner="default")  # a key is usable by the owner who stored it
     client.close()
     rows: list[dict[str, Any]] = [{"custom_id": f"学生-{i}", "image": p.name, "question": q}
                                   for i, (p, q) in enumerate(pics[:5])]
@@ -111,9 +118,9 @@ def mixed_batch(worker: Any, pipeline_settings: Settings, tmp_path_factory: pyte
     rows += [{"custom_id": "empty-q", "image": pics[1][0].name, "question": "  "},
              {"custom_id": "by-key", "image": key, "question": pics[6][1], "params": {"max_new_tokens": 24}},
              {"custom_id": "bad-params", "image": pics[2][0].name, "question": "图形是什么颜色的？",
-              "params": {"temperature": 2}},
+              "params": {"no_such_knob": 2}},
              {"custom_id": "no-image", "question": "图形是什么颜色的？"}]
-    manifest = write_jsonl(tmp / "batch.jsonl", rows)
+    manifest = write_jsonl(tmp / "bulk.jsonl", rows)
     args = ["bulk", "submit", str(manifest), "--images-dir", str(tmp / "imgs")]
     started = time.monotonic()
     res = runner.invoke(cli(), args, env=pipeline_settings.to_env())
@@ -124,17 +131,17 @@ def mixed_batch(worker: Any, pipeline_settings: Settings, tmp_path_factory: pyte
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_bad_lines_fail_alone_and_results_keep_input_order(mixed_batch: dict[str, Any], store: BatchStore,
+def test_bad_lines_fail_alone_and_results_keep_input_order(mixed_bulk: dict[str, Any], store: BulkStore,
                                                           pipeline_settings: Settings) -> None:
-    env, batch_id, tmp = pipeline_settings.to_env(), mixed_batch["id"], mixed_batch["tmp"]
-    # Given the finished batch, when its results are written
-    res = runner.invoke(cli(), ["bulk", "results", batch_id, "--out", str(tmp / "results.jsonl"),
+    env, bulk_id, tmp = pipeline_settings.to_env(), mixed_bulk["id"], mixed_bulk["tmp"]
+    # Given the finished bulk, when its results are written
+    res = runner.invoke(cli(), ["bulk", "results", bulk_id, "--out", str(tmp / "results.jsonl"),
                                 "--errors", str(tmp / "errors.jsonl")], env=env)
     assert res.exit_code == 0, res.output
     text = (tmp / "results.jsonl").read_text(encoding="utf-8")
     lines = [json.loads(x) for x in text.splitlines()]
     # Then there is one line per input line, in input order, and Chinese stays readable
-    assert [x["custom_id"] for x in lines] == [r["custom_id"] for r in mixed_batch["rows"]]
+    assert [x["custom_id"] for x in lines] == [r["custom_id"] for r in mixed_bulk["rows"]]
     assert "学生-0" in text and "\\u" not in text
     codes = {x["custom_id"]: (x["error"] or {}).get("code") for x in lines if x["status"] != "succeeded"}
     assert codes == {"broken": "corrupt_image", "missing": "image_not_found", "empty-q": "empty_question",
@@ -143,26 +150,27 @@ def test_bad_lines_fail_alone_and_results_keep_input_order(mixed_batch: dict[str
     assert len(good) == 6 and all(x["answer"] and x["model_id"] for x in good)
     errors = [json.loads(x) for x in (tmp / "errors.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [x["custom_id"] for x in errors] == [x["custom_id"] for x in lines if x["status"] != "succeeded"]
-    # And the batch object says so, and its results are in the bucket under the batch id
-    batch = store.get(batch_id)
-    assert batch.state == BatchState.completed
-    assert batch.request_counts.model_dump() == {"total": 11, "completed": 6, "failed": 5}
-    assert batch.created_at <= batch.in_progress_at <= batch.finalizing_at <= batch.completed_at  # type: ignore[operator]
-    stored = open_results(pipeline_settings).get_bytes(f"batches/{batch_id}/results.jsonl").decode()
+    # And the bulk object says so, and its results are in the bucket under the bulk id
+    bulk = store.get(bulk_id)
+    assert bulk_id.startswith("bulk_")
+    assert bulk.state == BulkState.completed
+    assert bulk.request_counts.model_dump() == {"total": 11, "completed": 6, "failed": 5}
+    assert bulk.created_at <= bulk.in_progress_at <= bulk.finalizing_at <= bulk.completed_at  # type: ignore[operator]
+    stored = open_results(pipeline_settings).get_bytes(f"bulks/{bulk_id}/results.jsonl").decode()
     assert [json.loads(x)["custom_id"] for x in stored.splitlines()] == [x["custom_id"] for x in lines]
-    status = runner.invoke(cli(), ["bulk", "status", batch_id, "--json"], env=env)
+    status = runner.invoke(cli(), ["bulk", "status", bulk_id, "--json"], env=env)
     assert json.loads(status.stdout)["state"] == "completed"
     listed = runner.invoke(cli(), ["bulk", "list", "--json"], env=env)
-    assert batch_id in [b["id"] for b in json.loads(listed.stdout)]
-    # And the same command again submits nothing: same batch, same lines
-    again = runner.invoke(cli(), mixed_batch["args"], env=env)
-    assert again.exit_code == 0 and again.stdout.strip().splitlines()[-1] == batch_id
-    assert len(entries(store, batch_id)) == 11
+    assert bulk_id in [b["id"] for b in json.loads(listed.stdout)]
+    # And the same command again submits nothing: same bulk, same lines
+    again = runner.invoke(cli(), mixed_bulk["args"], env=env)
+    assert again.exit_code == 0 and again.stdout.strip().splitlines()[-1] == bulk_id
+    assert len(entries(store, bulk_id)) == 11
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_a_refused_file_lists_its_lines_and_queues_nothing(pipeline_settings: Settings, idle_store: BatchStore,
+def test_a_refused_file_lists_its_lines_and_queues_nothing(pipeline_settings: Settings, idle_store: BulkStore,
                                                            idle_settings: Settings, tmp_path: Path) -> None:
     manifest = write_jsonl(tmp_path / "dup.jsonl", [{"custom_id": "a", "image": "x.png", "question": "q"},
                                                     {"image": "x.png", "question": "q"},
@@ -172,12 +180,12 @@ def test_a_refused_file_lists_its_lines_and_queues_nothing(pipeline_settings: Se
     assert "line 2: no custom_id" in res.stderr and "line 3: custom_id 'a' repeats line 1" in res.stderr
     assert idle_store.redis.llen(idle_settings.bulk_queue) == 0
     failed = [b for b in idle_store.recent(50) if b.input == str(manifest)]
-    assert failed and failed[0].state == BatchState.failed and len(failed[0].errors) == 2
+    assert failed and failed[0].state == BulkState.failed and len(failed[0].errors) == 2
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(180)
-def test_a_stopped_submission_resumes_without_submitting_twice(idle_store: BatchStore, idle_settings: Settings,
+def test_a_stopped_submission_resumes_without_submitting_twice(idle_store: BulkStore, idle_settings: Settings,
                                                                tmp_path: Path) -> None:
     # Given 600 lines on a queue no worker reads, and a submission stopped after 150 (as Ctrl-C does)
     pics = draw_pictures(tmp_path, 3, seed=7)
@@ -186,75 +194,131 @@ def test_a_stopped_submission_resumes_without_submitting_twice(idle_store: Batch
     stop = threading.Event()
     first = idle_store.submit(open_source(manifest), stop=stop,
                               on_progress=lambda p: stop.set() if p.queued >= 150 else None)
-    assert (first.state, first.submitted) == (BatchState.in_progress, 150)
+    assert (first.state, first.submitted) == (BulkState.in_progress, 150)
     # When the same input is submitted again
     second = idle_store.submit(open_source(manifest))
-    # Then it is the same batch, every line was published exactly once, in input order
+    # Then it is the same bulk, every line was published exactly once, in input order
     assert second.id == first.id and second.submitted == 600
     assert idle_store.redis.llen(idle_settings.bulk_queue) == 600
     assert [e["c"] for e in entries(idle_store, first.id)] == [r["custom_id"] for r in rows]
     # And cancelling it cancels every queued job
     cancelled = idle_store.cancel(first.id)
-    assert cancelled.state == BatchState.cancelled
+    assert cancelled.state == BulkState.cancelled
     assert cancelled.request_counts.model_dump() == {"total": 600, "completed": 0, "failed": 600}
     assert {r["error"]["code"] for r in idle_store.results(first.id)} == {"cancelled"}
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_a_killed_submission_resumes_and_loses_nothing(idle_store: BatchStore, idle_settings: Settings,
+def test_a_killed_submission_resumes_and_loses_nothing(idle_store: BulkStore, idle_settings: Settings,
                                                        tmp_path: Path) -> None:
     pics = draw_pictures(tmp_path, 3, seed=8)
     rows = [{"custom_id": f"k{i}", "image": pics[i % 3][0].name, "question": pics[i % 3][1]} for i in range(800)]
     manifest = write_jsonl(tmp_path / "in.jsonl", rows)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **idle_settings.to_env()}
-    cmd = [sys.executable, "-m", "tuwen.pipeline.bulk_cli", "bulk", "submit", str(manifest), "--no-wait"]
+    cmd = [sys.executable, "-m", "tuwen.pipeline.cli", "bulk", "submit", str(manifest), "--no-wait"]
     # Given a submission killed with SIGKILL part-way through
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    batch_id = None
+    bulk_id = None
     while time.monotonic() < deadline and proc.poll() is None:
         ids = [b.id for b in idle_store.recent(50) if b.input == str(manifest)]
         if ids and idle_store.redis.llen(PREFIX + ids[0] + ":lines") >= 100:
-            batch_id = ids[0]
+            bulk_id = ids[0]
             proc.kill()
             break
         time.sleep(0.02)
     proc.wait()
-    assert batch_id is not None, proc.communicate()
-    before = idle_store.get(batch_id).submitted
+    assert bulk_id is not None, proc.communicate()
+    before = idle_store.get(bulk_id).submitted
     assert 100 <= before < 800
     # When the same command runs again (it waits for the dead submitter's lock to lapse)
     rerun = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert rerun.returncode == 0, rerun.stderr
-    assert rerun.stdout.strip().splitlines()[-1] == batch_id
+    assert rerun.stdout.strip().splitlines()[-1] == bulk_id
     # Then every line is recorded once, in order, each with one job; at most the one line in flight when
     # the process died was published twice (harmless: jobs are idempotent)
-    assert [e["c"] for e in entries(idle_store, batch_id)] == [r["custom_id"] for r in rows]
-    jobs = list(idle_store.redis.scan_iter(JOB_PREFIX + batch_id + "_*", count=1000))
+    assert [e["c"] for e in entries(idle_store, bulk_id)] == [r["custom_id"] for r in rows]
+    jobs = list(idle_store.redis.scan_iter(JOB_PREFIX + bulk_id + "_*", count=1000))
     assert len(jobs) == 800
     assert 800 <= idle_store.redis.llen(idle_settings.bulk_queue) <= 801
-    idle_store.cancel(batch_id)
+    idle_store.cancel(bulk_id)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_bulk_started_under_its_old_batch_id_resumes_under_it(
+        idle_store: BulkStore, idle_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a submission made when bulk ids began with batch_, stopped after 5 of 40 lines
+    pics = draw_pictures(tmp_path, 2, seed=14)
+    rows = [{"custom_id": f"o{i}", "image": pics[i % 2][0].name, "question": pics[i % 2][1]} for i in range(40)]
+    manifest = write_jsonl(tmp_path / "in.jsonl", rows)
+    monkeypatch.setattr(store_module, "bulk_id_for", partial(model.bulk_id_for, prefix=LEGACY_ID_PREFIX))
+    stop = threading.Event()
+    old = idle_store.submit(open_source(manifest), stop=stop,
+                            on_progress=lambda p: stop.set() if p.queued >= 5 else None)
+    monkeypatch.undo()
+    assert old.id.startswith(LEGACY_ID_PREFIX) and old.submitted == 5
+    # And its process died after publishing the 5th line, before recording it; that job's record was
+    # written by the old code, which called the field batch_id
+    lost = json.loads(idle_store.redis.rpop(PREFIX + old.id + ":lines"))
+    idle_store.redis.hincrby(PREFIX + old.id, "queued", -1)
+    record = JOB_PREFIX + lost["j"]
+    old_request = idle_store.redis.hget(record, "request").replace('"bulk_id":', '"batch_id":')
+    idle_store.redis.hset(record, "request", old_request)
+    # When the same input is submitted now
+    bulk = idle_store.submit(open_source(manifest))
+    # Then it continues that bulk: every line recorded once and in order, the lost line's queued job
+    # published again, every other line once
+    assert bulk.id == old.id and bulk.submitted == 40
+    assert [e["c"] for e in entries(idle_store, bulk.id)] == [r["custom_id"] for r in rows]
+    assert idle_store.redis.llen(idle_settings.bulk_queue) == 41
+    request = idle_store.client.jobs.request(lost["j"])
+    assert request is not None and request.bulk_id == old.id
+    idle_store.cancel(bulk.id)
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_an_unfinished_batch_expires_after_its_window(idle_store: BatchStore, tmp_path: Path) -> None:
+def test_a_lines_params_reach_its_job_whether_its_picture_is_a_file_or_a_key(idle_store: BulkStore,
+                                                                              tmp_path: Path) -> None:
+    # Given lines with every generation parameter, one naming a file and one a picture the owner stored
+    pics = draw_pictures(tmp_path, 2, seed=15)
+    key = idle_store.client.store_image(pics[1][0], owner="default")
+    params = {"max_new_tokens": 8, "temperature": 0.7, "top_p": 0.9, "seed": 5, "stop": ["。"],
+              "truncation": "oldest_turns"}
+    manifest = write_jsonl(tmp_path / "in.jsonl", [
+        {"custom_id": "file", "image": pics[0][0].name, "question": pics[0][1], "params": params},
+        {"custom_id": "key", "image": key, "question": pics[1][1], "params": params}])
+    # When they are submitted
+    bulk = idle_store.submit(open_source(manifest))
+    # Then both jobs carry all of them (a file's line used to keep max_new_tokens only)
+    for line in idle_store.results(bulk.id):
+        request = idle_store.client.jobs.request(line["job_id"])
+        assert request is not None, line
+        assert request.params == GenerationParams.model_validate(params), line["custom_id"]
+        assert (request.bulk_id, request.priority, request.owner) == (bulk.id, Priority.bulk, "default")
+    idle_store.cancel(bulk.id)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_an_unfinished_bulk_expires_after_its_window(idle_store: BulkStore, tmp_path: Path) -> None:
     pics = draw_pictures(tmp_path, 2, seed=9)
     manifest = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": str(i), "image": pics[i % 2][0].name,
                                                     "question": pics[i % 2][1]} for i in range(20)])
-    batch = idle_store.submit(open_source(manifest), window_s=1.0)
-    assert batch.state == BatchState.in_progress
+    bulk = idle_store.submit(open_source(manifest), window_s=1.0)
+    assert bulk.state == BulkState.in_progress
     time.sleep(1.2)
-    expired = idle_store.refresh(batch.id)
-    assert expired.state == BatchState.expired and expired.expired_at
-    assert {r["error"]["code"] for r in idle_store.results(batch.id)} == {"batch_expired"}
+    expired = idle_store.refresh(bulk.id)
+    assert expired.state == BulkState.expired and expired.expired_at
+    assert {r["error"]["code"] for r in idle_store.results(bulk.id)} == {"bulk_expired"}
     assert expired.output_key
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(180)
-def test_submit_reads_the_input_in_chunks(idle_store: BatchStore, tmp_path: Path) -> None:
+def test_submit_reads_the_input_in_chunks(idle_store: BulkStore, tmp_path: Path) -> None:
     pics = draw_pictures(tmp_path, 1, seed=10)
     manifest = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": str(i), "image": pics[0][0].name,
                                                     "question": pics[0][1]} for i in range(5 * CHUNK)])
@@ -267,18 +331,18 @@ def test_submit_reads_the_input_in_chunks(idle_store: BatchStore, tmp_path: Path
                 yield rec
 
     stop = threading.Event()
-    batch = idle_store.submit(Counting(manifest), stop=stop, on_progress=lambda p: stop.set())
+    bulk = idle_store.submit(Counting(manifest), stop=stop, on_progress=lambda p: stop.set())
     # validation streams the file once; submission then stops after its first chunk
-    assert batch.submitted == 1 and read[0] <= 5 * CHUNK + CHUNK
-    idle_store.cancel(batch.id)
+    assert bulk.submitted == 1 and read[0] <= 5 * CHUNK + CHUNK
+    idle_store.cancel(bulk.id)
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_report_is_self_contained_and_renders_in_chromium(mixed_batch: dict[str, Any], pipeline_settings: Settings,
+def test_report_is_self_contained_and_renders_in_chromium(mixed_bulk: dict[str, Any], pipeline_settings: Settings,
                                                           chromium: str, tmp_path: Path) -> None:
     html = tmp_path / "report.html"
-    res = runner.invoke(cli(), ["bulk", "report", mixed_batch["id"], "--html", str(html)],
+    res = runner.invoke(cli(), ["bulk", "report", mixed_bulk["id"], "--html", str(html)],
                         env=pipeline_settings.to_env())
     assert res.exit_code == 0, res.output
     page = html.read_text(encoding="utf-8")
@@ -301,15 +365,15 @@ def test_report_is_self_contained_and_renders_in_chromium(mixed_batch: dict[str,
     inked = (grey.histogram()[255]) / (img.width * img.height)
     colours = len(set(img.resize((350, 225)).getdata()))
     assert inked > 0.05 and colours > 200, (inked, colours)  # text, table lines and coloured thumbnails
-    (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, REPO / "docs" / "img" / "bulk-report.png")
+    (REPO / "build" / "screenshots").mkdir(parents=True, exist_ok=True)  # never over the tracked docs/img
+    shutil.copy(shot, REPO / "build" / "screenshots" / "bulk-report.png")
     # The failure filter works from the address: report.html#failures shows the five failed lines only
     assert 'data-filter="failures"' in dom and '<b id="shown">5</b>' in dom
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_a_folder_is_submitted_as_every_picture_times_one_question(idle_store: BatchStore, idle_settings: Settings,
+def test_a_folder_is_submitted_as_every_picture_times_one_question(idle_store: BulkStore, idle_settings: Settings,
                                                                    tmp_path: Path) -> None:
     pics = draw_pictures(tmp_path / "pages" / "unit1", 2, seed=11)
     shutil.copy(pics[0][0], tmp_path / "pages" / "cover.png")
@@ -318,13 +382,13 @@ def test_a_folder_is_submitted_as_every_picture_times_one_question(idle_store: B
     res = runner.invoke(cli(), ["bulk", "submit", str(tmp_path / "pages"), "--question", "图中有几个图形？",
                                 "--no-wait", "--json"], env=env)
     assert res.exit_code == 0, res.output
-    batch = json.loads(res.stdout)
-    assert batch["state"] == "in_progress" and batch["request_counts"]["total"] == 3
-    lines = list(idle_store.results(batch["id"]))
+    bulk = json.loads(res.stdout)
+    assert bulk["state"] == "in_progress" and bulk["request_counts"]["total"] == 3
+    lines = list(idle_store.results(bulk["id"]))
     assert [(x["custom_id"], x["question"], x["status"]) for x in lines] == [
         ("cover.png", "图中有几个图形？", "queued"), ("unit1/p00000.png", "图中有几个图形？", "queued"),
         ("unit1/p00001.png", "图中有几个图形？", "queued")]
-    cancelled = runner.invoke(cli(), ["bulk", "cancel", batch["id"]], env=env)
+    cancelled = runner.invoke(cli(), ["bulk", "cancel", bulk["id"]], env=env)
     assert cancelled.exit_code == 0 and "cancelled" in cancelled.stdout
     no_question = runner.invoke(cli(), ["bulk", "submit", str(tmp_path / "pages")], env=env)
     assert no_question.exit_code == 2 and "--question" in no_question.stderr

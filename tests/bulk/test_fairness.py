@@ -1,4 +1,4 @@
-"""Fairness: a big bulk batch must not starve interactive users (one worker reads both queues)."""
+"""Fairness: a big bulk must not starve interactive users (one worker reads both queues)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tuwen.pipeline.bulk import BatchState, BatchStore
-from tuwen.pipeline.manifest import open_source
+from tuwen.pipeline.bulk.manifest import open_source
+from tuwen.pipeline.bulk.model import BulkState
+from tuwen.pipeline.bulk.store import BulkStore
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
 from tuwen.pipeline.schema import JobStatus
@@ -29,21 +30,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def test_interactive_jobs_finish_within_about_two_batch_times_during_a_300_job_batch(
+def test_interactive_jobs_finish_within_about_two_batch_times_during_a_300_job_bulk(
         redis_server: LocalRedis, s3: S3Endpoint, tmp_path: Path) -> None:
     settings = make_settings(redis_server.url, s3, interactive_queue="fair-interactive", bulk_queue="fair-bulk")
     worker = WorkerProcess(settings, "fair@tests", tmp_path / "worker.log").start()
     client = Client(settings)
     try:
         worker.wait_ready(timeout=180)
-        store = BatchStore(client)
-        # Given a 300-job bulk batch of distinct pictures (so the answer cache cannot shortcut them)
-        bulk = draw_pictures(tmp_path / "bulk", BULK_JOBS, seed=31_337)
+        store = BulkStore(client)
+        # Given a 300-job bulk of distinct pictures (so the answer cache cannot shortcut them)
+        pictures_asked = draw_pictures(tmp_path / "bulk", BULK_JOBS, seed=31_337)
         manifest = write_jsonl(tmp_path / "bulk.jsonl", [
-            {"custom_id": p.stem, "image": f"bulk/{p.name}", "question": q} for p, q in bulk])
+            {"custom_id": p.stem, "image": f"bulk/{p.name}", "question": q} for p, q in pictures_asked])
         interactive = draw_pictures(tmp_path / "interactive", 60, seed=47_11)
-        batch = store.submit(open_source(manifest))
-        # When interactive jobs arrive, from three users one after another each, while the batch runs
+        bulk = store.submit(open_source(manifest))
+        # When interactive jobs arrive, from three users one after another each, while the bulk runs
         latencies: list[float] = []
         backlog: list[int] = []
         pictures = iter(interactive)
@@ -53,7 +54,7 @@ def test_interactive_jobs_finish_within_about_two_batch_times_during_a_300_job_b
         def user() -> None:
             while True:
                 with lock:
-                    current = store.refresh(batch.id)
+                    current = store.refresh(bulk.id)
                     nxt = next(pictures, None)
                 if current.state.terminal or nxt is None:
                     return
@@ -73,11 +74,11 @@ def test_interactive_jobs_finish_within_about_two_batch_times_during_a_300_job_b
         for t in users:
             t.join(300)
         assert not failures
-        done = store.wait(batch.id, timeout=600)
-        # Then the whole batch completed …
-        assert done.state == BatchState.completed
+        done = store.wait(bulk.id, timeout=600)
+        # Then the whole bulk completed …
+        assert done.state == BulkState.completed
         assert done.request_counts.model_dump() == {"total": BULK_JOBS, "completed": BULK_JOBS, "failed": 0}
-        jobs = client.jobs.get_many([line["job_id"] for line in store.results(batch.id)])
+        jobs = client.jobs.get_many([line["job_id"] for line in store.results(bulk.id)])
         # A batch time: how long the worker takes for one full batch's worth of jobs (max_batch_size) at the
         # rate it drained the backlog. (On a busy machine it often runs smaller batches more often.)
         first = min(r.started_at or 0.0 for r in jobs.values())

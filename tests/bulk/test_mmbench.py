@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tuwen.pipeline.bulk import BatchStore
-from tuwen.pipeline.mmbench import (
+from tuwen.pipeline.bulk.mmbench import (
     ROTATION,
     PromptStyle,
     Question,
@@ -26,6 +25,7 @@ from tuwen.pipeline.mmbench import (
     rotate,
     score,
 )
+from tuwen.pipeline.bulk.store import BulkStore
 from tuwen.pipeline.settings import Settings
 from tests.bulk.conftest import cli
 from tuwen.workers.demo.mmbench_demo import KINDS, write_tsv
@@ -110,7 +110,7 @@ def test_the_demo_tsv_is_mmbench_format(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_demo_model_scores_far_above_chance_and_rotations_agree(worker: object, store: BatchStore,
+def test_demo_model_scores_far_above_chance_and_rotations_agree(worker: object, store: BulkStore,
                                                                pipeline_settings: Settings, tmp_path: Path) -> None:
     # Given an MMBench-format TSV drawn from the demo task (4 options: chance is 25 %)
     tsv = write_tsv(tmp_path / "demo-mmbench.tsv", per_kind=20)
@@ -123,10 +123,12 @@ def test_demo_model_scores_far_above_chance_and_rotations_agree(worker: object, 
     print(f"\ndemo MMBench ({single['questions']} questions): single pass {single['accuracy']:.1%}, "
           f"CircularEval {circular['accuracy']:.1%}; per category "
           + ", ".join(f"{c} {r['accuracy']:.0%}" for c, r in circular["per_category"].items()))
-    # Then it is far above chance, and since the plain prompt does not show the options, every rotation
-    # gets the same answer text, which must map to the rotated letter: circular == single pass
-    assert single["batch_state"] == "completed" and single["questions"] == 80
-    assert single["accuracy"] >= 0.40
+    # Then it is far above chance (at least the 90 % that `tuwen eval-demo` must reach; 95 % measured), in
+    # every category, and since the plain prompt does not show the options, every rotation gets the same
+    # answer text, which must map to the rotated letter: circular == single pass
+    assert single["bulk_state"] == "completed" and single["questions"] == 80
+    assert single["accuracy"] >= 0.90
+    assert all(r["accuracy"] >= 0.80 for r in circular["per_category"].values()), circular["per_category"]
     assert circular["questions"] == 80 and len(circular["items"][0]["predictions"]) == 4
     assert circular["correct"] == single["correct"]
     assert "overall" in res.stdout and "%" in res.stdout

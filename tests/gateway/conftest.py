@@ -22,7 +22,9 @@ import pytest
 import uvicorn
 
 from tuwen.pipeline.apikeys import KeyStore
-from tuwen.pipeline.gateway import GatewaySettings, create_app
+from tuwen.pipeline.gateway.app import create_app
+from tuwen.pipeline.gateway.server import server_options
+from tuwen.pipeline.gateway.settings import GatewaySettings
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.localredis import free_port
 from tuwen.pipeline.settings import Settings
@@ -58,10 +60,12 @@ class Gateway:
 
 
 def start_gateway(settings: Settings, gw: GatewaySettings) -> Gateway:
-    """Serve ``create_app(settings, gw)`` with uvicorn in a thread; returns once it accepts requests."""
+    """Serve ``create_app(settings, gw)`` in a thread with the uvicorn options of ``tuwen gateway serve``
+    (read deadlines, connection cap); returns once it accepts requests."""
     port = free_port()
-    config = uvicorn.Config(create_app(settings, gw), host="127.0.0.1", port=port, log_level="warning",
-                            access_log=False, lifespan="on", http="h11", ws="none")
+    options = {**server_options(gw), "host": "127.0.0.1", "port": port}  # what `tuwen gateway serve` runs
+    config = uvicorn.Config(create_app(settings, gw), log_level="warning", access_log=False, lifespan="on",
+                            **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

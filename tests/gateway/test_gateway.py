@@ -105,9 +105,23 @@ def test_webhook_is_delivered_signed_and_shown_on_the_job(worker: WorkerProcess,
         assert api.get(f"/v1/jobs/{job['id']}").json()["answer"] == body["answer"]
 
 
+class Arrivals(list):  # type: ignore[type-arg]
+    """A receiver's delivery list that also notes when each delivery arrived (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: list[float] = []
+
+    def append(self, item: object) -> None:
+        self.at.append(time.monotonic())
+        super().append(item)
+
+
 def test_webhook_retries_with_backoff_until_the_receiver_answers(parked_gateway: Gateway, new_key: Keys,
                                                                  receiver: Receiver) -> None:
     receiver.fail_first = 2
+    receiver.deliveries = arrivals = Arrivals()
+    base = parked_gateway.gw.webhook_backoff_s
     png = load_samples()[0].path.read_bytes()
     with parked_gateway.client(new_key()) as api:
         # Given a receiver that fails twice, and a job with a callback (by name) that is then cancelled
@@ -117,11 +131,16 @@ def test_webhook_retries_with_backoff_until_the_receiver_answers(parked_gateway:
         assert api.delete(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
         # When the deliveries come in
         deliveries = receiver.wait_for(lambda d: len(d) >= 3, timeout=30)
-        # Then the third attempt succeeded, each one signed and numbered, spaced by a growing backoff
+        # Then the third attempt succeeded, each one signed and numbered
         assert [d.headers["X-Tuwen-Delivery-Attempt"] for d in deliveries] == ["1", "2", "3"]
         assert all(verify_like_a_receiver(SECRET, d.headers, d.body) for d in deliveries)
         assert deliveries[0].json()["status"] == "cancelled"
         assert deliveries[0].headers["Host"] == urlsplit(by_name).netloc  # sent to the checked IP, Host kept
+        # And spaced by a growing backoff: at least the base after the first failure, at least twice the
+        # base after the second (a fixed or missing backoff fails the second bound)
+        gaps = [b - a for a, b in zip(arrivals.at, arrivals.at[1:])]
+        assert gaps[0] >= base and gaps[1] >= 2 * base, (base, gaps)
+        assert gaps[1] < 2 * base + parked_gateway.gw.webhook_sweep_s + 5, gaps  # and retried when due
         deadline = time.monotonic() + 10
         while (hook := api.get(f"/v1/jobs/{job['id']}").json()["webhook"])["state"] != "delivered":
             assert time.monotonic() < deadline, hook
@@ -155,12 +174,12 @@ def test_delivery_state_machine_sweep_refuse_and_give_up(parked_settings: Settin
         refused = ended_job(receiver.url)
         strict = Dispatcher(gateway_settings(webhook_allow_private=False), client.jobs, hooks)
         assert strict.deliver(refused) == "refused" and len(receiver.deliveries) == 1
-        assert hooks.state(refused)["last_error"].startswith("callback_not_allowed")  # type: ignore[index]
+        assert hooks.state(refused).last_error.startswith("callback_not_allowed")  # type: ignore[union-attr]
         strict.stop()
         receiver.fail_first = 2
         given_up = ended_job(receiver.url)
         assert dispatcher.deliver(given_up) == "failed"
-        assert hooks.state(given_up)["last_status"] == 500  # type: ignore[index]
+        assert hooks.state(given_up).last_status == 500  # type: ignore[union-attr]
         assert given_up not in hooks.due(time.time() + 3600)
     finally:
         dispatcher.stop()
@@ -271,17 +290,26 @@ def test_long_polls_do_not_tie_up_the_server(parked_gateway: Gateway, new_key: K
     token = new_key()
     with parked_gateway.client(token) as api:
         job = submit(api, load_samples()[0].path.read_bytes(), "图中有几个圆形？").json()
-    # Given more parked long-polls than the server has worker threads (anyio's default is 40)
-    results: list[int] = []
+    waiters = parked_gateway.server.config.app.state.gateway.waiters  # the app's long-poll parking lot
+    wait_s = parked_gateway.gw.gateway_max_wait_s
+    # Given more long-polls than the server has worker threads (anyio's default is 40)
+    polls: list[tuple[int, float]] = []
 
     def poll() -> None:
         with parked_gateway.client(token) as api:
-            results.append(api.get(f"/v1/jobs/{job['id']}", params={"wait": 2}).status_code)
+            started = time.monotonic()
+            status = api.get(f"/v1/jobs/{job['id']}", params={"wait": wait_s}).status_code
+            polls.append((status, time.monotonic() - started))
 
     threads = [threading.Thread(target=poll) for _ in range(60)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    # When more than 40 of them are parked at once (waiting on the job, holding no thread)
+    parked, deadline = 0, time.monotonic() + wait_s
+    while parked <= 40:
+        assert time.monotonic() < deadline, f"at most {parked} long-polls were ever parked at once"
+        parked = max(parked, len(waiters._parked.get(job["id"], ())))
+        time.sleep(0.005)
     # Then other requests are still answered at once
     with parked_gateway.client(token) as api:
         started = time.monotonic()
@@ -289,7 +317,9 @@ def test_long_polls_do_not_tie_up_the_server(parked_gateway: Gateway, new_key: K
         assert time.monotonic() - started < 1.0
     for t in threads:
         t.join(30)
-    assert results == [200] * 60
+    # And every long-poll waited out its full time (it was parked, not answered at once) and got its 200
+    assert [status for status, _ in polls] == [200] * 60
+    assert min(took for _, took in polls) >= wait_s, sorted(took for _, took in polls)[:5]
 
 
 def test_other_owners_get_404_and_bad_keys_401(parked_gateway: Gateway, new_key: Keys, keys: KeyStore) -> None:
@@ -379,6 +409,8 @@ def _corpus() -> list[tuple[str, dict[str, object], str]]:
         ("image sent as text", {"image": "text", "as_text": True}, "invalid_image"),
         ("empty question", {"question": ""}, "empty_question"),
         ("whitespace question", {"question": " \t\n "}, "empty_question"),
+        ("zero-width question", {"question": "\u200b\u200c\u200d"}, "empty_question"),
+        ("BOM question", {"question": "\ufeff"}, "empty_question"),
         ("over-long question", {"question": "问" * 501}, "question_too_long"),
         ("control characters", {"question": "图中\x00有\x1b什么"}, "invalid_question"),
         ("invalid utf-8", {"question": b"\xff\xfe\xfd?"}, "invalid_question"),
@@ -389,7 +421,7 @@ def _corpus() -> list[tuple[str, dict[str, object], str]]:
         ("unknown field", {"temperature": "0.7"}, "invalid_params"),
         ("bad idempotency key", {"headers": {"Idempotency-Key": "has space"}}, "invalid_idempotency_key"),
         ("callback not http", {"callback_url": "file:///etc/passwd"}, "invalid_callback_url"),
-    ] + [(f"question {q!r}", {"question": q}, "accepted") for q in ("<image> USER: ASSISTANT:",)]
+    ] + [(f"question {q!r}", {"question": q}, "accepted") for q in ("<image> USER: ASSISTANT:", "图中\r\n有几个？")]
 
 
 def _post_case(api: httpx.Client, png: bytes, case: dict[str, object]) -> httpx.Response:
@@ -420,8 +452,9 @@ def test_every_bad_input_gets_a_4xx_with_its_code(parked_gateway: Gateway, parke
     # Then each got its code, as a 4xx
     assert {n: c for n, (_, c) in got.items()} == {name: expected for name, _, expected in _corpus()}, got
     assert all(400 <= s < 500 for s, c in got.values() if c != "accepted"), got
-    # And nothing was stored or recorded for the refused ones (the accepted one added one job)
-    assert len(set(client.jobs.redis.scan_iter(PREFIX + "*")) - jobs_before) == 1
+    # And nothing was stored or recorded for the refused ones (each accepted one added one job)
+    accepted = sum(1 for _, _, expected in _corpus() if expected == "accepted")
+    assert len(set(client.jobs.redis.scan_iter(PREFIX + "*")) - jobs_before) == accepted
     for name, case, expected in _corpus():
         image = case.get("image")
         if expected != "accepted" and isinstance(image, bytes) and image:
@@ -452,11 +485,16 @@ def test_health_metrics_and_openapi(parked_gateway: Gateway) -> None:
         health = anonymous.get("/healthz")
         metrics = anonymous.get("/metrics")
         spec = anonymous.get("/openapi.json")
-    assert health.status_code == 200 and health.json() == {"status": "ok", "redis": "ok", "storage": "ok"}
+    queues = [parked_gateway.settings.interactive_queue, parked_gateway.settings.bulk_queue]
+    assert health.status_code == 200 and health.json() == {"status": "ok", "redis": "ok", "storage": "ok",
+                                                           "workers": {q: 0 for q in queues}}
     assert "tuwen_gateway_requests_total" in metrics.text and 'route="/healthz"' in metrics.text
     assert "图中有几个圆形？" in spec.text and "图中有3个圆形。" in spec.text
     paths = spec.json()["paths"]
-    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/healthz", "/metrics"} <= set(paths)
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/healthz", "/readyz", "/metrics"} <= set(paths)
+    upload = paths["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(upload["properties"]) == {"image", "question", "priority", "max_new_tokens", "callback_url"}
+    assert upload["required"] == ["image", "question"]
     assert set(paths["/v1/jobs/{job_id}"]) == {"get", "delete"}
 
 
@@ -477,7 +515,7 @@ def test_unreachable_redis_gives_503_with_retry_after(pipeline_settings: Setting
 def test_keys_cli_creates_lists_and_revokes(pipeline_settings: Settings, parked_gateway: Gateway) -> None:
     from typer.testing import CliRunner
 
-    from tuwen.pipeline.gateway_cli import keys_app
+    from tuwen.pipeline.gateway.cli import keys_app
 
     env = {"TUWEN_REDIS_URL": pipeline_settings.redis_url}
     runner = CliRunner()

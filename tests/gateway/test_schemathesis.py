@@ -50,11 +50,18 @@ def test_gateway_conforms_to_its_openapi(gateway_schema: schemathesis.BaseSchema
         if mode == GenerationMode.NEGATIVE and not list(operation.iter_parameters()):
             continue  # nothing to get wrong in GET /healthz or /metrics
 
+        # /readyz and a valid chat request answer a documented 503 here: no worker reads the parked
+        # gateway's queues.
+        checks = [c for c in CHECKS if c is not not_a_server_error or operation.path not in ("/readyz",
+                                                                                             "/v1/chat/completions")]
+
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=25, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
         def conforms(case: schemathesis.Case) -> None:
-            case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=CHECKS, timeout=30)
+            if mode == GenerationMode.NEGATIVE and "" in (case.query or {}):
+                return  # an empty-named query key with no value is never sent: not a negative case at all
+            case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=checks, timeout=30)
 
         conforms()
     assert time.monotonic() - started < 60
@@ -63,4 +70,8 @@ def test_gateway_conforms_to_its_openapi(gateway_schema: schemathesis.BaseSchema
 def test_schema_is_complete(gateway_schema: schemathesis.BaseSchema) -> None:
     assert {(op.method.upper(), op.path) for op in operations(gateway_schema)} == {
         ("POST", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"), ("DELETE", "/v1/jobs/{job_id}"),
-        ("GET", "/healthz"), ("GET", "/metrics")}
+        ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+        ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
+        ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
+        ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"), ("POST", "/v1/batches"),
+        ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"), ("POST", "/v1/batches/{batch_id}/cancel")}

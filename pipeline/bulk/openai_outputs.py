@@ -1,0 +1,90 @@
+"""A batch's output and error files in OpenAI's format, one JSON line per handled input line:
+``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``.
+
+A line that succeeded goes to the output file, its body the ``chat.completion`` exactly as
+``POST /v1/chat/completions`` answers it (``openai_objects.completion``). The others go to the error
+file: a request that was refused (before or in the model) has the status and OpenAI error body the chat
+endpoint would have answered, and ``error: null``; a line the batch itself stopped (cancelled, expired,
+its job record gone) has ``response: null`` and ``error: {code, message}``, as at OpenAI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from tuwen.pipeline.bulk.files import OUTPUT_PURPOSE, FileStore, output_file_id
+from tuwen.pipeline.bulk.model import Bulk
+from tuwen.pipeline.bulk.outputs import result_line
+from tuwen.pipeline.bulk.records import Entry, Records
+from tuwen.pipeline.gateway.openai_objects import completion
+from tuwen.pipeline.schema import JobResult, JobStatus
+
+#: Codes of a line the batch stopped, not the request (``response`` is then null).
+STOPPED = frozenset({"cancelled", "bulk_expired", "job_expired"})
+#: Failures that are tuwen's fault, not the request's: a 5xx, as the chat endpoint answers them.
+SERVER_FAULTS = frozenset({"internal_error", "model_error", "out_of_memory", "too_many_attempts"})
+#: OpenAI's error ``type`` per status (as the OpenAI-compatible routes answer).
+TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "conflict_error", 500: "server_error",
+         503: "service_unavailable_error"}
+#: A request refused before it became a job, with this code, answers this status (else 400).
+REFUSED_STATUS = {"model_not_served": 404, "image_url_failed": 503, "image_fetch_failed": 503,
+                  "service_unavailable": 503, "storage_unavailable": 503}
+
+
+def line_id(bulk_id: str, custom_id: str) -> str:
+    return "batch_req_" + hashlib.sha256(f"{bulk_id}\0{custom_id}".encode()).hexdigest()[:24]
+
+
+def openai_line(bulk: Bulk, entry: Entry, result: JobResult | None) -> tuple[dict[str, Any], bool]:
+    """The line for one input line, and whether it succeeded (then it belongs in the output file)."""
+    line: dict[str, Any] = {"id": line_id(bulk.id, entry["c"]), "custom_id": entry["c"], "response": None,
+                            "error": None}
+    job_id = entry.get("j")
+    if result is not None and result.status == JobStatus.succeeded:
+        created = int(result.created_at or result.finished_at or time.time())
+        body = completion(result, result.model_id or "tuwen", created).model_dump(mode="json")
+        line["response"] = {"status_code": 200, "request_id": job_id, "body": body}
+        return line, True
+    error = result_line(entry, result, bulk.state)["error"] or {"code": "internal_error",
+                                                                "message": "the line ended without a result"}
+    code, message = str(error["code"]), str(error["message"])
+    if code in STOPPED:
+        line["error"] = {"code": code, "message": message}
+        return line, False
+    if result is None:
+        status = REFUSED_STATUS.get(code, 400)
+    else:
+        retryable = bool(result.error and result.error.retryable)
+        status = 503 if retryable else 500 if code in SERVER_FAULTS else 400
+    body = {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": None,
+                      "code": code}}
+    line["response"] = {"status_code": status, "request_id": job_id, "body": body}
+    return line, False
+
+
+def _chunks(records: Records, bulk: Bulk, succeeded: bool, count: list[int]) -> Iterator[bytes]:
+    """The lines of one of the two files as UTF-8 JSON lines (counted in ``count[0]``), page by page."""
+    for page in records.pages(bulk.id):
+        for entry, result in page:
+            line, ok = openai_line(bulk, entry, result)
+            if ok == succeeded:
+                count[0] += 1
+                yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
+
+
+def write_files(files: FileStore, records: Records, bulk: Bulk) -> tuple[str | None, str | None]:
+    """Write the batch's output and error files, streamed (one pass each); a file without lines is not
+    kept. Returns their ids (None for one not kept)."""
+    ids: list[str | None] = []
+    for kind, succeeded, name in (("output", True, "output"), ("errors", False, "error")):
+        count = [0]
+        file = files.write(output_file_id(bulk.id, kind), bulk.owner, f"{bulk.id}_{name}.jsonl", OUTPUT_PURPOSE,
+                           _chunks(records, bulk, succeeded, count))
+        if count[0] == 0:
+            files.delete(file)
+        ids.append(file.id if count[0] else None)
+    return ids[0], ids[1]

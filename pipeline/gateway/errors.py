@@ -1,0 +1,127 @@
+"""The error envelope: every error answer is ``{"error": {"code", "message"}}`` with a stable code.
+
+``install`` registers the handlers that turn tuwen's errors (``InvalidInput`` → 422, ``Unavailable`` →
+503 with ``Retry-After`` …), Redis outages, validation errors and HTTP errors into that envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import redis
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
+
+from tuwen.pipeline.apikeys import Conflict
+from tuwen.pipeline.errors import Forbidden, InvalidInput, NotFound, TuwenError, Unavailable
+
+log = logging.getLogger("tuwen.gateway")
+
+#: Which error code a validation error of each request field gets (missing or wrong).
+_FIELD_CODES = {"max_new_tokens": "invalid_params", "priority": "invalid_params", "wait": "invalid_params",
+                "callback_url": "invalid_callback_url", "Idempotency-Key": "invalid_idempotency_key",
+                "job_id": "not_found"}
+
+
+def printable(text: str) -> str:
+    """``text`` with bytes that were not UTF-8 (kept as lone surrogates) shown as ``\\xNN``, so a message
+    that quotes user input can always be encoded as JSON."""
+    return text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "backslashreplace").decode(
+        "utf-8", "backslashreplace")
+
+
+def _only_escapes(text: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+class ApiError(HTTPException):
+    """An HTTP error with a stable code (FastAPI re-raises HTTPExceptions, even from body parsing)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+
+
+def no_such_job(job_id: str) -> ApiError:
+    """The one 404 for a job that does not exist and for another owner's: byte for byte the same, so
+    the answer never tells whether someone else's job exists."""
+    return ApiError(404, "not_found", f"no job {job_id}")
+
+
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": printable(message)}}, status_code=status,
+                        headers=headers)
+
+
+def status_of(exc: TuwenError) -> int:
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, InvalidInput):
+        return 422
+    if isinstance(exc, (NotFound, Forbidden)):
+        return 404
+    return 503 if isinstance(exc, Unavailable) or exc.retryable else 500
+
+
+def validation_code(exc: RequestValidationError) -> tuple[str, str]:
+    """The code and message of a request that failed validation; the first error names the code."""
+    errors = list(exc.errors())
+    first = errors[0] if errors else {"loc": (), "type": ""}
+    field = str(first["loc"][-1]) if first["loc"] else ""
+    missing = first.get("type") == "missing"
+    codes = {**_FIELD_CODES, "question": "empty_question" if missing else "invalid_question",
+             "image": "empty_image" if missing else "invalid_image"}
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in errors)
+    return codes.get(field, "invalid_request"), message or "invalid request"
+
+
+# -- handlers ---------------------------------------------------------------------------------------------
+async def _tuwen_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TuwenError)
+    status = status_of(exc)
+    if status == 500:
+        log.error("gateway error %s: %s", exc.code, exc.message)
+    retry = {503: {"Retry-After": "5"}, 409: {"Retry-After": "1"}}.get(status)
+    return error_response(status, exc.code, exc.message, retry)
+
+
+async def _redis_error(_: Request, exc: Exception) -> Response:
+    log.warning("Redis error: %s", exc)
+    return error_response(503, "service_unavailable", "Redis is not reachable", {"Retry-After": "5"})
+
+
+async def _gone(request: Request, _: Exception) -> Response:
+    log.info("%s %s: the client went away before its request was read", request.method, request.url.path)
+    return Response(status_code=499)  # nginx's "client closed request"; nobody is there to read it
+
+
+async def _crashed(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled gateway error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error; it has been logged")
+
+
+async def _invalid(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    code, message = validation_code(exc)
+    return error_response(404 if code == "not_found" else 422, code, message)
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = getattr(exc, "code", None) or {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
+                                          413: "request_too_large"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+
+
+def install(app: FastAPI) -> None:
+    """Answer every error of ``app`` in the envelope."""
+    app.add_exception_handler(TuwenError, _tuwen_error)
+    app.add_exception_handler(redis.RedisError, _redis_error)
+    app.add_exception_handler(ClientDisconnect, _gone)
+    app.add_exception_handler(Exception, _crashed)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)

@@ -1,0 +1,110 @@
+"""How request bodies come in: a size limit while they stream, strict UTF-8 form fields, and the
+parsing of the ``POST /v1/jobs`` upload (``read_submission``)."""
+
+from __future__ import annotations
+
+import codecs
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tuwen.pipeline.errors import InvalidImage, InvalidInput
+from tuwen.pipeline.gateway.errors import ApiError, error_response, printable
+from tuwen.pipeline.gateway.models import FORM_FIELDS, SubmitForm
+
+STRICT_UTF8 = "tuwen_utf8_strict"
+
+
+def _strict_utf8(name: str) -> codecs.CodecInfo | None:
+    """A UTF-8 codec that keeps invalid bytes as lone surrogates (Starlette would silently fall back to
+    Latin-1), so ``check_question`` refuses them as ``invalid_question`` instead of reading mojibake."""
+    if name != STRICT_UTF8:
+        return None
+
+    def decode(data: Any, errors: str = "strict") -> tuple[str, int]:
+        return codecs.utf_8_decode(data, "surrogateescape", True)
+
+    return codecs.CodecInfo(codecs.utf_8_encode, decode, name=name)
+
+
+def register_strict_utf8() -> None:
+    try:
+        codecs.lookup(STRICT_UTF8)
+    except LookupError:
+        codecs.register(_strict_utf8)
+
+
+class Intake:
+    """Refuse bodies over ``limit`` bytes (413) as they stream in: a declared Content-Length before
+    reading anything, a chunked body as soon as the count passes the limit; nothing unbounded is read.
+    Multipart text fields are decoded as strict UTF-8 (see ``_strict_utf8``). A response sent before
+    the body was read (401, 413, 429 …) closes the connection, so the rest is not read for nothing."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            response = error_response(413, "request_too_large", f"the request body exceeds {self.limit} bytes",
+                                      {"Connection": "close"})
+            return await response(scope, receive, send)
+        kind = headers.get(b"content-type", b"")
+        if kind.lower().startswith(b"multipart/form-data") and b"charset" not in kind.lower():
+            # In place: the router records the matched route in this same scope (metrics read it).
+            scope["headers"] = [(k, v + b"; charset=" + STRICT_UTF8.encode() if k == b"content-type" else v)
+                                for k, v in scope["headers"]]
+        unread = (declared.isdigit() and int(declared) > 0) or b"transfer-encoding" in headers
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen, unread
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, "request_too_large", f"the request body exceeds {self.limit} bytes")
+            unread = unread and message["type"] == "http.request" and message.get("more_body", False)
+            return message
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and unread:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, counted, closing)
+
+
+async def read_submission(request: Request) -> tuple[bytes, SubmitForm]:
+    """The picture and the text fields of a ``POST /v1/jobs`` body. Unknown fields, a field sent twice
+    (two pictures …) and a picture sent as text are refused; an empty text field counts as absent."""
+    form = await request.form(max_files=4, max_fields=16)
+    try:
+        names = [name for name, _ in form.multi_items()]
+        unknown = sorted(set(names) - FORM_FIELDS)
+        if unknown:
+            raise InvalidInput(f"unknown field(s): {', '.join(map(printable, unknown))}", code="invalid_params")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise InvalidInput(f"field(s) sent more than once: {', '.join(twice)}", code="invalid_params")
+        image = form.get("image")
+        if image is None:
+            raise InvalidImage("the image is missing: send it as the multipart file part `image`",
+                               code="empty_image")
+        if not isinstance(image, UploadFile):
+            raise InvalidImage("the image must be a file part (with a filename), not a text field",
+                               code="invalid_image")
+        data = await image.read()
+        text = {k: v for k, v in form.items() if k != "image" and (v != "" or k == "question")}
+    finally:
+        await form.close()
+    try:
+        return data, SubmitForm.model_validate(text)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None

@@ -1,0 +1,54 @@
+"""The pages for people: ``/docs`` (Swagger UI), ``/redoc`` and ``/playground``, all served from this
+gateway, so they work without a network (FastAPI's own pages load their scripts from a CDN). The
+scripts and styles come from ``fastapi-offline``'s bundled files, mounted at ``/docs/assets``; the
+gateway's own files (``static/``) at ``/static``."""
+
+# No `from __future__ import annotations`: FastAPI reads these signatures at import time.
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+STATIC = Path(__file__).resolve().parents[1] / "static"
+ASSETS = "/docs/assets"
+
+router = APIRouter(include_in_schema=False)
+
+
+def mount_files(app: FastAPI) -> None:
+    """Serve the docs' scripts at ``/docs/assets`` and ``static/`` at ``/static``."""
+    app.mount(ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-assets")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+def _urls(request: Request) -> tuple[str, str]:
+    """The OpenAPI document's URL and the assets' prefix, behind any ``root_path``."""
+    root = str(request.scope.get("root_path", ""))
+    return f"{root}{request.app.openapi_url}", f"{root}{ASSETS}"
+
+
+@router.get("/docs")
+def swagger_ui(request: Request) -> HTMLResponse:
+    openapi, assets = _urls(request)
+    return get_swagger_ui_html(openapi_url=openapi, title=f"{request.app.title} · API",
+                               swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+                               swagger_css_url=f"{assets}/swagger-ui.css",
+                               swagger_favicon_url=f"{assets}/favicon.png",
+                               # No badge fetched from validator.swagger.io: nothing leaves the page.
+                               swagger_ui_parameters={"validatorUrl": None})
+
+
+@router.get("/redoc")
+def redoc(request: Request) -> HTMLResponse:
+    openapi, assets = _urls(request)
+    return get_redoc_html(openapi_url=openapi, title=f"{request.app.title} · ReDoc",
+                          redoc_js_url=f"{assets}/redoc.standalone.js", redoc_favicon_url=f"{assets}/favicon.png",
+                          with_google_fonts=False)
+
+
+@router.get("/playground")
+def playground() -> FileResponse:
+    """A page to try the chat API in a browser (it needs an API key)."""
+    return FileResponse(STATIC / "playground.html", media_type="text/html; charset=utf-8")

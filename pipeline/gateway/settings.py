@@ -1,0 +1,67 @@
+"""The gateway's settings: its own (``TUWEN_GATEWAY_*``, rate limit) on top of the webhooks' ones."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from tuwen.pipeline.gateway.batch_settings import BatchSettings
+from tuwen.pipeline.settings import Settings
+from tuwen.pipeline.webhooks import WebhookSettings
+
+
+class GatewaySettings(WebhookSettings, BatchSettings):
+    """The gateway's own settings (``TUWEN_*``), next to the shared ``Settings``."""
+
+    #: Interface ``tuwen gateway serve`` listens on (``0.0.0.0``: every interface, e.g. in a container).
+    gateway_host: str = "127.0.0.1"
+    #: Its port.
+    gateway_port: int = Field(8000, ge=1, le=65535)
+    #: Largest request body, counted while it streams in (413 beyond). 0: max_image_bytes + 64 KiB.
+    gateway_max_upload_bytes: int = Field(0, ge=0)
+    #: A connection must send a whole request head (line and headers) within this many seconds of opening
+    #: (kept alive: of the next request's first byte), or it gets 408 and is closed (slowloris).
+    gateway_header_timeout_s: float = Field(10.0, gt=0, le=300)
+    #: A request's whole body must arrive within this many seconds of its head, or the connection is closed.
+    gateway_body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    #: Open connections per gateway process; beyond it new requests get 503 (0: no limit).
+    gateway_max_connections: int = Field(1000, ge=0)
+    #: Cap on ``GET /v1/jobs/{id}?wait=N`` long-polls, in seconds.
+    gateway_max_wait_s: float = Field(30.0, gt=0, le=600)
+    #: How long an ``Idempotency-Key`` maps to its job.
+    gateway_idempotency_ttl_s: int = Field(24 * 3600, ge=60)
+    #: Counted requests (submits, cancels, reads that find no job) per minute per API key (0: unlimited);
+    #: ``tuwen keys create --rate-limit`` overrides it. Reading one's own jobs is free.
+    rate_limit_per_minute: int = Field(120, ge=0)
+
+    # -- the OpenAI-compatible chat API (``/v1/chat/completions``, docs/openai.md) -------------------------
+    #: How long a chat request waits for the whole answer (streamed or not); past it the client gets the
+    #: error ``timeout`` with the job id, to read the answer later from ``GET /v1/jobs/{id}``.
+    gateway_chat_timeout_s: float = Field(60.0, gt=0, le=3600)
+    #: Largest chat request body (pictures come base64-encoded in the JSON), counted while it streams in.
+    #: 0: one picture of ``max_image_bytes`` as a data: URL, plus 1 MiB.
+    gateway_max_chat_bytes: int = Field(0, ge=0)
+    #: Hosts whose http(s) picture URLs the chat API fetches: ``cdn.example.com``, ``*.example.com``
+    #: (comma-separated in env). Empty: remote picture URLs are refused with ``image_url_not_allowed``.
+    gateway_image_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Allow picture URLs at loopback / private addresses (off: the SSRF guard refuses them).
+    gateway_image_url_allow_private: bool = False
+    #: A remote picture must arrive whole within this many seconds (and ``max_image_bytes``).
+    gateway_image_url_timeout_s: float = Field(10.0, gt=0, le=120)
+    #: More names for the served model in a chat request's ``model`` (comma-separated in env);
+    #: ``tuwen`` always is one.
+    gateway_model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("gateway_image_url_hosts", "gateway_model_aliases", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.lstrip().startswith("[") else [
+                v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def upload_limit(self, settings: Settings) -> int:
+        return self.gateway_max_upload_bytes or settings.max_image_bytes + 64 * 1024
