@@ -5,9 +5,25 @@ from __future__ import annotations
 import time
 import uuid
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
+
+# -- limits, defined once (the gateway, the CLI and the workers import them) -------------------------
+#: Most tokens one answer may ask for (a worker's ``TUWEN_MAX_NEW_TOKENS`` may cap it lower).
+MAX_NEW_TOKENS = 4096
+#: What a job id looks like (ids can be chosen by the caller: idempotency, bulk lines).
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+JOB_ID_MIN = 8
+JOB_ID_MAX = 64
+#: Longest URL accepted anywhere (webhook callbacks, remote pictures).
+MAX_URL_CHARS = 2048
+#: Most stop strings per job, and the longest one.
+MAX_STOP = 4
+MAX_STOP_CHARS = 64
+#: Most turns in one conversation.
+MAX_MESSAGES = 64
 
 
 class JobStatus(str, Enum):
@@ -29,13 +45,70 @@ class Priority(str, Enum):
     bulk = "bulk"
 
 
+class Truncation(str, Enum):
+    """What to do with a conversation longer than the model's context (less the answer's budget)."""
+
+    #: Refuse it with ``context_too_long`` and the token counts.
+    none = "none"
+    #: Drop the oldest turns until it fits; never the system prompt, nor the last user turn and its pictures.
+    oldest_turns = "oldest_turns"
+
+
 class GenerationParams(BaseModel):
     """Per-job generation knobs. Unknown keys are refused, not ignored."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     #: Cap on generated tokens; the worker's own ``TUWEN_MAX_NEW_TOKENS`` is the upper bound.
-    max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    #: 0 is greedy (the default: answers are then the same batched or alone).
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    #: Nucleus sampling: keep the smallest set of tokens whose probabilities add up to this.
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    #: With sampling, the same seed gives the same answer whatever batch the job lands in.
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    #: The answer ends before the first of these strings (which is not part of it).
+    stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = Field((), max_length=MAX_STOP)
+    truncation: Truncation = Truncation.none
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImagePart(BaseModel):
+    """A picture already in the image store, by key (never bytes in a message)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type: Literal["image"] = "image"
+    key: str = Field(min_length=1, max_length=512)
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Role(str, Enum):
+    system = "system"
+    user = "user"
+    assistant = "assistant"
+
+
+class Message(BaseModel):
+    """One turn of a conversation: text and picture parts, in order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    role: Role
+    content: tuple[Part, ...] = Field(min_length=1)
+
+    @property
+    def image_keys(self) -> list[str]:
+        return [p.key for p in self.content if isinstance(p, ImagePart)]
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
 
 class ErrorInfo(BaseModel):
@@ -45,25 +118,75 @@ class ErrorInfo(BaseModel):
     message: str
     retryable: bool = False
 
+    @classmethod
+    def of(cls, code: str, message: str) -> ErrorInfo:
+        """An error with the catalogue's ``retryable`` for its code (``errors.ErrorCode``)."""
+        from tuwen.pipeline.errors import ErrorCode
+
+        member = ErrorCode._value2member_map_.get(code)
+        return cls(code=code, message=message, retryable=bool(getattr(member, "retryable", False)))
+
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
 class JobRequest(BaseModel):
-    """What a worker needs to answer one job. Carries an image *key*, never image bytes."""
+    """What a worker needs to answer one job: a conversation whose pictures are image *keys*, never bytes.
+
+    A single question about one picture is a one-turn conversation; ``JobRequest(image_key=…,
+    question=…)`` builds it.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: str = Field(default_factory=new_job_id, min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    image_key: str = Field(min_length=1, max_length=512)
-    question: str = Field(min_length=1)
+    id: str = Field(default_factory=new_job_id, min_length=JOB_ID_MIN, max_length=JOB_ID_MAX, pattern=JOB_ID_PATTERN)
+    messages: tuple[Message, ...] = Field(min_length=1, max_length=MAX_MESSAGES)
     params: GenerationParams = GenerationParams()
     priority: Priority = Priority.interactive
     owner: str = Field("default", min_length=1, max_length=128)
     created_at: float = Field(default_factory=time.time)
-    #: Set for jobs that belong to a bulk batch.
-    batch_id: str | None = None
+    #: Set for jobs that belong to a bulk. (Read as ``batch_id`` too: messages and job records written
+    #: before bulks were called bulks must still validate.)
+    bulk_id: str | None = Field(None, validation_alias=AliasChoices("bulk_id", "batch_id"))
+    #: Publish the answer's text as it is generated (for streaming clients).
+    stream: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_question(cls, data: Any) -> Any:
+        """``image_key`` + ``question`` is shorthand for a one-turn conversation."""
+        if isinstance(data, dict) and "messages" not in data and ("image_key" in data or "question" in data):
+            data = dict(data)
+            key, question = data.pop("image_key", None), data.pop("question", None)
+            content: list[dict[str, Any]] = [{"type": "image", "key": key}] if key is not None else []
+            data["messages"] = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+        return data
+
+    @model_validator(mode="after")
+    def _shape(self) -> JobRequest:
+        roles = [m.role for m in self.messages]
+        if roles[-1] != Role.user:
+            raise ValueError("the conversation must end with a user turn")
+        if Role.system in roles[1:]:
+            raise ValueError("a system message may only come first")
+        return self
+
+    @property
+    def image_keys(self) -> list[str]:
+        """Every picture of the conversation, in order."""
+        return [key for m in self.messages for key in m.image_keys]
+
+    @property
+    def image_key(self) -> str | None:
+        """The first picture (a one-picture job's picture)."""
+        keys = self.image_keys
+        return keys[0] if keys else None
+
+    @property
+    def question(self) -> str:
+        """The last user turn's text."""
+        return next(m.text for m in reversed(self.messages) if m.role == Role.user)
 
 
 class JobResult(BaseModel):
@@ -88,6 +211,8 @@ class JobResult(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     owner: str | None = None
     image_key: str | None = None
+    #: Why the answer ended: ``stop`` (the model ended it, or a stop string) or ``length`` (token budget).
+    finish_reason: str | None = None
     #: Answered from the answer cache, without a model call.
     cached: bool = False
     #: Someone asked to cancel the job while it was running; it finished anyway.
@@ -99,3 +224,49 @@ class JobResult(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
+
+
+# -- the job as its owner sees it (GET /v1/jobs/{id} and webhook bodies) ------------------------------
+#: ``JobResult`` fields only tuwen sees: never shown to the job's owner, never documented.
+PRIVATE_FIELDS = frozenset({"owner", "image_key", "worker"})
+
+
+class WebhookView(BaseModel):
+    """A job's webhook delivery, as the job's owner sees it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    #: pending (job running) · retrying · delivered · failed (gave up) · refused (SSRF guard) · expired
+    state: str
+    attempts: int = 0
+    last_status: int | None = None
+    last_error: str | None = None
+    next_attempt_at: float | None = None
+    delivered_at: float | None = None
+    created_at: float | None = None
+
+
+class JobView(JobResult):
+    """The one public job model: ``JobResult`` without ``PRIVATE_FIELDS``, plus ``webhook`` and
+    ``warning``. A webhook body is ``JobView.of(result).to_json()``; derived, so a field added to the
+    result shows on GET and in the webhook alike."""
+
+    model_config = ConfigDict(frozen=True, json_schema_extra={"examples": [{
+        "id": "5f0c6a1e9b2d4c7a8e3f1b2c3d4e5f60", "status": "succeeded", "answer": "图中有3个圆形。",
+        "model_id": "tuwen-demo", "batch_size": 4, "attempts": 1, "created_at": 1790000000.0,
+        "finished_at": 1790000000.8, "timings": {"queue_ms": 120.5, "model_ms": 310.2, "total_ms": 812.0},
+        "cached": False, "cancel_requested": False,
+        "webhook": {"url": "https://hooks.example.com/tuwen", "state": "delivered", "attempts": 1,
+                    "last_status": 200}}]})
+    owner: SkipJsonSchema[str | None] = Field(None, exclude=True)
+    image_key: SkipJsonSchema[str | None] = Field(None, exclude=True)
+    worker: SkipJsonSchema[str | None] = Field(None, exclude=True)
+    webhook: WebhookView | None = None
+    #: Why a long-poll ended without an answer, when it can be told: "no live worker is consuming <queue>".
+    warning: str | None = None
+
+    @classmethod
+    def of(cls, result: JobResult, **extra: Any) -> JobView:
+        """``result`` as its owner sees it; ``extra`` sets ``webhook``, ``warning`` or ``cancel_requested``."""
+        return cls(**{**result.model_dump(exclude=set(PRIVATE_FIELDS)), **extra})

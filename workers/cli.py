@@ -40,11 +40,13 @@ def worker(
 ) -> None:
     """Run a GPU (or CPU) worker: load the model once and answer batches from the queues."""
     _need_worker_extra()
+    from tuwen.workers.hooks import Hooks
     from tuwen.workers.service import run_worker
 
     settings = settings_from(model_path=model_path, quantization=quantization, device=device,
                              max_batch_size=batch_size, batch_wait_ms=wait_ms)
-    run_worker(settings, queues=queues.split(",") if queues else None, hostname=hostname, loglevel=loglevel)
+    run_worker(settings, queues=queues.split(",") if queues else None, hostname=hostname, loglevel=loglevel,
+               hooks=Hooks())
 
 
 @app.command()
@@ -98,20 +100,27 @@ def eval_demo(
 
 @app.command()
 def bench(
-    inputs: Annotated[int, typer.Option(help="(image, question) inputs, the same for every row")] = 64,
-    max_new_tokens: Annotated[int, typer.Option()] = 24,
-    transport_jobs: Annotated[int, typer.Option(help="jobs for the null-model transport row")] = 1000,
-    model_path: Annotated[Optional[Path], typer.Option()] = None,
+    quick: Annotated[bool, typer.Option(help="small sizes: every row in about a minute (the smoke test)")] = False,
+    inputs: Annotated[Optional[int], typer.Option(help="(image, question) inputs, the same for every row")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option()] = None,
+    transport_jobs: Annotated[Optional[int], typer.Option(help="jobs for the null-model transport row")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="interleaved repeats per row (the median is shown)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="the workers' max_batch_size (also a decode row)")] = None,
+    model_path: Annotated[Optional[Path], typer.Option(help="the model for rows a-h (default: the demo)")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="where the bench checkpoint is built once")] = Path("build"),
     out: Annotated[Optional[Path], typer.Option(help="also write the table here")] = None,
 ) -> None:
-    """Benchmark: seed way vs transformers.pipeline vs tuwen (in-process, end to end, transport, scale-out)."""
+    """Benchmark against this machine's limit: roofline, decode, mixed workload, queue, interactive latency."""
     _need_worker_extra()
-    from tuwen.workers.bench import run, table
+    from tuwen.workers.bench import Options, run
 
-    rows, header = run(inputs, max_new_tokens, transport_jobs, model_path,
-                       log=lambda line: err.print(line, markup=False))
-    text = table(rows, header)
-    console.print(text, markup=False)
+    given = {k: v for k, v in dict(inputs=inputs, max_new_tokens=max_new_tokens, transport_jobs=transport_jobs,
+                                   repeats=repeats, max_batch_size=batch_size,
+                                   model_path=model_path).items() if v is not None}
+    opts = Options.quick(cache_dir=cache_dir, **given) if quick else Options(cache_dir=cache_dir, **given)
+    report = run(opts, log=lambda line: err.print(line, markup=False))
+    text = report.markdown()
+    console.print(text, markup=False, soft_wrap=True)
     if out:
         out.write_text(text + "\n", encoding="utf-8")
 

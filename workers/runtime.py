@@ -74,7 +74,8 @@ class Answer:
     """The outcome for one item: an answer or an error, never both."""
 
     answer: str | None = None
-    error: dict[str, str] | None = None
+    #: ``{code, message, retryable}`` (``TuwenError.as_error()``), typed all the way to the job's result.
+    error: dict[str, Any] | None = None
     prompt_tokens: int = 0
     generated_tokens: int = 0
     batch_size: int = 0
@@ -117,19 +118,11 @@ class Runtime:
         self._model: Any = None
         self._processor: Any = None
         self.load_seconds: float | None = None
-        #: Test hook, called with the batch size right before ``generate``: raise
-        #: ``torch.OutOfMemoryError`` from it to drill the split-and-retry path.
+        #: Drill hook, called with the batch size right before the model runs on a batch: raise
+        #: ``torch.OutOfMemoryError`` from it to drill the split-and-retry path (``workers.hooks``).
         self.before_generate: Callable[[int], None] | None = None
-        if settings.fault_oom_min_batch:
-            self.before_generate = self._injected_oom
         #: Benchmarks only: force this many new tokens (decode-bound measurements).
         self.min_new_tokens = 0
-
-    def _injected_oom(self, batch_size: int) -> None:
-        import torch
-
-        if batch_size >= self.settings.fault_oom_min_batch:
-            raise torch.OutOfMemoryError(f"injected out-of-memory for a batch of {batch_size} (test hook)")
 
     # -- loading ---------------------------------------------------------------------------------
     @property
@@ -227,7 +220,7 @@ class Runtime:
             try:
                 ready.append(self._prepare(i, item))
             except TuwenError as exc:
-                answers[i].error = exc.to_dict()
+                answers[i].error = exc.as_error()
         rows, enc = self._fit(ready, answers, self.engine()) if ready else ([], None)
         prep_ms = round((time.perf_counter() - t0) * 1000, 2)
         for a in answers:
@@ -310,7 +303,7 @@ class Runtime:
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             if len(rows) == 1:
-                answers[rows[0].key].error = OutOfMemory("the model ran out of memory on this single item").to_dict()
+                answers[rows[0].key].error = OutOfMemory("the model ran out of memory on this single item").as_error()
                 return
             log.warning("out of memory on a batch of %d; retrying halves", len(rows))
             half = len(rows) // 2
@@ -354,7 +347,7 @@ class Runtime:
                     continue
                 answers[p.index].error = InvalidInput(
                     f"the conversation is {n} tokens; with max_tokens {p.max_new_tokens} it needs {n + p.max_new_tokens}"
-                    f", more than the model's context of {self.context_length} tokens", code="context_too_long").to_dict()
+                    f", more than the model's context of {self.context_length} tokens", code="context_too_long").as_error()
                 batch = [b for b in batch if b is not p]
 
 
@@ -375,7 +368,8 @@ def _drop_oldest_turn(p: _Prepared) -> bool:
 
 
 class NullRuntime(Runtime):
-    """No model: every item gets an empty answer. Measures the queue, storage and job store alone."""
+    """No model: every item gets an empty answer at once. Measures the queue, storage and job store alone
+    (the benchmark's transport row; ``TUWEN_HOOK_NULL_MODEL``)."""
 
     @property
     def model_id(self) -> str:
@@ -388,5 +382,21 @@ class NullRuntime(Runtime):
     def load(self) -> None:
         self.load_seconds = 0.0
 
+    def engine(self) -> Any:
+        return _NoEngine()
+
+    def prepare(self, items: Sequence[Item]) -> Group:
+        return Group([Answer(answer="", batch_size=len(items), finish_reason="stop") for _ in items], [], None)
+
     def answer_batch(self, items: Sequence[Item]) -> list[Answer]:
-        return [Answer(answer="", batch_size=len(items)) for _ in items]
+        return self.prepare(items).answers
+
+
+class _NoEngine:
+    """The null runtime's decode loop: never holds a row."""
+
+    size = 0
+    rows: list[Any] = []
+
+    def step(self) -> list[Any]:
+        return []

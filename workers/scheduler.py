@@ -46,9 +46,12 @@ class Ticket:
 class Scheduler:
     """Owns the runtime's engine; ``submit`` from any thread, ``start`` runs the loop on its own thread."""
 
-    def __init__(self, runtime: Runtime, max_rows: int, *, idle_wait_s: float = 0.05) -> None:
+    def __init__(self, runtime: Runtime, max_rows: int, *, max_tokens: int = 0, idle_wait_s: float = 0.05) -> None:
         self.runtime = runtime
         self.max_rows = max_rows
+        #: Token budget of the running batch: each row's prompt plus its answer budget (0: none).
+        self.max_tokens = max_tokens
+        self._cost: dict[int, int] = {}  #: id(row) -> tokens it may hold
         self.idle_wait_s = idle_wait_s
         self.engine = runtime.engine()
         self._lanes: tuple[deque[tuple[Ticket, list[Any]]], deque[tuple[Ticket, list[Any]]]] = (deque(), deque())
@@ -67,6 +70,10 @@ class Scheduler:
         """Queue a prepared group. Items that already failed preparation are reported at once."""
         ticket = Ticket(group, interactive, on_answer)
         rows = list(group.rows)
+        if rows and group.enc is not None:
+            prompts = group.enc["attention_mask"].sum(-1).tolist()
+            for row, n in zip(rows, prompts):
+                self._cost[id(row)] = int(n) + row.max_new_tokens
         ticket.pending = {r.key for r in rows}
         for i, answer in enumerate(group.answers):
             if i not in ticket.pending and on_answer is not None:
@@ -96,6 +103,10 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="tuwen-decode", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -135,11 +146,21 @@ class Scheduler:
             return None
         with self._lock:
             for lane in self._lanes:
-                if lane and self.engine.size + len(lane[0][1]) <= self.max_rows:
+                if lane and self._fits(lane[0][1]):
                     return lane.popleft()
                 if lane:
                     return None  # first come first served within a lane: wait for rows to free up
         return None
+
+    def _fits(self, rows: list[Any]) -> bool:
+        if not self.engine.size:
+            return True  # an empty batch takes any group (a group is never larger than max_rows)
+        if self.engine.size + len(rows) > self.max_rows:
+            return False
+        if not self.max_tokens:
+            return True
+        held = sum(self._cost.get(id(live.row), 0) for live in self.engine.rows)
+        return held + sum(self._cost.get(id(r), 0) for r in rows) <= self.max_tokens
 
     def _join(self, ticket: Ticket, rows: list[Any]) -> None:
         import torch
@@ -153,20 +174,20 @@ class Scheduler:
         except torch.OutOfMemoryError:
             self._free_memory()
             if len(rows) == 1 and not self.engine.size:
-                self._fail(rows, OutOfMemory("the model ran out of memory on this single item").to_dict())
+                self._fail(rows, OutOfMemory("the model ran out of memory on this single item").as_error())
                 return
             if len(rows) == 1:  # wait until some running rows have left
                 self._requeue(ticket, rows, front=True)
                 self._blocked = True
                 return
-            log.warning("out of memory joining %d rows; trying halves", len(rows))
+            log.warning("out of memory joining %d rows; retrying halves", len(rows))
             half = len(rows) // 2
             self._requeue(ticket, rows[half:], front=True)
             self._requeue(ticket, rows[:half], front=True)
             return
         except Exception as exc:  # noqa: BLE001 - the model failed on these rows only
             log.exception("joining %d rows failed", len(rows))
-            self._fail(rows, ModelError(f"the model failed on this batch: {exc}").to_dict())
+            self._fail(rows, ModelError(f"the model failed on this batch: {exc}").as_error())
             return
         self._report(finished)
 
@@ -182,10 +203,12 @@ class Scheduler:
             log.warning("out of memory in a decode step of %d rows; they start again", len(rows))
             for lv in reversed(live):
                 ticket = self._owner.pop(id(lv.row))
-                self._requeue(ticket, [_again(lv.row, lv.sent)], front=True)
+                again = _again(lv.row, lv.sent)
+                self._cost[id(again)] = self._cost.pop(id(lv.row), 0)
+                self._requeue(ticket, [again], front=True)
             return
         log.error("decode step failed: %s", exc)
-        self._fail(rows, ModelError(f"the model failed while answering: {exc}").to_dict())
+        self._fail(rows, ModelError(f"the model failed while answering: {exc}").as_error())
 
     def _requeue(self, ticket: Ticket, rows: list[Any], front: bool) -> None:
         with self._lock:
@@ -204,11 +227,13 @@ class Scheduler:
         if finished:
             self._blocked = False
         for f in finished:
+            self._cost.pop(id(f.row), None)
             ticket = self._owner.pop(id(f.row))
             self._deliver(ticket, f.row.key, self.runtime.finish(ticket.group, f))
 
-    def _fail(self, rows: list[Any], error: dict[str, str]) -> None:
+    def _fail(self, rows: list[Any], error: dict[str, Any]) -> None:
         for row in rows:
+            self._cost.pop(id(row), None)
             ticket = self._owner.pop(id(row))
             answer = ticket.group.answers[row.key]
             answer.error = error

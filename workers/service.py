@@ -10,52 +10,90 @@ from typing import Any
 from celery import signals
 
 from tuwen.pipeline.jobs import JobStore, connect
-from tuwen.pipeline.registry import Heartbeat
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.stores import open_images
-from tuwen.workers.runtime import NullRuntime, Runtime
+from tuwen.workers import transport
+from tuwen.workers.liveness import Keeper, Pulse, Repeating, install_fault_stall, pulse_step
 from tuwen.workers.metrics import WorkerMetrics
-from tuwen.workers.tasks import BatchAnswerer, make_worker_app
+from tuwen.workers.poison import Screen
+from tuwen.workers.reaper import INTERVAL_S, Reaper
+from tuwen.workers.runtime import NullRuntime, Runtime
+from tuwen.workers.hooks import Hooks, injected_oom
+from tuwen.workers.scheduler import Scheduler
+from tuwen.workers.tasks import make_worker_app
 
 log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname: str | None = None,
-               loglevel: str = "INFO") -> None:
-    """One process per device: threads pool with one slot, so the model is used by one batch at a time
-    while the consumer keeps prefetching the next batch."""
+               loglevel: str = "INFO", hooks: Hooks | None = None) -> None:
+    """One process per device. One decode loop owns the model (``Scheduler``); ``TUWEN_WORKER_GROUPS``
+    pool threads prepare hand-overs from the queue and wait for their results, so pictures are fetched
+    and preprocessed while the model decodes."""
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hooks = hooks or Hooks()
     hostname = hostname or f"tuwen-{os.getpid()}@{socket.gethostname()}"
-    runtime = NullRuntime(settings) if settings.null_model else Runtime(settings)
+    runtime = NullRuntime(settings) if hooks.null_model else Runtime(settings)
     runtime.load()
+    if hooks.oom_min_batch:
+        runtime.before_generate = injected_oom(hooks.oom_min_batch)
+    scheduler = Scheduler(runtime, settings.max_batch_size, max_tokens=settings.max_batch_tokens).start()
     log.info("model %s loaded in %.2fs", runtime.model_id, runtime.load_seconds or 0)
     redis_client = connect(settings.redis_url)
     queues = queues or [settings.interactive_queue, settings.bulk_queue]
+    broker = connect(settings.broker) if transport.applies_to(settings.broker) else None
     metrics = WorkerMetrics()
     metrics.model_load.set(runtime.load_seconds or 0)
-    if settings.broker == settings.redis_url:
-        metrics.watch_queues(redis_client, queues)
+    if broker is not None:
+        metrics.watch_queues(broker, queues)
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port)
-        log.info("metrics on :%d/metrics", settings.metrics_port)
-    answerer = BatchAnswerer(settings, runtime, JobStore(redis_client, settings.result_ttl_s), open_images(settings),
-                             metrics)
-    app = make_worker_app(settings, answerer, hostname)
-    heartbeat = Heartbeat(redis_client, hostname, {
+        metrics.serve(settings.metrics_port, settings.metrics_address)
+        log.info("metrics on %s:%d/metrics", settings.metrics_address, settings.metrics_port)
+    jobs = JobStore(redis_client, settings.result_ttl_s)
+    pulse = Pulse()
+    app, _ = make_worker_app(settings, runtime, scheduler, jobs, open_images(settings), metrics, hostname,
+                             screen=Screen(jobs, metrics, hostname, pulse.consumed))
+    app.steps["consumer"].add(pulse_step(pulse))
+
+    def queue_depth() -> int | None:
+        if broker is None:
+            return None
+        try:
+            return sum(int(broker.llen(q)) for q in queues)
+        except Exception:  # noqa: BLE001 - unknown while Redis is away
+            return None
+
+    keeper = Keeper(redis_client, hostname, {
         "model_id": runtime.model_id, "device": runtime.device, "queues": queues, "pid": os.getpid(),
         "max_batch_size": settings.max_batch_size, "load_seconds": runtime.load_seconds,
-    })
+    }, pulse, settings.stall_timeout_s, queue_depth)
+    sweeper = None
+    if broker is not None:
+        reaper = Reaper(broker, redis_client, {settings.interactive_queue, settings.bulk_queue, *queues},
+                        own_tags=lambda: pulse.held)
+        sweeper = Repeating("tuwen-reaper", INTERVAL_S, lambda: metrics.recovered.inc(len(reaper.sweep())))
+    if hooks.stall_after_jobs:
+        install_fault_stall(hooks.stall_after_jobs)
 
     def ready(**_: Any) -> None:
-        heartbeat.start()
+        keeper.start()
+        if sweeper is not None:
+            sweeper.start()
 
-    def stopping(**_: Any) -> None:
-        heartbeat.stop()
+    def shutting_down(**_: Any) -> None:
+        keeper.shutdown_started(settings.shutdown_timeout_s)
+
+    def shut_down(**_: Any) -> None:
+        if sweeper is not None:
+            sweeper.stop()
+        scheduler.stop()
+        keeper.stop()
 
     signals.worker_ready.connect(ready, weak=False)
-    signals.worker_shutting_down.connect(stopping, weak=False)
+    signals.worker_shutting_down.connect(shutting_down, weak=False)
+    signals.worker_shutdown.connect(shut_down, weak=False)
     app.worker_main([
-        "worker", "--pool=threads", "--concurrency=1", f"--queues={','.join(queues)}",
+        "worker", "--pool=threads", f"--concurrency={settings.worker_groups}", f"--queues={','.join(queues)}",
         f"--loglevel={loglevel}", "--without-mingle", "--without-gossip", "--task-events",
         f"--hostname={hostname}",
     ])

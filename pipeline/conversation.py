@@ -1,0 +1,117 @@
+"""Turning a caller's conversation (text, and pictures as bytes or as keys they stored) into a job.
+
+The one way to prepare a conversation job: the gateway's chat completions, the Batch API lines and the
+Python clients all come through ``prepare_conversation``. Every picture is validated and stored like a
+single upload; a key names a picture only if this owner stored it (the same refusal as a missing one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from tuwen.pipeline.client import CheckedImage, Client, ImageInput, first_error
+from tuwen.pipeline.client import StoredImage as StoredImage  # the callers' name for a stored picture
+from tuwen.pipeline.errors import InvalidInput, InvalidParams, InvalidQuestion
+from tuwen.pipeline.inputs import check_question
+from tuwen.pipeline.schema import MAX_MESSAGES, GenerationParams, JobRequest, Priority, Role
+
+
+@dataclass
+class Turn:
+    """One message: a role and its parts, each text (``str``) or a picture (bytes, path, file, or a
+    ``StoredImage``)."""
+
+    role: str
+    parts: list[str | StoredImage | ImageInput] = field(default_factory=list)
+
+
+def prepare_conversation(client: Client, turns: Sequence[Turn], params: GenerationParams | dict[str, Any], *,
+                         owner: str = "default", priority: Priority | str = Priority.interactive,
+                         job_id: str | None = None, stream: bool = False, bulk_id: str | None = None) -> JobRequest:
+    """Validate the conversation and store its pictures; returns the request, not yet queued.
+
+    Raises ``InvalidInput`` subclasses with a code: ``invalid_messages`` (shape), ``empty_question`` (the
+    last user turn has no text), ``conversation_too_long``, ``too_many_images``, ``image_not_found`` (a
+    key this owner did not store), and every code a single picture can get.
+    """
+    settings = client.settings
+    try:
+        generation = params if isinstance(params, GenerationParams) else GenerationParams.model_validate(params)
+        priority = Priority(priority)
+    except (ValidationError, ValueError) as exc:
+        raise InvalidParams(f"invalid generation parameters: {first_error(exc)}", code="invalid_params") from exc
+    _check_shape(turns)
+    pictures = sum(1 for t in turns for p in t.parts if not isinstance(p, str))
+    if pictures > settings.max_images_per_job:
+        raise InvalidInput(f"{pictures} pictures in one conversation; the limit is {settings.max_images_per_job}",
+                           code="too_many_images")
+    total = sum(len(p) for t in turns for p in t.parts if isinstance(p, str))
+    if total > settings.max_conversation_chars:
+        raise InvalidInput(f"the conversation has {total} characters of text; the limit is "
+                           f"{settings.max_conversation_chars}", code="conversation_too_long")
+    last_user = max(i for i, t in enumerate(turns) if t.role == Role.user.value)
+    # Everything is checked before anything is stored: a refused request leaves no picture behind.
+    checked: list[list[str | StoredImage | CheckedImage]] = []
+    for i, turn in enumerate(turns):
+        parts: list[str | StoredImage | CheckedImage] = []
+        for part in turn.parts:
+            if isinstance(part, str):
+                text = _text(part, last=i == last_user, max_chars=settings.max_question_chars)
+                if text:
+                    parts.append(text)
+            elif isinstance(part, StoredImage):
+                if not client.owns_image(part.key, owner):
+                    raise InvalidInput(f"no such picture: {part.key}", code="image_not_found")
+                parts.append(part)
+            else:
+                parts.append(client.check_image(part))
+        if i == last_user and not any(isinstance(p, str) for p in parts):
+            raise InvalidQuestion("the last user message has no question text", code="empty_question")
+        if not parts:
+            raise InvalidInput(f"message {i} is empty", code="invalid_messages")
+        checked.append(parts)
+    messages = [{"role": turn.role, "content": [
+        {"type": "text", "text": p} if isinstance(p, str) else
+        {"type": "image", "key": p.key if isinstance(p, StoredImage) else client.put_image(p, owner)}
+        for p in parts]} for turn, parts in zip(turns, checked)]
+    fields: dict[str, Any] = {"messages": messages, "params": generation, "priority": priority, "owner": owner,
+                              "stream": stream, "bulk_id": bulk_id}
+    if job_id:
+        fields["id"] = job_id
+    return JobRequest(**fields)
+
+
+def _check_shape(turns: Sequence[Turn]) -> None:
+    if not turns:
+        raise InvalidInput("the conversation has no messages", code="invalid_messages")
+    if len(turns) > MAX_MESSAGES:
+        raise InvalidInput(f"{len(turns)} messages; the limit is {MAX_MESSAGES}", code="invalid_messages")
+    roles = {r.value for r in Role}
+    for i, turn in enumerate(turns):
+        if turn.role not in roles:
+            raise InvalidInput(f"message {i} has role {turn.role!r}; expected system, user or assistant",
+                               code="invalid_messages")
+        if turn.role == Role.system.value and i != 0:
+            raise InvalidInput("a system message may only come first", code="invalid_messages")
+        if turn.role != Role.user.value and any(not isinstance(p, str) for p in turn.parts):
+            raise InvalidInput(f"message {i} ({turn.role}) carries a picture; only user messages may",
+                               code="invalid_messages")
+    if turns[-1].role != Role.user.value:
+        raise InvalidInput("the conversation must end with a user message", code="invalid_messages")
+
+
+def _text(part: str, *, last: bool, max_chars: int) -> str:
+    """The last user turn is the question (its length limit applies); earlier turns are history,
+    checked for valid text and bounded by the conversation's total instead."""
+    if last:
+        return check_question(part, max_chars=max_chars)
+    try:
+        return check_question(part, max_chars=max(len(part), 1))
+    except InvalidQuestion as exc:
+        if exc.code == "empty_question":
+            return ""
+        raise

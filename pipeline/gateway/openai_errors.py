@@ -1,0 +1,117 @@
+"""Errors of the OpenAI-compatible routes, in OpenAI's shape: ``{"error": {"message", "type", "param",
+"code"}}``, with the statuses the official SDK turns into its own classes (400 ``BadRequestError``, 401
+``AuthenticationError``, 404 ``NotFoundError``, 429 ``RateLimitError`` …). The codes are tuwen's own.
+
+``OpenAIRoute`` answers every error of its routes this way, whatever raised it (a dependency, the
+body, tuwen's ``InvalidInput``, Redis); tuwen's own routes keep their ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+import redis
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from tuwen.pipeline.errors import TuwenError
+from tuwen.pipeline.gateway.errors import printable, status_of, validation_code
+
+log = logging.getLogger("tuwen.gateway")
+
+#: OpenAI's error ``type`` per status.
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+         429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
+#: Once a job is queued, a retry would queue a second one: the SDK is told not to retry (its
+#: ``x-should-retry`` header); the error carries the job id to read instead.
+NO_RETRY = {"x-should-retry": "false"}
+
+
+class OpenAIError(Exception):
+    """An error answer of the OpenAI-compatible routes; ``param`` names the request field at fault,
+    ``job_id`` the job the request queued (timeouts, failed jobs)."""
+
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 headers: Mapping[str, str] | None = None, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = dict(headers or {})
+        self.job_id = job_id
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"message": printable(self.message),
+                                 "type": TYPES.get(self.status, "server_error" if self.status >= 500 else
+                                                   "invalid_request_error"),
+                                 "param": self.param, "code": self.code}
+        if self.job_id is not None:
+            error["job_id"] = self.job_id
+        return {"error": error}
+
+    def response(self) -> JSONResponse:
+        headers = {**self.headers, **({"X-Tuwen-Job-Id": self.job_id} if self.job_id else {})}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def openai_error(status: int, code: str, message: str, *, param: str | None = None,
+                 headers: Mapping[str, str] | None = None, job_id: str | None = None) -> OpenAIError:
+    """The error to raise (or answer) for ``code``, one of ``errors.ErrorCode``'s."""
+    return OpenAIError(status, code, message, param=param, headers=headers, job_id=job_id)
+
+
+def param_of(loc: tuple[Any, ...]) -> str | None:
+    """``("body", "messages", 0, "content")`` → ``messages[0].content``, as OpenAI names parameters."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("body", "header", "query", "path"):
+            out += ("." if out else "") + str(part)
+    return out or None
+
+
+def as_openai(exc: Exception) -> OpenAIError:
+    """Any error of an OpenAI-compatible route, as OpenAI shapes it (tuwen's 422 becomes 400)."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, TuwenError):
+        status = status_of(exc)
+        headers = {503: {"Retry-After": "5"}, 409: {"Retry-After": "1"}}.get(status)
+        if status == 500:
+            log.error("gateway error %s: %s", exc.code, exc.message)
+        return openai_error(400 if status == 422 else status, exc.code, exc.message, headers=headers)
+    if isinstance(exc, RequestValidationError):
+        code, message = validation_code(exc)
+        errors = list(exc.errors())
+        return openai_error(400, code, message, param=param_of(tuple(errors[0]["loc"])) if errors else None)
+    if isinstance(exc, HTTPException):
+        status = 400 if exc.status_code == 422 else exc.status_code
+        code = getattr(exc, "code", None) or {400: "invalid_request", 404: "not_found"}.get(status, "http_error")
+        return openai_error(status, code, str(exc.detail), headers=exc.headers)
+    if isinstance(exc, redis.RedisError):
+        log.warning("Redis error: %s", exc)
+        return openai_error(503, "service_unavailable", "Redis is not reachable", headers={"Retry-After": "5"})
+    log.exception("unhandled gateway error", exc_info=exc)
+    return openai_error(500, "internal_error", "internal error; it has been logged")
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose every error is answered in OpenAI's shape (``as_openai``)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer_in_openai_shape(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ClientDisconnect:
+                raise  # nobody to answer; the app's handler logs it
+            except Exception as exc:  # noqa: BLE001 - every error becomes an answer
+                return as_openai(exc).response()
+
+        return answer_in_openai_shape

@@ -1,0 +1,114 @@
+"""What the OpenAI-compatible routes answer: ``chat.completion`` objects, ``chat.completion.chunk`` events
+for streams, and the ``list`` of models. Built from tuwen's ``JobResult``; the shapes are OpenAI's, so the
+official SDK (and anything written against it) reads them as its own."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from tuwen.pipeline.schema import JobResult
+
+#: An answer ends with ``stop`` (the model ended it, or a stop string) or ``length`` (out of tokens).
+FINISH_REASONS = ("stop", "length")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str = Field(examples=["图中有3个圆形。"])
+    refusal: None = None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(examples=["chatcmpl-5f0c6a1e9b2d4c7a8e3f1b2c3d4e5f60"],
+                    description="chatcmpl- and the tuwen job id (also in the X-Tuwen-Job-Id header)")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: None = None
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(examples=["n: tuwen answers with one choice: n must be 1"])
+    type: str = Field(examples=["invalid_request_error"])
+    param: str | None = Field(None, examples=["n"])
+    code: str = Field(examples=["unsupported_parameter"])
+    #: The job a request queued before it failed or timed out: read it with ``GET /v1/jobs/{id}``.
+    job_id: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error answers of an OpenAI-compatible route (each is ``OpenAIErrorBody``)."""
+    text = {400: "invalid request; error.param names the field", 401: "missing or wrong API key",
+            404: "no such model", 409: "the job was cancelled, or an Idempotency-Key is in use",
+            413: "request body too large", 429: "rate limit; see Retry-After",
+            500: "the job failed in the model; error.job_id names it",
+            503: "no live worker serves a model, or a service is down; see Retry-After",
+            504: "no answer in time; error.job_id names the job to read later"}
+    return {s: {"model": OpenAIErrorBody, "description": text[s]} for s in statuses}
+
+
+class ModelCard(BaseModel):
+    id: str = Field(examples=["tuwen-demo@3f2a9c1b:none"])
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tuwen"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def completion_id(job_id: str) -> str:
+    return f"chatcmpl-{job_id}"
+
+
+def finish_reason(result: JobResult) -> str:
+    return result.finish_reason if result.finish_reason in FINISH_REASONS else "stop"
+
+
+def usage(result: JobResult) -> Usage:
+    prompt, generated = result.prompt_tokens or 0, result.generated_tokens or 0
+    return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+
+
+def completion(result: JobResult, model: str, created: int) -> ChatCompletion:
+    """A succeeded job as a ``chat.completion``."""
+    return ChatCompletion(id=completion_id(result.id), created=created, model=model, usage=usage(result),
+                          choices=[Choice(message=AssistantMessage(content=result.answer or ""),
+                                          finish_reason=finish_reason(result))])
+
+
+def chunk(job_id: str, model: str, created: int, delta: dict[str, Any] | None = None, *,
+          finish: str | None = None, with_usage: bool = False, usage_of: JobResult | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk``: a delta (``{"role"}`` first, then ``{"content"}``), the end
+    (``finish``), or, with ``usage_of``, the usage chunk (no choices) that ``include_usage`` asks for."""
+    body: dict[str, Any] = {"id": completion_id(job_id), "object": "chat.completion.chunk", "created": created,
+                            "model": model, "system_fingerprint": None}
+    if usage_of is not None:
+        return {**body, "choices": [], "usage": usage(usage_of).model_dump()}
+    body["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
+    if with_usage:
+        body["usage"] = None
+    return body

@@ -1,0 +1,287 @@
+"""The chat request tuwen accepts (``POST /v1/chat/completions``), checked the way OpenAI answers it.
+
+``parse_chat`` turns the JSON body into a ``ChatRequest``: the conversation (text, and pictures by URL,
+fetched later), ``GenerationParams`` and the streaming options. Anything tuwen does not do is refused
+with a 400 whose ``param`` names it (``unsupported_parameter``: ``n`` > 1, tools, ``response_format``,
+logprobs, penalties …; ``unknown_parameter`` for a name OpenAI does not have either): nothing is
+silently ignored. The limits are ``schema``'s (through ``GenerationParams``) and OpenAI's own for
+``metadata``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
+from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role
+
+#: OpenAI's limits on ``metadata``: 16 pairs, keys up to 64 characters, values up to 512.
+MAX_METADATA = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+EXAMPLE_PICTURE = "data:image/png;base64,iVBORw0KGgo…"
+
+
+# -- the documented shapes (``/openapi.json``); messages are checked part by part in ``parse_messages`` -----
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    #: Send one more chunk before ``[DONE]``, with ``usage`` and no choices.
+    include_usage: bool | None = None
+
+
+class ChatParams(BaseModel):
+    """Every parameter of a chat request but ``messages``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    model: str = Field(min_length=1, max_length=256, examples=["tuwen"],
+                       description="a model id of GET /v1/models, or `tuwen` (the served model)")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float | None = Field(None, description="0 (the default here) is greedy")
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    safety_identifier: str | None = Field(None, max_length=256)
+    metadata: dict[Annotated[str, Field(max_length=MAX_METADATA_KEY)],
+                   Annotated[str, Field(max_length=MAX_METADATA_VALUE)]] | None = Field(None, max_length=MAX_METADATA)
+    #: tuwen's extension: ``oldest_turns`` drops the oldest turns of a conversation too long for the
+    #: model (never the system prompt, nor the last user turn and its pictures); ``none`` refuses it.
+    truncation: Literal["none", "oldest_turns"] | None = None
+
+
+class TextContent(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    url: str = Field(min_length=1, examples=[EXAMPLE_PICTURE],
+                     description="data:image/…;base64,…, tuwen://images/<sha256>, or http(s) on an allowed host")
+    #: Accepted for compatibility; the picture is used at the model's own resolution whatever it says.
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageContent(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContent | ImageContent]
+
+
+class ChatCompletionRequest(ChatParams):
+    """The body of ``POST /v1/chat/completions`` (documentation; ``parse_chat`` checks it)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, examples=[[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": EXAMPLE_PICTURE}},
+                                     {"type": "text", "text": "图中有几个圆形？"}]}]])
+
+
+# -- what tuwen does not do: refused by name, unless given its neutral value ------------------------------
+_NO_TOOLS = "tuwen has no tools or function calling"
+#: name → (values that change nothing, why anything else is refused).
+REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((1,), "tuwen answers with one choice: n must be 1"),
+    "tools": (([],), _NO_TOOLS), "tool_choice": (("none",), _NO_TOOLS), "parallel_tool_calls": ((), _NO_TOOLS),
+    "functions": (([],), _NO_TOOLS), "function_call": (("none",), _NO_TOOLS),
+    "response_format": (({"type": "text"},), "tuwen answers in plain text only: response_format must be "
+                                             '{"type": "text"}'),
+    "logprobs": ((False,), "log probabilities are not returned"),
+    "top_logprobs": ((), "log probabilities are not returned"),
+    "logit_bias": (({},), "logit_bias is not supported"),
+    "frequency_penalty": ((0, 0.0), "penalties are not supported: leave them at 0"),
+    "presence_penalty": ((0, 0.0), "penalties are not supported: leave them at 0"),
+    "modalities": ((["text"],), "tuwen answers in text only"),
+    "audio": ((), "tuwen answers in text only"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "reasoning_effort": ((), "the model does no separate reasoning"),
+    "verbosity": ((), "verbosity is not supported"),
+    "web_search_options": ((), "tuwen does not search the web"),
+    "service_tier": (("auto", "default"), "tuwen has one service tier"),
+    "store": ((False,), "completions are not stored; read a job with GET /v1/jobs/{id}"),
+    "prompt_cache_key": ((), "prompt caching is not supported"),
+}
+#: Message fields tuwen does not take (tool results, function calls, names, audio).
+REFUSED_IN_MESSAGES = {"name": "message names are not supported", "tool_calls": _NO_TOOLS, "tool_call_id": _NO_TOOLS,
+                       "function_call": _NO_TOOLS, "refusal": "refusal messages are not supported",
+                       "audio": "tuwen answers in text only"}
+ROLES = {"system": Role.system, "developer": Role.system, "user": Role.user, "assistant": Role.assistant}
+
+
+def _neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
+    return value is None or any(type(value) is type(a) and value == a for a in allowed)
+
+
+# -- the parsed request ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PictureRef:
+    """A picture of the conversation by URL, and where it sits in the request (for errors)."""
+
+    url: str
+    param: str
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: Role
+    parts: tuple[str | PictureRef, ...]
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    turns: tuple[ChatTurn, ...]
+    params: GenerationParams
+    stream: bool
+    include_usage: bool
+    user: str | None
+    metadata: dict[str, str] | None
+    #: The request's content, canonical: the same request sent again has the same one (Idempotency-Key).
+    fingerprint: str
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object, or a 400 ``invalid_request``."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise openai_error(400, "invalid_request", "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise openai_error(400, "invalid_request", "the body must be a JSON object")
+    return data
+
+
+def parse_chat(body: bytes) -> ChatRequest:
+    """The request, or an ``OpenAIError`` (400) that names the parameter at fault."""
+    data = json_object(body)
+    for name, value in data.items():
+        if name in REFUSED and not _neutral(value, REFUSED[name][0]):
+            raise openai_error(400, "unsupported_parameter", f"{name}: {REFUSED[name][1]}", param=name)
+        if name not in REFUSED and name not in ChatCompletionRequest.model_fields:
+            raise openai_error(400, "invalid_params", f"Unrecognized request argument supplied: {name}",
+                               param=printable_name(name))
+    if "messages" not in data:
+        raise openai_error(400, "invalid_messages", "messages is required", param="messages")
+    try:
+        params = ChatParams.model_validate({k: v for k, v in data.items() if k not in REFUSED and k != "messages"})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise openai_error(400, "invalid_params", _message(first), param=param_of(tuple(first["loc"]))) from None
+    if params.stream_options is not None and not params.stream:
+        raise openai_error(400, "invalid_params", "stream_options is only allowed with stream: true",
+                           param="stream_options")
+    return ChatRequest(
+        model=params.model, turns=parse_messages(data["messages"]), params=generation(params),
+        stream=bool(params.stream), include_usage=bool(params.stream_options and params.stream_options.include_usage),
+        user=params.user or params.safety_identifier, metadata=params.metadata,
+        fingerprint=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest())
+
+
+def printable_name(name: str) -> str:
+    return name if len(name) <= 64 else name[:64] + "…"
+
+
+def _message(error: Any) -> str:
+    where = param_of(tuple(error["loc"]))
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
+
+
+def generation(params: ChatParams) -> GenerationParams:
+    """The job's ``GenerationParams``; their limits (``schema``) name the chat parameter when broken."""
+    tokens = {"max_tokens": params.max_tokens, "max_completion_tokens": params.max_completion_tokens}
+    given = {k: v for k, v in tokens.items() if v is not None}
+    if len(set(given.values())) > 1:
+        raise openai_error(400, "invalid_params", "give max_tokens or max_completion_tokens, not both",
+                           param="max_completion_tokens")
+    stop = (params.stop,) if isinstance(params.stop, str) else tuple(params.stop or ())
+    values = {"max_new_tokens": next(iter(given.values()), None), "temperature": params.temperature,
+              "top_p": params.top_p, "seed": params.seed, "stop": stop or None, "truncation": params.truncation}
+    try:
+        return GenerationParams.model_validate({k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        name = next(iter(given), "max_tokens") if field == "max_new_tokens" else field
+        raise openai_error(400, "invalid_params", f"{name}: {first['msg']}", param=name or None) from None
+
+
+def parse_messages(raw: Any) -> tuple[ChatTurn, ...]:
+    """The conversation's turns; pictures stay URLs (fetched and stored once the whole request is read)."""
+    if not isinstance(raw, list) or not raw:
+        raise openai_error(400, "invalid_messages", "messages must be a non-empty list", param="messages")
+    if len(raw) > MAX_MESSAGES:
+        raise openai_error(400, "invalid_messages", f"{len(raw)} messages; the limit is {MAX_MESSAGES}",
+                           param="messages")
+    return tuple(_turn(m, f"messages[{i}]") for i, m in enumerate(raw))
+
+
+def _turn(message: Any, where: str) -> ChatTurn:
+    if not isinstance(message, dict):
+        raise openai_error(400, "invalid_messages", f"{where} must be an object", param=where)
+    role = message.get("role")
+    if role in ("tool", "function"):
+        raise openai_error(400, "unsupported_parameter", f"{where}.role: {_NO_TOOLS}", param=f"{where}.role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise openai_error(400, "invalid_messages", f"{where}.role must be one of {', '.join(ROLES)}",
+                           param=f"{where}.role")
+    for key in message:
+        if key in REFUSED_IN_MESSAGES and message[key] is not None:
+            raise openai_error(400, "unsupported_parameter", f"{where}.{key}: {REFUSED_IN_MESSAGES[key]}",
+                               param=f"{where}.{key}")
+        if key not in ("role", "content") and key not in REFUSED_IN_MESSAGES:
+            raise openai_error(400, "invalid_params", f"Unrecognized argument in {where}: {printable_name(key)}",
+                               param=f"{where}.{printable_name(key)}")
+    content = message.get("content")
+    if isinstance(content, str):
+        return ChatTurn(ROLES[role], (content,))
+    if not isinstance(content, list) or not content:
+        raise openai_error(400, "invalid_messages", f"{where}.content must be a string or a non-empty list of parts",
+                           param=f"{where}.content")
+    parts = tuple(_part(p, f"{where}.content[{j}]") for j, p in enumerate(content))
+    if ROLES[role] != Role.user and any(isinstance(p, PictureRef) for p in parts):
+        raise openai_error(400, "invalid_messages", f"{where}: only user messages may carry pictures",
+                           param=f"{where}.content")
+    return ChatTurn(ROLES[role], parts)
+
+
+def _part(part: Any, where: str) -> str | PictureRef:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        # By hand, not by the model: text that is not valid Unicode (lone surrogates from JSON's \u escapes)
+        # must reach the question check and get its code there, ``invalid_question``.
+        unknown = sorted(set(part) - {"type", "text"})
+        if unknown:
+            raise openai_error(400, "invalid_params", f"Unrecognized argument in {where}: {printable_name(unknown[0])}",
+                               param=f"{where}.{printable_name(unknown[0])}")
+        if not isinstance(part.get("text"), str):
+            raise openai_error(400, "invalid_messages", f"{where}.text must be a string", param=f"{where}.text")
+        return str(part["text"])
+    if kind != "image_url":
+        if kind in ("input_audio", "file", "refusal"):
+            raise openai_error(400, "unsupported_parameter", f"{where}: {kind} parts are not supported; "
+                               "send text and image_url parts", param=f"{where}.type")
+        raise openai_error(400, "invalid_messages", f"{where} must be a part of type text or image_url",
+                           param=f"{where}.type" if isinstance(part, dict) else where)
+    try:
+        parsed = ImageContent.model_validate(part)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = where + "." + (param_of(tuple(first["loc"])) or "")
+        raise openai_error(400, "invalid_messages", f"{param.rstrip('.')}: {first['msg']}",
+                           param=param.rstrip(".")) from None
+    return PictureRef(parsed.image_url.url, f"{where}.image_url.url")

@@ -1,0 +1,145 @@
+"""Answers as they are generated: one Redis stream per job that asked to stream.
+
+The worker appends each new piece of text (``XADD tuwen:stream:<job id> * t <text>``, one pipelined
+round trip per decode step for all its streaming rows) and, when the row ends, an entry with the finish
+reason. A reader starts from the beginning whenever it connects, so nothing is lost to a late
+subscriber (unlike pub/sub), and the stream expires a few minutes after the job ends.
+
+The job store stays the record of truth: a reader that sees the job end without a finished stream (an
+answer from the cache, a failure before the first token, a worker that died mid-answer and a second one
+that finished it) sends whatever the final answer holds beyond what was streamed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from tuwen.pipeline.jobs import JobStore, redis_errors
+from tuwen.pipeline.keys import STREAM
+from tuwen.pipeline.schema import JobResult, JobStatus
+
+#: How long a job's stream is kept after its last entry.
+STREAM_TTL_S = 600
+#: Most entries a stream keeps (an answer is at most MAX_NEW_TOKENS pieces, plus the end entry).
+STREAM_MAX_LEN = 8192
+
+
+def stream_key(job_id: str) -> str:
+    return STREAM + job_id
+
+
+class StreamWriter:
+    """Buffers text per job; ``flush`` writes everything buffered in one pipelined round trip."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._pending: list[tuple[str, dict[str, str]]] = []
+        self._lock = threading.Lock()  # the decode thread adds text; consumer threads add ends and flush
+
+    def text(self, job_id: str, piece: str) -> None:
+        if piece:
+            with self._lock:
+                self._pending.append((job_id, {"t": piece}))
+
+    def end(self, job_id: str, finish_reason: str) -> None:
+        with self._lock:
+            self._pending.append((job_id, {"end": finish_reason}))
+
+    def flush(self) -> None:
+        """Write what is buffered, in order (flushes are serialised, so two threads cannot reorder a
+        job's pieces)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            if not pending:
+                return
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in dict.fromkeys(j for j, _ in pending):
+                for _, fields in (p for p in pending if p[0] == job_id):
+                    pipe.xadd(stream_key(job_id), fields, maxlen=STREAM_MAX_LEN, approximate=True)
+                pipe.expire(stream_key(job_id), STREAM_TTL_S)
+            try:
+                pipe.execute()
+            except redis.RedisError:
+                pass  # streaming is best effort: the final answer is written to the job store regardless
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One event of a streamed answer: new text, or the end (``finish_reason`` set, ``result`` final)."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    result: JobResult | None = None
+
+
+class Assembler:
+    """What a reader has seen of one job's stream; turns stream entries and the final result into
+    ``Delta``s. Shared by the blocking reader below and the asyncio client."""
+
+    def __init__(self, job_id: str) -> None:
+        self.key = stream_key(job_id)
+        self.last_id = "0"
+        self.sent = ""
+        self.reason: str | None = None
+
+    def take(self, reply: Any) -> list[Delta]:
+        """Deltas for an ``XREAD`` reply."""
+        out = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                if "t" in fields:
+                    self.sent += fields["t"]
+                    out.append(Delta(text=fields["t"]))
+                elif "end" in fields:
+                    self.reason = fields["end"]
+        return out
+
+    def over(self, result: JobResult) -> bool:
+        """Whether reading can stop: the job ended (or is gone), or its stream did."""
+        return result.status.terminal or result.status == JobStatus.unknown or self.reason is not None
+
+    def closing(self, result: JobResult) -> list[Delta]:
+        """The last deltas: what the final answer holds beyond the streamed text, then the end."""
+        out = []
+        answer = result.answer or ""
+        if result.status == JobStatus.succeeded and answer.startswith(self.sent) and len(answer) > len(self.sent):
+            out.append(Delta(text=answer[len(self.sent):]))
+        if result.status.terminal:
+            reason = self.reason or ("stop" if result.status == JobStatus.succeeded else "error")
+            if result.status == JobStatus.succeeded and result.finish_reason:
+                reason = result.finish_reason
+            out.append(Delta(finish_reason=reason, result=result))
+        else:
+            out.append(Delta(result=result if result.status == JobStatus.unknown else None))
+        return out
+
+
+def read(jobs: JobStore, job_id: str, timeout: float, owner: str | None = None,
+         poll_s: float = 1.0) -> Iterator[Delta]:
+    """The job's answer as it is generated, then one last ``Delta`` with the finish reason and result.
+
+    Stops after ``timeout`` seconds without the job ending (the last ``Delta`` then has no result).
+    """
+    seen = Assembler(job_id)
+    deadline = time.monotonic() + timeout
+    while True:
+        wait_ms = int(max(0.0, min(poll_s, deadline - time.monotonic())) * 1000)
+        with redis_errors():
+            reply: Any = jobs.redis.xread({seen.key: seen.last_id}, count=256, block=wait_ms) if wait_ms else []
+        yield from seen.take(reply)
+        result = jobs.get(job_id, owner)
+        if seen.over(result):
+            if seen.reason is not None and not result.status.terminal:  # the worker writes the result next
+                result = jobs.wait(job_id, max(0.0, min(5.0, deadline - time.monotonic())), owner)
+            yield from seen.closing(result)
+            return
+        if time.monotonic() >= deadline:
+            yield Delta()
+            return

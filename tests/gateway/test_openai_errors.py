@@ -1,0 +1,277 @@
+"""The chat API's refusals, as the official SDK sees them: its own exception classes, a code, and the
+parameter at fault; the bad-input corpus sent as data: URLs is refused with its codes and stores nothing;
+another owner's stored picture is refused exactly like a missing one."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+from PIL import Image
+
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.gateway.bodylimits import chat_limit
+from tuwen.pipeline.jobs import PREFIX
+from tests.gateway.conftest import UPLOAD_LIMIT, Gateway
+from tests.gateway.test_gateway import _corpus as upload_corpus
+from tests.gateway.test_openai import MIB, ask, chat_gateway, data_url, knows, sdk  # noqa: F401 - chat_gateway: fixture
+from tests.reliability.test_bad_input import REFUSED
+from tuwen.workers.demo.samples import load_samples
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+Keys = Callable[..., str]
+SAMPLE = load_samples()[0]
+ALL_NEUTRAL = dict(n=1, logprobs=False, frequency_penalty=0, presence_penalty=0.0, response_format={"type": "text"},
+                   tools=[], logit_bias={}, store=False, modalities=["text"], service_tier="auto")
+
+
+def turn(text: object = None, url: str | None = None) -> dict[str, Any]:
+    picture = {"type": "image_url", "image_url": {"url": url or data_url(SAMPLE.path.read_bytes())}}
+    return {"role": "user", "content": [picture, {"type": "text", "text": SAMPLE.question if text is None else text}]}
+
+
+#: name → (create() keyword arguments, the code, the param it names)
+BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
+    "n > 1": ({"n": 2}, "unsupported_parameter", "n"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "unsupported_parameter",
+              "tools"),
+    "tool_choice": ({"tool_choice": "auto"}, "unsupported_parameter", "tool_choice"),
+    "functions": ({"functions": [{"name": "f", "parameters": {}}]}, "unsupported_parameter", "functions"),
+    "response_format json": ({"response_format": {"type": "json_object"}}, "unsupported_parameter", "response_format"),
+    "logprobs": ({"logprobs": True}, "unsupported_parameter", "logprobs"),
+    "top_logprobs": ({"top_logprobs": 2}, "unsupported_parameter", "top_logprobs"),
+    "logit_bias": ({"logit_bias": {"1": 5}}, "unsupported_parameter", "logit_bias"),
+    "frequency_penalty": ({"frequency_penalty": 0.5}, "unsupported_parameter", "frequency_penalty"),
+    "presence_penalty": ({"presence_penalty": -1.0}, "unsupported_parameter", "presence_penalty"),
+    "an unknown parameter": ({"extra_body": {"best_of": 2}}, "invalid_params", "best_of"),
+    "temperature out of range": ({"temperature": 3.5}, "invalid_params", "temperature"),
+    "top_p zero": ({"top_p": 0}, "invalid_params", "top_p"),
+    "max_tokens too big": ({"max_tokens": 10**6}, "invalid_params", "max_tokens"),
+    "max_completion_tokens zero": ({"max_completion_tokens": 0}, "invalid_params", "max_completion_tokens"),
+    "both token limits, different": ({"max_tokens": 5, "max_completion_tokens": 6}, "invalid_params",
+                                     "max_completion_tokens"),
+    "five stop strings": ({"stop": ["a", "b", "c", "d", "e"]}, "invalid_params", "stop"),
+    "negative seed": ({"seed": -1}, "invalid_params", "seed"),
+    "temperature as text": ({"extra_body": {"temperature": "hot"}}, "invalid_params", "temperature"),
+    "stream_options without stream": ({"stream_options": {"include_usage": True}}, "invalid_params", "stream_options"),
+    "unknown truncation": ({"extra_body": {"truncation": "sideways"}}, "invalid_params", "truncation"),
+    "17 metadata pairs": ({"metadata": {f"k{i}": "v" for i in range(17)}}, "invalid_params", "metadata"),
+    "a tool message": ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "unsupported_parameter",
+                       "messages[0].role"),
+    "an unknown role": ({"messages": [{"role": "robot", "content": "x"}]}, "invalid_messages", "messages[0].role"),
+    "a named message": ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "unsupported_parameter",
+                        "messages[0].name"),
+    "an audio part": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+        "data": "AAAA", "format": "wav"}}]}]}, "unsupported_parameter", "messages[0].content[0].type"),
+    "image_url without url": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+                              "invalid_messages", "messages[0].content[0].image_url.url"),
+    "empty messages": ({"messages": []}, "invalid_messages", "messages"),
+    "a picture in an assistant turn": ({"messages": [
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "tuwen://images/" + "0" * 64}}]},
+        {"role": "user", "content": "?"}]}, "invalid_messages", "messages[0].content"),
+    "ends with an assistant turn": ({"messages": [turn(), {"role": "assistant", "content": "图中"}]},
+                                    "invalid_messages", None),
+    "no question text": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": data_url(SAMPLE.path.read_bytes())}}]}]}, "empty_question", None),
+    "too many pictures": ({"messages": [{"role": "user", "content": [
+        *[{"type": "image_url", "image_url": {"url": data_url(SAMPLE.path.read_bytes())}}] * 9,
+        {"type": "text", "text": "?"}]}]}, "too_many_images", None),
+    "a system turn after the first": ({"messages": [turn(), {"role": "system", "content": "be brief"}, turn()]},
+                                      "invalid_messages", None),
+}
+
+
+def test_bad_requests_are_bad_request_errors_that_name_the_parameter(chat_gateway: Gateway, new_key: Keys) -> None:
+    got = {}
+    with sdk(chat_gateway, new_key()) as client:
+        for name, (kwargs, _, _) in BAD_REQUESTS.items():
+            request = {"model": "tuwen", "messages": [turn()], "max_tokens": 8, **kwargs}
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(**request)
+            err = info.value
+            assert err.status_code == 400 and err.type == "invalid_request_error" and err.message, name
+            got[name] = (err.code, err.param)
+        # The neutral values of the refused parameters change nothing, so they are accepted
+        fine = client.chat.completions.create(model="tuwen", messages=[turn()], max_tokens=32, **ALL_NEUTRAL)
+    assert got == {name: (code, param) for name, (_, code, param) in BAD_REQUESTS.items()}
+    assert knows(fine.choices[0].message.content or "", SAMPLE)
+
+
+def test_auth_not_found_and_rate_limit_are_the_sdks_own_classes(chat_gateway: Gateway, new_key: Keys) -> None:
+    # A wrong key: AuthenticationError
+    with sdk(chat_gateway, "tw_not_a_key") as stranger, pytest.raises(openai.AuthenticationError) as unknown_key:
+        stranger.chat.completions.create(model="tuwen", messages=[turn()])
+    assert unknown_key.value.code == "invalid_api_key" and unknown_key.value.type == "authentication_error"
+    with sdk(chat_gateway, "tw_not_a_key") as stranger, pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+    # A model nobody serves: NotFoundError naming `model`
+    with sdk(chat_gateway, new_key()) as client, pytest.raises(openai.NotFoundError) as no_model:
+        client.chat.completions.create(model="gpt-4o", messages=[turn()])
+    assert (no_model.value.code, no_model.value.param) == ("model_not_served", "model")
+    # Past the key's rate limit: RateLimitError with Retry-After
+    with sdk(chat_gateway, new_key(rate_limit=1)) as limited:
+        limited.chat.completions.create(model="tuwen", messages=[turn()], max_tokens=8)
+        with pytest.raises(openai.RateLimitError) as throttled:
+            limited.chat.completions.create(model="tuwen", messages=[turn()], max_tokens=8)
+    assert throttled.value.code == "rate_limited" and int(throttled.value.response.headers["retry-after"]) >= 1
+
+
+def test_a_failed_job_is_an_error_with_its_code(chat_gateway: Gateway, new_key: Keys) -> None:
+    # Given a conversation longer than the model's context (but within the gateway's character limit)
+    history: list[dict[str, Any]] = []
+    for i in range(12):
+        history += [{"role": "user", "content": f"第{i}个问题：" + "图中有几个圆形？" * 20},
+                    {"role": "assistant", "content": "图中有3个圆形。" * 10}]
+    messages = [*history, turn()]
+    with sdk(chat_gateway, new_key()) as client:
+        # When it is asked
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tuwen", messages=messages, max_tokens=32)
+        # Then it fails with context_too_long and names the job; truncation: oldest_turns answers it
+        shortened = client.chat.completions.create(model="tuwen", messages=messages, max_tokens=32,
+                                                   extra_body={"truncation": "oldest_turns"})
+    assert refused.value.code == "context_too_long" and "job_id" in refused.value.body  # type: ignore[operator]
+    assert knows(shortened.choices[0].message.content or "", SAMPLE)
+
+
+# -- the bad-input corpus, as data: URLs -----------------------------------------------------------------------
+def fresh_picture() -> bytes:
+    """A picture no test stored before: if a refused request stored it, the bucket would show it."""
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 48), tuple(uuid.uuid4().bytes[:3])).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def chat_corpus() -> dict[str, tuple[dict[str, Any], str]]:
+    """name → (the request's changes, the code). The reliability corpus (pictures, questions, params)
+    and the gateway's picture corpus, each picture as a data: URL, plus what only URLs can get wrong.
+    A case about the text or the params comes with a fresh picture."""
+    cases: dict[str, tuple[dict[str, Any], str]] = {}
+    for name, (image, question, kwargs, code) in REFUSED.items():
+        if isinstance(question, bytes):  # not UTF-8: JSON carries it as lone surrogates
+            question = question.decode("utf-8", "surrogateescape")
+        if image == SAMPLE.path.read_bytes():
+            image = fresh_picture()
+        request: dict[str, Any] = {"messages": [turn(question, data_url(image))]}
+        if "max_new_tokens" in kwargs:
+            request["max_tokens"] = kwargs["max_new_tokens"]
+        if "priority" in kwargs:
+            request["extra_body"] = {"priority": kwargs["priority"]}
+            code = "invalid_params"  # a /v1/jobs field, not a chat one
+        if not isinstance(question, str):
+            code = "invalid_messages"  # a text part whose text is not a string
+        cases[name] = (request, code)
+    for name, case, code in upload_corpus():
+        if set(case) <= {"image", "name"} and isinstance(case.get("image"), bytes):
+            cases[f"upload corpus: {name}"] = ({"messages": [turn(url=data_url(case["image"]))]}, code)
+    sha = hashlib.sha256(uuid.uuid4().bytes).hexdigest()
+    for name, url, code in [
+        ("not base64", "data:image/png,%89PNG", "invalid_image_url"),
+        ("broken base64", "data:image/png;base64,@@@@", "invalid_image_url"),
+        ("data: without a comma", "data:image/png;base64", "invalid_image_url"),
+        ("ftp URL", "ftp://127.0.0.1/a.png", "invalid_image_url"),
+        ("file URL", "file:///etc/passwd", "invalid_image_url"),
+        ("host off the allow-list", "http://example.com/a.png", "image_url_not_allowed"),
+        ("malformed tuwen URL", "tuwen://images/../../secret", "invalid_image_url"),
+        ("tuwen URL of no picture", f"tuwen://images/{sha}", "image_not_found"),
+    ]:
+        cases[name] = ({"messages": [turn(url=url)]}, code)
+    return cases
+
+
+def sendable(body: dict[str, Any]) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def stored(client: Client) -> tuple[set[str], set[str]]:
+    return (set(client.images.objects.list("images/")), set(client.jobs.redis.scan_iter(PREFIX + "*")))
+
+
+def test_the_bad_input_corpus_as_data_urls_gets_400s_with_codes_and_stores_nothing(
+        chat_gateway: Gateway, new_key: Keys) -> None:
+    client = Client(chat_gateway.settings)
+    before = stored(client)
+    got: dict[str, str | None] = {}
+    cases = chat_corpus()
+    token = new_key()
+    with sdk(chat_gateway, token) as api, chat_gateway.client(token) as raw:
+        for name, (request, _) in cases.items():
+            body = {"model": "tuwen", **request}
+            if not sendable(body):
+                # The SDK cannot encode text that is not UTF-8; JSON's \u escapes can carry it
+                answer = raw.post("/v1/chat/completions", content=json.dumps(body).encode(),
+                                  headers={"Content-Type": "application/json"})
+                assert answer.status_code == 400, name
+                got[name] = answer.json()["error"]["code"]
+                continue
+            with pytest.raises(openai.BadRequestError) as info:
+                api.chat.completions.create(**body)
+            assert info.value.status_code == 400 and info.value.message, name
+            got[name] = info.value.code
+    assert got == {name: code for name, (_, code) in cases.items()}
+    # Nothing was stored: no picture object, no job record
+    assert stored(client) == before
+    client.close()
+
+
+def test_a_bad_second_picture_stores_not_even_the_first(chat_gateway: Gateway, new_key: Keys) -> None:
+    fresh = io.BytesIO()
+    Image.new("RGB", (48, 48), (uuid.uuid4().int % 256, 80, 160)).save(fresh, format="PNG")
+    client = Client(chat_gateway.settings)
+    before = stored(client)
+    with sdk(chat_gateway, new_key()) as api, pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model="tuwen", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(fresh.getvalue())}},
+            {"type": "image_url", "image_url": {"url": data_url(b"<html>not a picture</html>")}},
+            {"type": "text", "text": "这两张图有什么不同？"}]}])
+    assert info.value.code == "unsupported_image_format"
+    assert stored(client) == before
+    client.close()
+
+
+# -- owners ------------------------------------------------------------------------------------------------------
+def test_another_owners_stored_picture_is_refused_like_a_missing_one(chat_gateway: Gateway, new_key: Keys) -> None:
+    picture = SAMPLE.path.read_bytes()
+    key = "images/" + hashlib.sha256(picture).hexdigest()
+    missing = "images/" + hashlib.sha256(uuid.uuid4().bytes).hexdigest()
+    with sdk(chat_gateway, new_key()) as owner, sdk(chat_gateway, new_key()) as stranger:
+        # Given a picture an owner sent once, as a data: URL
+        owner.chat.completions.create(model="tuwen", messages=[turn()], max_tokens=8)
+        # When the owner names it again by key, it is the same picture
+        again = owner.chat.completions.create(model="tuwen", messages=[turn(url=f"tuwen://{key}")], max_tokens=32)
+        # And when another owner names it, or a key no one stored, both are refused alike
+        refusals = []
+        for name in (key, missing):
+            with pytest.raises(openai.BadRequestError) as info:
+                stranger.chat.completions.create(model="tuwen", messages=[turn(url=f"tuwen://{name}")])
+            refusals.append((info.value.code, info.value.param, info.value.message.replace(name, "<key>")))
+    assert knows(again.choices[0].message.content or "", SAMPLE)
+    assert refusals[0] == refusals[1] and refusals[0][:2] == ("image_not_found", None)
+
+
+def test_chat_bodies_have_their_own_size_limit(parked_gateway: Gateway, new_key: Keys) -> None:
+    """Pictures come base64-encoded in the JSON, so a chat body may be larger than an upload (1 MiB on
+    this gateway): by default it may hold one picture of max_image_bytes as a data: URL."""
+    limit = chat_limit(parked_gateway.settings, parked_gateway.gw)
+    body = json.dumps({"model": "tuwen", "messages": [turn(url=data_url(b"\0" * (2 * UPLOAD_LIMIT)))]}).encode()
+    with parked_gateway.client(new_key()) as api:
+        bigger_than_an_upload = api.post("/v1/chat/completions", content=body,
+                                         headers={"Content-Type": "application/json"})
+        too_big = api.post("/v1/chat/completions", content=b"{" + b" " * limit + b"}",
+                           headers={"Content-Type": "application/json"})
+    # The first is read (no worker serves this gateway's queue: 503, the model check comes after the body)
+    assert bigger_than_an_upload.status_code == 503, bigger_than_an_upload.text
+    assert bigger_than_an_upload.json()["error"]["code"] == "model_not_served"
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+    assert limit == 4 * -(-parked_gateway.settings.max_image_bytes // 3) + MIB
