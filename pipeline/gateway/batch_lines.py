@@ -1,0 +1,60 @@
+"""A Batch API line as a bulk job: its body is one chat completion request, read exactly as a
+``POST /v1/chat/completions`` body is (``openai_request.parse_chat``, ``pictures.picture``), then prepared
+as a bulk-priority job of the batch (``conversation.prepare_conversation``).
+
+An adapter between two shapes: the chat code refuses with ``OpenAIError`` (an HTTP answer), a bulk line
+with ``InvalidInput`` (an error line), so ``ChatLines`` turns one into the other, code and message kept.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tuwen.pipeline.bulk.manifest import Record
+from tuwen.pipeline.bulk.model import Bulk
+from tuwen.pipeline.conversation import Turn, prepare_conversation
+from tuwen.pipeline.errors import InvalidInput
+from tuwen.pipeline.gateway.openai_errors import OpenAIError, openai_error
+from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef, parse_chat
+from tuwen.pipeline.gateway.pictures import picture
+from tuwen.pipeline.gateway.routes.models import aliases
+from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.schema import JobRequest, Priority
+
+
+def parse_line(body: Any) -> ChatRequest:
+    """``parse_chat`` for a line's body: it takes the raw HTTP body, a line's body is already decoded."""
+    return parse_chat(json.dumps(body).encode())
+
+
+class ChatLines:
+    """The ``LinePreparer`` of a batch's lines: each body a chat completion request, answered whole
+    (``stream`` is refused), by the served model (``model`` as the chat endpoint takes it)."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    def __call__(self, rec: Record, bulk: Bulk, job_id: str) -> JobRequest:
+        try:
+            chat = parse_line(rec.request)
+            if chat.stream:
+                raise openai_error(400, "unsupported_parameter", "stream: a batch line is answered whole, not "
+                                   "streamed", param="stream")
+            self._check_model(chat.model)
+            limit = self.state.settings.max_image_bytes
+            turns = [Turn(t.role.value, [picture(p.url, p.param, max_bytes=limit, remote=self.state.pictures)
+                                         if isinstance(p, PictureRef) else p for p in t.parts])
+                     for t in chat.turns]
+        except OpenAIError as exc:
+            raise InvalidInput(exc.message, code=exc.code) from exc
+        return prepare_conversation(self.state.client, turns, chat.params, owner=bulk.owner, priority=Priority.bulk,
+                                    job_id=job_id, bulk_id=bulk.id)
+
+    def _check_model(self, requested: str) -> None:
+        """A model the live workers on the bulk queue hold, or an alias of the served model; while no
+        worker is live any name is taken (the line waits in the queue like every other)."""
+        live = self.state.census.models(self.state.settings.bulk_queue)
+        if live and requested not in live and requested not in aliases(self.state):
+            raise openai_error(404, "model_not_served", f"The model `{requested}` does not exist: GET /v1/models "
+                               "lists the served ones", param="model")

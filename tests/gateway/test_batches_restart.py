@@ -1,0 +1,191 @@
+"""The Batch API's gateway as a real process (``tuwen gateway serve``): killed with SIGKILL while it submits a
+batch's lines and started again, the batch completes with every line once; and a 20,000-line input file
+uploads and validates with the gateway's memory bounded (its peak RSS, from /proc)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tuwen.pipeline.bulk.records import PREFIX as BULK_PREFIX
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.jobs import connect
+from tuwen.pipeline.localredis import free_port
+from tuwen.pipeline.settings import Settings
+from tests.gateway.test_batches import (
+    TERMINAL, URL, ask, jsonl, line, png, read_lines, sdk, upload, wait_for, worksheets)
+from tuwen.workers.process import WorkerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+MB = 1024 * 1024
+
+
+class GatewayProcess:
+    """``tuwen gateway serve`` as a child process on ``settings`` (passed as ``TUWEN_*``, nothing inherited)."""
+
+    def __init__(self, settings: Settings, log_path: Path, **gateway: str) -> None:
+        self.settings, self.log_path = settings, log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"TUWEN_RATE_LIMIT_PER_MINUTE": "0", **{f"TUWEN_{k.upper()}": v for k, v in gateway.items()}}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}
+        env.update({**self.settings.to_env(), **self.env, "PYTHONUNBUFFERED": "1"})
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tuwen.workers.cli", "gateway", "serve", f"--port={self.port}",
+                 "--log-level=warning"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the gateway exited: {self.log_path.read_text(errors='replace')}"
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2, trust_env=False).status_code < 600:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError(f"the gateway did not start: {self.log_path.read_text(errors='replace')}")
+
+    def status_mb(self, field: str) -> float:
+        """``VmRSS`` (now) or ``VmHWM`` (the peak so far) of the process, in MiB, from /proc."""
+        assert self.proc is not None
+        for row in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if row.startswith(field + ":"):
+                return int(row.split()[1]) / 1024
+        raise AssertionError(f"no {field} in /proc/{self.proc.pid}/status")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def own_queues(pipeline_settings: Settings) -> Settings:
+    """Queues of this test alone: no other gateway of the session tends its batches."""
+    tag = uuid.uuid4().hex[:8]
+    return pipeline_settings.model_copy(update={"interactive_queue": f"rs-i-{tag}", "bulk_queue": f"rs-b-{tag}"})
+
+
+@pytest.fixture
+def gateways(tmp_path: Path) -> Iterator[list[GatewayProcess]]:
+    started: list[GatewayProcess] = []
+    yield started
+    for gw in started:
+        gw.kill()
+
+
+def test_a_gateway_killed_mid_submission_and_restarted_completes_the_batch_with_every_line_once(
+        own_queues: Settings, keys, tmp_path: Path, gateways: list[GatewayProcess]) -> None:
+    worker = WorkerProcess(own_queues, "restart@tests", tmp_path / "worker.log").start()
+    token = keys.create(f"owner-{uuid.uuid4().hex[:8]}", "restart", 0)[1]
+    redis = connect(own_queues.redis_url)
+    try:
+        first = GatewayProcess(own_queues, tmp_path / "gateway-1.log")
+        gateways.append(first.start())
+        lines, _ = worksheets(200, seed=1_234, prefix="rs")
+        with sdk(first, token) as client:
+            # Given a 200-line batch whose lines the gateway is submitting
+            batch = client.batches.create(input_file_id=upload(client, jsonl(lines)), endpoint=URL,
+                                          completion_window="24h")
+            deadline = time.monotonic() + 60
+            while int(redis.hget(BULK_PREFIX + batch.id, "queued") or 0) < 40 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # When the gateway is killed (SIGKILL) in the middle of it
+            first.kill()
+        submitted = int(redis.hget(BULK_PREFIX + batch.id, "queued") or 0)
+        assert 40 <= submitted < 200, f"the kill came at {submitted} of 200 lines submitted"
+        # And a new gateway process is started
+        worker.wait_ready(timeout=180)
+        again = GatewayProcess(own_queues, tmp_path / "gateway-2.log")
+        gateways.append(again.start())
+        with sdk(again, token) as client:
+            restarted = time.monotonic()
+            # (its input file cannot be deleted while lines of it are still to submit)
+            with pytest.raises(openai.ConflictError) as in_use:
+                client.files.delete(batch.input_file_id)
+            assert in_use.value.code == "file_in_use"
+            done = wait_for(client, batch.id, lambda b: b.status in TERMINAL, timeout=300)
+            outputs, errors = read_lines(client, done.output_file_id), read_lines(client, done.error_file_id)
+            assert client.files.delete(batch.input_file_id).deleted
+        # Then the batch completes, every line answered exactly once
+        assert done.status == "completed", done
+        assert done.request_counts.model_dump() == {"total": 200, "completed": 200, "failed": 0}
+        assert not errors and sorted(x["custom_id"] for x in outputs) == sorted(x["custom_id"] for x in lines)
+        # … each line recorded once, as one job that ran once
+        entries = redis.lrange(BULK_PREFIX + batch.id + ":lines", 0, -1)
+        assert len(entries) == 200
+        reader = Client(own_queues)
+        try:
+            jobs = reader.jobs.get_many([x["response"]["request_id"] for x in outputs])
+        finally:
+            reader.close()
+        assert len(jobs) == 200 and {j.attempts for j in jobs.values()} == {1}
+        print(f"\nkilled at {submitted}/200 lines submitted; the restarted gateway completed the batch "
+              f"{time.monotonic() - restarted:.1f}s after it started")
+    finally:
+        redis.close()
+        worker.stop()
+
+
+def test_a_20000_line_file_uploads_and_validates_with_bounded_gateway_memory(
+        own_queues: Settings, keys, tmp_path: Path, gateways: list[GatewayProcess]) -> None:
+    # Given a 20,000-line input file of about 42 MiB (pictures as data: URLs)
+    pictures = [png(ex) for ex in worksheets(40, seed=99)[1].values()]
+    path = tmp_path / "big.jsonl"
+    with path.open("wb") as f:
+        for i in range(20_000):
+            f.write(jsonl([line(f"big-{i:05d}", [ask(pictures[i % 40], "图中是什么形状？")])]))
+    size_mb = path.stat().st_size / MB
+    token = keys.create(f"owner-{uuid.uuid4().hex[:8]}", "big", 0)[1]
+    gateway = GatewayProcess(own_queues, tmp_path / "gateway.log")
+    gateways.append(gateway.start())
+    with sdk(gateway, token, timeout=300) as client:
+        # (warmed by a one-line batch: routes, storage clients and the submission's threads are up)
+        warm_file = upload(client, jsonl([line("warm", [ask(pictures[0], "图中是什么形状？")])]))
+        warm = client.batches.create(input_file_id=warm_file, endpoint=URL, completion_window="24h")
+        wait_for(client, warm.id, lambda b: b.status == "in_progress", timeout=60)
+        client.batches.cancel(warm.id)
+        baseline = gateway.status_mb("VmRSS")
+        # When it is uploaded, and a batch of it validated
+        t0 = time.monotonic()
+        with path.open("rb") as f:
+            file_id = client.files.create(file=("big.jsonl", f), purpose="batch").id
+        uploaded_s = time.monotonic() - t0
+        after_upload = gateway.status_mb("VmHWM")
+        batch = client.batches.create(input_file_id=file_id, endpoint=URL, completion_window="24h")
+        t1 = time.monotonic()
+        validated = wait_for(client, batch.id, lambda b: b.status != "validating", timeout=120)
+        validated_s = time.monotonic() - t1
+        after_validation = gateway.status_mb("VmHWM")
+        client.batches.cancel(batch.id)
+        stopped = wait_for(client, batch.id, lambda b: b.status in TERMINAL, timeout=120)
+    # Then every line was counted and accepted …
+    assert validated.status == "in_progress" and validated.request_counts.total == 20_000
+    assert stopped.status == "cancelled"
+    print(f"\n20,000-line file ({size_mb:.1f} MiB): upload {uploaded_s:.1f}s, validation {validated_s:.1f}s; gateway "
+          f"RSS {baseline:.0f} MiB before, peak {after_upload:.0f} MiB after the upload, {after_validation:.0f} MiB "
+          f"after the validation (+{after_validation - baseline:.0f} MiB for a {size_mb:.0f} MiB file)")
+    # … and the gateway's peak memory grew by far less than the file: it was never held whole
+    assert size_mb > 40
+    assert after_validation - baseline < min(20, size_mb / 2), (baseline, after_upload, after_validation)
