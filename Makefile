@@ -22,14 +22,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[worker,gateway,flower,dev]'
 	touch $@
 
-# Debian packages the demo and the tests run: redis-server (started by the fixtures on free ports),
-# docker-compose v1 (offline lint of docker-compose.yml), chromium + a CJK font (screenshots of Flower
-# and of the bulk report).
+# Debian packages the demo and the tests run: redis-server and rabbitmq-server (the fixtures start private
+# ones on free ports; a system RabbitMQ that the package may start is never used), docker-compose v1
+# (offline lint of docker-compose.yml), chromium + a CJK font (screenshots of Flower and of the bulk report).
 system-deps:
-	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v chromium >/dev/null \
+	@command -v redis-server >/dev/null && test -x /usr/lib/rabbitmq/bin/rabbitmq-server \
+	  && command -v docker-compose >/dev/null && command -v chromium >/dev/null \
 	  && fc-list | grep -qi wenquanyi || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	   redis-server docker-compose chromium fonts-wqy-microhei >/dev/null)
+	   redis-server rabbitmq-server docker-compose chromium fonts-wqy-microhei >/dev/null)
 
 # s3rver (checks S3 signatures and presigned expiry, which moto does not).
 test-services:

@@ -4,8 +4,11 @@
 * ``s3`` — moto's standalone S3 server (real HTTP S3 protocol).
 * ``runtime`` — the bundled demo model, loaded once per session in this process.
 * ``pipeline_settings`` / ``worker`` — a real ``tuwen worker`` subprocess on those services.
+* ``rabbitmq_server`` — a private rabbitmq-server (own node, ports and data; never the one on 5672).
+* ``lives`` — the drill workers a test starts (``tests.drills``), stopped at its end.
 
-A missing service fails the run in CI (``CI`` set) and skips locally with the reason.
+A missing service fails the run in CI (``CI`` set, as ``.ci/run`` does) and skips locally with the reason;
+in CI any other skip fails too, so a CI run is green only when every test ran.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ import pytest
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
 from tuwen.pipeline.settings import Settings
+from tests import rabbit
+from tests.drills import Lives
+from tests.rabbit import LocalRabbit
 from tests.s3servers import S3Endpoint, moto_server
 from tuwen.workers.process import WorkerProcess
 
-IN_CI = bool(os.environ.get("CI"))
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def need(condition: bool, reason: str) -> None:
@@ -35,10 +41,27 @@ def need(condition: bool, reason: str) -> None:
         pytest.skip(reason)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """In CI a skipped test is a failed one, whoever skipped it: CI passes only with 0 skipped."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome, report.longrepr = "failed", f"skipped in CI, which must run every test: {reason}"
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[LocalRedis]:
     need(shutil.which("redis-server") is not None, "redis-server is not installed")
     with LocalRedis(appendonly=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server() -> Iterator[LocalRabbit]:
+    need(rabbit.installed(), f"rabbitmq-server is not installed: {rabbit.INSTALL}")
+    with LocalRabbit() as server:
         yield server
 
 
@@ -91,6 +114,15 @@ def worker(pipeline_settings: Settings, tmp_path_factory: pytest.TempPathFactory
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def lives() -> Iterator[list[Lives]]:
+    """Drill workers (``tests.drills.Lives``) a test starts: all stopped or killed at its end, even after a failure."""
+    started: list[Lives] = []
+    yield started
+    for w in started:
+        w.stop()
 
 
 @pytest.fixture

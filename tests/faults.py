@@ -1,16 +1,29 @@
-"""Fault injection for drills: a TCP proxy that can take a service off the network and back."""
+"""Fault injection and measuring for drills: a TCP proxy that can take a service off the network and
+back, a Redis run as docker-compose.yml runs it that can be SIGKILLed, a counter of result writes, the
+drill report, and readers for metrics and listening sockets."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
+import signal
 import socket
+import subprocess
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
-from tuwen.pipeline.localredis import free_port
+import redis
+import yaml
 
-DRILL_REPORT = Path(os.environ.get("TUWEN_DRILL_REPORT", "build/drills.jsonl"))
+from tuwen.pipeline.jobs import DONE_CHANNEL
+from tuwen.pipeline.localredis import LocalRedis, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DRILL_REPORT = Path(os.environ.get("TUWEN_DRILL_REPORT", ROOT / "build" / "drills.jsonl"))
 
 
 class TcpProxy:
@@ -40,6 +53,10 @@ class TcpProxy:
     def down(self) -> None:
         with self._lock:
             if self._listener is not None:
+                try:  # wakes the accept() blocked in _accept; close() alone let it take one more connection
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self._listener.close()
                 self._listener = None
             for conn in self._conns:
@@ -80,6 +97,57 @@ class TcpProxy:
                     pass
 
 
+def compose_redis_flags(compose: Path = ROOT / "docker-compose.yml") -> list[str]:
+    """The persistence flags docker-compose.yml gives redis-server (e.g. ``--appendonly yes --appendfsync
+    everysec --save ''``), read from the file so that a drill crashes the Redis that operators run."""
+    command = yaml.safe_load(compose.read_text(encoding="utf-8"))["services"]["redis"]["command"]
+    args = shlex.split(" ".join(command).split("exec redis-server", 1)[1])
+    return args[next(i for i, a in enumerate(args) if a.startswith("--")):]
+
+
+class ComposeRedis(LocalRedis):
+    """A private redis-server with docker-compose.yml's persistence flags (not ``LocalRedis``'s
+    ``appendfsync always``) that ``crash()`` kills with SIGKILL; ``start()`` again reopens the same port
+    and data directory, as a restarted container does."""
+
+    def __init__(self) -> None:
+        super().__init__(appendonly=True)
+        self.flags = compose_redis_flags()
+
+    def start(self) -> ComposeRedis:
+        exe = shutil.which("redis-server")
+        assert exe is not None, "redis-server is not installed"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--logfile", str(self.directory / "redis.log"), *self.flags],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+        client.close()
+        return self
+
+    def crash(self) -> None:
+        """SIGKILL: no shutdown, no final write; what survives is what the AOF already held."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def config(self, name: str) -> str:
+        client = redis.Redis(port=self.port, decode_responses=True)
+        try:
+            return str(client.config_get(name)[name])
+        finally:
+            client.close()
+
+
 def report(drill: str, **numbers: object) -> None:
     """Print a drill's numbers and append them to the drill report (the README table comes from it)."""
     row = {"drill": drill, **numbers}
@@ -87,3 +155,68 @@ def report(drill: str, **numbers: object) -> None:
     DRILL_REPORT.parent.mkdir(parents=True, exist_ok=True)
     with DRILL_REPORT.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """A Prometheus text exposition as ``{'name{labels}': value}``."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local IPv4/IPv6 addresses on which something listens on ``port`` (read from /proc/net)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                if len(address) == 8:
+                    found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+                else:
+                    found.add("::" if int(address, 16) == 0 else address)
+    return found
+
+
+class ResultWrites(threading.Thread):
+    """Counts result writes per job: the job store publishes on ``tuwen:done:<id>`` once per write, so
+    a count above one means a result was written twice. Survives a Redis restart."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.counts: Counter[str] = Counter()
+        self.client = redis.Redis.from_url(url, decode_responses=True)
+        self._stopped = threading.Event()
+        self._subscribed = threading.Event()
+
+    def run(self) -> None:
+        pubsub = None
+        while not self._stopped.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                    pubsub.psubscribe(DONE_CHANNEL + "*")
+                    self._subscribed.set()
+                msg = pubsub.get_message(timeout=0.5)
+            except redis.ConnectionError:
+                pubsub = None
+                time.sleep(0.5)
+                continue
+            if msg and msg["type"] == "pmessage":
+                self.counts[msg["channel"][len(DONE_CHANNEL):]] += 1
+
+    def started(self) -> ResultWrites:
+        self.start()
+        assert self._subscribed.wait(10), "could not subscribe"
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()

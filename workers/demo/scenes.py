@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,9 +95,43 @@ def patch_labels(example: Example, grid: int) -> tuple[list[int], list[int]]:
     return cls, centre
 
 
+_NUMBER = re.compile(r"\d+")
+_SUM = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*(\d+)")
+_RESULT = re.compile(r"=\s*(\d+)")
+
+
 def has_facts(answer: str, facts: tuple[str, ...]) -> bool:
-    """True when every key fact appears in the answer text."""
-    return all(fact in answer for fact in facts)
+    """True when the answer states every key fact and nothing that contradicts it (bounded matching).
+
+    A substring test let "8-7=10" pass the fact "=1" and an answer naming all five shapes pass every
+    shape question. Each kind of fact is matched with its bounds:
+
+    * a shape (``圆形``) or a colour (``红色``): exactly one shape / one colour is named, and it is this one;
+    * a count (``4个``): the count is the only number named;
+    * a result (``=7``): the answer has exactly one ``=``, and the whole number after it is the result;
+    * a sum (``8-2=6``): the answer writes exactly one sum, and it is this one.
+    """
+    for fact in facts:
+        if fact in SHAPES:
+            named = [s for s in SHAPES if s in answer]
+        elif fact in COLOURS:
+            named = [c for c in COLOURS if c in answer]
+        elif m := re.fullmatch(r"(\d+)个", fact):
+            if _NUMBER.findall(answer) != [m.group(1)] or fact not in answer:
+                return False
+            continue
+        elif m := re.fullmatch(r"=(\d+)", fact):
+            named = _RESULT.findall(answer) if answer.count("=") == 1 else []
+            fact = m.group(1)
+        elif m := _SUM.fullmatch(fact):
+            if _SUM.findall(answer) != [m.groups()]:
+                return False
+            continue
+        else:
+            raise ValueError(f"not a key fact: {fact!r}")
+        if named != [fact]:
+            return False
+    return True
 
 
 def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
