@@ -61,6 +61,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         #: A row could not join for lack of memory: admit nothing until a running row leaves.
         self._blocked = False
+        #: Rows taken from a lane and being prefilled right now (neither waiting nor running yet).
+        self._joining = 0
         #: Observers: called with (rows running, rows waiting) after every step (metrics).
         self.on_step: list[Callable[[int, int], None]] = []
 
@@ -96,7 +98,7 @@ class Scheduler:
     @property
     def free_rows(self) -> int:
         """Rows that could join now (what the consumer should hand over next)."""
-        return max(0, self.max_rows - self.engine.size - self.waiting)
+        return max(0, self.max_rows - self.engine.size - self.waiting - self._joining)
 
     # -- the loop ------------------------------------------------------------------------------------
     def start(self) -> Scheduler:
@@ -126,7 +128,10 @@ class Scheduler:
         """Admit waiting groups into free rows, then one decode step (or wait for work)."""
         joining = self._admit()
         if joining is not None:
-            self._join(*joining)
+            try:
+                self._join(*joining)
+            finally:
+                self._joining = 0
         if not self.engine.size:
             with self._lock:
                 if not any(self._lanes) and not self._stop.is_set():
@@ -147,6 +152,7 @@ class Scheduler:
         with self._lock:
             for lane in self._lanes:
                 if lane and self._fits(lane[0][1]):
+                    self._joining = len(lane[0][1])
                     return lane.popleft()
                 if lane:
                     return None  # first come first served within a lane: wait for rows to free up

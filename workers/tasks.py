@@ -103,12 +103,22 @@ class Handover(Batches):
 
     def _flush_some(self) -> None:
         buffered = self._buffer.qsize()
-        n = self.how_many(buffered) if buffered else 0
-        if buffered and not n:
+        if not buffered:
+            super()._do_flush()  # the ETA-pending requests, and stopping the timer when all is empty
             return
         held = sorted(_drain(self._buffer), key=self._lane)
-        keep = held[n:] if buffered else []
-        for req in held[: len(held) - len(keep)]:
+        interactive = sum(1 for req in held if self._lane(req) == 0)
+        # While the model is busy, interactive jobs go over at once: they wait in the decode loop's
+        # interactive lane, ahead of every bulk row, instead of behind bulk jobs in this buffer.
+        assert self.scheduler is not None
+        busy = self.scheduler.engine.size or self.scheduler.waiting
+        n = max(self.how_many(len(held)), min(interactive, self.flush_every) if busy else 0)
+        if not n:
+            for req in held:
+                self._buffer.put(req)
+            return  # the oldest keeps its arrival time: the wait window runs from there
+        keep = held[n:]
+        for req in held[:n]:
             self._buffer.put(req)
         self._oldest = time.monotonic() if keep else None
         super()._do_flush()
