@@ -1,231 +1,231 @@
-"""``tuwen bench``: one run, one table, every row measured side by side on the same inputs.
+"""``tuwen bench``: one run, one table. Every row is the median of ``repeats`` interleaved repeats (repeat 1
+of every row, then repeat 2 of every row, ...), shown with its min–max, and counts its jobs that succeeded.
 
-Rows: (a) processor + ``generate`` per request; (b) ``transformers.pipeline`` with batch_size=16;
-(c) tuwen's runtime in-process, batched; (d) tuwen end to end through Redis, a worker and storage;
-(e) transport alone with a null model; (f) one job on an idle system, latency minus model time;
-(g) two worker processes against one.
+* The limit (``workers.roofline``, a ~410M-parameter bench checkpoint): this machine's GEMM GFLOPS and
+  bandwidth at one thread; decode tokens/s of tuwen's engine and of HF ``generate`` at batch 1, 16 and
+  the worker's ``max_batch_size``, beside the roofline's bound.
+* In-process, demo model: (a) processor + ``generate`` per request; (b) ``transformers.pipeline``,
+  batch_size=16; (c) tuwen's runtime, static batches of 16; (m) the mixed workload: 75% short, 25% long
+  answers, tuwen's continuous batching against (b) and (c) on the same inputs, answers compared.
+* Through Redis and real worker processes (``workers.fleet``): (d) end to end; (e) transport alone with
+  the null model; (f) one job on an idle system; (g) equal thread budgets; (h) an interactive job's first
+  token during a bulk backlog.
 
-torch runs at one thread everywhere (this 2-core machine is noisy; ratios measured in one run are what
-counts, not absolute numbers).
+torch runs at one thread everywhere; this 2-core machine is shared and noisy, so compare ratios from one
+run, not absolute numbers.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import random
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from io import BytesIO
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuwen.pipeline.client import Client
-from tuwen.pipeline.localredis import LocalRedis
 from tuwen.pipeline.settings import Settings
-from tuwen.workers.demo.scenes import KINDS, draw_training_example
-from tuwen.workers.process import WorkerProcess
-from tuwen.workers.runtime import Item, Runtime
+from tuwen.workers import roofline, workload
+from tuwen.workers.fleet import Fleet
+from tuwen.workers.runtime import Runtime
+from tuwen.workers.workload import BATCH
 
-BATCH = 16
+
+@dataclass(frozen=True)
+class Options:
+    inputs: int = 64  #: (picture, question) inputs for rows a–d and m
+    max_new_tokens: int = 24  #: rows a–d, f–h (natural answer lengths up to this)
+    transport_jobs: int = 1000  #: row e
+    repeats: int = 3
+    decode_steps: int = 24  #: timed decode steps per decode row
+    batches: tuple[int, ...] = (1, 16)  #: decode rows (the worker's max_batch_size is added)
+    max_batch_size: int = 16  #: the worker's (``TUWEN_MAX_BATCH_SIZE``)
+    short_tokens: int = 8  #: row m
+    long_tokens: int = 64  #: row m
+    idle_rounds: int = 10  #: row f, per repeat
+    interactive_jobs: int = 10  #: row h, per repeat
+    backlog: int = 240  #: row h: bulk jobs queued before the interactive ones
+    shape: roofline.BenchShape = roofline.BenchShape()
+    cache_dir: Path = Path("build")
+    model_path: Path | None = None  #: the demo model for rows a–h (default: the bundled one)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> Options:
+        """Small sizes for the smoke test: every row, in seconds."""
+        small = dict(inputs=8, max_new_tokens=8, transport_jobs=48, decode_steps=3, short_tokens=3, long_tokens=10,
+                     idle_rounds=3, interactive_jobs=2, backlog=48, shape=roofline.QUICK_SHAPE)
+        return cls(**{**small, **overrides})
 
 
 @dataclass
 class Row:
     key: str
     what: str
-    value: float
     unit: str
+    values: list[float] = field(default_factory=list)
+    succeeded: int = 0
+    total: int = 0
     note: str = ""
 
+    def add(self, value: float, succeeded: int, total: int) -> None:
+        self.values.append(value)
+        self.succeeded += succeeded
+        self.total += total
 
-def inputs(n: int, seed: int = 4242) -> list[tuple[bytes, str]]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        ex = draw_training_example(rng, KINDS[i % len(KINDS)])
-        buf = BytesIO()
-        ex.image.save(buf, format="PNG")
-        out.append((buf.getvalue(), ex.question))
-    return out
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
 
-
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    @property
+    def all_ok(self) -> bool:
+        return self.succeeded == self.total
 
 
-def seed_way(rt: Runtime, data: list[tuple[bytes, str]], max_new_tokens: int, forced: bool = False) -> float:
-    """(a) what the seed did: one request at a time, processor + generate."""
-    import torch
-    from PIL import Image
+@dataclass
+class Report:
+    header: str
+    rows: list[Row]
+    targets: list[str]
+    limits: str
 
-    processor, model = rt.processor, rt.model
+    def row(self, key: str) -> Row:
+        return next(r for r in self.rows if r.key == key)
 
-    def run() -> None:
-        for image, question in data:
-            prompt = processor.apply_chat_template(rt.messages(question), add_generation_prompt=True)
-            enc = processor(images=[Image.open(BytesIO(image)).convert("RGB")], text=[prompt], return_tensors="pt")
-            with torch.inference_mode():
-                model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                               min_new_tokens=max_new_tokens if forced else 0)
-
-    return len(data) / timed(run)
-
-
-def hf_pipeline(rt: Runtime, data: list[tuple[bytes, str]], max_new_tokens: int, forced: bool = False) -> float:
-    """(b) what a user would pick instead: ``pipeline("image-text-to-text", batch_size=16)``."""
-    from PIL import Image
-    from transformers import pipeline
-
-    pipe = pipeline("image-text-to-text", model=rt.model, processor=rt.processor, batch_size=BATCH)
-    batch = [{"role": "user", "content": [{"type": "image", "image": Image.open(BytesIO(img)).convert("RGB")},
-                                          {"type": "text", "text": q}]} for img, q in data]
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "min_new_tokens": max_new_tokens if forced else 0}
-    return len(data) / timed(lambda: pipe(text=[[m] for m in batch], generate_kwargs=kwargs))
+    def markdown(self) -> str:
+        lines = [self.header, "", "| row | what | median | min–max | jobs ok | note |", "|---|---|---:|---:|---:|---|"]
+        for r in self.rows:
+            ok = f"{r.succeeded}/{r.total}" + ("" if r.all_ok else " **FAILED**")
+            lines.append(f"| {r.key} | {r.what} | {_num(r.median)} {r.unit} | {_num(min(r.values))}–"
+                         f"{_num(max(r.values))} | {ok} | {r.note} |")
+        return "\n".join([*lines, "", "Targets:", *[f"- {t}" for t in self.targets], "", self.limits])
 
 
-def runtime_batched(rt: Runtime, data: list[tuple[bytes, str]], max_new_tokens: int) -> float:
-    """(c) tuwen's runtime in-process, batches of 16."""
-    items = [Item(img, q, max_new_tokens) for img, q in data]
-    return len(data) / timed(lambda: [rt.answer_batch(items[i:i + BATCH]) for i in range(0, len(items), BATCH)])
+def _num(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 10 else f"{x:.0f}" if abs(x) >= 1000 else f"{x:.1f}"
 
 
-def through_queue(settings: Settings, data: list[tuple[bytes, str]], workers: int, tmp: Path,
-                  max_new_tokens: int | None = None) -> tuple[float, list[Any]]:
-    """Submit everything concurrently through the client, wait for all; returns (jobs/s, results)."""
-    procs = [WorkerProcess(settings, f"bench{i}@localhost", tmp / f"bench{i}.log").start() for i in range(workers)]
-    client = Client(settings)
-    try:
-        for p in procs:
-            p.wait_ready(180)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(8) as pool:
-            jobs = list(pool.map(lambda d: client.submit(d[0], d[1], max_new_tokens=max_new_tokens), data))
-        results = client.wait_many([j.id for j in jobs], timeout=600)
-        elapsed = time.perf_counter() - t0
-        return len(data) / elapsed, list(results.values())
-    finally:
-        client.close()
-        for p in procs:
-            p.stop()
+class Table:
+    """Rows in order of first use."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Row] = {}
+
+    def __call__(self, key: str, what: str, unit: str) -> Row:
+        return self.rows.setdefault(key, Row(key, what, unit))
+
+    def __getitem__(self, key: str) -> Row:
+        return self.rows[key]
 
 
-def transport(settings: Settings, data: list[tuple[bytes, str]], tmp: Path) -> tuple[float, float]:
-    """(e) with a null model: the producer's submit rate (8 threads, no worker running), then the
-    worker's drain rate over that backlog (jobs/s each)."""
-    client = Client(settings)
-    try:
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(8) as pool:
-            jobs = list(pool.map(lambda d: client.submit(d[0], d[1]), data))
-        submit_rate = len(data) / (time.perf_counter() - t0)
-        proc = WorkerProcess(settings, "null@localhost", tmp / "null.log").start()
-        try:
-            proc.wait_ready(180)
-            t0 = time.perf_counter()
-            client.wait_many([j.id for j in jobs], timeout=600)
-            drain_rate = len(data) / (time.perf_counter() - t0)
-        finally:
-            proc.stop()
-        return submit_rate, drain_rate
-    finally:
-        client.close()
-
-
-def idle_latency(settings: Settings, data: list[tuple[bytes, str]], tmp: Path, rounds: int = 10) -> float:
-    """(f) one job at a time on an idle system: median of (submit → result) minus the job's model time."""
-    proc = WorkerProcess(settings, "idle@localhost", tmp / "idle.log").start()
-    client = Client(settings)
-    try:
-        proc.wait_ready(180)
-        overheads = []
-        for image, question in data[:rounds]:
-            t0 = time.perf_counter()
-            job = client.submit(image, question)
-            res = client.wait(job.id, timeout=60)
-            total = (time.perf_counter() - t0) * 1000
-            overheads.append(total - res.timings.get("preprocess_ms", 0) - res.timings.get("generate_ms", 0))
-        return statistics.median(overheads)
-    finally:
-        client.close()
-        proc.stop()
-
-
-def run(n: int = 64, max_new_tokens: int = 24, transport_jobs: int = 1000, model_path: Path | None = None,
-        log: Callable[[str], None] = print) -> tuple[list[Row], str]:
+# -- the run -----------------------------------------------------------------------------------------------
+def run(opts: Options, log: Callable[[str], None] = print) -> Report:
     import torch
 
     torch.set_num_threads(1)
-    data = inputs(n)
-    rows: list[Row] = []
-    rt = Runtime(Settings(model_path=model_path, torch_threads=1, max_new_tokens=max_new_tokens))
-    rt.load()
-    runtime_batched(rt, data[:BATCH], max_new_tokens)  # warm-up
-    a = seed_way(rt, data, max_new_tokens)
-    rows.append(Row("a", "processor + model.generate per request", a, "answers/s"))
-    log(f"a {a:.1f}")
-    b = hf_pipeline(rt, data, max_new_tokens)
-    rows.append(Row("b", 'transformers.pipeline("image-text-to-text", batch_size=16)', b, "answers/s",
-                    f"{b / a:.2f}× a"))
-    log(f"b {b:.1f}")
-    c = runtime_batched(rt, data, max_new_tokens)
-    rows.append(Row("c", "tuwen runtime in-process, batched (16)", c, "answers/s",
-                    f"{c / a:.2f}× a, {c / b:.2f}× b"))
-    log(f"c {c:.1f}")
-    # The same three with every answer forced to max_new_tokens: the decode-bound regime of real models,
-    # whose answers are long. (The demo model's answers are 6–14 tokens, so above the 64 image tokens'
-    # prefill dominates, which batching cannot shrink.)
-    rt.min_new_tokens = max_new_tokens
-    a2 = seed_way(rt, data, max_new_tokens, forced=True)
-    b2 = hf_pipeline(rt, data, max_new_tokens, forced=True)
-    c2 = runtime_batched(rt, data, max_new_tokens)
-    rt.min_new_tokens = 0
-    rows += [Row("a'", f"a, every answer {max_new_tokens} tokens", a2, "answers/s"),
-             Row("b'", f"b, every answer {max_new_tokens} tokens", b2, "answers/s", f"{b2 / a2:.2f}× a'"),
-             Row("c'", f"c, every answer {max_new_tokens} tokens", c2, "answers/s",
-                 f"{c2 / a2:.2f}× a', {c2 / b2:.2f}× b'")]
-    log(f"a' {a2:.1f} b' {b2:.1f} c' {c2:.1f}")
-    with LocalRedis() as redis_server, tempfile.TemporaryDirectory(prefix="tuwen-bench-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        base = dict(redis_url=redis_server.url, storage_dir=tmp / "storage", model_path=model_path,
-                    max_batch_size=BATCH, batch_wait_ms=50, max_new_tokens=max_new_tokens, answer_cache=False)
-        d, _ = through_queue(Settings(**base), data, 1, tmp)  # type: ignore[arg-type]
-        rows.append(Row("d", "tuwen end to end: client → Redis → worker → storage → result", d, "answers/s",
-                        f"{d / c:.2f}× c"))
-        log(f"d {d:.1f}")
-        many = (inputs(min(transport_jobs, 64)) * (transport_jobs // 64 + 1))[:transport_jobs]
-        null = Settings(**{**base, "null_model": True, "max_batch_size": 64})  # type: ignore[arg-type]
-        e_end, _ = through_queue(null, many, 1, tmp)
-        e_submit, e_drain = transport(null, many, tmp)
-        rows.append(Row("e", "transport alone, null model (batches ≤ 64): worker draining a backlog", e_drain,
-                        "jobs/s", f"submit {e_submit:.0f} jobs/s (8 client threads); both at once {e_end:.0f} jobs/s"))
-        log(f"e {e_drain:.1f} (submit {e_submit:.1f}, concurrent {e_end:.1f})")
-        f = idle_latency(Settings(**base), data, tmp)  # type: ignore[arg-type]
-        rows.append(Row("f", "one job on an idle system: latency minus model time", f, "ms",
-                        f"wait window {base['batch_wait_ms']} ms"))
-        log(f"f {f:.1f}")
-        big = data * 4
-        one, _ = through_queue(Settings(**base), big, 1, tmp)  # type: ignore[arg-type]
-        two, results = through_queue(Settings(**base), big, 2, tmp)  # type: ignore[arg-type]
-        twice = sum(r.attempts > 1 for r in results)
-        workers_used = len({r.worker for r in results})
-        rows.append(Row("g", "two worker processes vs one (1 thread each)", two / one, "× one",
-                        f"{one:.1f} → {two:.1f} answers/s; {workers_used} workers; {twice} jobs run twice"))
-        log(f"g {two / one:.2f}")
+    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
+    table = Table()
+    batches = sorted({*opts.batches, opts.max_batch_size})
+    big = roofline.load(roofline.bench_checkpoint(opts.shape, opts.cache_dir), opts.decode_steps + 2)
+    params, weight_bytes = roofline.decode_weights(big.model)
+    top = max(opts.max_new_tokens, opts.long_tokens)
+    demo = Runtime(Settings(model_path=opts.model_path, torch_threads=1, max_new_tokens=top))
+    demo.load()
+    data = workload.inputs(opts.inputs)
+    sizes = workload.lengths(opts.inputs, opts.short_tokens, opts.long_tokens)
+    workload.runtime_batched(demo, data[:BATCH], opts.max_new_tokens)  # warm-up
+    answers_match: list[tuple[int, int]] = []
+    batch_s: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="tuwen-bench-") as tmp, \
+            Fleet(Path(tmp), opts.model_path, opts.max_batch_size, opts.max_new_tokens) as fleet:
+        log(f"workers ready after {time.perf_counter() - t_start:.0f}s")
+        for rep in range(opts.repeats):
+            machine = roofline.measure_machine()
+            table("L1", "machine: torch.mm 2048², fp32, 1 thread", "GFLOPS").add(machine.gflops, 1, 1)
+            table("L2", "machine: memory bandwidth (sum / GEMV over 512 MB, 1 thread)", "GB/s").add(
+                machine.bandwidth_gbs, 1, 1)
+            for b in batches:
+                rate, ok, _ = roofline.engine_decode(big, b, opts.decode_steps)
+                table(f"r{b}", f"tuwen engine decode, batch {b} (bench model)", "tok/s").add(rate, ok, 1)
+                rate, ok = roofline.hf_decode(big, b, opts.decode_steps)
+                table(f"hf{b}", f"HF generate decode, batch {b} (bench model)", "tok/s").add(rate, ok, 1)
+            log(f"[{rep + 1}] limit rows done at {time.perf_counter() - t_start:.0f}s")
+            rate, ok = workload.seed_way(demo, data, opts.max_new_tokens)
+            table("a", "processor + model.generate per request", "answers/s").add(rate, ok, len(data))
+            rate, ok = workload.hf_pipeline(demo, data, opts.max_new_tokens)
+            table("b", 'transformers.pipeline("image-text-to-text", batch_size=16)', "answers/s").add(
+                rate, ok, len(data))
+            rate, ok, one_batch = workload.runtime_batched(demo, data, opts.max_new_tokens)
+            table("c", "tuwen runtime in-process, static batches of 16", "answers/s").add(rate, ok, len(data))
+            batch_s.append(one_batch)
+            rate, cont, ok, where = workload.mixed_continuous(demo, data, sizes)
+            table("m", f"mixed 75% {opts.short_tokens} / 25% {opts.long_tokens} tokens: tuwen continuous (16 rows)",
+                  "answers/s").add(rate, ok, len(data))
+            rate, pipe, ok = workload.mixed_pipeline(demo, data, sizes)
+            table("mb", "mixed: transformers.pipeline(batch_size=16)", "answers/s").add(rate, ok, len(data))
+            rate, static, ok = workload.mixed_static(demo, data, sizes)
+            table("mc", "mixed: tuwen engine, static batches of 16", "answers/s").add(rate, ok, len(data))
+            answers_match.append((workload.same(cont, pipe), workload.same(cont, static)))
+            table["mc"].note = (f"continuous, last repeat: {where['joins']:.0f} joins of {where['rows_per_join']:.1f} rows "
+                                f"on average took {100 * where['join_share']:.0f}% of its time; {where['steps']:.0f} "
+                                f"decode steps (static: {-(-len(data) // BATCH)} prefills, "
+                                f"{-(-len(data) // BATCH) * opts.long_tokens} steps)")
+            log(f"[{rep + 1}] in-process rows done at {time.perf_counter() - t_start:.0f}s")
+            fleet.measure(table, rep, data, opts, statistics.median(batch_s))
+            log(f"[{rep + 1}] queue rows done at {time.perf_counter() - t_start:.0f}s")
+    _notes(table, batches, machine_median(table), params, weight_bytes, answers_match, len(data))
+    limits = roofline.explain(big, BATCH)
     header = (f"tuwen bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
-              f"{os.cpu_count()} CPUs, torch 1 thread, {n} inputs, max_new_tokens={max_new_tokens}. "
-              "This machine is shared and noisy: compare ratios from one run, not absolute numbers.")
-    return rows, header
+              f"{os.cpu_count()} CPUs, load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at "
+              f"the end, torch 1 thread, {opts.repeats} interleaved repeats, {opts.inputs} inputs, max_new_tokens={opts.max_new_tokens}; bench "
+              f"model {params / 1e6:.0f}M decode parameters ({weight_bytes / 1e9:.2f} GB fp32); took "
+              f"{time.perf_counter() - t_start:.0f}s. Shared, noisy machine: compare ratios from one run.")
+    return Report(header, list(table.rows.values()), targets(table, batches, params, weight_bytes), limits)
 
 
-def table(rows: list[Row], header: str) -> str:
-    lines = [header, "", "| row | what | result | ratio |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.key} | {r.what} | {r.value:.1f} {r.unit} | {r.note} |")
-    return "\n".join(lines)
+def machine_median(table: Table) -> roofline.Machine:
+    return roofline.Machine(gflops=table["L1"].median, bandwidth_gbs=table["L2"].median)
+
+
+def _notes(table: Table, batches: list[int], machine: roofline.Machine, params: int, weight_bytes: int,
+           match: list[tuple[int, int]], n: int) -> None:
+    for b in batches:
+        bound, limit = roofline.roofline(machine, params, weight_bytes, b)
+        r, hf = table[f"r{b}"], table[f"hf{b}"]
+        r.note = f"roofline {bound:.1f} tok/s ({limit}-bound): **{100 * r.median / bound:.0f}%**"
+        hf.note = f"{100 * hf.median / bound:.0f}% of roofline; tuwen {r.median / hf.median:.2f}×"
+    m, mb, mc = table["m"], table["mb"], table["mc"]
+    m.note = (f"**{m.median / mb.median:.2f}× pipeline**, {m.median / mc.median:.2f}× static; same answers as "
+              f"pipeline {min(x for x, _ in match)}/{n}, as static {min(y for _, y in match)}/{n} (worst repeat)")
+    table["b"].note = f"{table['b'].median / table['a'].median:.2f}× a"
+    table["c"].note = f"{table['c'].median / table['a'].median:.2f}× a, {table['c'].median / table['b'].median:.2f}× b"
+    table["d"].note = f"**{table['d'].median / table['c'].median:.2f}× c**"
+    g1, g2 = table["g1"], table["g2"]
+    g2.note = f"**{g2.median / g1.median:.2f}× g1**; " + g2.note
+
+
+def targets(table: Table, batches: list[int], params: int, weight_bytes: int) -> list[str]:
+    machine = machine_median(table)
+
+    def eff(b: int) -> float:
+        bound, _ = roofline.roofline(machine, params, weight_bytes, b)
+        return float(table[f"r{b}"].median / bound)
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    top = max(batches)
+    m = table["m"].median / table["mb"].median
+    h50, h95 = table["h50"].median, table["h95"].median
+    d = table["d"].median / table["c"].median
+    e = table["e"].median
+    return [f"decode at batch 16 ≥ 50% of roofline: {verdict(eff(16) >= 0.5)} ({100 * eff(16):.0f}%)",
+            f"decode at the worker's largest batch ({top}) ≥ 60%: {verdict(eff(top) >= 0.6)} ({100 * eff(top):.0f}%)",
+            f"mixed workload ≥ 1.5× pipeline: {verdict(m >= 1.5)} ({m:.2f}×)",
+            f"interactive first token p50 ≤ 0.5 batch: {verdict(h50 <= 0.5)} ({h50:.2f}); "
+            f"p95 ≤ 1: {verdict(h95 <= 1)} ({h95:.2f})",
+            f"d ≥ 0.9× c: {verdict(d >= 0.9)} ({d:.2f}×)",
+            f"e (null-model drain, distinct pictures) ≥ 300 jobs/s: {verdict(e >= 300)} ({e:.0f})",
+            "every row's jobs succeeded: " + verdict(all(r.all_ok for r in table.rows.values()))]
