@@ -364,14 +364,7 @@ class Dispatcher:
                 self.on_outcome("refused")
                 return "refused"
             status, error = self._post(job_id, target, body_of(result), attempt)
-            if status is not None and 200 <= status < 300:
-                state, next_at = "delivered", None
-            elif attempt >= self.settings.webhook_max_attempts:
-                state, next_at = "failed", None
-            else:
-                state = "retrying"
-                next_at = time.time() + min(self.settings.webhook_backoff_max_s,
-                                            self.settings.webhook_backoff_s * 2 ** (attempt - 1))
+            state, next_at = next_attempt(self.settings, status, attempt, time.time())
             self.store.record(job_id, state, attempt, status=status, error=error, next_at=next_at)
             self.on_outcome(state)
             return state
@@ -398,3 +391,14 @@ def post_signed(http: httpx.Client, secret: str, target: Target, body: bytes, at
     except httpx.HTTPError as exc:
         return None, f"{type(exc).__name__}: {exc}"
     return response.status_code, None if response.is_success else f"HTTP {response.status_code}"
+
+
+def next_attempt(settings: WebhookSettings, status: int | None, attempt: int,
+                 now: float) -> tuple[str, float | None]:
+    """After a delivery attempt (jobs' and batches' webhooks alike): ``delivered``, ``failed`` after the
+    last attempt, or ``retrying`` at a doubling backoff up to ``webhook_backoff_max_s``."""
+    if status is not None and 200 <= status < 300:
+        return "delivered", None
+    if attempt >= settings.webhook_max_attempts:
+        return "failed", None
+    return "retrying", now + min(settings.webhook_backoff_max_s, settings.webhook_backoff_s * 2 ** (attempt - 1))

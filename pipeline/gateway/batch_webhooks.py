@@ -24,7 +24,7 @@ from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.locks import Locks
 from tuwen.pipeline.schema import WebhookView
 from tuwen.pipeline.ssrf import Target
-from tuwen.pipeline.webhooks import FINAL_STATES, WebhookSettings, check_callback_url, post_signed
+from tuwen.pipeline.webhooks import FINAL_STATES, WebhookSettings, check_callback_url, next_attempt, post_signed
 
 EVENTS = {BulkState.completed: "batch.completed", BulkState.failed: "batch.failed",
           BulkState.expired: "batch.expired", BulkState.cancelled: "batch.cancelled"}
@@ -78,14 +78,7 @@ class BatchWebhooks:
                 self._record(bulk_id, hook, "refused", attempt, error=f"{exc.code}: {exc.message}")
                 return "refused"
             status, error = self._post(bulk, target, attempt)
-            if status is not None and 200 <= status < 300:
-                state, next_at = "delivered", None
-            elif attempt >= self.settings.webhook_max_attempts:
-                state, next_at = "failed", None
-            else:
-                state = "retrying"
-                next_at = now + min(self.settings.webhook_backoff_max_s,
-                                    self.settings.webhook_backoff_s * 2 ** (attempt - 1))
+            state, next_at = next_attempt(self.settings, status, attempt, now)
             self._record(bulk_id, hook, state, attempt, status=status, error=error, next_at=next_at)
             return state
         finally:
