@@ -10,7 +10,7 @@ each attempt goes to the address that was checked. Redirects are not followed.
 
 State lives under ``tuwen:webhook:*``: one hash per job (visible on ``GET /v1/jobs/{id}``), a set of
 jobs still running, and a sorted set of deliveries due. The ``Dispatcher`` runs inside each gateway
-process: the ``DoneListener`` thread (on ``tuwen:done:*``) tells it when a job ends, and its own thread
+process: the ``done.DoneListener`` thread (on ``tuwen:done:*``) tells it when a job ends, and its own thread
 sweeps every few seconds (so a missed message costs a few seconds, never a delivery) and hands due
 deliveries to a small thread pool. A per-job lock keeps several gateway processes from delivering the
 same attempt twice. Retries back off exponentially; any non-2xx answer or network error is retried
@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tuwen.pipeline import keys
 from tuwen.pipeline.errors import InvalidInput, Unavailable
-from tuwen.pipeline.jobs import DONE_CHANNEL, JobStore
+from tuwen.pipeline.jobs import JobStore
 from tuwen.pipeline.locks import Locks
 from tuwen.pipeline.schema import JobResult, JobStatus, JobView, WebhookView
 from tuwen.pipeline.ssrf import ForbiddenTarget, InvalidUrl, Target, UrlGuard
@@ -206,47 +206,6 @@ class WebhookStore:
 
     def unlock(self, job_id: str, token: str) -> None:
         self._locks.release(f"{keys.WEBHOOK}lock:{job_id}", token)
-
-
-# -- jobs that ended ------------------------------------------------------------------------------------
-class DoneListener:
-    """One thread per gateway process on ``tuwen:done:*``; calls each callback with the ended job's id.
-    Messages missed while Redis is away are covered by the callers' own re-checks (sweep, re-poll)."""
-
-    def __init__(self, client: redis.Redis, callbacks: Sequence[Callable[[str], None]]) -> None:
-        self.redis, self.callbacks = client, callbacks
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tuwen-done-listener", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            pubsub = None
-            try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.psubscribe(DONE_CHANNEL + "*")
-                while not self._stop.is_set():
-                    msg = pubsub.get_message(timeout=1.0)
-                    if msg and msg.get("type") == "pmessage":
-                        job_id = str(msg["channel"])[len(DONE_CHANNEL):]
-                        for callback in self.callbacks:
-                            callback(job_id)
-            except redis.RedisError as exc:
-                log.warning("job listener lost Redis (%s); re-checks cover the gap", exc)
-                self._stop.wait(1.0)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except redis.RedisError:
-                        pass
 
 
 # -- the delivery loop ----------------------------------------------------------------------------------

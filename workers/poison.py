@@ -42,7 +42,7 @@ def check_call(message: Any) -> None:
     if not isinstance(headers, dict) or headers.get("task") != TASK_NAME:
         raise Refused("not_a_tuwen_job", job_id)
     if message.content_type != "application/json":  # never decode anything else (pickle!)
-        raise Refused("not_a_tuwen_job", job_id)
+        raise Refused("not_a_tuwen_job", job_id, f"content type {message.content_type!r}")
     try:
         body = json.loads(message.body)
     except (TypeError, ValueError) as exc:
@@ -72,9 +72,10 @@ class Screen:
     def check(self, message: Any) -> None:
         check_call(message)
 
-    def refuse(self, queue: str, text: str, reason: str, job_id: str | None) -> None:
+    def refuse(self, queue: str, text: str, refused: Refused) -> None:
         """Log, count and move aside one refused message; fail its job if it has one. Never raises."""
-        log.error("refused a message on queue %s (%s); moved to %s: %.300s", queue, reason, deadletter.KEY, text)
+        reason, job_id = refused.reason, refused.job_id
+        log.error("refused a message on queue %s (%s); moved to %s: %.300s", queue, refused, deadletter.KEY, text)
         self.metrics.poison.labels(reason).inc()
         try:
             deadletter.put(self.jobs.redis, queue=queue, reason=reason, message=text, worker=self.worker,

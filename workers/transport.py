@@ -61,11 +61,12 @@ return false
 
 
 class Refused(Exception):
-    """A message the worker will not run; ``reason`` is a short code, ``job_id`` set when known."""
+    """A message the worker will not run; ``reason`` is a short code (a metric label), ``job_id`` set when
+    known, ``detail`` what exactly was wrong, for the log."""
 
-    def __init__(self, reason: str, job_id: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason, self.job_id = reason, job_id
+    def __init__(self, reason: str, job_id: str | None = None, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.job_id, self.detail = reason, job_id, detail
 
 
 class QoS(kombu_redis.QoS):
@@ -144,10 +145,10 @@ class Channel(kombu_redis.Channel):
             self._forget(item)
             text = item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
             if screen is not None:
-                screen.refuse(queue, text, refused.reason, refused.job_id)
+                screen.refuse(queue, text, refused)
             else:
                 kombu_redis.logger.error("dropped a message on %s that is not a kombu envelope (%s): %.2000s",
-                                         queue, refused.reason, text)
+                                         queue, refused, text)
             return None
 
     def _forget(self, item: Any) -> None:

@@ -20,7 +20,8 @@ from tuwen.pipeline.gateway.settings import GatewaySettings
 from tuwen.pipeline.remote import RemotePictures
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.ssrf import UrlGuard
-from tuwen.pipeline.webhooks import Dispatcher, DoneListener, WebhookStore
+from tuwen.pipeline.done import DoneListener
+from tuwen.pipeline.webhooks import Dispatcher, WebhookStore
 
 
 class Waiters:
