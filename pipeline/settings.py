@@ -38,6 +38,13 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class CpuLinear(str, Enum):
+    """Which kernels run a CPU worker's linear layers (float32 / bfloat16, not quantized)."""
+
+    onednn = "onednn"  #: oneDNN with weights packed once at load (``workers/packed.py``)
+    aten = "aten"  #: PyTorch's own ``F.linear`` (MKL / OpenBLAS)
+
+
 class Settings(BaseSettings):
     """Everything configurable. Built once at each entry point and passed down; never read at import."""
 
@@ -64,6 +71,9 @@ class Settings(BaseSettings):
     max_conversation_chars: int = Field(32_000, ge=1)
     #: torch threads for a CPU worker (0: torch's default).
     torch_threads: int = Field(0, ge=0)
+    #: A CPU worker's linear-layer kernels: ``onednn`` (weights packed once at load; 2-3x PyTorch's
+    #: default on the skinny matrices of decode where MKL takes a generic path) or ``aten``.
+    cpu_linear: CpuLinear = CpuLinear.onednn
 
     # -- worker operations -----------------------------------------------------------------------------
     #: Port for the worker's Prometheus metrics (0: off).
@@ -88,8 +98,9 @@ class Settings(BaseSettings):
     storage_wait_s: float = Field(60.0, ge=0)
 
     # -- batching ------------------------------------------------------------------------------------
-    #: Most jobs decoding together (rows of the running batch); also the largest group handed over at once.
-    max_batch_size: int = Field(16, ge=1, le=512)
+    #: Most jobs decoding together (rows of the running batch). Jobs join it in groups of at most 16, one
+    #: prefill each. Wider is faster per token (docs/performance.md); ``max_batch_tokens`` bounds memory.
+    max_batch_size: int = Field(64, ge=1, le=512)
     #: Most tokens the running batch may hold (each row's prompt plus its answer budget): a memory bound
     #: for long conversations. 0: no bound beyond ``max_batch_size``.
     max_batch_tokens: int = Field(32_768, ge=0)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuwen.pipeline.settings import Settings
+from tuwen.pipeline.settings import CpuLinear, Settings
 from tuwen.workers import roofline, workload
 from tuwen.workers.fleet import Fleet
 from tuwen.workers.runtime import Runtime
@@ -42,7 +42,7 @@ class Options:
     repeats: int = 3
     decode_steps: int = 24  #: timed decode steps per decode row
     batches: tuple[int, ...] = (1, 16)  #: decode rows (the worker's max_batch_size is added)
-    max_batch_size: int = 16  #: the worker's (``TUWEN_MAX_BATCH_SIZE``)
+    max_batch_size: int = 64  #: the workers' (``TUWEN_MAX_BATCH_SIZE``, its default)
     short_tokens: int = 8  #: row m
     long_tokens: int = 64  #: row m
     idle_rounds: int = 10  #: row f, per repeat
@@ -128,7 +128,9 @@ def run(opts: Options, log: Callable[[str], None] = print) -> Report:
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     table = Table()
     batches = sorted({*opts.batches, opts.max_batch_size})
-    big = roofline.load(roofline.bench_checkpoint(opts.shape, opts.cache_dir), opts.decode_steps + 2)
+    checkpoint = roofline.bench_checkpoint(opts.shape, opts.cache_dir)
+    big = roofline.load(checkpoint, opts.decode_steps + 2)  # what a CPU worker runs: oneDNN linear layers
+    big_aten = roofline.load(checkpoint, opts.decode_steps + 2, CpuLinear.aten)  # PyTorch's default kernels
     params, weight_bytes = roofline.decode_weights(big.model)
     top = max(opts.max_new_tokens, opts.long_tokens)
     demo = Runtime(Settings(model_path=opts.model_path, torch_threads=1, max_new_tokens=top))
@@ -143,14 +145,21 @@ def run(opts: Options, log: Callable[[str], None] = print) -> Report:
         log(f"workers ready after {time.perf_counter() - t_start:.0f}s")
         for rep in range(opts.repeats):
             machine = roofline.measure_machine()
-            table("L1", "machine: torch.mm 2048², fp32, 1 thread", "GFLOPS").add(machine.gflops, 1, 1)
+            table("L1", "machine: peak GEMM 2048², fp32, 1 thread (the better of torch.mm and oneDNN)",
+                  "GFLOPS").add(machine.gflops, 1, 1)
+            table["L1"].note = (f"last repeat: torch.mm {machine.mm_gflops:.0f}, oneDNN {machine.onednn_gflops:.0f} "
+                                "GFLOPS")
             table("L2", "machine: memory bandwidth (sum / GEMV over 512 MB, 1 thread)", "GB/s").add(
                 machine.bandwidth_gbs, 1, 1)
             for b in batches:
                 rate, ok, _ = roofline.engine_decode(big, b, opts.decode_steps)
                 table(f"r{b}", f"tuwen engine decode, batch {b} (bench model)", "tok/s").add(rate, ok, 1)
                 rate, ok = roofline.hf_decode(big, b, opts.decode_steps)
-                table(f"hf{b}", f"HF generate decode, batch {b} (bench model)", "tok/s").add(rate, ok, 1)
+                table(f"hf{b}", f"HF generate decode, batch {b} (bench model, the same kernels)", "tok/s").add(
+                    rate, ok, 1)
+                rate, ok, _ = roofline.engine_decode(big_aten, b, opts.decode_steps)
+                table(f"k{b}", f"tuwen engine decode, batch {b}, PyTorch's default linear (aten)", "tok/s").add(
+                    rate, ok, 1)
             log(f"[{rep + 1}] limit rows done at {time.perf_counter() - t_start:.0f}s")
             rate, ok = workload.seed_way(demo, data, opts.max_new_tokens)
             table("a", "processor + model.generate per request", "answers/s").add(rate, ok, len(data))
@@ -196,6 +205,8 @@ def _notes(table: Table, batches: list[int], machine: roofline.Machine, params: 
         r, hf = table[f"r{b}"], table[f"hf{b}"]
         r.note = f"roofline {bound:.1f} tok/s ({limit}-bound): **{100 * r.median / bound:.0f}%**"
         hf.note = f"{100 * hf.median / bound:.0f}% of roofline; tuwen {r.median / hf.median:.2f}×"
+        k = table[f"k{b}"]
+        k.note = f"{100 * k.median / bound:.0f}% of roofline; oneDNN (r{b}) {r.median / k.median:.2f}× this"
     m, mb, mc = table["m"], table["mb"], table["mc"]
     m.note = (f"**{m.median / mb.median:.2f}× pipeline**, {m.median / mc.median:.2f}× static; same answers as "
               f"pipeline {min(x for x, _ in match)}/{n}, as static {min(y for _, y in match)}/{n} (worst repeat)")

@@ -10,6 +10,9 @@ On plain Hugging Face models, in the manner of TGI's ``CausalLMBatch`` (``concat
   model's own ``_prepare_position_ids_for_generation`` computes at prefill; 0 elsewhere).
 * A finished row leaves at once (``batch_select_indices``); padding columns no row needs any more are
   trimmed from the left.
+* The cache keeps spare columns (``_RoomyLayer``): a decode step writes its keys and values into room
+  already there instead of copying the whole cache (``DynamicLayer`` concatenates on every step, which
+  costs more than attention itself once pictures make prompts long).
 * Each row picks its token on its own: greedy (the default) or temperature / top-p sampling with the
   row's own seeded generator, so a seeded job gets the same answer whatever batch it lands in.
 * Text is detokenized incrementally per row and handed to the row's ``on_text`` callback; a delta never
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 #: What a row's prompt inputs may hold besides ids and mask (the families' picture tensors).
 _PICTURE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos",
@@ -175,7 +179,7 @@ class Engine:
         positions = self.model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
         with torch.inference_mode():
             out = self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions,
-                             use_cache=True, logits_to_keep=1, **kwargs)
+                             cache=_roomy_cache(self.model.config), use_cache=True, logits_to_keep=1, **kwargs)
         deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
         real = mask.sum(-1)
         next_pos = real + (deltas.view(-1).to(real.device) if deltas is not None and positions.ndim == 3 else 0)
@@ -280,6 +284,50 @@ class Engine:
             finished += self.step()
         order = {id(r): i for i, r in enumerate(rows)}
         return sorted(finished, key=lambda f: order[id(f.row)])
+
+
+class _RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends into spare columns of a larger buffer: ``keys`` / ``values`` are
+    views of it. Whoever replaces ``keys`` (joining, leaving, trimming) gets a fresh buffer on the next
+    update, with ``ROOM`` spare columns again."""
+
+    ROOM = 64
+
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        used = self.keys.shape[-2] if self.keys.numel() else 0
+        new = key_states.shape[-2]
+        buffers = self._buffers
+        if buffers is None or self.keys is not self._views[0] or used + new > buffers[0].shape[-2]:
+            buffers = tuple(self._room(old, fresh, used) for old, fresh in ((self.keys, key_states),
+                                                                           (self.values, value_states)))
+            self._buffers = buffers  # type: ignore[assignment]
+        assert self._buffers is not None
+        self._buffers[0][:, :, used:used + new] = key_states
+        self._buffers[1][:, :, used:used + new] = value_states
+        self._views = (self._buffers[0][:, :, :used + new], self._buffers[1][:, :, :used + new])
+        self.keys, self.values = self._views
+        return self.keys, self.values
+
+    def _room(self, old: torch.Tensor, fresh: torch.Tensor, used: int) -> torch.Tensor:
+        shape = list(fresh.shape)
+        shape[-2] = used + fresh.shape[-2] + self.ROOM
+        buffer = fresh.new_empty(shape)
+        if used:
+            buffer[:, :, :used] = old
+        return buffer
+
+
+def _roomy_cache(config: Any) -> DynamicCache:
+    """The model's own ``DynamicCache`` with its full-attention layers made roomy (sliding-window and
+    other layer kinds are kept as they are)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _left_pad(t: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:

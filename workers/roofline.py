@@ -1,7 +1,8 @@
 """The machine's limit for decoding, measured in the same run as the benchmark (``tuwen bench``).
 
-* ``measure_machine``: single-thread peak GEMM (``torch.mm`` 2048²) and memory bandwidth (summing a
-  tensor far larger than the caches).
+* ``measure_machine``: single-thread peak fp32 GEMM at 2048² (the better of ``torch.mm`` and oneDNN: MKL
+  takes a generic path on AMD CPUs, so ``torch.mm`` alone can show half the core) and memory bandwidth
+  (summing a tensor far larger than the caches).
 * ``bench_checkpoint``: a llava-family checkpoint big enough that decode at batch 1 is memory-bound
   (a ~410M-parameter Llama, random weights, the demo's processor), built offline, seeded, cached.
 * ``roofline``: the bound on decode tokens/s, ``batch / max(weight_bytes / bandwidth, 2·params·batch / gflops)``.
@@ -23,7 +24,8 @@ from typing import Any
 
 import torch
 
-from tuwen.pipeline.settings import Settings
+from tuwen.pipeline.settings import CpuLinear, Settings
+from tuwen.workers import packed
 from tuwen.workers.runtime import Item, Runtime
 
 #: Text-only prompts for the decode rows: prefill is excluded from them, and a picture would only make
@@ -34,8 +36,10 @@ QUESTIONS = ["描述这张图片。", "图中是什么形状？", "这是什么�
 
 @dataclass(frozen=True)
 class Machine:
-    gflops: float  #: torch.mm 2048² fp32, one thread
+    gflops: float  #: peak GEMM 2048² fp32, one thread: the better of the two below
     bandwidth_gbs: float  #: reading a large fp32 tensor once, one thread
+    mm_gflops: float = 0.0  #: ``torch.mm`` (MKL)
+    onednn_gflops: float = 0.0  #: oneDNN with a packed weight (``workers/packed.py``)
 
 
 @dataclass(frozen=True)
@@ -58,13 +62,21 @@ def measure_machine(gemm_n: int = 2048, stream_mb: int = 512) -> Machine:
     1 does to its weights), so that the bound is never set too low."""
     a, b = torch.randn(gemm_n, gemm_n), torch.randn(gemm_n, gemm_n)
     torch.mm(a, b)
-    gemm = min(_seconds(lambda: torch.mm(a, b)) for _ in range(3))
+    mm = min(_seconds(lambda: torch.mm(a, b)) for _ in range(3))
+    onednn = mm
+    if packed.available():
+        layer = packed.PackedLinear(torch.nn.Linear(gemm_n, gemm_n, bias=False))
+        with torch.inference_mode():
+            layer(a)
+            onednn = min(_seconds(lambda: layer(a)) for _ in range(3))
     big = torch.ones(stream_mb * 2**20 // 4)
     big.sum()
     matrix, vector = big.view(-1, 4096), torch.ones(4096)
     torch.mv(matrix, vector)
     stream = min(min(_seconds(lambda: big.sum()), _seconds(lambda: torch.mv(matrix, vector))) for _ in range(3))
-    return Machine(gflops=2 * gemm_n**3 / gemm / 1e9, bandwidth_gbs=big.numel() * 4 / stream / 1e9)
+    flops = 2 * gemm_n**3 / 1e9
+    return Machine(gflops=flops / min(mm, onednn), bandwidth_gbs=big.numel() * 4 / stream / 1e9,
+                   mm_gflops=flops / mm, onednn_gflops=flops / onednn)
 
 
 def _seconds(fn: Any) -> float:
@@ -112,8 +124,9 @@ def bench_checkpoint(shape: BenchShape, root: Path) -> Path:
     return path
 
 
-def load(path: Path, max_new_tokens: int) -> Runtime:
-    rt = Runtime(Settings(model_path=path, torch_threads=1, max_new_tokens=max_new_tokens, dtype="float32"))
+def load(path: Path, max_new_tokens: int, cpu_linear: CpuLinear = CpuLinear.onednn) -> Runtime:
+    rt = Runtime(Settings(model_path=path, torch_threads=1, max_new_tokens=max_new_tokens, dtype="float32",
+                          cpu_linear=cpu_linear))
     rt.load()
     return rt
 
@@ -191,31 +204,39 @@ def hf_decode(rt: Runtime, batch: int, steps: int) -> tuple[float, bool]:
     return batch * steps / seconds, ok
 
 
-def skinny_linear(shapes: list[tuple[int, int]], rows: list[int], repeats: int = 5) -> dict[tuple[int, int, int], float]:
-    """GFLOPS of ``linear`` with ``rows`` input rows against each (out, in) weight shape (best of ``repeats``)."""
-    out: dict[tuple[int, int, int], float] = {}
+def skinny_linear(shapes: list[tuple[int, int]], rows: list[int],
+                  repeats: int = 5) -> dict[tuple[str, int, int, int], float]:
+    """GFLOPS of a linear layer with ``rows`` input rows against each (out, in) weight shape, on
+    PyTorch's ``F.linear`` (``aten``) and on oneDNN with a packed weight (``onednn``); best of ``repeats``."""
+    out: dict[tuple[str, int, int, int], float] = {}
     for n_out, n_in in shapes:
-        weight = torch.randn(n_out, n_in)
+        plain = torch.nn.Linear(n_in, n_out, bias=False)
+        layers = {"aten": plain, "onednn": packed.PackedLinear(plain) if packed.available() else plain}
         for r in rows:
             x = torch.randn(r, n_in)
-            torch.nn.functional.linear(x, weight)
-            best = min(_seconds(lambda: torch.nn.functional.linear(x, weight)) for _ in range(repeats))
-            out[(n_out, n_in, r)] = 2 * r * n_in * n_out / best / 1e9
+            for kernel, layer in layers.items():
+                with torch.inference_mode():
+                    layer(x)
+                    best = min(_seconds(lambda: layer(x)) for _ in range(repeats))  # noqa: B023 - used at once
+                out[(kernel, n_out, n_in, r)] = 2 * r * n_in * n_out / best / 1e9
     return out
+
+
+def _decode_linears(model: Any) -> list[Any]:
+    return [m for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, packed.PackedLinear))
+            and ("language_model" in name or name.startswith("lm_head"))]
 
 
 def weight_shapes(model: Any) -> list[tuple[int, int]]:
     """Distinct (out, in) shapes of the language model's linear layers, largest first."""
-    shapes = {(m.out_features, m.in_features) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and ("language_model" in name or name.startswith("lm_head"))}
-    return sorted(shapes, key=lambda s: -s[0] * s[1])
+    return sorted({(m.out_features, m.in_features) for m in _decode_linears(model)}, key=lambda s: -s[0] * s[1])
 
 
 def linear_seconds(model: Any, batch: int) -> float:
     """A decode step's linear layers timed alone at ``batch`` rows (the GEMM part of one step)."""
     total = 0.0
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and ("language_model" in name or name.startswith("lm_head")):
+    with torch.inference_mode():
+        for m in _decode_linears(model):
             x = torch.randn(batch, m.in_features)
             m(x)
             total += min(_seconds(lambda: m(x)) for _ in range(3))  # noqa: B023 - used at once
@@ -223,7 +244,7 @@ def linear_seconds(model: Any, batch: int) -> float:
 
 
 #: Profiler op names by what they are for, to summarise one decode step.
-_KINDS = {"GEMM (linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
+_KINDS = {"GEMM (linear)": ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
           "attention": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product", "aten::softmax"),
           "cache and mask copies": ("aten::cat", "aten::copy_", "aten::index", "aten::slice", "aten::clone",
                                     "aten::contiguous", "aten::index_select")}
@@ -263,14 +284,16 @@ def profile_step(rt: Runtime, batch: int) -> tuple[float, list[tuple[str, float]
 def explain(big: Runtime, batch: int) -> str:
     """Markdown: skinny GEMM at the bench model's weight shapes, and a profile of one decode step at ``batch``."""
     shapes = weight_shapes(big.model)
-    gflops = skinny_linear(shapes, [1, 16, 64])
-    lines = ["Skinny `linear` against the bench model's weight shapes (GFLOPS, best of 5; 1 row: GB/s of weights, "
-             "which are cache-warm when one layer is timed alone, unlike in a decode step):",
-             "", "| weight (out × in) | 1 row | 16 rows | 64 rows |", "|---|---:|---:|---:|"]
+    rows = [1, 16, 64]
+    gflops = skinny_linear(shapes, rows)
+    lines = ["Skinny linear layers at the bench model's weight shapes, GFLOPS (best of 5), PyTorch's `F.linear` "
+             "(aten: MKL) / oneDNN with a packed weight (what tuwen's CPU worker runs). At 1 row that is also "
+             "GB/s of weights ÷ 2, cache-warm when one layer is timed alone, unlike in a decode step:",
+             "", "| weight (out × in) | " + " | ".join(f"{r} row{'s' if r > 1 else ''}" for r in rows) + " |",
+             "|---|" + "---:|" * len(rows)]
     for n_out, n_in in shapes:
-        gbs = 2 * gflops[(n_out, n_in, 1)]  # one row: 2 FLOPs per 4-byte weight
-        lines.append(f"| {n_out} × {n_in} | {gflops[(n_out, n_in, 1)]:.1f} ({gbs:.1f} GB/s) | "
-                     f"{gflops[(n_out, n_in, 16)]:.1f} | {gflops[(n_out, n_in, 64)]:.1f} |")
+        cells = [f"{gflops[('aten', n_out, n_in, r)]:.0f} / {gflops[('onednn', n_out, n_in, r)]:.0f}" for r in rows]
+        lines.append(f"| {n_out} × {n_in} | " + " | ".join(cells) + " |")
     step_ms, kinds, top = profile_step(big, batch)
     alone_ms = linear_seconds(big.model, batch) * 1000
     _, _, padding = engine_decode(big, batch, 1)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from tuwen.pipeline.errors import InvalidInput, ModelError, OutOfMemory, TuwenError
 from tuwen.pipeline.inputs import check_question, decode_image
-from tuwen.pipeline.settings import DType, Quantization, Settings
+from tuwen.pipeline.settings import CpuLinear, DType, Quantization, Settings
 from tuwen.workers.families import apply_image_limits, family_max_images
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,10 @@ class Runtime:
         if quant is None:
             model.to(self.device)
         model.eval()
+        if quant is None and self.device == "cpu" and self.settings.cpu_linear == CpuLinear.onednn:
+            from tuwen.workers import packed
+
+            log.info("packed %d linear layers for oneDNN", packed.pack(model))
         self._processor, self._model = processor, model
         self.load_seconds = time.perf_counter() - t0
         log.info("loaded %s on %s in %.2fs", self.model_id, self.device, self.load_seconds)

@@ -35,6 +35,10 @@ from tuwen.workers.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
+#: Most jobs in one hand-over, and so in one join of the decode loop: a join's prefill holds up every
+#: running row (and an interactive job waiting for a row), so a wide batch fills in several joins.
+HANDOVER_ROWS = 16
+
 
 class Handover(Batches):
     """celery-batches, flushing by the decode loop's room instead of by a timer alone.
@@ -174,7 +178,7 @@ def make_worker_app(settings: Settings, runtime: Runtime, scheduler: Scheduler, 
     wait_s = max(settings.batch_wait_ms, 4) / 1000
 
     @app.task(name=queue.TASK_NAME, base=Handover, bind=True, acks_late=True, max_wait_s=wait_s,
-              flush_every=settings.max_batch_size, flush_interval=min(wait_s / 4, 0.01), scheduler=scheduler,
+              flush_every=min(settings.max_batch_size, HANDOVER_ROWS), flush_interval=min(wait_s / 4, 0.01), scheduler=scheduler,
               interactive_queue=settings.interactive_queue)
     def answer(self: Handover, requests: Sequence[Any]) -> None:
         worker = requests[0].hostname if requests else "?"
