@@ -77,7 +77,7 @@ def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
     if worker:
         conf.update(
             # Prefetch is per pool thread: about two full batches in all.
-            worker_prefetch_multiplier=max(1, -(-2 * settings.max_batch_size // settings.worker_groups)),
+            worker_prefetch_multiplier=max(1, -(-2 * settings.max_batch_size // settings.pool_threads)),
             worker_send_task_events=True,
             worker_hijack_root_logger=False,
             worker_cancel_long_running_tasks_on_connection_loss=False,

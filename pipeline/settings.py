@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     storage_wait_s: float = Field(60.0, ge=0)
 
     # -- batching ------------------------------------------------------------------------------------
-    #: Most jobs decoding together (rows of the running batch). Jobs join it in groups of at most 16, one
+    #: Most jobs decoding together (rows of the running batch). Jobs join it in groups of at most 8, one
     #: prefill each. Wider is faster per token (docs/performance.md); ``max_batch_tokens`` bounds memory.
     max_batch_size: int = Field(64, ge=1, le=512)
     #: Most tokens the running batch may hold (each row's prompt plus its answer budget): a memory bound
@@ -107,7 +107,9 @@ class Settings(BaseSettings):
     #: How long a job waits for others to join it when the model has room (continuous batching lets later
     #: jobs join between decode steps anyway).
     batch_wait_ms: int = Field(50, ge=0, le=60_000)
-    #: Groups of jobs a worker prepares at once (pictures fetched and preprocessed while the model decodes).
+    #: Groups of jobs a worker can prepare at once (pictures fetched and preprocessed) while its decode
+    #: loop is full. A group's pool thread waits until its last job is answered, so the worker runs one
+    #: thread per possible decoding group (``max_batch_size``) plus these (``Settings.pool_threads``).
     worker_groups: int = Field(4, ge=1, le=64)
 
     # -- queue ---------------------------------------------------------------------------------------
@@ -187,6 +189,14 @@ class Settings(BaseSettings):
             raise ValueError(f"{' and '.join(left)} still has an example value (such as change-me); "
                              "set a real secret (see .env.example)")
         return self
+
+    @property
+    def pool_threads(self) -> int:
+        """The worker's Celery pool threads: a hand-over holds its thread until its last job is answered,
+        and every running row may belong to a different hand-over, so ``max_batch_size`` threads can be
+        waiting on the decode loop while ``worker_groups`` more prepare the next jobs. (With only
+        ``worker_groups`` threads, four groups decoding left an interactive job buffered for 1.3–1.9 s.)"""
+        return self.max_batch_size + self.worker_groups
 
     @property
     def broker(self) -> str:

@@ -6,6 +6,10 @@ come first served), and join the running batch between decode steps while there 
 that finishes leaves at once and its answer is handed to the group's ``on_answer`` right away; the group
 is done when its last row is.
 
+Interactive groups may take ``interactive_extra`` rows beyond ``max_rows``: rows that joined together
+tend to finish together (a backlog's answers have similar lengths), so a full batch can go a whole
+answer's length without a free row, and an interactive job would wait for it.
+
 Out of memory: a group that fails to join is split in halves that queue again (one row alone fails with
 ``out_of_memory``); a decode step that fails hands every row back to the front of its lane to start over
 (rows already streamed skip the text they already sent, since greedy and seeded rows regenerate it).
@@ -46,9 +50,12 @@ class Ticket:
 class Scheduler:
     """Owns the runtime's engine; ``submit`` from any thread, ``start`` runs the loop on its own thread."""
 
-    def __init__(self, runtime: Runtime, max_rows: int, *, max_tokens: int = 0, idle_wait_s: float = 0.05) -> None:
+    def __init__(self, runtime: Runtime, max_rows: int, *, max_tokens: int = 0, idle_wait_s: float = 0.05,
+                 interactive_extra: int | None = None) -> None:
         self.runtime = runtime
         self.max_rows = max_rows
+        #: Rows interactive groups may take beyond ``max_rows`` (default: an eighth of it, at least 1).
+        self.interactive_extra = max(1, max_rows // 8) if interactive_extra is None else interactive_extra
         #: Token budget of the running batch: each row's prompt plus its answer budget (0: none).
         self.max_tokens = max_tokens
         self._cost: dict[int, int] = {}  #: id(row) -> tokens it may hold
@@ -150,18 +157,18 @@ class Scheduler:
         if self._blocked:
             return None
         with self._lock:
-            for lane in self._lanes:
-                if lane and self._fits(lane[0][1]):
+            for interactive, lane in zip((True, False), self._lanes):
+                if lane and self._fits(lane[0][1], interactive):
                     self._joining = len(lane[0][1])
                     return lane.popleft()
                 if lane:
                     return None  # first come first served within a lane: wait for rows to free up
         return None
 
-    def _fits(self, rows: list[Any]) -> bool:
+    def _fits(self, rows: list[Any], interactive: bool = False) -> bool:
         if not self.engine.size:
             return True  # an empty batch takes any group (a group is never larger than max_rows)
-        if self.engine.size + len(rows) > self.max_rows:
+        if self.engine.size + len(rows) > self.max_rows + (self.interactive_extra if interactive else 0):
             return False
         if not self.max_tokens:
             return True

@@ -93,7 +93,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     signals.worker_shutting_down.connect(shutting_down, weak=False)
     signals.worker_shutdown.connect(shut_down, weak=False)
     app.worker_main([
-        "worker", "--pool=threads", f"--concurrency={settings.worker_groups}", f"--queues={','.join(queues)}",
+        "worker", "--pool=threads", f"--concurrency={settings.pool_threads}", f"--queues={','.join(queues)}",
         f"--loglevel={loglevel}", "--without-mingle", "--without-gossip", "--task-events",
         f"--hostname={hostname}",
     ])

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: Most jobs in one hand-over, and so in one join of the decode loop: a join's prefill holds up every
 #: running row (and an interactive job waiting for a row), so a wide batch fills in several joins.
-HANDOVER_ROWS = 16
+HANDOVER_ROWS = 8
 
 
 class Handover(Batches):
@@ -134,10 +134,14 @@ class Handover(Batches):
         return 0 if info.get("routing_key") == self.interactive_queue else 1
 
     def flush(self, requests: Any) -> Any:
-        requests = sorted(requests, key=self._lane)
+        """Interactive jobs and bulk jobs go over in separate hand-overs: a group joins the decode loop's
+        interactive lane only if all its jobs are interactive (one bulk job in it used to send an
+        interactive job to the back of the bulk lane)."""
         result = None
-        for start in range(0, len(requests), self.flush_every):
-            result = super().flush(requests[start:start + self.flush_every])
+        for lane in (0, 1):
+            same = [r for r in requests if self._lane(r) == lane]
+            for start in range(0, len(same), self.flush_every):
+                result = super().flush(same[start:start + self.flush_every])
         return result
 
 
@@ -170,7 +174,9 @@ def make_worker_app(settings: Settings, runtime: Runtime, scheduler: Scheduler, 
     app = queue.make_celery(settings, worker=True)
     if transport.applies_to(settings.broker):
         app.conf.broker_transport = f"{transport.__name__}:Transport"
-        app.conf.broker_transport_options = {**app.conf.broker_transport_options, "tuwen_screen": screen}
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options, "tuwen_screen": screen,
+            "tuwen_interactive_queues": (settings.interactive_queue,), "tuwen_interactive_room": HANDOVER_ROWS}
     events = JobEvents(app, hostname, settings.flower_show_text)
     producer = Client(settings)  # the one way to publish a job (here: giving jobs back to the queue)
     answerer = Answerer(settings, runtime, scheduler, jobs, images, metrics, events,
@@ -178,7 +184,8 @@ def make_worker_app(settings: Settings, runtime: Runtime, scheduler: Scheduler, 
     wait_s = max(settings.batch_wait_ms, 4) / 1000
 
     @app.task(name=queue.TASK_NAME, base=Handover, bind=True, acks_late=True, max_wait_s=wait_s,
-              flush_every=min(settings.max_batch_size, HANDOVER_ROWS), flush_interval=min(wait_s / 4, 0.01), scheduler=scheduler,
+              flush_every=min(settings.max_batch_size, HANDOVER_ROWS), flush_interval=min(wait_s / 4, 0.01),
+              scheduler=scheduler,
               interactive_queue=settings.interactive_queue)
     def answer(self: Handover, requests: Sequence[Any]) -> None:
         worker = requests[0].hostname if requests else "?"

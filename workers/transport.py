@@ -17,6 +17,10 @@
   BRPOP (and a message that arrives while the worker idles is recorded within the same loop turn).
 * **The QoS tells which delivery tags it holds** (received, not acknowledged), for the heartbeat that
   the reaper (``tuwen.workers.reaper``) reads.
+* **Interactive jobs get past a full prefetch.** Under a bulk backlog the prefetch is always used up
+  (about two batches held), so an interactive message waited in Redis until a hand-over of bulk jobs was
+  acknowledged. When the prefetch is full the worker still reads its interactive queues, holding up to
+  ``tuwen_interactive_room`` such messages beyond it.
 
 Only the worker uses it, for ``redis://`` brokers (``broker_transport``); producers keep kombu's own.
 """
@@ -70,6 +74,25 @@ class Refused(Exception):
 
 
 class QoS(kombu_redis.QoS):
+    channel: Channel
+
+    def can_consume(self) -> bool:
+        return super().can_consume() or self.interactive_room() > 0
+
+    def full(self) -> bool:
+        """The prefetch is used up (only interactive messages may still be read)."""
+        return not super().can_consume()
+
+    def interactive_room(self) -> int:
+        """How many more interactive messages may be held beyond a full prefetch."""
+        room, queues = self.channel.tuwen_interactive_room, self.channel.tuwen_interactive_queues
+        if not room:
+            return 0
+        acked = self._dirty.copy()
+        held = sum(1 for tag, message in list(self._delivered.items())
+                   if tag not in acked and message.delivery_info.get("routing_key") in queues)
+        return room - held
+
     def held(self) -> list[str]:
         """Delivery tags received and not yet acknowledged. Call it from the consuming thread (acks from
         other threads only mark tags, which ``copy`` reads atomically)."""
@@ -95,21 +118,31 @@ class Channel(kombu_redis.Channel):
     #: Decides about each message and takes the refused ones (``tuwen.workers.poison.Screen``); set per
     #: worker through the transport option ``tuwen_screen``. None: envelope checks only, refusals logged.
     tuwen_screen: Any = None
-    from_transport_options = kombu_redis.Channel.from_transport_options + ("tuwen_screen",)
+    #: Queues read past a full prefetch, and how many of their messages may be held beyond it.
+    tuwen_interactive_queues: tuple[str, ...] = ()
+    tuwen_interactive_room = 0
+    from_transport_options = kombu_redis.Channel.from_transport_options + (
+        "tuwen_screen", "tuwen_interactive_queues", "tuwen_interactive_room")
     #: The last read found a message: read the next with the pop-and-record script, not BRPOP.
     _backlog = False
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        if not self._backlog or self.global_keyprefix:
+        if self.global_keyprefix:
             return super()._brpop_start(timeout)
         queues = self._queue_cycle.consume(len(self.active_queues))
+        if queues and self.qos.full():
+            queues = [q for q in queues if q in self.tuwen_interactive_queues]
         if not queues:
             return None
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
-        self.client.connection.send_command("EVAL", _POP_AND_RECORD, 2 + len(keys), self.unacked_key,
-                                            self.unacked_index_key, *keys, time.time())
+        if self._backlog:
+            self.client.connection.send_command("EVAL", _POP_AND_RECORD, 2 + len(keys), self.unacked_key,
+                                                self.unacked_index_key, *keys, time.time())
+        else:  # kombu's own wait
+            wait = self.brpop_timeout if timeout is None else timeout
+            self.client.connection.send_command("BRPOP", *keys, wait or 0)
         return None
 
     def _get_client(self) -> Any:

@@ -145,3 +145,41 @@ def test_out_of_memory_mid_decode_restarts_rows_without_sending_text_twice(
     for i, (img, q, fact) in enumerate(samples[:4]):
         assert answers[i].ok and fact in (answers[i].answer or "")
         assert "".join(streamed[i]) == answers[i].answer, "streamed text must equal the answer, sent once"
+
+
+def test_an_interactive_job_joins_a_full_batch_where_a_bulk_job_waits(
+        rt: Runtime, samples: list[tuple[bytes, str, str]]) -> None:
+    """Rows that joined together finish together, so a full batch can go a whole answer without a free
+    row: an interactive group may take ``interactive_extra`` rows beyond ``max_rows``, a bulk group may not."""
+    rt.min_new_tokens = 40
+    try:
+        bulk_group = rt.prepare([Item(img, q, 48) for img, q, _ in samples[:6]])
+        late_group = rt.prepare([Item(samples[7][0], samples[7][1], 48)])
+    finally:
+        rt.min_new_tokens = 0
+    steps: list[tuple[int, int]] = []
+    scheduler = Scheduler(rt, max_rows=6)
+    assert scheduler.interactive_extra == 1
+    scheduler.on_step.append(lambda running, waiting: steps.append((running, waiting)))
+    scheduler.start()
+    try:
+        bulk, _, _ = collect_group(scheduler, bulk_group, interactive=False)
+        deadline = time.monotonic() + 30
+        while len(steps) < 3 and time.monotonic() < deadline:  # the batch is full and decoding
+            time.sleep(0.001)
+        late, _, _ = collect_group(scheduler, late_group, interactive=False)
+        img, q, fact = samples[8]
+        quick, quick_answers, _ = collect(scheduler, [Item(img, q, 48)], interactive=True)
+        assert quick.wait(60)
+        assert not bulk.done.is_set() and not late.done.is_set(), "it did not wait for a row to leave"
+        assert bulk.wait(120) and late.wait(120)
+    finally:
+        scheduler.stop()
+    assert fact in (quick_answers[0].answer or "")
+    assert max(r for r, _ in steps) == 7, "6 bulk rows and the interactive one; the late bulk row waited"
+
+
+def collect_group(scheduler: Scheduler, group: Any, interactive: bool) -> tuple[Any, dict[int, Answer], None]:
+    answers: dict[int, Answer] = {}
+    ticket = scheduler.submit(group, interactive=interactive, on_answer=lambda i, a: answers.__setitem__(i, a))
+    return ticket, answers, None
