@@ -232,8 +232,8 @@ def targets(table: Table, batches: list[int], params: int, weight_bytes: int) ->
     h50, h95 = table["h50"].median, table["h95"].median
     d = table["d"].median / table["c"].median
     e = table["e"].median
-    return [f"decode at batch 16 ≥ 50% of roofline: {verdict(eff(16) >= 0.5)} ({100 * eff(16):.0f}%)",
-            f"decode at the worker's largest batch ({top}) ≥ 60%: {verdict(eff(top) >= 0.6)} ({100 * eff(top):.0f}%)",
+    return [f"decode at batch 16 ≥ 50% of roofline: {verdict(eff(16) >= 0.5)} ({100 * eff(16):.1f}%)",
+            f"decode at the worker's largest batch ({top}) ≥ 60%: {verdict(eff(top) >= 0.6)} ({100 * eff(top):.1f}%)",
             f"mixed workload ≥ 1.5× pipeline: {verdict(m >= 1.5)} ({m:.2f}×)",
             f"interactive first token p50 ≤ 0.5 batch: {verdict(h50 <= 0.5)} ({h50:.2f}); "
             f"p95 ≤ 1: {verdict(h95 <= 1)} ({h95:.2f})",

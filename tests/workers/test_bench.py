@@ -16,8 +16,8 @@ from tuwen.workers.workload import lengths
 from tuwen.workers.fleet import noise_pictures
 from tuwen.workers.roofline import Machine, roofline
 
-ROWS = ["L1", "L2", "r1", "hf1", "k1", "r16", "hf16", "k16", "a", "b", "c", "m", "mb", "mc", "d", "e", "e0", "f",
-        "g1", "g2", "h50", "h95"]
+ROWS = ["L1", "L2", "r1", "hf1", "k1", "r16", "hf16", "k16", "r64", "hf64", "k64", "a", "b", "c", "m", "mb", "mc",
+        "d", "e", "e0", "f", "g1", "g2", "h50", "h95"]
 LINE = re.compile(r"^\| (?P<key>[\w]+) \| (?P<what>[^|]+) \| (?P<median>[\d.]+) (?P<unit>[^|]+) \| "
                   r"(?P<low>[\d.]+)–(?P<high>[\d.]+) \| (?P<ok>\d+)/(?P<total>\d+) \| (?P<note>.*) \|$")
 
