@@ -255,7 +255,10 @@ def flower(
     else:
         err.print("[yellow]warning[/yellow]: Flower without FLOWER_BASIC_AUTH shows every job to anyone who can "
                   "reach it")
-    cmd = [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}"]
+    # Workers answer Flower's broadcasts from their consuming loop; one busy decoding may take longer than
+    # Flower's 1 s default, and its Workers page then showed none (seen on a loaded 2-core machine).
+    cmd = [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}",
+           "--inspect_timeout=5000"]
     child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def forward(signum: int, _frame: object) -> None:

@@ -175,7 +175,7 @@ def make_worker_app(settings: Settings, runtime: Runtime, scheduler: Scheduler, 
     if transport.applies_to(settings.broker):
         app.conf.broker_transport = f"{transport.__name__}:Transport"
         app.conf.broker_transport_options = {
-            **app.conf.broker_transport_options, "tuwen_screen": screen,
+            **app.conf.broker_transport_options, "tuwen_screen": transport.screen_option(screen) if screen else None,
             "tuwen_interactive_queues": (settings.interactive_queue,), "tuwen_interactive_room": HANDOVER_ROWS}
     events = JobEvents(app, hostname, settings.flower_show_text)
     producer = Client(settings)  # the one way to publish a job (here: giving jobs back to the queue)

@@ -73,6 +73,19 @@ class Refused(Exception):
         self.reason, self.job_id, self.detail = reason, job_id, detail
 
 
+#: Each worker's screen by the name its transport options carry: the options must stay plain JSON, since a
+#: worker reports them in ``celery inspect stats`` (a Screen object there made every stats reply fail,
+#: and Flower showed no pool, broker or resource figures).
+_SCREENS: dict[str, Any] = {}
+
+
+def screen_option(screen: Any) -> str:
+    """The transport-option value that hands ``screen`` to the worker's channels."""
+    name = f"screen-{id(screen)}"
+    _SCREENS[name] = screen
+    return name
+
+
 class QoS(kombu_redis.QoS):
     channel: Channel
 
@@ -116,8 +129,9 @@ class _BoundedPubSubRead:
 class Channel(kombu_redis.Channel):
     QoS = QoS
     #: Decides about each message and takes the refused ones (``tuwen.workers.poison.Screen``); set per
-    #: worker through the transport option ``tuwen_screen``. None: envelope checks only, refusals logged.
-    tuwen_screen: Any = None
+    #: worker through the transport option ``tuwen_screen`` (``screen_option``). None: envelope checks only,
+    #: refusals logged.
+    tuwen_screen: str | None = None
     #: Queues read past a full prefetch, and how many of their messages may be held beyond it.
     tuwen_interactive_queues: tuple[str, ...] = ()
     tuwen_interactive_room = 0
@@ -166,7 +180,7 @@ class Channel(kombu_redis.Channel):
         """The BRPOP reply unchanged, or None (as if nothing came) when the message was refused."""
         dest, item = reply
         queue = bytes_to_str(dest).rsplit(self.sep, 1)[0]
-        screen = self.tuwen_screen
+        screen = _SCREENS.get(self.tuwen_screen) if self.tuwen_screen else None
         if screen is not None:
             screen.consumed()
         try:

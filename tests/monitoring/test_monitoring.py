@@ -155,8 +155,19 @@ def test_flower_shows_true_states_without_private_data(run: dict, flower: str) -
     for marker in ("iVBOR", "\\x89PNG", "PNG\\r\\n", "/9j/"):
         assert marker not in shown
     assert run["client"].settings.minio_secret_key.get_secret_value() not in shown
-    workers = json.loads(http_get(flower + "/api/workers?refresh=1", AUTH, timeout=30))
-    assert "mon@tests" in workers
+    # Flower inspects in the background, and a refresh asked while an inspection runs gets that one's answer
+    # (one that started before the worker was up knows no worker): ask until the worker shows.
+    deadline = time.monotonic() + 30
+    while "mon@tests" not in (workers := json.loads(http_get(flower + "/api/workers?refresh=1", AUTH, timeout=30))):
+        assert time.monotonic() < deadline, workers
+        time.sleep(1)
+    # Its stats came too (a transport option that was not JSON made every stats reply fail)
+    deadline = time.monotonic() + 30
+    while "stats" not in workers["mon@tests"]:
+        assert time.monotonic() < deadline, workers
+        time.sleep(1)
+        workers = json.loads(http_get(flower + "/api/workers?refresh=1", AUTH, timeout=30))
+    assert workers["mon@tests"]["stats"]["pool"]["max-concurrency"] == run["client"].settings.pool_threads
 
 
 def test_flower_tasks_page_screenshot(run: dict, flower: str, tmp_path: Path) -> None:  # type: ignore[type-arg]
