@@ -197,8 +197,12 @@ class Engine:
         width = max(self.columns, int(mask.shape[1]))
         old_pad, new_pad = width - self.columns, width - int(mask.shape[1])
         for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, old_pad), _left_pad(new.keys, new_pad)], dim=0)
-            old.values = torch.cat([_left_pad(old.values, old_pad), _left_pad(new.values, new_pad)], dim=0)
+            room = old.ROOM if isinstance(old, _RoomyLayer) else 0
+            keys, values = (_stacked(a, b, width, room) for a, b in ((old.keys, new.keys), (old.values, new.values)))
+            if isinstance(old, _RoomyLayer):
+                old.hold(keys, values, width)
+            else:
+                old.keys, old.values = keys, values
         self._mask = torch.cat([_left_pad(self._mask, old_pad, dim=1), _left_pad(mask, new_pad, dim=1)], dim=0)
         self._next_pos = torch.cat([self._next_pos, next_pos])
         self._last = torch.cat([self._last, torch.zeros((len(live), 1), dtype=torch.long, device=mask.device)])
@@ -288,8 +292,8 @@ class Engine:
 
 class _RoomyLayer(DynamicLayer):
     """A ``DynamicLayer`` that appends into spare columns of a larger buffer: ``keys`` / ``values`` are
-    views of it. Whoever replaces ``keys`` (joining, leaving, trimming) gets a fresh buffer on the next
-    update, with ``ROOM`` spare columns again."""
+    views of it. A join hands it a buffer with room already (``hold``); whoever replaces ``keys`` otherwise
+    (rows leaving, trimming) gets a fresh buffer on the next update, with ``ROOM`` spare columns again."""
 
     ROOM = 64
 
@@ -303,15 +307,17 @@ class _RoomyLayer(DynamicLayer):
         new = key_states.shape[-2]
         buffers = self._buffers
         if buffers is None or self.keys is not self._views[0] or used + new > buffers[0].shape[-2]:
-            buffers = tuple(self._room(old, fresh, used) for old, fresh in ((self.keys, key_states),
-                                                                           (self.values, value_states)))
-            self._buffers = buffers  # type: ignore[assignment]
-        assert self._buffers is not None
-        self._buffers[0][:, :, used:used + new] = key_states
-        self._buffers[1][:, :, used:used + new] = value_states
-        self._views = (self._buffers[0][:, :, :used + new], self._buffers[1][:, :, :used + new])
-        self.keys, self.values = self._views
+            buffers = (self._room(self.keys, key_states, used), self._room(self.values, value_states, used))
+        buffers[0][:, :, used:used + new] = key_states
+        buffers[1][:, :, used:used + new] = value_states
+        self.hold(buffers[0], buffers[1], used + new)
         return self.keys, self.values
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, used: int) -> None:
+        """Take buffers whose first ``used`` columns are the cache (the rest is room)."""
+        self._buffers = (keys, values)
+        self._views = (keys[:, :, :used], values[:, :, :used])
+        self.keys, self.values = self._views
 
     def _room(self, old: torch.Tensor, fresh: torch.Tensor, used: int) -> torch.Tensor:
         shape = list(fresh.shape)
@@ -328,6 +334,19 @@ def _roomy_cache(config: Any) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [_RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def _stacked(old: torch.Tensor, new: torch.Tensor, width: int, room: int) -> torch.Tensor:
+    """``old``'s rows then ``new``'s, each left-padded with zeros to ``width`` columns, in one buffer with
+    ``room`` spare columns after them: one copy of the cache per join."""
+    shape = list(old.shape)
+    shape[0], shape[2] = old.shape[0] + new.shape[0], width + room
+    out = old.new_empty(shape)
+    for rows, part in ((slice(0, old.shape[0]), old), (slice(old.shape[0], None), new)):
+        pad = width - part.shape[2]
+        out[rows, :, :pad] = 0
+        out[rows, :, pad:width] = part
+    return out
 
 
 def _left_pad(t: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:
