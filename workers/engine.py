@@ -8,11 +8,13 @@ On plain Hugging Face models, in the manner of TGI's ``CausalLMBatch`` (``concat
 * Each decode step feeds every row its last token with explicit position ids: the row's count of real
   tokens so far, plus the row's M-RoPE offset for the Qwen-VL families (``rope_deltas``, which the
   model's own ``_prepare_position_ids_for_generation`` computes at prefill; 0 elsewhere).
-* A finished row leaves at once (``batch_select_indices``); padding columns no row needs any more are
-  trimmed from the left.
-* The cache keeps spare columns (``_RoomyLayer``): a decode step writes its keys and values into room
-  already there instead of copying the whole cache (``DynamicLayer`` concatenates on every step, which
-  costs more than attention itself once pictures make prompts long).
+* A finished row leaves at once: the last rows move into the holes it leaves, so a leave copies the
+  moved rows only; padding columns no row needs any more are trimmed from the left once there are enough
+  of them to pay for a copy of the cache.
+* The cache keeps spare columns and spare rows (``_RoomyLayer``): a decode step writes its keys and
+  values into room already there, and rows that join are written below the running ones, instead of
+  copying the whole cache (``DynamicLayer`` concatenates on every step, and joins and leaves used to copy
+  the cache twice each: a quarter of a decode step at 64 rows, measured).
 * Each row picks its token on its own: greedy (the default) or temperature / top-p sampling with the
   row's own seeded generator, so a seeded job gets the same answer whatever batch it lands in.
 * Text is detokenized incrementally per row and handed to the row's ``on_text`` callback; a delta never
@@ -196,11 +198,14 @@ class Engine:
         assert self._mask is not None and self._next_pos is not None and self._last is not None
         width = max(self.columns, int(mask.shape[1]))
         old_pad, new_pad = width - self.columns, width - int(mask.shape[1])
+        rows = self.size + len(live)
         for old, new in zip(self._cache.layers, cache.layers):
-            room = old.ROOM if isinstance(old, _RoomyLayer) else 0
-            keys, values = (_stacked(a, b, width, room) for a, b in ((old.keys, new.keys), (old.values, new.values)))
+            if isinstance(old, _RoomyLayer) and not old_pad and old.append_rows(new.keys, new.values):
+                continue
+            room = (old.ROOM, _RoomyLayer.row_room(rows)) if isinstance(old, _RoomyLayer) else (0, 0)
+            keys, values = (_stacked(a, b, width, *room) for a, b in ((old.keys, new.keys), (old.values, new.values)))
             if isinstance(old, _RoomyLayer):
-                old.hold(keys, values, width)
+                old.hold(keys, values, width, rows)
             else:
                 old.keys, old.values = keys, values
         self._mask = torch.cat([_left_pad(self._mask, old_pad, dim=1), _left_pad(mask, new_pad, dim=1)], dim=0)
@@ -265,17 +270,25 @@ class Engine:
                 timings={"first_token_ms": round(((live.first_token_at or now) - live.joined) * 1000, 2),
                          "generate_ms": round((now - live.joined) * 1000, 2)}))
         gone = {i for i, _ in done}
-        keep = [i for i in range(self.size) if i not in gone]
-        if not keep:
+        left = self.size - len(gone)
+        if not left:
             self.rows, self._cache, self._mask, self._next_pos, self._last = [], None, None, None, None
             return finished
         assert self._mask is not None and self._next_pos is not None and self._last is not None
-        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
-        self._cache.batch_select_indices(index)
+        # The last rows fill the holes below ``left``: ``order[i]`` is the row that row i is now.
+        holes = [i for i in sorted(gone) if i < left]
+        movers = [j for j in range(left, self.size) if j not in gone]
+        order = list(range(left))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        index = torch.tensor(order, dtype=torch.long, device=self._mask.device)
+        for layer in self._cache.layers:
+            if not (isinstance(layer, _RoomyLayer) and layer.move_rows(holes, movers, left)):
+                layer.batch_select_indices(index)
         self._mask, self._next_pos, self._last = self._mask[index], self._next_pos[index], self._last[index]
-        self.rows = [self.rows[i] for i in keep]
+        self.rows = [self.rows[i] for i in order]
         unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
-        if unused:
+        if unused >= min(_RoomyLayer.ROOM // 2, self.columns // 4 + 1):  # a copy of the cache pays for itself
             self._mask = self._mask[:, unused:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
@@ -291,40 +304,83 @@ class Engine:
 
 
 class _RoomyLayer(DynamicLayer):
-    """A ``DynamicLayer`` that appends into spare columns of a larger buffer: ``keys`` / ``values`` are
-    views of it. A join hands it a buffer with room already (``hold``); whoever replaces ``keys`` otherwise
-    (rows leaving, trimming) gets a fresh buffer on the next update, with ``ROOM`` spare columns again."""
+    """A ``DynamicLayer`` that appends into spare columns of a larger buffer, which also has spare rows:
+    ``keys`` / ``values`` are views of it (the first ``rows`` rows, the first ``used`` columns). Rows that
+    join are written into the spare rows (``append_rows``) and rows that leave are filled from the last
+    ones (``move_rows``). Whoever replaces ``keys`` otherwise (trimming) gets a fresh buffer on the next
+    update, with room again."""
 
-    ROOM = 64
+    ROOM = 64  #: spare columns
+    ROWS = 16  #: most spare rows (a quarter of the rows at most: the cache is most of the memory)
 
     _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    _views: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def row_room(cls, rows: int) -> int:
+        return min(cls.ROWS, rows // 4)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         used = self.keys.shape[-2] if self.keys.numel() else 0
-        new = key_states.shape[-2]
+        rows, new = key_states.shape[0], key_states.shape[-2]
         buffers = self._buffers
-        if buffers is None or self.keys is not self._views[0] or used + new > buffers[0].shape[-2]:
+        if not self._holding() or buffers is None or used + new > buffers[0].shape[-2]:
             buffers = (self._room(self.keys, key_states, used), self._room(self.values, value_states, used))
-        buffers[0][:, :, used:used + new] = key_states
-        buffers[1][:, :, used:used + new] = value_states
-        self.hold(buffers[0], buffers[1], used + new)
+        buffers[0][:rows, :, used:used + new] = key_states
+        buffers[1][:rows, :, used:used + new] = value_states
+        self.hold(buffers[0], buffers[1], used + new, rows)
         return self.keys, self.values
 
-    def hold(self, keys: torch.Tensor, values: torch.Tensor, used: int) -> None:
-        """Take buffers whose first ``used`` columns are the cache (the rest is room)."""
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, used: int, rows: int | None = None) -> None:
+        """Take buffers whose first ``rows`` rows and ``used`` columns are the cache (the rest is room)."""
+        rows = keys.shape[0] if rows is None else rows
         self._buffers = (keys, values)
-        self._views = (keys[:, :, :used], values[:, :, :used])
+        self._views = (keys[:rows, :, :used], values[:rows, :, :used])
         self.keys, self.values = self._views
+
+    def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Write joining rows below the running ones, left-padded with zeros to the cache's columns, if
+        the buffer has the rows for them and they are no wider (else False: nothing was written)."""
+        if not self._holding() or self._buffers is None:
+            return False
+        rows, used = self.keys.shape[0], self.keys.shape[-2]
+        new = keys.shape[0]
+        if keys.shape[-2] > used or rows + new > self._buffers[0].shape[0]:
+            return False
+        pad = used - keys.shape[-2]
+        with torch.inference_mode():  # the buffers were made inside the model's forward
+            for buffer, part in zip(self._buffers, (keys, values)):
+                buffer[rows:rows + new, :, :pad] = 0  # never garbage: a masked NaN still spreads
+                buffer[rows:rows + new, :, pad:used] = part
+        self.hold(*self._buffers, used, rows + new)
+        return True
+
+    def move_rows(self, holes: list[int], movers: list[int], rows: int) -> bool:
+        """Keep the first ``rows`` rows, after copying row ``movers[i]`` into row ``holes[i]``."""
+        if not self._holding() or self._buffers is None:
+            return False
+        used = self.keys.shape[-2]
+        with torch.inference_mode():
+            for buffer in self._buffers:
+                for hole, mover in zip(holes, movers):
+                    buffer[hole, :, :used] = buffer[mover, :, :used]
+        self.hold(*self._buffers, used, rows)
+        return True
+
+    def _holding(self) -> bool:
+        """``keys`` is still the view of this layer's buffer."""
+        return self._views is not None and self.keys is self._views[0]
 
     def _room(self, old: torch.Tensor, fresh: torch.Tensor, used: int) -> torch.Tensor:
         shape = list(fresh.shape)
+        shape[0] += self.row_room(shape[0])
         shape[-2] = used + fresh.shape[-2] + self.ROOM
         buffer = fresh.new_empty(shape)
         if used:
-            buffer[:, :, :used] = old
+            buffer[:old.shape[0], :, :used] = old
         return buffer
 
 
@@ -336,13 +392,13 @@ def _roomy_cache(config: Any) -> DynamicCache:
     return cache
 
 
-def _stacked(old: torch.Tensor, new: torch.Tensor, width: int, room: int) -> torch.Tensor:
+def _stacked(old: torch.Tensor, new: torch.Tensor, width: int, room: int = 0, row_room: int = 0) -> torch.Tensor:
     """``old``'s rows then ``new``'s, each left-padded with zeros to ``width`` columns, in one buffer with
-    ``room`` spare columns after them: one copy of the cache per join."""
+    ``room`` spare columns after them and ``row_room`` spare rows below: one copy of the cache."""
     shape = list(old.shape)
-    shape[0], shape[2] = old.shape[0] + new.shape[0], width + room
+    shape[0], shape[2] = old.shape[0] + new.shape[0] + row_room, width + room
     out = old.new_empty(shape)
-    for rows, part in ((slice(0, old.shape[0]), old), (slice(old.shape[0], None), new)):
+    for rows, part in ((slice(0, old.shape[0]), old), (slice(old.shape[0], old.shape[0] + new.shape[0]), new)):
         pad = width - part.shape[2]
         out[rows, :, :pad] = 0
         out[rows, :, pad:width] = part
