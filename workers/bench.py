@@ -142,7 +142,8 @@ def run(opts: Options, log: Callable[[str], None] = print) -> Report:
     batch_s: list[float] = []
     with tempfile.TemporaryDirectory(prefix="tuwen-bench-") as tmp, \
             Fleet(Path(tmp), opts.model_path, opts.max_batch_size, opts.max_new_tokens) as fleet:
-        log(f"workers ready after {time.perf_counter() - t_start:.0f}s")
+        fleet.warm_up(data, opts.max_new_tokens)
+        log(f"workers ready and warm after {time.perf_counter() - t_start:.0f}s")
         for rep in range(opts.repeats):
             machine = roofline.measure_machine()
             table("L1", "machine: peak GEMM 2048², fp32, 1 thread (the better of torch.mm and oneDNN)",
