@@ -72,15 +72,17 @@ class Answerer:
         scheduler.on_step.append(lambda running, waiting: metrics.running_rows.set(running))
 
     # -- entry point ---------------------------------------------------------------------------------
-    def run(self, jobs: Sequence[JobRequest], worker: str) -> None:
-        """Answer one hand-over; returns when every job has its terminal result written."""
+    def run(self, jobs: Sequence[JobRequest], worker: str, arrived: Callable[[], None] = lambda: None) -> None:
+        """Answer one hand-over; returns when every job has its terminal result written. ``arrived`` is
+        called once its group is in the decode loop, or once it is clear that it never will be."""
         if not jobs:
+            arrived()
             return
         t0 = time.perf_counter()
         group_event = self.events.started(list(jobs))
         written: list[JobResult] = []
         try:
-            self._answer(list(jobs), worker, written)
+            self._answer(list(jobs), worker, written, arrived)
         except StorageDown:
             self._give_back([j for j in jobs if j.id not in {r.id for r in written}])
         except Exception as exc:  # noqa: BLE001 - the contract: every job ends, whatever happened
@@ -90,9 +92,12 @@ class Answerer:
             retryable = exc.retryable if isinstance(exc, TuwenError) else False
             self._write([self._failed(j, code, f"the worker failed on these jobs: {exc}", retryable, worker=worker)
                          for j in jobs if j.id not in done], written)
+        finally:
+            arrived()
         self.events.finished(group_event, written, time.perf_counter() - t0)
 
-    def _answer(self, jobs: list[JobRequest], worker: str, written: list[JobResult]) -> None:
+    def _answer(self, jobs: list[JobRequest], worker: str, written: list[JobResult],
+                arrived: Callable[[], None]) -> None:
         started = time.time()
         runs, early = self._claim(jobs, worker)
         hits = self.cache.lookup([r.job for r in runs], self.runtime.model_id) if self.cache else {}
@@ -105,7 +110,7 @@ class Answerer:
         self._write(early, written)
         runs = [r for r in runs if r.error is None]
         if runs:
-            self._decode(runs, worker, started, fetch_ms, written)
+            self._decode(runs, worker, started, fetch_ms, written, arrived)
 
     def _claim(self, jobs: list[JobRequest], worker: str) -> tuple[list[Run], list[JobResult]]:
         claims = self.jobs.claim([j.id for j in jobs], worker)
@@ -130,11 +135,12 @@ class Answerer:
 
     # -- the model -------------------------------------------------------------------------------------
     def _decode(self, runs: list[Run], worker: str, started: float, fetch_ms: float,
-                written: list[JobResult]) -> None:
+                written: list[JobResult], arrived: Callable[[], None]) -> None:
         finished: threads_queue.Queue[tuple[int, Answer]] = threads_queue.Queue()
         group = self.runtime.prepare([self._item(r) for r in runs])
         ticket = self.scheduler.submit(group, interactive=all(r.job.priority == Priority.interactive for r in runs),
                                        on_answer=lambda i, a: finished.put((i, a)))
+        arrived()
         self.metrics.batch_size.observe(len(runs))
         fresh: list[tuple[JobRequest, dict[str, Any]]] = []
         for _ in runs:
