@@ -120,7 +120,7 @@ def mixed_continuous(rt: Runtime, data: list[tuple[bytes, str]],
     """All rows through one ``Scheduler``: a feeder hands over as many rows as are free (as the worker's
     hand-over does, but counting rows in flight itself), short rows leave when done and waiting rows
     join between steps. Also returns where
-    the time went: joins (each a prefill plus a concatenation of the whole cache), their rows, steps."""
+    the time went: joins (each a prefill, written below the running rows), their rows, steps."""
     scheduler = Scheduler(rt, max_rows=BATCH)
     changed = threading.Event()
     steps = [0]
@@ -134,11 +134,17 @@ def mixed_continuous(rt: Runtime, data: list[tuple[bytes, str]],
         finally:
             joins.append((len(rows), time.perf_counter() - t0))
 
-    def stepped(running: int, waiting: int) -> None:
+    step = scheduler.engine.step
+
+    def counted_step() -> Any:
         steps[0] += 1
+        return step()
+
+    def stepped(running: int, waiting: int) -> None:
         changed.set()
 
     scheduler.engine.add = timed_add
+    scheduler.engine.step = counted_step
     scheduler.on_step.append(stepped)
     answers: dict[int, Answer] = {}
 
