@@ -98,8 +98,9 @@ class Settings(BaseSettings):
     storage_wait_s: float = Field(60.0, ge=0)
 
     # -- batching ------------------------------------------------------------------------------------
-    #: Most jobs decoding together (rows of the running batch). Jobs join it in groups of at most 8, one
-    #: prefill each. Wider is faster per token (docs/performance.md); ``max_batch_tokens`` bounds memory.
+    #: Most jobs decoding together (rows of the running batch). Jobs join it in groups of at most 8 (4 while
+    #: interactive jobs are about), one prefill each. Wider is faster per token (docs/performance.md);
+    #: ``max_batch_tokens`` bounds memory.
     max_batch_size: int = Field(64, ge=1, le=512)
     #: Most tokens the running batch may hold (each row's prompt plus its answer budget): a memory bound
     #: for long conversations. 0: no bound beyond ``max_batch_size``.

@@ -36,8 +36,13 @@ from tuwen.workers.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 #: Most jobs in one hand-over, and so in one join of the decode loop: a join's prefill holds up every
-#: running row (and an interactive job waiting for a row), so a wide batch fills in several joins.
+#: running row, and an interactive job waiting for a row, so a wide batch fills in several joins.
 HANDOVER_ROWS = 8
+#: Bulk hand-overs while interactive jobs are about (one arrived within ``MIXED_S``): half the join an
+#: interactive job may find in progress (first token p50 0.55 -> 0.38 static batches during a
+#: backlog), for a slower drain than with 8 (0.75 against 0.88 of row c): measured in full bench runs.
+MIXED_HANDOVER_ROWS = 4
+MIXED_S = 30.0
 #: Most bulk hand-overs on their way to the decode loop or waiting in it. Each prepares on its own pool
 #: thread, under the GIL the decode loop needs: at a backlog's start seven groups preparing at once made
 #: the first join take 151 ms instead of 57, and an interactive job wait for it (measured).
@@ -64,15 +69,20 @@ class Handover(Batches):
         self._flushing = threading.RLock()
         self._kick = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._interactive_at = -MIXED_S  #: when the last interactive message arrived (monotonic)
         #: A hand-over's job ids -> its ``Scheduler.expect`` calls, for the pool thread that answers it.
         self._coming: dict[tuple[str, ...], list[Callable[[], None]]] = {}
 
-    def note_arrival(self) -> None:
+    def note_arrival(self, request: Any) -> None:
+        """A message is in the buffer. An interactive one is looked at now, not at the next tick."""
         if self._oldest is None:
             self._oldest = time.monotonic()
         if self._flusher is None:
             self._flusher = threading.Thread(target=self._flush_loop, name="tuwen-handover", daemon=True)
             self._flusher.start()
+        if self._lane(request) == 0:
+            self._interactive_at = time.monotonic()
+            self.kick()
 
     def kick(self) -> None:
         """Look at the buffer now (the decode loop has room)."""
@@ -97,17 +107,23 @@ class Handover(Batches):
         scheduler = self.scheduler
         assert scheduler is not None
         waited = time.monotonic() - self._oldest if self._oldest is not None else 0.0
-        running, ahead = scheduler.engine.size, scheduler.ahead
-        room = max(0, AHEAD_GROUPS * self.flush_every - ahead)
+        running, ahead, group = scheduler.engine.size, scheduler.ahead, self.group_rows()
+        room = max(0, AHEAD_GROUPS * group - ahead)
         if not running and not ahead:
-            return min(room, buffered if buffered >= self.flush_every or waited >= self.max_wait_s else 0)
+            return min(room, buffered if buffered >= group or waited >= self.max_wait_s else 0)
         free, join = scheduler.free_rows, self.join_rows(scheduler.max_rows)
-        if not ahead and free < join and buffered >= self.flush_every:
-            return self.flush_every  # one group prepared ahead of a full batch; it joins as rows leave
+        if not ahead and free < join and buffered >= group:
+            return group  # one group prepared ahead of a full batch; it joins as rows leave
         n = min(buffered, free, room)
-        if n > self.flush_every:
-            n -= n % self.flush_every  # whole hand-overs: 12 would go as 8 and a join of 4
+        if n > group:
+            n -= n % group  # whole hand-overs: 12 would go as 8 and a join of 4
         return n if n >= join or (n and waited >= self.max_wait_s) else 0
+
+    def group_rows(self) -> int:
+        """Rows in a bulk hand-over now: fewer while interactive jobs are about (``MIXED_HANDOVER_ROWS``)."""
+        if time.monotonic() - self._interactive_at < MIXED_S:
+            return min(self.flush_every, MIXED_HANDOVER_ROWS)
+        return self.flush_every
 
     def join_rows(self, max_rows: int) -> int:
         """Fewest rows a hand-over brings to a running batch, unless its oldest job waited the batch window.
@@ -115,7 +131,7 @@ class Handover(Batches):
         it freed up made joins of three rows on average, and a 64-row backlog spent 78% of its decode
         thread in joins (measured). TGI waits for waiting requests in proportion to the batch likewise
         (``waiting_served_ratio``)."""
-        return max(1, min(self.flush_every, max_rows // 4))
+        return max(1, min(self.group_rows(), max_rows // 4))
 
     def _do_flush(self) -> None:
         with self._flushing:
@@ -154,10 +170,10 @@ class Handover(Batches):
         interactive lane only if all its jobs are interactive (one bulk job in it used to send an
         interactive job to the back of the bulk lane)."""
         result = None
-        for lane in (0, 1):
+        for lane, size in ((0, self.flush_every), (1, self.group_rows())):
             same = [r for r in requests if self._lane(r) == lane]
-            for start in range(0, len(same), self.flush_every):
-                chunk = same[start:start + self.flush_every]
+            for start in range(0, len(same), size):
+                chunk = same[start:start + size]
                 if self.scheduler is not None:
                     self._coming.setdefault(_ids(chunk), []).append(self.scheduler.expect(len(chunk)))
                 result = super().flush(chunk)
@@ -231,7 +247,7 @@ def make_worker_app(settings: Settings, runtime: Runtime, scheduler: Scheduler, 
     def received(request: Any = None, **_: Any) -> None:
         if request is None or request.name != queue.TASK_NAME:
             return
-        answer.note_arrival()
+        answer.note_arrival(request)
         try:
             events.received(JobRequest.model_validate(request.kwargs["job"]))
         except Exception:  # noqa: BLE001 - a malformed message is dealt with in the batch

@@ -185,9 +185,13 @@ def test_flower_tasks_page_screenshot(run: dict, flower: str, tmp_path: Path) ->
     (SHOTS / "flower-tasks.html").write_text(dom, encoding="utf-8")
     # The page is Flower's task list, filled in by its script with this run's jobs and their states
     assert "<title>Tasks · Flower</title>" in dom and 'id="tasks-table"' in dom, dom[:2000]
-    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", dom, re.S)
+    rows = [r for r in re.findall(r"<tr[^>]*>(.*?)</tr>", dom, re.S) if "<td" in r]
+    ids = [job.id for job in [*run["good"], *run["gone"]]]
+    # The first page (15 rows) is this run's: its jobs and its hand-overs to the decode loop (how many
+    # hand-overs there are depends on how the jobs arrived, so the page holds some of the 12 jobs, not all)
+    assert len(rows) == 15 and all(any(i in r for i in ids) or "tuwen.group" in r for r in rows), rows
     shown = [job.id for job in run["good"] if any(job.id in r for r in rows)]
-    assert len(shown) >= 10, (len(rows), dom[:3000])  # the first page of the table holds most of them
+    assert len(shown) >= 5, (len(rows), dom[:3000])
     assert all("SUCCESS" in r for r in rows if any(job.id in r for job in run["good"]))
     assert any(run["gone"][0].id in r and "FAILURE" in r for r in rows)
     # And the screenshot is that page drawn: Flower's green SUCCESS badges, one per visible job, and the red
@@ -198,7 +202,7 @@ def test_flower_tasks_page_screenshot(run: dict, flower: str, tmp_path: Path) ->
     assert img.size == (1400, 900)
     colours = {rgb: n for n, rgb in img.getcolors(img.width * img.height) or []}
     success, failure = colours.get(BADGE_SUCCESS, 0), colours.get(BADGE_FAILURE, 0)
-    assert success >= 8 * BADGE_PIXELS and failure >= BADGE_PIXELS // 2, (success, failure)
+    assert success >= 8 * BADGE_PIXELS and failure >= BADGE_PIXELS // 2, (success, failure)  # jobs and hand-overs
 
 
 def test_worker_metrics_match_the_run(run: dict, mon_settings: Settings) -> None:  # type: ignore[type-arg]
