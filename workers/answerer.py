@@ -143,22 +143,35 @@ class Answerer:
         arrived()
         self.metrics.batch_size.observe(len(runs))
         fresh: list[tuple[JobRequest, dict[str, Any]]] = []
-        for _ in runs:
-            index, answer = self._next(finished)
-            run = runs[index]
-            if answer.ok:  # one line per answer the model produced: the drills count executions from it
-                log.info("answered job %s", run.job.id)
-            if run.job.stream:
-                self.streams.end(run.job.id, answer.finish_reason or "error")
-                self.streams.flush()
-            result = self._result(run, answer, worker, started, fetch_ms)
-            if answer.ok and self._cacheable(run.job):
-                fresh.append((run.job, {k: getattr(result, k) for k in
-                                        ("answer", "prompt_tokens", "generated_tokens", "finish_reason")}))
-            self._write([result], written)
+        left = len(runs)
+        while left:
+            ready = self._ready(finished)  # rows that finished on the same step are written together
+            left -= len(ready)
+            results = []
+            for index, answer in ready:
+                run = runs[index]
+                if answer.ok:  # one line per answer the model produced: the drills count executions from it
+                    log.info("answered job %s", run.job.id)
+                if run.job.stream:
+                    self.streams.end(run.job.id, answer.finish_reason or "error")
+                results.append(self._result(run, answer, worker, started, fetch_ms))
+                if answer.ok and self._cacheable(run.job):
+                    fresh.append((run.job, {k: getattr(results[-1], k) for k in
+                                            ("answer", "prompt_tokens", "generated_tokens", "finish_reason")}))
+            self.streams.flush()
+            self._write(results, written)
         ticket.wait()
         if self.cache and fresh:
             self.cache.store(fresh, self.runtime.model_id)
+
+    def _ready(self, finished: threads_queue.Queue[tuple[int, Answer]]) -> list[tuple[int, Answer]]:
+        """The next finished job and any others already finished."""
+        ready = [self._next(finished)]
+        while True:
+            try:
+                ready.append(finished.get_nowait())
+            except threads_queue.Empty:
+                return ready
 
     def _next(self, finished: threads_queue.Queue[tuple[int, Answer]]) -> tuple[int, Answer]:
         """The next finished job; raises if the decode loop has died (its jobs then fail, not hang)."""
