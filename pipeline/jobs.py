@@ -299,10 +299,15 @@ class JobStore:
                     pubsub = self._resubscribe(pubsub, pending)
                     msg = None
                 changed: set[str] = set()
-                if msg and msg.get("type") in ("message", "pmessage"):
-                    job_id = str(msg["channel"])[len(DONE_CHANNEL):]
-                    if job_id in pending:
-                        changed.add(job_id)
+                while msg:  # every notice already here, so jobs that ended together are read together
+                    if msg.get("type") in ("message", "pmessage"):
+                        job_id = str(msg["channel"])[len(DONE_CHANNEL):]
+                        if job_id in pending:
+                            changed.add(job_id)
+                    try:
+                        msg = pubsub.get_message(timeout=0)
+                    except (redis.ConnectionError, redis.TimeoutError):
+                        msg = None
                 if time.monotonic() - last_poll >= 1.0:
                     changed |= pending
                     last_poll = time.monotonic()
