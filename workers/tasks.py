@@ -117,7 +117,9 @@ class Handover(Batches):
         n = min(buffered, free, room)
         if n > group:
             n -= n % group  # whole hand-overs: 12 would go as 8 and a join of 4
-        return n if n >= join or (n and waited >= self.max_wait_s) else 0
+        # A smaller group goes once it waited the batch window, or at once if it is all there is and the
+        # loop has nothing else to join next (a backlog's last jobs waited 50 ms for nobody).
+        return n if n >= join or (n and (waited >= self.max_wait_s or (not ahead and buffered < join))) else 0
 
     def group_rows(self) -> int:
         """Rows in a bulk hand-over now: fewer while interactive jobs are about (``MIXED_HANDOVER_ROWS``)."""
