@@ -178,7 +178,11 @@ class Handover(Batches):
                 chunk = same[start:start + size]
                 if self.scheduler is not None:
                     self._coming.setdefault(_ids(chunk), []).append(self.scheduler.expect(len(chunk)))
-                result = super().flush(chunk)
+                try:
+                    result = super().flush(chunk)
+                except BaseException:
+                    self.arrival(chunk)()  # it never reached a pool thread: its rows are not on their way
+                    raise
         return result
 
     def arrival(self, requests: Sequence[Any]) -> Callable[[], None]:

@@ -183,3 +183,23 @@ def collect_group(scheduler: Scheduler, group: Any, interactive: bool) -> tuple[
     answers: dict[int, Answer] = {}
     ticket = scheduler.submit(group, interactive=interactive, on_answer=lambda i, a: answers.__setitem__(i, a))
     return ticket, answers, None
+
+
+def test_rows_on_their_way_count_against_free_rows_until_they_arrive(rt: Runtime,
+                                                                     samples: list[tuple[bytes, str, str]]) -> None:
+    """A hand-over being prepared holds its rows: the consumer must not hand the same free rows over twice."""
+    scheduler = Scheduler(rt, max_rows=16).start()
+    try:
+        assert scheduler.free_rows == 16 and scheduler.ahead == 0
+        first, second = scheduler.expect(8), scheduler.expect(6)
+        assert scheduler.free_rows == 2 and scheduler.ahead == 14
+        group = rt.prepare([Item(image, question, 8) for image, question, _ in samples[:8]])
+        ticket = scheduler.submit(group, interactive=False)
+        first()
+        first()  # a second call changes nothing
+        second()  # these six never came (their jobs ended before the decode loop)
+        assert ticket.wait(60)
+        assert scheduler.free_rows == 16 and scheduler.ahead == 0
+        assert all(a.ok for a in group.answers)
+    finally:
+        scheduler.stop()
