@@ -11,7 +11,7 @@ On plain Hugging Face models, in the manner of TGI's ``CausalLMBatch`` (``concat
 * A finished row leaves at once: the last rows move into the holes it leaves, so a leave copies the
   moved rows only; padding columns no row needs any more are trimmed from the left once there are enough
   of them to pay for a copy of the cache.
-* The cache keeps spare columns and spare rows (``_RoomyLayer``): a decode step writes its keys and
+* The cache keeps spare columns and spare rows (``workers.kvcache``): a decode step writes its keys and
   values into room already there, and rows that join are written below the running ones, instead of
   copying the whole cache (``DynamicLayer`` concatenates on every step, and joins and leaves used to copy
   the cache twice each: a quarter of a decode step at 64 rows, measured).
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from tuwen.workers.kvcache import RoomyLayer, left_pad, roomy_cache, stacked
 
 #: What a row's prompt inputs may hold besides ids and mask (the families' picture tensors).
 _PICTURE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos",
@@ -181,7 +181,7 @@ class Engine:
         positions = self.model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
         with torch.inference_mode():
             out = self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions,
-                             cache=_roomy_cache(self.model.config), use_cache=True, logits_to_keep=1, **kwargs)
+                             cache=roomy_cache(self.model.config), use_cache=True, logits_to_keep=1, **kwargs)
         deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
         real = mask.sum(-1)
         next_pos = real + (deltas.view(-1).to(real.device) if deltas is not None and positions.ndim == 3 else 0)
@@ -200,15 +200,15 @@ class Engine:
         old_pad, new_pad = width - self.columns, width - int(mask.shape[1])
         rows = self.size + len(live)
         for old, new in zip(self._cache.layers, cache.layers):
-            if isinstance(old, _RoomyLayer) and not old_pad and old.append_rows(new.keys, new.values):
+            if isinstance(old, RoomyLayer) and not old_pad and old.append_rows(new.keys, new.values):
                 continue
-            room = (old.ROOM, _RoomyLayer.row_room(rows)) if isinstance(old, _RoomyLayer) else (0, 0)
-            keys, values = (_stacked(a, b, width, *room) for a, b in ((old.keys, new.keys), (old.values, new.values)))
-            if isinstance(old, _RoomyLayer):
+            room = (old.ROOM, RoomyLayer.row_room(rows)) if isinstance(old, RoomyLayer) else (0, 0)
+            keys, values = (stacked(a, b, width, *room) for a, b in ((old.keys, new.keys), (old.values, new.values)))
+            if isinstance(old, RoomyLayer):
                 old.hold(keys, values, width, rows)
             else:
                 old.keys, old.values = keys, values
-        self._mask = torch.cat([_left_pad(self._mask, old_pad, dim=1), _left_pad(mask, new_pad, dim=1)], dim=0)
+        self._mask = torch.cat([left_pad(self._mask, old_pad, dim=1), left_pad(mask, new_pad, dim=1)], dim=0)
         self._next_pos = torch.cat([self._next_pos, next_pos])
         self._last = torch.cat([self._last, torch.zeros((len(live), 1), dtype=torch.long, device=mask.device)])
         self.rows = self.rows + live
@@ -283,12 +283,12 @@ class Engine:
             order[hole] = mover
         index = torch.tensor(order, dtype=torch.long, device=self._mask.device)
         for layer in self._cache.layers:
-            if not (isinstance(layer, _RoomyLayer) and layer.move_rows(holes, movers, left)):
+            if not (isinstance(layer, RoomyLayer) and layer.move_rows(holes, movers, left)):
                 layer.batch_select_indices(index)
         self._mask, self._next_pos, self._last = self._mask[index], self._next_pos[index], self._last[index]
         self.rows = [self.rows[i] for i in order]
         unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
-        if unused >= min(_RoomyLayer.ROOM // 2, self.columns // 4 + 1):  # a copy of the cache pays for itself
+        if unused >= min(RoomyLayer.ROOM // 2, self.columns // 4 + 1):  # a copy of the cache pays for itself
             self._mask = self._mask[:, unused:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
@@ -301,116 +301,6 @@ class Engine:
             finished += self.step()
         order = {id(r): i for i, r in enumerate(rows)}
         return sorted(finished, key=lambda f: order[id(f.row)])
-
-
-class _RoomyLayer(DynamicLayer):
-    """A ``DynamicLayer`` that appends into spare columns of a larger buffer, which also has spare rows:
-    ``keys`` / ``values`` are views of it (the first ``rows`` rows, the first ``used`` columns). Rows that
-    join are written into the spare rows (``append_rows``) and rows that leave are filled from the last
-    ones (``move_rows``). Whoever replaces ``keys`` otherwise (trimming) gets a fresh buffer on the next
-    update, with room again."""
-
-    ROOM = 64  #: spare columns
-    ROWS = 16  #: most spare rows (a quarter of the rows at most: the cache is most of the memory)
-
-    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-    _views: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @classmethod
-    def row_room(cls, rows: int) -> int:
-        return min(cls.ROWS, rows // 4)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        used = self.keys.shape[-2] if self.keys.numel() else 0
-        rows, new = key_states.shape[0], key_states.shape[-2]
-        buffers = self._buffers
-        if not self._holding() or buffers is None or used + new > buffers[0].shape[-2]:
-            buffers = (self._room(self.keys, key_states, used), self._room(self.values, value_states, used))
-        buffers[0][:rows, :, used:used + new] = key_states
-        buffers[1][:rows, :, used:used + new] = value_states
-        self.hold(buffers[0], buffers[1], used + new, rows)
-        return self.keys, self.values
-
-    def hold(self, keys: torch.Tensor, values: torch.Tensor, used: int, rows: int | None = None) -> None:
-        """Take buffers whose first ``rows`` rows and ``used`` columns are the cache (the rest is room)."""
-        rows = keys.shape[0] if rows is None else rows
-        self._buffers = (keys, values)
-        self._views = (keys[:rows, :, :used], values[:rows, :, :used])
-        self.keys, self.values = self._views
-
-    def append_rows(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        """Write joining rows below the running ones, left-padded with zeros to the cache's columns, if
-        the buffer has the rows for them and they are no wider (else False: nothing was written)."""
-        if not self._holding() or self._buffers is None:
-            return False
-        rows, used = self.keys.shape[0], self.keys.shape[-2]
-        new = keys.shape[0]
-        if keys.shape[-2] > used or rows + new > self._buffers[0].shape[0]:
-            return False
-        pad = used - keys.shape[-2]
-        with torch.inference_mode():  # the buffers were made inside the model's forward
-            for buffer, part in zip(self._buffers, (keys, values)):
-                buffer[rows:rows + new, :, :pad] = 0  # never garbage: a masked NaN still spreads
-                buffer[rows:rows + new, :, pad:used] = part
-        self.hold(*self._buffers, used, rows + new)
-        return True
-
-    def move_rows(self, holes: list[int], movers: list[int], rows: int) -> bool:
-        """Keep the first ``rows`` rows, after copying row ``movers[i]`` into row ``holes[i]``."""
-        if not self._holding() or self._buffers is None:
-            return False
-        used = self.keys.shape[-2]
-        with torch.inference_mode():
-            for buffer in self._buffers:
-                for hole, mover in zip(holes, movers):
-                    buffer[hole, :, :used] = buffer[mover, :, :used]
-        self.hold(*self._buffers, used, rows)
-        return True
-
-    def _holding(self) -> bool:
-        """``keys`` is still the view of this layer's buffer."""
-        return self._views is not None and self.keys is self._views[0]
-
-    def _room(self, old: torch.Tensor, fresh: torch.Tensor, used: int) -> torch.Tensor:
-        shape = list(fresh.shape)
-        shape[0] += self.row_room(shape[0])
-        shape[-2] = used + fresh.shape[-2] + self.ROOM
-        buffer = fresh.new_empty(shape)
-        if used:
-            buffer[:old.shape[0], :, :used] = old
-        return buffer
-
-
-def _roomy_cache(config: Any) -> DynamicCache:
-    """The model's own ``DynamicCache`` with its full-attention layers made roomy (sliding-window and
-    other layer kinds are kept as they are)."""
-    cache = DynamicCache(config=config)
-    cache.layers = [_RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
-def _stacked(old: torch.Tensor, new: torch.Tensor, width: int, room: int = 0, row_room: int = 0) -> torch.Tensor:
-    """``old``'s rows then ``new``'s, each left-padded with zeros to ``width`` columns, in one buffer with
-    ``room`` spare columns after them and ``row_room`` spare rows below: one copy of the cache."""
-    shape = list(old.shape)
-    shape[0], shape[2] = old.shape[0] + new.shape[0] + row_room, width + room
-    out = old.new_empty(shape)
-    for rows, part in ((slice(0, old.shape[0]), old), (slice(old.shape[0], old.shape[0] + new.shape[0]), new)):
-        pad = width - part.shape[2]
-        out[rows, :, :pad] = 0
-        out[rows, :, pad:width] = part
-    return out
-
-
-def _left_pad(t: torch.Tensor, n: int, dim: int = 2) -> torch.Tensor:
-    if n <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
