@@ -72,6 +72,7 @@ class Handover(Batches):
         self._interactive_at = -MIXED_S  #: when the last interactive message arrived (monotonic)
         #: A hand-over's job ids -> its ``Scheduler.expect`` calls, for the pool thread that answers it.
         self._coming: dict[tuple[str, ...], list[Callable[[], None]]] = {}
+        self._coming_lock = threading.Lock()  #: the flusher adds, pool threads take
 
     def note_arrival(self, request: Any) -> None:
         """A message is in the buffer. An interactive one is looked at now, not at the next tick."""
@@ -178,7 +179,9 @@ class Handover(Batches):
             for start in range(0, len(same), size):
                 chunk = same[start:start + size]
                 if self.scheduler is not None:
-                    self._coming.setdefault(_ids(chunk), []).append(self.scheduler.expect(len(chunk)))
+                    arrived = self.scheduler.expect(len(chunk))
+                    with self._coming_lock:
+                        self._coming.setdefault(_ids(chunk), []).append(arrived)
                 try:
                     result = super().flush(chunk)
                 except BaseException:
@@ -188,13 +191,14 @@ class Handover(Batches):
 
     def arrival(self, requests: Sequence[Any]) -> Callable[[], None]:
         """The call that tells the decode loop this hand-over's rows are no longer on their way."""
-        waiting = self._coming.get(_ids(requests))
-        if not waiting:
-            return _nothing
-        arrived = waiting.pop(0)
-        if not waiting:
-            del self._coming[_ids(requests)]
-        return arrived
+        with self._coming_lock:
+            waiting = self._coming.get(_ids(requests))
+            if not waiting:
+                return _nothing
+            arrived = waiting.pop(0)
+            if not waiting:
+                del self._coming[_ids(requests)]
+            return arrived
 
 
 def _nothing() -> None:
