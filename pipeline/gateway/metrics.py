@@ -1,13 +1,33 @@
-"""The gateway's Prometheus metrics: requests by route and status, latency, submits, webhook outcomes."""
+"""The gateway's Prometheus metrics: requests by route and status, latency, submits, webhook outcomes.
+
+Every label value comes from a closed set, so no request can add a series: the method is one of
+``METHODS`` or ``other``, the route a route template or ``unmatched``, the status one of ``STATUSES`` or
+``other``. (A made-up method or path per request grew /metrics by a series each, for the process's life.)
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from http import HTTPStatus
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+#: The methods counted by name; any other is ``other``.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The statuses counted by number (the standard ones, and 499: a client that went away); any other is ``other``.
+STATUSES = frozenset({str(s.value) for s in HTTPStatus} | {"499"})
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    return str(status) if str(status) in STATUSES else "other"
 
 
 class Metrics:
@@ -31,8 +51,9 @@ class Metrics:
 
 class RequestMetrics:
     """ASGI middleware: counts and times every request by its route template (``/v1/jobs/{job_id}``,
-    never the raw path). A request the router did not label (answered before routing, like an early
-    413, or served by a mount) is matched against ``routes`` here; ``unmatched`` for no route."""
+    never the raw path), method and status, each from a closed set. A request the router did not label
+    (answered before routing, like an early 413, or served by a mount) is matched against ``routes``
+    here; ``unmatched`` for no route."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -53,7 +74,7 @@ class RequestMetrics:
             await self.app(scope, receive, record)
         finally:
             route = self.route_of(scope, unrouted)
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.requests.labels(method_label(scope["method"]), route, status_label(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
     def route_of(self, scope: Scope, unrouted: Scope) -> str:
