@@ -5,9 +5,12 @@ randomness, so a slow hash adds nothing) under ``tuwen:apikey:id:<key id>``; a R
 usable token. The key id is public: it names the key in ``tuwen keys list`` and ``revoke``. Several
 keys may share an owner (rotation); jobs belong to owners, not keys.
 
-Rate limit: a fixed one-minute window per key (``INCR`` + ``EXPIRE``), the key's own limit or the
-gateway's default; the gateway counts submits, cancels and reads that find no job (reading one's own
-jobs is free). ``Idempotency`` maps a caller's ``Idempotency-Key`` to its job, per owner.
+Rate limit: a sliding window per key, the key's own limit or the gateway's default: no 60 s span
+passes more than the limit (a fixed wall-clock minute let twice the limit through across a minute's
+end). Each key keeps a log of the times of its allowed requests (a sorted set); one Lua script drops
+the times older than the window, counts the rest and adds the new one if there is room. The gateway
+counts submits, cancels and reads that find no job (reading one's own jobs is free). ``Idempotency``
+maps a caller's ``Idempotency-Key`` to its job, per owner.
 """
 
 from __future__ import annotations
@@ -28,6 +31,23 @@ from tuwen.pipeline.errors import InvalidInput, NotFound, TuwenError
 from tuwen.pipeline.jobs import redis_errors
 
 _IDS = keys.API_KEY + "ids"
+#: The rate limit's window, in seconds.
+WINDOW_S = 60
+#: KEYS: the key's log of allowed requests (sorted set, scored by time), the key's record. ARGV: now, the
+#: window's start (older times leave the log), the limit (0: none), a name for this request. Returns
+#: nothing when the request is allowed (and logged), else the time of the oldest logged one.
+_HIT = """
+redis.call('HSET', KEYS[2], 'last_used_at', ARGV[1])
+local limit = tonumber(ARGV[3])
+if limit <= 0 then return false end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[1]) < limit then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+  return false
+end
+return redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+"""
 _TOKEN = re.compile(r"^tw_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
 _OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
@@ -70,6 +90,7 @@ class KeyStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._hit = client.register_script(_HIT)
 
     def create(self, owner: str, name: str = "", rate_limit_per_minute: int | None = None) -> tuple[ApiKey, str]:
         """A new key for ``owner``; returns it and the token, which is shown only this once."""
@@ -126,19 +147,17 @@ class KeyStore:
         return key if key.active else None
 
     def hit(self, key: ApiKey, default_limit: int, now: float | None = None) -> float:
-        """Count one request; returns 0 when allowed, else the seconds until the window resets."""
+        """Count one request; returns 0 when allowed, else the seconds until the oldest request in the
+        window leaves it (a refused request is not counted)."""
         limit = default_limit if key.rate_limit_per_minute is None else key.rate_limit_per_minute
         now = time.time() if now is None else now
-        window = int(now // 60)
         with redis_errors():
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.incr(f"{keys.API_KEY}rate:{key.id}:{window}")
-            pipe.expire(f"{keys.API_KEY}rate:{key.id}:{window}", 120)
-            pipe.hset(_record(key.id), "last_used_at", repr(now))
-            count = int(pipe.execute()[0])
-        if limit <= 0 or count <= limit:
+            oldest = self._hit(keys=[f"{keys.API_KEY}rate:{key.id}", _record(key.id)],
+                               args=[repr(now), repr(now - WINDOW_S), limit, f"{now!r}:{secrets.token_hex(6)}",
+                                     WINDOW_S])
+        if oldest is None:
             return 0.0
-        return float(max(1, math.ceil((window + 1) * 60 - now)))
+        return float(max(1, math.ceil(float(oldest) + WINDOW_S - now)))
 
     @staticmethod
     def _from_fields(key_id: str, f: dict[str, str]) -> ApiKey:

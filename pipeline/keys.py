@@ -31,7 +31,8 @@ BATCHES_TENDED = ROOT + "batches:tended:"
 #: the object store under ``files/<id>/``), plus ``:readers`` (the batches still reading it); and
 #: ``owner:<owner>`` (sorted set), each owner's files by time.
 FILE = ROOT + "file:"
-#: Hash per API key (by the key's digest), and the gateway's idempotency records.
+#: Hash per API key (by the key's digest), plus ``rate:<key id>`` (sorted set: the times of its requests in
+#: the rate limit's window); and the gateway's idempotency records.
 API_KEY = ROOT + "apikey:"
 IDEMPOTENCY = ROOT + "gateway:idem:"
 #: Webhook deliveries: state per job and the schedule of retries.
