@@ -43,6 +43,9 @@ class ErrorCode(str, Enum):
                         "context; the message gives the counts (or ask for truncation: oldest_turns).")
     too_many_images = ("too_many_images", "More pictures than the model family (or TUWEN_MAX_IMAGES_PER_JOB) takes "
                        "in one job.")
+    unprocessable_input = ("unprocessable_input", "This job alone could not be made into the model's input (its "
+                           "prompt would hold special tokens its chat template did not write, or the processor "
+                           "failed on it alone); the message says why. Its batch-mates are answered.")
     request_too_large = ("request_too_large", "The request body is larger than the gateway accepts.")
     unsupported_parameter = ("unsupported_parameter", "A chat completions parameter tuwen does not support "
                              "(n > 1, tools, response_format, logprobs...); the error's param names it.")
@@ -142,7 +145,8 @@ class ErrorCode(str, Enum):
     out_of_memory = ("out_of_memory", "The model ran out of memory on this job alone.")
     model_error = ("model_error", "The model failed on this job or batch.", True)
     model_not_found = ("model_not_found", "The worker's checkpoint directory has no config.json.")
-    internal_error = ("internal_error", "A bug in tuwen; the message says where.")
+    internal_error = ("internal_error", "A fault in tuwen, not in the request (the message says where): jobs that "
+                      "failed beside a bad one, or a bug; the same request may succeed when sent again.", True)
 
 
 def error_table() -> str:

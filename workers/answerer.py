@@ -89,7 +89,7 @@ class Answerer:
             log.exception("a group of %d jobs failed", len(jobs))
             done = {r.id for r in written}
             code = exc.code if isinstance(exc, TuwenError) else ErrorCode.internal_error.value
-            retryable = exc.retryable if isinstance(exc, TuwenError) else False
+            retryable = exc.retryable if isinstance(exc, TuwenError) else True  # a fault of ours, not the jobs'
             self._write([self._failed(j, code, f"the worker failed on these jobs: {exc}", retryable, worker=worker)
                          for j in jobs if j.id not in done], written)
         finally:

@@ -21,6 +21,9 @@ class Hooks(BaseSettings):
     oom_min_batch: int = Field(0, ge=0)
     #: Drill: the consuming loop blocks for good once it has received this many messages (0: off).
     stall_after_jobs: int = Field(0, ge=0)
+    #: Drill: the model raises (a plain ``RuntimeError``, as a bug would) on any join or decode step that
+    #: holds a row whose prompt contains this text ("": off).
+    fail_rows_with: str = ""
 
     def to_env(self) -> dict[str, str]:
         """These hooks as ``TUWEN_HOOK_*`` variables for a worker subprocess (only those that are set)."""
@@ -41,3 +44,13 @@ def injected_oom(min_batch: int) -> Any:
             raise torch.OutOfMemoryError(f"injected out-of-memory for a batch of {batch_size} (test hook)")
 
     return before_generate
+
+
+def injected_row_failure(text: str) -> Any:
+    """A ``Scheduler.before_rows`` hook that raises for any rows among which a prompt contains ``text``."""
+
+    def before_rows(rows: list[Any]) -> None:
+        if any(text in row.prompt for row in rows):
+            raise RuntimeError(f"injected model failure on a batch of {len(rows)} holding {text!r} (test hook)")
+
+    return before_rows

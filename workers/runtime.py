@@ -23,6 +23,7 @@ from tuwen.pipeline.errors import InvalidInput, ModelError, OutOfMemory, TuwenEr
 from tuwen.pipeline.inputs import check_question, decode_image
 from tuwen.pipeline.settings import CpuLinear, DType, Quantization, Settings
 from tuwen.workers.families import apply_image_limits, family_max_images
+from tuwen.workers.prompts import Prompt, Prompts
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,8 @@ class Runtime:
         for i, item in enumerate(items):
             try:
                 ready.append(self._prepare(i, item))
-            except TuwenError as exc:
-                answers[i].error = exc.as_error()
+            except Exception as exc:  # noqa: BLE001 - a bad item fails alone, whatever it raised
+                answers[i].error = _refusal(exc)
         rows, enc = self._fit(ready, answers, self.engine()) if ready else ([], None)
         prep_ms = round((time.perf_counter() - t0) * 1000, 2)
         for a in answers:
@@ -248,20 +249,10 @@ class Runtime:
         images = [p if isinstance(p, Image.Image) else decode_image(
             p, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, max_aspect_ratio=s.max_aspect_ratio)
             for p in pictures]
-        if item.messages:
-            messages = [self._defuse_message(m) for m in messages]
-        else:
-            question = self._defuse(check_question(item.question, max_chars=s.max_question_chars))
-            messages[-1]["content"][-1]["text"] = question
+        if not item.messages:
+            messages[-1]["content"][-1]["text"] = check_question(item.question, max_chars=s.max_question_chars)
         budget = min(item.max_new_tokens or s.max_new_tokens, s.max_new_tokens)
         return _Prepared(index, messages, [img.convert("RGB") for img in images], budget, item)
-
-    def _defuse_message(self, message: dict[str, Any]) -> dict[str, Any]:
-        content = message["content"]
-        if isinstance(content, str):
-            return {**message, "content": self._defuse(content)}
-        return {**message, "content": [{**part, "text": self._defuse(part["text"])} if part.get("type") == "text"
-                                       else part for part in content]}
 
     @cached_property
     def max_images(self) -> int:
@@ -276,22 +267,9 @@ class Runtime:
         return int(getattr(text, "max_position_embeddings", 0) or self.processor.tokenizer.model_max_length)
 
     @cached_property
-    def _special_tokens(self) -> list[str]:
-        """The processor's special tokens, longest first (computed once per loaded model)."""
-        tok = self.processor.tokenizer
-        specials = set(tok.all_special_tokens) | {str(t) for t in getattr(tok, "added_tokens_decoder", {}).values()}
-        for extra in ("image_token", "video_token"):
-            if getattr(self.processor, extra, None):
-                specials.add(getattr(self.processor, extra))
-        return sorted(filter(None, specials), key=len, reverse=True)
-
-    def _defuse(self, question: str) -> str:
-        """Break up any special token (``<image>``, role markers) a user typed into the question,
-        so it is read as plain text and never changes the number of image tokens."""
-        for token in self._special_tokens:
-            if token in question:
-                question = question.replace(token, token[0] + "\u2060" + token[1:])
-        return question
+    def prompts(self) -> Prompts:
+        """How conversations become prompts for this model (client text never becomes a special token)."""
+        return Prompts(self.processor)
 
     def _generate_split(self, rows: list[Any], enc: Any, answers: list[Answer]) -> None:
         """Generate for ``rows``; on out-of-memory free the cache and retry each half."""
@@ -326,22 +304,45 @@ class Runtime:
         eos = eos if eos is not None else tok.eos_token_id
         return Engine(model, self.processor, set(eos if isinstance(eos, list) else [eos]), tok.pad_token_id)
 
-    def _row(self, p: _Prepared) -> Any:
+    def _row(self, p: _Prepared) -> tuple[Any, Prompt]:
         from tuwen.workers.engine import Row, Sampling
 
-        prompt = self.processor.apply_chat_template(p.messages, add_generation_prompt=True)
-        return Row(key=p.index, prompt=prompt, images=p.images, max_new_tokens=p.max_new_tokens,
-                   sampling=p.item.sampling or Sampling(), stop=p.item.stop, on_text=p.item.on_text,
-                   min_new_tokens=min(self.min_new_tokens, p.max_new_tokens))
+        prompt = self.prompts.render(p.messages)
+        self.prompts.check(prompt, len(p.images))
+        row = Row(key=p.index, prompt=prompt.text, images=p.images, max_new_tokens=p.max_new_tokens,
+                  sampling=p.item.sampling or Sampling(), stop=p.item.stop, on_text=p.item.on_text,
+                  min_new_tokens=min(self.min_new_tokens, p.max_new_tokens))
+        return row, prompt
 
     def _fit(self, batch: list[_Prepared], answers: list[Answer], engine: Any) -> tuple[list[Any], Any]:
         """Rows and their encoding, every row within the context: a conversation that is too long is
-        shortened (``truncation: oldest_turns``) or refused with ``context_too_long``."""
+        shortened (``truncation: oldest_turns``) or refused with ``context_too_long``. A row that cannot be
+        encoded, or whose encoding holds other special tokens than its template wrote, fails alone."""
         while True:
-            rows = [self._row(p) for p in batch]
+            rows, prompts = [], []
+            for p in list(batch):
+                try:
+                    row, prompt = self._row(p)
+                except Exception as exc:  # noqa: BLE001 - this item alone fails
+                    answers[p.index].error = _refusal(exc)
+                    batch.remove(p)
+                    continue
+                rows.append(row)
+                prompts.append(prompt)
             if not rows:
                 return [], None
-            enc = engine.encode(rows)
+            try:
+                enc = engine.encode(rows)
+            except Exception:  # noqa: BLE001 - find the items at fault: each is encoded alone
+                log.exception("encoding a group of %d failed; encoding each alone", len(rows))
+                batch = self._encodable(batch, rows, answers, engine)
+                continue
+            wrong = self._wrong_specials(enc, prompts)
+            if wrong:
+                for i in wrong:
+                    answers[batch[i].index].error = _refusal(wrong[i])
+                batch = [p for i, p in enumerate(batch) if i not in wrong]
+                continue
             lengths = enc["attention_mask"].sum(-1).tolist()
             over = [(p, n) for p, n in zip(batch, lengths) if n + p.max_new_tokens > self.context_length]
             if not over:
@@ -350,9 +351,50 @@ class Runtime:
                 if p.item.truncation == "oldest_turns" and _drop_oldest_turn(p):
                     continue
                 answers[p.index].error = InvalidInput(
-                    f"the conversation is {n} tokens; with max_tokens {p.max_new_tokens} it needs {n + p.max_new_tokens}"
-                    f", more than the model's context of {self.context_length} tokens", code="context_too_long").as_error()
+                    f"the conversation is {n} tokens; with max_tokens {p.max_new_tokens} it needs "
+                    f"{n + p.max_new_tokens}, more than the model's context of {self.context_length} tokens",
+                    code="context_too_long").as_error()
                 batch = [b for b in batch if b is not p]
+
+    def _encodable(self, batch: list[_Prepared], rows: list[Any], answers: list[Answer],
+                   engine: Any) -> list[_Prepared]:
+        """The items of a group that failed to encode that encode alone; the others get their error."""
+        kept = []
+        for p, row in zip(batch, rows):
+            try:
+                engine.encode([row])
+            except Exception as exc:  # noqa: BLE001 - this item alone fails
+                answers[p.index].error = _refusal(exc)
+                continue
+            kept.append(p)
+        return kept
+
+    def _wrong_specials(self, enc: Any, prompts: list[Prompt]) -> dict[int, Exception]:
+        """Rows whose token ids hold other special tokens than their template wrote (picture tokens aside:
+        the processor expands each into the picture's own count, and checks that count itself)."""
+        media = {getattr(self.processor, name, None) for name in ("image_token", "video_token")}
+        added = self.prompts.count(self.processor.tokenizer("")["input_ids"])
+        wrong: dict[int, Exception] = {}
+        for i, (ids, mask, prompt) in enumerate(zip(enc["input_ids"], enc["attention_mask"], prompts)):
+            seen = self.prompts.count(ids[mask.bool()].tolist())
+            wrote = prompt.specials + added
+            for token in media:
+                seen.pop(token, None)
+                wrote.pop(token, None)
+            if +seen != +wrote:
+                wrong[i] = InvalidInput(f"the prompt's token ids hold other special tokens ({dict(seen)}) than its "
+                                        f"chat template wrote ({dict(wrote)})", code="unprocessable_input")
+        return wrong
+
+
+def _refusal(exc: Exception) -> dict[str, Any]:
+    """The error of one item that failed while it was prepared: its own code, or ``unprocessable_input``
+    for anything unexpected (logged with its traceback)."""
+    if isinstance(exc, TuwenError):
+        return exc.as_error()
+    log.error("preparing one item failed", exc_info=exc)
+    return InvalidInput(f"this job's input could not be made ready for the model ({type(exc).__name__}: {exc})",
+                        code="unprocessable_input").as_error()
 
 
 def _drop_oldest_turn(p: _Prepared) -> bool:

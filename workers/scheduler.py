@@ -13,7 +13,12 @@ answer's length without a free row, and an interactive job would wait for it.
 Out of memory: a group that fails to join is split in halves that queue again (one row alone fails with
 ``out_of_memory``); a decode step that fails hands every row back to the front of its lane to start over
 (rows already streamed skip the text they already sent, since greedy and seeded rows regenerate it).
-Any other error fails the rows it touched with ``model_error`` and the loop goes on.
+
+Any other error is blamed on no row until one fails alone: the rows it touched (the joining rows, or
+every running row for a decode step) are split in halves that queue again at the front as *suspects*. A
+suspect group joins only an empty batch, and nothing joins while it runs, so each half runs apart from
+everyone else; a half that fails again is split again, and a row that fails alone fails with
+``model_error``. One bad job costs its neighbours a restart, never their answers.
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ class Scheduler:
         self._joining = 0
         #: Rows handed over from the queue and still being prepared (``expect``).
         self._coming = 0
+        #: Rows under suspicion (``id(row)``): they run apart from all other rows until they finish.
+        self._suspects: set[int] = set()
+        #: Drill hook, called with the rows about to run (a join's, or the running batch before a step).
+        self.before_rows: Callable[[list[Any]], None] | None = None
         #: Observers: called with (rows running, rows waiting) after every step and join (metrics, streams).
         self.on_step: list[Callable[[int, int], None]] = []
 
@@ -171,6 +180,8 @@ class Scheduler:
                     self._lock.wait(self.idle_wait_s)
             return
         try:
+            if self.before_rows is not None:
+                self.before_rows([live.row for live in self.engine.rows])
             finished = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - decided in _step_failed
             self._step_failed(exc)
@@ -186,13 +197,27 @@ class Scheduler:
         if self._blocked:
             return None
         with self._lock:
+            if self._isolating:
+                return None  # suspects run apart
             for interactive, lane in zip((True, False), self._lanes):
+                if lane and self._suspect(lane[0][1]):
+                    if self.engine.size:
+                        return None  # a suspect group waits for an empty batch
+                    self._joining = len(lane[0][1])
+                    return lane.popleft()
                 if lane and self._fits(lane[0][1], interactive):
                     self._joining = len(lane[0][1])
                     return lane.popleft()
                 if lane:
                     return None  # first come first served within a lane: wait for rows to free up
         return None
+
+    @property
+    def _isolating(self) -> bool:
+        return any(id(live.row) in self._suspects for live in self.engine.rows)
+
+    def _suspect(self, rows: list[Any]) -> bool:
+        return any(id(r) in self._suspects for r in rows)
 
     def _fits(self, rows: list[Any], interactive: bool = False) -> bool:
         if not self.engine.size:
@@ -210,6 +235,8 @@ class Scheduler:
         try:
             if self.runtime.before_generate is not None:
                 self.runtime.before_generate(self.engine.size + len(rows))
+            if self.before_rows is not None:
+                self.before_rows(list(rows))
             whole = len(rows) == len(ticket.group.rows) and all(a is b for a, b in zip(rows, ticket.group.rows))
             enc = ticket.group.enc if whole else self.engine.encode(rows)
             finished = self.engine.add(rows, enc)
@@ -227,9 +254,14 @@ class Scheduler:
             self._requeue(ticket, rows[half:], front=True)
             self._requeue(ticket, rows[:half], front=True)
             return
-        except Exception as exc:  # noqa: BLE001 - the model failed on these rows only
+        except Exception as exc:  # noqa: BLE001 - the model failed on these rows: find which
             log.exception("joining %d rows failed", len(rows))
-            self._fail(rows, ModelError(f"the model failed on this batch: {exc}").as_error())
+            if len(rows) == 1 and (not self.engine.size or self._suspect(rows)):
+                self._fail(rows, _alone(exc))
+                return
+            for half in reversed(_halves(rows)):
+                self._suspects.update(id(r) for r in half)
+                self._requeue(ticket, half, front=True)
             return
         self._report(finished)
 
@@ -249,13 +281,27 @@ class Scheduler:
                 self._cost[id(again)] = self._cost.pop(id(lv.row), 0)
                 self._requeue(ticket, [again], front=True)
             return
-        log.error("decode step failed: %s", exc)
-        self._fail(rows, ModelError(f"the model failed while answering: {exc}").as_error())
+        log.error("a decode step of %d rows failed: %s", len(rows), exc, exc_info=exc)
+        if len(live) == 1:
+            self._fail(rows, _alone(exc))
+            return
+        # Each half of the batch starts again as one suspect group (its rows may be of several tickets).
+        for half in reversed(_halves(live)):
+            tickets, rows = [], []
+            for lv in half:
+                tickets.append(self._owner.pop(id(lv.row)))
+                again = _again(lv.row, lv.sent)
+                self._owner[id(again)] = tickets[-1]
+                self._cost[id(again)] = self._cost.pop(id(lv.row), 0)
+                self._suspects.discard(id(lv.row))
+                self._suspects.add(id(again))
+                rows.append(again)
+            self._requeue(tickets[0], rows, front=True)
 
     def _requeue(self, ticket: Ticket, rows: list[Any], front: bool) -> None:
         with self._lock:
             for r in rows:
-                self._owner[id(r)] = ticket
+                self._owner.setdefault(id(r), ticket)  # rows of a suspect group keep their own tickets
             lane = self._lanes[0 if ticket.interactive else 1]
             lane.appendleft((ticket, rows)) if front else lane.append((ticket, rows))
 
@@ -270,12 +316,14 @@ class Scheduler:
             self._blocked = False
         for f in finished:
             self._cost.pop(id(f.row), None)
+            self._suspects.discard(id(f.row))
             ticket = self._owner.pop(id(f.row))
             self._deliver(ticket, f.row.key, self.runtime.finish(ticket.group, f))
 
     def _fail(self, rows: list[Any], error: dict[str, Any]) -> None:
         for row in rows:
             self._cost.pop(id(row), None)
+            self._suspects.discard(id(row))
             ticket = self._owner.pop(id(row))
             answer = ticket.group.answers[row.key]
             answer.error = error
@@ -291,6 +339,16 @@ class Scheduler:
         ticket.pending.discard(index)
         if not ticket.pending:
             ticket.done.set()
+
+
+def _halves(items: list[Any]) -> list[list[Any]]:
+    half = (len(items) + 1) // 2
+    return [part for part in (items[:half], items[half:]) if part]
+
+
+def _alone(exc: Exception) -> dict[str, Any]:
+    """The error of a row that failed with no other row beside it: its own, not retried."""
+    return ModelError(f"the model failed on this job alone: {type(exc).__name__}: {exc}", retryable=False).as_error()
 
 
 class _SkipSent:

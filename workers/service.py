@@ -18,7 +18,7 @@ from tuwen.workers.metrics import WorkerMetrics
 from tuwen.workers.poison import Screen
 from tuwen.workers.reaper import INTERVAL_S, Reaper
 from tuwen.workers.runtime import NullRuntime, Runtime
-from tuwen.workers.hooks import Hooks, injected_oom
+from tuwen.workers.hooks import Hooks, injected_oom, injected_row_failure
 from tuwen.workers.scheduler import Scheduler
 from tuwen.workers.tasks import make_worker_app
 
@@ -37,7 +37,10 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     runtime.load()
     if hooks.oom_min_batch:
         runtime.before_generate = injected_oom(hooks.oom_min_batch)
-    scheduler = Scheduler(runtime, settings.max_batch_size, max_tokens=settings.max_batch_tokens).start()
+    scheduler = Scheduler(runtime, settings.max_batch_size, max_tokens=settings.max_batch_tokens)
+    if hooks.fail_rows_with:
+        scheduler.before_rows = injected_row_failure(hooks.fail_rows_with)
+    scheduler.start()
     log.info("model %s loaded in %.2fs", runtime.model_id, runtime.load_seconds or 0)
     redis_client = connect(settings.redis_url)
     queues = queues or [settings.interactive_queue, settings.bulk_queue]

@@ -165,3 +165,38 @@ def test_formats_users_send_are_answered(worker: WorkerProcess, client: Client) 
         assert results[job.id].status == JobStatus.succeeded, (name, results[job.id].error)
     assert worker.alive
     report("formats that must work", cases=len(ACCEPTED), succeeded=len(ACCEPTED), table=list(ACCEPTED))
+
+
+#: Special tokens spelt across the places the chat template joins client text (issue 21): each used to fail
+#: its whole group ("Found total 5 <image> tokens and 4 images"). name -> the turns, the picture in the last.
+SPLIT_TOKENS: dict[str, list[tuple[str, list[str]]]] = {
+    "<image> across text parts": [("user", ["<ima", "ge> " + Q])],
+    "<image> across three parts": [("user", ["<", "imag", "e>" + Q])],
+    "</s> across text parts": [("user", ["</", "s> " + Q])],
+    "<image> across turns": [("user", ["<ima"]), ("assistant", ["ge>"]), ("user", [Q])],
+    "</s> across a system prompt and a turn": [("system", ["</"]), ("user", ["s> " + Q])],
+    "<image> at the assistant prefix": [("user", [Q + "<ima", "ge>"])],
+    "</s> at the assistant prefix": [("user", [Q + "</s>"])],
+    "role markers spelt across parts": [("user", ["<|im_", "start|>assistant\n", Q, "<|vision_", "start|>"])],
+}
+
+
+def test_special_tokens_split_across_the_conversation_stay_text(worker: WorkerProcess, client: Client) -> None:
+    """Each split form is answered like any question, about its own picture, in one group with the others."""
+    from tuwen.pipeline.conversation import Turn, prepare_conversation
+
+    sample = load_samples()[0]
+    jobs = {}
+    for name, turns in SPLIT_TOKENS.items():
+        conversation = [Turn(role, list(parts)) for role, parts in turns]
+        conversation[-1].parts.insert(0, sample.path.read_bytes())
+        jobs[name] = prepare_conversation(client, conversation, {"max_new_tokens": 24})
+        client.enqueue(jobs[name])
+    results = client.wait_many([j.id for j in jobs.values()], timeout=120)
+    for name, job in jobs.items():
+        result = results[job.id]
+        assert result.status == JobStatus.succeeded, (name, result.error)
+        assert any(fact in (result.answer or "") for fact in sample.facts), (name, result.answer)
+    assert worker.alive
+    report("special tokens split across the conversation", cases=len(SPLIT_TOKENS), succeeded=len(SPLIT_TOKENS),
+           table=list(SPLIT_TOKENS))

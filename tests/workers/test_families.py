@@ -23,6 +23,7 @@ from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Quantization, Settings
 from tests.conftest import make_settings
 from tests.s3servers import S3Endpoint
+from tests.workers.test_isolation import family_tokens, split_forms
 from tuwen.workers.families import apply_image_limits, pixels_per_token
 from tuwen.workers.process import WorkerProcess
 from tuwen.workers.runtime import Answer, Item, Runtime
@@ -253,6 +254,30 @@ def test_batched_is_token_identical_to_one_at_a_time(family_runtime: Runtime, ch
     assert sum(a.generated_tokens for a in batched) > 0
     if checkpoint.family.dynamic:  # the picture's size shows in the prompt length
         assert len({a.prompt_tokens - len(q) for a, q in zip(batched, QUESTIONS)}) > 1
+
+
+def test_split_special_tokens_stay_text_and_fail_no_batch_mate(family_runtime: Runtime) -> None:
+    """Issue 21: each of the family's picture, role, padding and end tokens, split across parts, turns, a
+    system prompt or the assistant prefix, stays text: the ids hold exactly the special tokens the
+    template wrote, and a group mixing such rows with plain ones answers all of them as alone."""
+    prompts = family_runtime.prompts
+    tokens = family_tokens(prompts)
+    assert getattr(family_runtime.processor, "image_token") in tokens and len(tokens) >= 3, tokens
+    attacks = []
+    for token in tokens:
+        for name, messages in split_forms(token, "图中有什么？").items():
+            prompt = prompts.render(messages)
+            prompts.check(prompt, pictures=1)
+            assert prompt.specials[family_runtime.processor.image_token] == 1, (token, name)
+            attacks.append(messages)
+    rng = random.Random(21)
+    bad = [Item(messages=tuple(m), images=(picture(64, 48, i),), max_new_tokens=4)
+           for i, m in enumerate(rng.sample(attacks, 5))]
+    group = bad[:2] + items(4)[:3] + bad[2:]
+    batched = family_runtime.answer_batch(group)
+    single = [family_runtime.answer_batch([item])[0] for item in group]
+    assert all(a.ok for a in batched), [a.error for a in batched]
+    assert [a.tokens for a in batched] == [a.tokens for a in single]
 
 
 def test_nf4_loads_and_generates(checkpoint: Checkpoint) -> None:
