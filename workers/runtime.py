@@ -428,6 +428,10 @@ class NullRuntime(Runtime):
     def load(self) -> None:
         self.load_seconds = 0.0
 
+    @property
+    def max_images(self) -> int:  # type: ignore[override]
+        return self.settings.max_images_per_job
+
     def engine(self) -> Any:
         return _NoEngine()
 

@@ -42,6 +42,8 @@ class ChatLines:
                 raise openai_error(400, "unsupported_parameter", "stream: a batch line is answered whole, not "
                                    "streamed", param="stream")
             self._check_model(chat.model)
+            self.state.census.check_pictures(self.state.settings.bulk_queue,
+                                             sum(isinstance(p, PictureRef) for t in chat.turns for p in t.parts))
             limit = self.state.settings.max_image_bytes
             turns = [Turn(t.role.value, [picture(p.url, p.param, max_bytes=limit, remote=self.state.pictures)
                                          if isinstance(p, PictureRef) else p for p in t.parts])

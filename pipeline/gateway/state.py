@@ -15,6 +15,7 @@ from tuwen.pipeline import registry
 from tuwen.pipeline.aclient import AsyncClient
 from tuwen.pipeline.apikeys import Idempotency, KeyStore
 from tuwen.pipeline.client import Client
+from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.gateway.metrics import Metrics
 from tuwen.pipeline.gateway.settings import GatewaySettings
 from tuwen.pipeline.remote import RemotePictures
@@ -86,6 +87,22 @@ class WorkerCensus:
             if w["name"] in names and w.get("model_id"):
                 seen[w["model_id"]] = min(seen.get(w["model_id"], w.get("seen_at", 0.0)), w.get("seen_at", 0.0))
         return dict(sorted(seen.items(), key=lambda item: (item[1], item[0])))
+
+    def max_images(self, queue: str) -> int | None:
+        """Most pictures one job may carry for every live worker consuming ``queue`` (their model family's
+        limit, which each announces), or None when none is live or none says."""
+        workers = self._live()
+        names = set(registry.consumers(workers, [queue])[queue])
+        limits = [int(w["max_images"]) for w in workers if w["name"] in names and w.get("max_images")]
+        return min(limits) if limits else None
+
+    def check_pictures(self, queue: str, count: int) -> None:
+        """Refuse a job of ``count`` pictures before anything is fetched or stored when the model served on
+        ``queue`` takes fewer (``too_many_images``, as the worker would)."""
+        limit = self.max_images(queue)
+        if limit is not None and count > limit:
+            raise InvalidInput(f"{count} pictures in one job; the served model takes at most {limit}",
+                               code="too_many_images")
 
     def missing(self, queue: str) -> str | None:
         """Why jobs on ``queue`` get no answer ("no live worker is consuming <queue>"), or None."""

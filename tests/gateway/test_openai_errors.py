@@ -275,3 +275,24 @@ def test_chat_bodies_have_their_own_size_limit(parked_gateway: Gateway, new_key:
     assert bigger_than_an_upload.json()["error"]["code"] == "model_not_served"
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
     assert limit == 4 * -(-parked_gateway.settings.max_image_bytes // 3) + MIB
+
+
+def test_pictures_past_the_served_familys_limit_are_refused_before_anything_is_stored(
+        chat_gateway: Gateway, new_key: Keys) -> None:
+    """The demo model is a LLaVA (4 pictures a job), under the gateway's own limit of 8: five pictures used to
+    be stored and queued, then refused by the worker. The gateway knows the family's limit from the workers'
+    announcements and refuses them first (issue 21)."""
+    client = Client(chat_gateway.settings)
+    before = stored(client)
+    fresh = []
+    for i in range(5):
+        buf = io.BytesIO()
+        Image.new("RGB", (48, 48), (uuid.uuid4().int % 256, i * 40, 160)).save(buf, format="PNG")
+        fresh.append({"type": "image_url", "image_url": {"url": data_url(buf.getvalue())}})
+    with sdk(chat_gateway, new_key()) as api, pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model="tuwen", messages=[{"role": "user", "content": [
+            *fresh, {"type": "text", "text": "这几张图有什么不同？"}]}])
+    assert info.value.code == "too_many_images" and "at most 4" in info.value.message
+    assert chat_gateway.settings.max_images_per_job > 4
+    assert stored(client) == before
+    client.close()

@@ -43,6 +43,8 @@ SERVER_FAULTS = frozenset({"internal_error", "model_error", "out_of_memory", "to
 # -- submitting -----------------------------------------------------------------------------------------
 def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest) -> str:
     """Get the pictures, store them for the key's owner and queue the job; returns its id."""
+    state.census.check_pictures(state.settings.interactive_queue,
+                                sum(isinstance(p, PictureRef) for t in chat.turns for p in t.parts))
     limit = state.settings.max_image_bytes
     turns = [Turn(t.role.value, [picture(p.url, p.param, max_bytes=limit, remote=state.pictures)
                                  if isinstance(p, PictureRef) else p for p in t.parts]) for t in chat.turns]
