@@ -3,7 +3,7 @@
 JSONL lines ``{"custom_id", "image", "question", "params"?}``; a CSV with the same columns (``params`` as
 JSON text); or every picture in a folder × one question (custom_id: the relative path). ``image`` is a
 path inside ``images_dir`` (default: the input file's folder) or the key of a picture the same owner
-stored before (``images/<sha256>``). A line nested deeper than ``MAX_NESTING`` is refused, unparsed.
+stored before (``images/<sha256>``). A line nested deeper than ``inputs.MAX_NESTING`` is refused, unparsed.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,28 +18,9 @@ from typing import Any
 
 from tuwen.pipeline.bulk.model import InputError
 from tuwen.pipeline.errors import InvalidInput
+from tuwen.pipeline.inputs import MAX_NESTING, too_deep
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".avif"})
-#: Deepest JSON nesting a line (or a CSV ``params`` cell) may have. ``json.loads`` recurses: a line
-#: nested 100,000 deep raised RecursionError and left its bulk in ``validating``.
-MAX_NESTING = 32
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-
-
-def too_deep(text: str, limit: int = MAX_NESTING) -> bool:
-    """Whether the JSON text nests arrays/objects deeper than ``limit`` (brackets in strings do not count)."""
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth = 0
-    for match in _JSON_TOKENS.finditer(text):
-        token = match.group()
-        if token == "[" or token == "{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif token == "]" or token == "}":
-            depth -= 1
-    return False
 
 
 class InvalidManifest(InvalidInput):

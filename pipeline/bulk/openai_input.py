@@ -13,7 +13,8 @@ import json
 from collections.abc import Iterator
 
 from tuwen.pipeline.bulk.files import FileStore, StoredFile
-from tuwen.pipeline.bulk.manifest import MAX_NESTING, Record, Source, custom_id_of, too_deep
+from tuwen.pipeline.bulk.manifest import Record, Source, custom_id_of
+from tuwen.pipeline.inputs import MAX_NESTING, too_deep
 
 METHOD = "POST"
 

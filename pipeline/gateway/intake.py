@@ -1,5 +1,5 @@
-"""How request bodies come in: a size limit while they stream, strict UTF-8 form fields, and the
-parsing of the ``POST /v1/jobs`` upload (``read_submission``)."""
+"""How request bodies come in: a size limit while they stream, a nesting limit on JSON, strict UTF-8
+form fields, and the parsing of the ``POST /v1/jobs`` upload (``read_submission``)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tuwen.pipeline.errors import InvalidImage, InvalidInput
+from tuwen.pipeline.inputs import MAX_NESTING, too_deep
 from tuwen.pipeline.gateway.errors import ApiError, error_response, printable
 from tuwen.pipeline.gateway.models import FORM_FIELDS, SubmitForm
 
 STRICT_UTF8 = "tuwen_utf8_strict"
+#: Bodies read as form data; any other body may be read as JSON (FastAPI reads one without a content type
+#: as JSON too), so its nesting is checked.
+FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
 
 def _strict_utf8(name: str) -> codecs.CodecInfo | None:
@@ -38,11 +42,23 @@ def register_strict_utf8() -> None:
         codecs.register(_strict_utf8)
 
 
+def check_nesting(chunks: list[bytes]) -> None:
+    """400 ``invalid_json`` for a body nested deeper than ``MAX_NESTING`` (``json.loads`` recurses: 1,200
+    ``[`` were a RecursionError, a 500). Bodies with fewer brackets than that are not even joined."""
+    if sum(c.count(b"[") + c.count(b"{") for c in chunks) <= MAX_NESTING:
+        return
+    if too_deep(b"".join(chunks).decode("utf-8", "replace")):
+        raise ApiError(400, "invalid_json", f"the JSON body is nested deeper than {MAX_NESTING} levels")
+
+
 class Intake:
     """Refuse bodies over ``limit`` bytes (413) as they stream in: a declared Content-Length before
     reading anything, a chunked body as soon as the count passes the limit; nothing unbounded is read.
-    Multipart text fields are decoded as strict UTF-8 (see ``_strict_utf8``). A response sent before
-    the body was read (401, 413, 429 …) closes the connection, so the rest is not read for nothing."""
+    A body that is not a form is checked, once whole, for JSON nested too deep (``check_nesting``),
+    before any route parses it: every JSON route is covered, in its own error shape (the error is raised
+    where the route reads the body). Multipart text fields are decoded as strict UTF-8 (see
+    ``_strict_utf8``). A response sent before the body was read (401, 413, 429 …) closes the connection,
+    so the rest is not read for nothing."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -63,6 +79,8 @@ class Intake:
                                 for k, v in scope["headers"]]
         unread = (declared.isdigit() and int(declared) > 0) or b"transfer-encoding" in headers
         seen = 0
+        maybe_json = not kind.lower().startswith(FORM_TYPES)
+        chunks: list[bytes] = []  # the same bytes objects the route keeps: no copy
 
         async def counted() -> Message:
             nonlocal seen, unread
@@ -70,7 +88,12 @@ class Intake:
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise ApiError(413, "request_too_large", f"the request body exceeds {self.limit} bytes")
-            unread = unread and message["type"] == "http.request" and message.get("more_body", False)
+            more = message.get("more_body", False)
+            unread = unread and message["type"] == "http.request" and more
+            if maybe_json and message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not more:
+                    check_nesting(chunks)
             return message
 
         async def closing(message: Message) -> None:

@@ -5,13 +5,20 @@ and S3, and that Redis for the rate limit."""
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import uuid
 from collections.abc import Callable
 
 import pytest
+from fastapi import FastAPI
 
 from tuwen.pipeline.apikeys import KeyStore
+from tuwen.pipeline.inputs import MAX_NESTING
+from tuwen.pipeline.jobs import connect
+from tuwen.pipeline.keys import BULK, JOB
+from tuwen.pipeline.settings import Settings
 from tests.gateway.conftest import Gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -75,3 +82,63 @@ def test_default_and_unlimited_keys(keys: KeyStore) -> None:
     assert [keys.hit(default, 2, now=1000.0 + n) for n in range(3)] == [0.0, 0.0, 58.0]
     assert all(keys.hit(unlimited, 2, now=1000.0) == 0 for _ in range(50))
     assert keys.get(unlimited.id).last_used_at == 1000.0  # type: ignore[union-attr]
+
+
+# -- 3. JSON nested too deep is a 400 on every JSON route ---------------------------------------------------
+def json_routes(app: FastAPI) -> list[tuple[str, str, bool]]:
+    """``(method, path, answers in OpenAI's shape)`` of every route whose body is JSON, read from the app's
+    own OpenAPI document (so a new JSON route is tested without being named here); the shape is the one
+    its 400 is documented with."""
+    found = []
+    for path, operations in app.openapi()["paths"].items():
+        for method, operation in operations.items():
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                documented = operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
+                found.append((method.upper(), path, documented.endswith("/OpenAIErrorBody")))
+    return found
+
+
+def nested(depth: int) -> str:
+    """JSON text ``depth`` levels deep: arrays and objects in turn, a string at the bottom (written out:
+    ``json.dumps`` recurses too)."""
+    opening = "".join("[" if level % 2 == 0 else '{"k": ' for level in range(depth))
+    return opening + '"x"' + "".join("]" if level % 2 == 0 else "}" for level in reversed(range(depth)))
+
+
+def test_deep_json_is_refused_on_every_json_route(parked_gateway: Gateway, parked_settings: Settings,
+                                                  new_key: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    app = parked_gateway.server.config.app
+    routes = json_routes(app)
+    assert {(m, p) for m, p, _ in routes} >= {("POST", "/v1/chat/completions"), ("POST", "/v1/batches")}, routes
+    owner = f"owner-{uuid.uuid4().hex[:10]}"
+    redis = connect(parked_settings.redis_url)
+    jobs_before = set(redis.scan_iter(JOB + "*"))
+    # Given bodies nested deeper than the limit: the review's 1,200 [ and metadata nested 1,200 and 33 deep
+    bodies = {"1,200 [": b"[" * 1200,
+              "metadata 1,200 deep": ('{"model": "tuwen", "messages": [{"role": "user", "content": "?"}], '
+                                      f'"metadata": {nested(1199)}}}').encode(),
+              "metadata 33 deep": f'{{"metadata": {nested(32)}}}'.encode(),
+              "no content type": b"[" * 1200}
+    answers = {}
+    with parked_gateway.client(new_key(owner)) as api, caplog.at_level(logging.WARNING, "tuwen"):
+        for method, path, _ in routes:
+            url = re.sub(r"\{[^}]+\}", "x", path)
+            for name, body in bodies.items():
+                kind = {} if name == "no content type" else {"Content-Type": "application/json"}
+                answers[method, path, name] = api.request(method, url, content=body, headers=kind)
+            # (a body exactly as deep as the limit is read, and refused for what it says)
+            limit = api.request(method, url, content=f'{{"metadata": {nested(31)}}}'.encode(),
+                                headers={"Content-Type": "application/json"})
+            assert limit.status_code == 400 and limit.json()["error"]["code"] != "invalid_json", limit.text
+    # Then each is a 400 invalid_json naming the limit, in its route family's shape, and nothing logged a traceback
+    for (method, path, name), answer in answers.items():
+        shape = next(openai for m, p, openai in routes if (m, p) == (method, path))
+        error = answer.json()["error"]
+        assert answer.status_code == 400 and error["code"] == "invalid_json", (path, name, answer.text)
+        assert f"deeper than {MAX_NESTING} levels" in error["message"], error
+        assert set(error) == ({"message", "type", "param", "code"} if shape else {"code", "message"}), error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+    # And nothing was stored: no job, no batch
+    assert set(redis.scan_iter(JOB + "*")) == jobs_before
+    assert not redis.exists(BULK + "owner:" + owner)
+    redis.close()

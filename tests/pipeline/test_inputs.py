@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
+import time
 
 import pytest
 from PIL import Image
 
 from tuwen.pipeline.errors import InvalidImage, InvalidQuestion
-from tuwen.pipeline.inputs import check_question, decode_image
+from tuwen.pipeline.inputs import MAX_NESTING, check_question, decode_image, too_deep
 
 LIMITS = dict(max_bytes=5_000_000, max_pixels=20_000_000, max_aspect_ratio=20.0)
 
@@ -85,3 +87,44 @@ def test_browser_line_breaks_are_accepted_as_newlines() -> None:
     assert check_question("多\r\n\r\n行", max_chars=4) == "多\n\n行"  # a CRLF counts as one character
     with pytest.raises(InvalidQuestion):
         check_question("图中\x0b有什么", max_chars=40)  # other control characters are still refused
+
+
+def nested(depth: int, inner: str = '"x"') -> str:
+    """JSON text ``depth`` levels deep, arrays and objects in turn (``json.dumps`` would recurse)."""
+    return ("".join("[" if n % 2 == 0 else '{"k": ' for n in range(depth)) + inner
+            + "".join("]" if n % 2 == 0 else "}" for n in reversed(range(depth))))
+
+
+def test_json_nesting_is_measured_exactly_and_fast() -> None:
+    # Valid JSON: exactly the limit passes, one level more does not, wherever the depth is
+    for depth in (1, 31, 32, 33, 34, 100, 5000):
+        for text in (nested(depth), f'{{"a": [1, 2, {nested(depth)}], "b": {nested(3)}}}',
+                     "[" + ",".join([nested(depth - 1 if depth > 1 else 1), "[]"] * 30) + "]"):
+            assert too_deep(text) == (json_depth(text) > MAX_NESTING), (depth, text[:80])
+    # Brackets inside strings do not count, escaped quotes included
+    assert not too_deep(json.dumps({"s": "[" * 1000 + '\\"[{' * 100, "t": ["]" * 50]}))
+    # What json.loads would recurse on is never let through, valid or not
+    assert all(too_deep(t) for t in ("[" * 1200, "[" * 40 + "]" * 10, "{" * 33, '{"a": ' * 40,
+                                     "[" * 20 + '"unterminated' + "[" * 20))
+    assert not too_deep(")" + "[]" * 100) and not too_deep("]" * 1000)
+    # A body of millions of brackets costs a fraction of a second, not seconds
+    started = time.perf_counter()
+    assert not too_deep("[" + ",".join(["[]"] * 3_000_000) + "]")
+    assert not too_deep("[" + ",".join([nested(31)] * 20_000) + "]")
+    assert too_deep("[" + ",".join([nested(31)] * 20_000 + [nested(32)]) + "]")
+    assert time.perf_counter() - started < 5
+
+
+def json_depth(text: str) -> int:
+    """The depth as ``json.loads`` sees it (the reference the fast check must agree with)."""
+    def depth(value: object) -> int:
+        if isinstance(value, list):
+            return 1 + max((depth(v) for v in value), default=0)
+        if isinstance(value, dict):
+            return 1 + max((depth(v) for v in value.values()), default=0)
+        return 0
+
+    try:
+        return depth(json.loads(text))
+    except RecursionError:
+        return 10**9
