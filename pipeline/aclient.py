@@ -24,8 +24,7 @@ import redis
 import redis.asyncio as aioredis
 
 from tuwen.pipeline.client import Client, ImageInput
-from tuwen.pipeline.errors import Unavailable
-from tuwen.pipeline.jobs import JobStore
+from tuwen.pipeline.jobs import JobStore, outage
 from tuwen.pipeline.keys import DONE, JOB
 from tuwen.pipeline.schema import JobResult, JobStatus
 from tuwen.pipeline.settings import Settings
@@ -58,7 +57,7 @@ class AsyncClient:
         try:
             fields: dict[str, str] = await self.redis.hgetall(JOB + job_id)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise Unavailable(f"Redis is not reachable: {exc}") from exc
+            raise outage("Redis is not reachable", exc) from exc
         return JobStore._from_fields(job_id, fields, owner)
 
     async def wait(self, job_id: str, timeout: float = 60.0, owner: str | None = None) -> JobResult:
@@ -81,7 +80,7 @@ class AsyncClient:
                 result = await self.get(job_id, owner)
             return result
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise Unavailable(f"Redis is not reachable: {exc}") from exc
+            raise outage("Redis is not reachable", exc) from exc
         finally:
             try:
                 await pubsub.aclose()
@@ -99,7 +98,7 @@ class AsyncClient:
             try:
                 reply: Any = await self.redis.xread({seen.key: seen.last_id}, count=256, block=wait_ms) if wait_ms else []
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise Unavailable(f"Redis is not reachable: {exc}") from exc
+                raise outage("Redis is not reachable", exc) from exc
             for delta in seen.take(reply):
                 yield delta
             result = await self.get(job_id, owner)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from tuwen.pipeline import app as queue
 from tuwen.pipeline.errors import InvalidImage, InvalidInput, InvalidParams, Unavailable
 from tuwen.pipeline.inputs import check_question, decode_image
-from tuwen.pipeline.jobs import JobStore, cache_prefix, connect
+from tuwen.pipeline.jobs import JobStore, cache_prefix, connect, outage
 from tuwen.pipeline.schema import GenerationParams, JobRequest, JobResult, JobStatus, Priority
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.stores import open_images
@@ -66,7 +66,7 @@ class Client:
         try:
             return open_images(self.settings)
         except StorageError as exc:
-            raise Unavailable(f"image storage is not reachable: {exc}", code=exc.code,
+            raise outage("image storage is not reachable", exc, code=exc.code,
                               retryable=exc.retryable) from exc
 
     @cached_property
@@ -153,7 +153,7 @@ class Client:
         try:
             key: str = self.images.put(picture.data, picture.content_type)
         except StorageError as exc:
-            raise Unavailable(f"could not store the image: {exc}", code=exc.code, retryable=exc.retryable) from exc
+            raise outage("could not store the image", exc, code=exc.code, retryable=exc.retryable) from exc
         # A day past the picture's life: the bucket's lifecycle rule rounds expiry up to a midnight.
         self.jobs.add_image_owner(key, owner, (self.settings.image_ttl_days + 1) * 86400)
         return key
@@ -172,7 +172,7 @@ class Client:
         except InvalidKey:
             return False
         except StorageError as exc:
-            raise Unavailable(f"image storage failed: {exc}", code=exc.code, retryable=exc.retryable) from exc
+            raise outage("image storage failed", exc, code=exc.code, retryable=exc.retryable) from exc
 
     def enqueue(self, request: JobRequest) -> None:
         """Record the job, then publish it; if publishing fails the record is removed again."""
@@ -189,7 +189,7 @@ class Client:
         try:
             queue.enqueue(self.celery, self.settings, request, countdown=countdown)
         except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
-            raise Unavailable(f"the job queue is not reachable: {exc}") from exc
+            raise outage("the job queue is not reachable", exc) from exc
 
     def get(self, job_id: str, owner: str | None = None) -> JobResult:
         """The job's state now (``unknown`` if there is no such job). Never blocks."""
@@ -223,7 +223,7 @@ class Client:
                 try:
                     self.images.delete(image_key)
                 except StorageError as exc:
-                    raise Unavailable(f"could not delete the image: {exc}", code=exc.code, retryable=True) from exc
+                    raise outage("could not delete the image", exc, code=exc.code, retryable=True) from exc
             if fate != "kept":
                 prefix = cache_prefix(image_key, None if fate == "gone" else job_owner)
                 for key in self.jobs.redis.scan_iter(prefix + "*", count=500):

@@ -9,6 +9,7 @@ publish on ``tuwen:done:<id>`` when a job ends, which ``wait`` listens for.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from redis.retry import Retry
 from tuwen.pipeline import keys
 from tuwen.pipeline.errors import Forbidden, InvalidInput, Unavailable
 from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
+
+log = logging.getLogger(__name__)
 
 PREFIX = keys.JOB
 DONE_CHANNEL = keys.DONE
@@ -138,12 +141,19 @@ def connect(url: str) -> redis.Redis:
         raise InvalidInput(f"invalid Redis URL: {exc}", code="invalid_setting") from exc
 
 
+def outage(message: str, cause: BaseException, **options: Any) -> Unavailable:
+    """``Unavailable(message)``, ``cause`` logged as a warning: its text names hosts, ports and paths,
+    which the message does not (it reaches HTTP clients)."""
+    log.warning("%s: %s", message, cause)
+    return Unavailable(message, **options)
+
+
 @contextmanager
 def redis_errors() -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise Unavailable(f"Redis is not reachable: {exc}") from exc
+        raise outage("Redis is not reachable", exc) from exc
 
 
 def _key(job_id: str) -> str:

@@ -13,8 +13,7 @@ from rich.table import Table
 
 from tuwen.pipeline import deadletter, registry, stats
 from tuwen.pipeline.app import make_celery
-from tuwen.pipeline.errors import Unavailable
-from tuwen.pipeline.jobs import connect, redis_errors
+from tuwen.pipeline.jobs import connect, outage, redis_errors
 from tuwen.pipeline.settings import Settings
 
 
@@ -35,7 +34,7 @@ def queue_depths(settings: Settings, client: redis.Redis) -> dict[str, int]:
             channel = conn.default_channel
             return {q: int(channel.queue_declare(q, passive=True).message_count) for q in queues}
     except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
-        raise Unavailable(f"the broker is not reachable: {exc}") from exc
+        raise outage("the broker is not reachable", exc) from exc
     finally:
         app.close()
 

@@ -21,8 +21,8 @@ import redis
 from pydantic import BaseModel, ConfigDict
 
 from tuwen.pipeline import keys
-from tuwen.pipeline.errors import InvalidInput, NotFound, Unavailable
-from tuwen.pipeline.jobs import redis_errors
+from tuwen.pipeline.errors import InvalidInput, NotFound
+from tuwen.pipeline.jobs import outage, redis_errors
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.stores import open_objects
 from tuwen.storage.errors import ObjectNotFound, StorageError
@@ -108,7 +108,7 @@ class FileStore:
             objects = open_objects(self.settings)
             objects.expire("files/", math.ceil(self.ttl_s / 86400) + 1)
         except StorageError as exc:
-            raise Unavailable(f"file storage is not reachable: {exc}", code=exc.code) from exc
+            raise outage("file storage is not reachable", exc, code=exc.code) from exc
         return ResultStore(objects, prefix="files/")
 
     # -- writing -----------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class FileStore:
         try:
             self.parts.put_bytes(f"{file_id}/{n:06d}", data, "application/octet-stream")
         except StorageError as exc:
-            raise Unavailable(f"could not store the file: {exc}", code=exc.code) from exc
+            raise outage("could not store the file", exc, code=exc.code) from exc
 
     def _drop_parts(self, file_id: str, parts: int) -> None:
         for n in range(parts):
@@ -220,7 +220,7 @@ class FileStore:
             except ObjectNotFound as exc:
                 raise no_such_file(file.id) from exc
             except StorageError as exc:
-                raise Unavailable(f"could not read the file: {exc}", code=exc.code) from exc
+                raise outage("could not read the file", exc, code=exc.code) from exc
 
     def lines(self, file: StoredFile, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
         """The file's lines, numbered from 1, streamed part by part (``split_lines``)."""

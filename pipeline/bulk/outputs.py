@@ -12,7 +12,7 @@ from typing import Any
 
 from tuwen.pipeline.bulk.model import Bulk, BulkState
 from tuwen.pipeline.bulk.records import Entry, Records
-from tuwen.pipeline.errors import Unavailable
+from tuwen.pipeline.jobs import outage
 from tuwen.pipeline.schema import JobResult, JobStatus
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.stores import open_results
@@ -80,4 +80,4 @@ class Outputs:
                     self._store.put_bytes(f"bulks/{bulk.id}/errors.jsonl", errors.getvalue().encode(),
                                           "application/jsonl"))
         except StorageError as exc:
-            raise Unavailable(f"could not store the bulk's results: {exc}", code=exc.code) from exc
+            raise outage("could not store the bulk's results", exc, code=exc.code) from exc

@@ -18,8 +18,9 @@ from tuwen.pipeline.apikeys import KeyStore
 from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.keys import BULK, JOB
+from tuwen.pipeline.localredis import free_port
 from tuwen.pipeline.settings import Settings
-from tests.gateway.conftest import Gateway
+from tests.gateway.conftest import Gateway, gateway_settings, start_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -142,3 +143,28 @@ def test_deep_json_is_refused_on_every_json_route(parked_gateway: Gateway, parke
     assert set(redis.scan_iter(JOB + "*")) == jobs_before
     assert not redis.exists(BULK + "owner:" + owner)
     redis.close()
+
+
+# -- 5. an outage does not tell clients where Redis lives ------------------------------------------------
+def test_an_unreachable_redis_is_a_503_that_names_no_address(pipeline_settings: Settings,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    # Given a gateway whose Redis is a closed port, and a well-formed (fake) key
+    port = free_port()
+    dead = pipeline_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+    server = start_gateway(dead, gateway_settings(webhook_secret=None))
+    try:
+        with server.client("tw_0123456789ab_" + "x" * 43, timeout=60) as api, \
+                caplog.at_level(logging.WARNING, "tuwen"):
+            # When it is asked on each family of routes
+            answers = [api.get("/v1/jobs/" + "2" * 32), api.delete("/v1/jobs/" + "2" * 32),
+                       api.post("/v1/chat/completions", json={"model": "tuwen", "messages": []}),
+                       api.get("/v1/models"), api.get("/v1/batches"), api.get("/v1/files")]
+    finally:
+        server.stop()
+    # Then each is a 503 that says what is down, not where it is
+    for answer in answers:
+        assert answer.status_code == 503 and int(answer.headers["Retry-After"]) > 0, answer.text
+        assert answer.json()["error"]["code"] == "service_unavailable", answer.text
+        assert "127.0.0.1" not in answer.text and str(port) not in answer.text, answer.text
+    # And the address is in the log, for the operator
+    assert any(str(port) in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
