@@ -36,13 +36,13 @@ def serve(
     (TUWEN_GATEWAY_HEADER_TIMEOUT_S, TUWEN_GATEWAY_BODY_TIMEOUT_S, TUWEN_GATEWAY_MAX_CONNECTIONS)."""
     import uvicorn
 
-    from tuwen.pipeline.gateway.server import server_options
+    from tuwen.pipeline.gateway.server import log_config, server_options
     from tuwen.pipeline.gateway.settings import GatewaySettings
 
     overrides: dict[str, Any] = {k: v for k, v in {"gateway_host": host, "gateway_port": port}.items() if v is not None}
     gw = GatewaySettings(**overrides)
     uvicorn.run("tuwen.pipeline.gateway.app:app_from_env", factory=True, workers=workers, log_level=log_level,
-                **server_options(gw))
+                log_config=log_config(log_level), **server_options(gw))
 
 
 def _store() -> KeyStore:

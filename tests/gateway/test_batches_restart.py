@@ -34,8 +34,8 @@ MB = 1024 * 1024
 class GatewayProcess:
     """``tuwen gateway serve`` as a child process on ``settings`` (passed as ``TUWEN_*``, nothing inherited)."""
 
-    def __init__(self, settings: Settings, log_path: Path, **gateway: str) -> None:
-        self.settings, self.log_path = settings, log_path
+    def __init__(self, settings: Settings, log_path: Path, log_level: str = "warning", **gateway: str) -> None:
+        self.settings, self.log_path, self.log_level = settings, log_path, log_level
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {"TUWEN_RATE_LIMIT_PER_MINUTE": "0", **{f"TUWEN_{k.upper()}": v for k, v in gateway.items()}}
@@ -47,7 +47,7 @@ class GatewayProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tuwen.workers.cli", "gateway", "serve", f"--port={self.port}",
-                 "--log-level=warning"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                 f"--log-level={self.log_level}"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"the gateway exited: {self.log_path.read_text(errors='replace')}"

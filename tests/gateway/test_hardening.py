@@ -10,7 +10,9 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi import FastAPI
 
@@ -21,6 +23,10 @@ from tuwen.pipeline.keys import BULK, JOB
 from tuwen.pipeline.localredis import free_port
 from tuwen.pipeline.settings import Settings
 from tests.gateway.conftest import Gateway, gateway_settings, start_gateway
+from tests.gateway.test_batches_restart import GatewayProcess
+from tests.gateway.test_openai import ask
+from tuwen.workers.demo.samples import Sample, load_samples
+from tuwen.workers.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -168,3 +174,53 @@ def test_an_unreachable_redis_is_a_503_that_names_no_address(pipeline_settings: 
         assert "127.0.0.1" not in answer.text and str(port) not in answer.text, answer.text
     # And the address is in the log, for the operator
     assert any(str(port) in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+# -- 5. a chat request's user and metadata are logged, one line each, whatever they hold ------------------
+FORGING = {"user": "a\r\nFORGED 2026-01-01 INFO tuwen.gateway: chat job x\u2028y",
+           "metadata": {"note\n": "第一行\r\n第二行\x85", "k": "v"}}
+
+
+def chat(sample: Sample, **extra: object) -> dict[str, object]:
+    return {"model": "tuwen", "max_tokens": 8, "messages": [ask(sample)], **extra}
+
+
+def test_chat_user_and_metadata_are_logged_on_one_line(gateway: Gateway, worker: WorkerProcess, keys: KeyStore,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    owner = f"owner-{uuid.uuid4().hex[:10]}"
+    sample = load_samples()[0]
+    with gateway.client(keys.create(owner, "test")[1]) as api, caplog.at_level(logging.INFO, "tuwen.gateway"):
+        # Given a chat request whose user and metadata try to start log lines of their own, and one with neither
+        forging = api.post("/v1/chat/completions", json=chat(sample, **FORGING))
+        plain = api.post("/v1/chat/completions", json=chat(sample))
+    assert forging.status_code == plain.status_code == 200, (forging.text, plain.text)
+    # Then each accepted request is one record, on one line, with its job id, owner, user and metadata
+    lines = {}
+    for name, answer in (("forging", forging), ("plain", plain)):
+        [record] = [r for r in caplog.records if answer.headers["X-Tuwen-Job-Id"] in r.getMessage()]
+        lines[name] = record.getMessage()
+        assert owner in lines[name] and len(lines[name].splitlines()) == 1 and "\r" not in lines[name], lines
+    # And what the client sent is there, escaped (Chinese kept readable)
+    assert 'user="a\\r\\nFORGED' in lines["forging"] and "chat job x\\u2028y" in lines["forging"], lines
+    assert '"note\\n": "第一行\\r\\n第二行\\u0085"' in lines["forging"], lines
+    assert "user=null metadata=null" in lines["plain"], lines
+
+
+def test_tuwen_gateway_serve_writes_the_chat_line_to_its_log(pipeline_settings: Settings, worker: WorkerProcess,
+                                                             keys: KeyStore, tmp_path: Path) -> None:
+    owner = f"owner-{uuid.uuid4().hex[:10]}"
+    served = GatewayProcess(pipeline_settings, tmp_path / "gateway.log", log_level="info").start()
+    try:
+        # Given `tuwen gateway serve` at its default log level, and a chat request that tries to forge a line
+        with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {keys.create(owner, 't')[1]}"},
+                          timeout=120, trust_env=False) as api:
+            answer = api.post("/v1/chat/completions", json=chat(load_samples()[0], **FORGING))
+    finally:
+        served.stop()
+    assert answer.status_code == 200, answer.text
+    # Then its log has the request's line, with the time and the logger, and no line the client wrote
+    log = (tmp_path / "gateway.log").read_text(encoding="utf-8")
+    [line] = [line for line in log.split("\n") if answer.headers["X-Tuwen-Job-Id"] in line]
+    assert " INFO tuwen.gateway: chat job " in line and f" of {owner}: " in line, line
+    assert 'user="a\\r\\nFORGED' in line and "\r" not in log and "\u2028" not in log, log
+    assert not [line for line in log.split("\n") if line.startswith("FORGED")], log

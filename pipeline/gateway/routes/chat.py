@@ -9,6 +9,7 @@ later. A client that goes away costs nothing: the job finishes and keeps its res
 """
 
 # No `from __future__ import annotations`: FastAPI reads these signatures at import time.
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +37,8 @@ router = APIRouter(prefix="/v1/chat", tags=["chat"], route_class=OpenAIRoute)
 
 #: A stream with nothing to say for this long sends a ``: keep-alive`` comment.
 KEEP_ALIVE_S = 15.0
+#: What ``json.dumps`` leaves as it is but ``str.splitlines`` (and log readers) take as a line's end.
+_LINE_ENDS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 #: Failure codes that are tuwen's fault, not the request's (a 5xx; every other failure is a 400).
 SERVER_FAULTS = frozenset({"internal_error", "model_error", "out_of_memory", "too_many_attempts"})
 
@@ -69,6 +72,12 @@ def accept(state: GatewayState, key: ApiKey, chat: ChatRequest, idempotency_key:
         raise
     state.idempotency.complete(key.owner, idempotency_key, chat.fingerprint, job_id)
     return job_id, False
+
+
+def one_line(value: Any) -> str:
+    """``value`` as JSON for the log, on one line whatever it holds: CR, LF and every other character that
+    ends a line are escaped (a ``user`` of ``"a\\r\\nFORGED …"`` cannot start a log line of its own)."""
+    return json.dumps(value, ensure_ascii=False).translate(_LINE_ENDS)
 
 
 # -- the outcome --------------------------------------------------------------------------------------------
@@ -174,8 +183,8 @@ async def create_chat_completion(key: Submitter, state: State, request: Request,
     model = await run_in_threadpool(served_model, state, chat.model)
     created = int(time.time())
     job_id, replayed = await run_in_threadpool(accept, state, key, chat, idempotency_key)
-    if chat.user or chat.metadata:
-        log.info("chat job %s of %s: user=%r metadata=%r", job_id, key.owner, chat.user, chat.metadata)
+    log.info("chat job %s of %s: user=%s metadata=%s%s", job_id, key.owner, one_line(chat.user),
+             one_line(chat.metadata), " (replayed)" if replayed else "")
     headers = {"X-Tuwen-Job-Id": job_id, **({"Idempotent-Replayed": "true"} if replayed else {})}
     if chat.stream:
         return StreamingResponse(relay(state, job_id, key.owner, model, created, chat.include_usage),
