@@ -107,7 +107,7 @@ class Client:
         ``owner`` stored before (else ``image_not_found``). ``params`` are the generation parameters;
         ``max_new_tokens``, if given, overrides theirs. Nothing is stored unless everything else is valid.
         """
-        text = check_question(question, max_chars=self.settings.max_question_chars)
+        text = check_question(question, max_chars=self.settings.max_conversation_chars)
         try:
             raw: Any = params.model_dump(exclude_unset=True) if isinstance(params, GenerationParams) else params
             if max_new_tokens is not None:
@@ -116,6 +116,7 @@ class Client:
             priority = Priority(priority)
         except (ValidationError, ValueError, TypeError) as exc:
             raise InvalidParams(f"invalid generation parameters: {first_error(exc)}", code="invalid_params") from exc
+        check_budget(generation, self.settings)
         fields: dict[str, Any] = {"image_key": self.image_key(image, owner), "question": text, "params": generation,
                                   "priority": priority, "owner": owner, "bulk_id": bulk_id, "stream": stream}
         if job_id:
@@ -294,6 +295,14 @@ def _read_at_most(read: Callable[[int], Any], limit: int) -> bytes:
         chunks.append(bytes(chunk))
         got += len(chunk)
     return b"".join(chunks)
+
+
+def check_budget(params: GenerationParams, settings: Settings) -> None:
+    """Refuse an answer budget above the server's cap (``invalid_params``, naming the cap): a budget is
+    never quietly lowered."""
+    if params.max_new_tokens is not None and params.max_new_tokens > settings.max_new_tokens:
+        raise InvalidParams(f"max_tokens is {params.max_new_tokens}, above this server's cap of "
+                            f"{settings.max_new_tokens} tokens an answer (TUWEN_MAX_NEW_TOKENS)", code="invalid_params")
 
 
 def first_error(exc: Exception) -> str:

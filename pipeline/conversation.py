@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tuwen.pipeline.client import CheckedImage, Client, ImageInput, first_error
+from tuwen.pipeline.client import CheckedImage, Client, ImageInput, check_budget, first_error
 from tuwen.pipeline.client import StoredImage as StoredImage  # the callers' name for a stored picture
 from tuwen.pipeline.errors import InvalidInput, InvalidParams, InvalidQuestion
 from tuwen.pipeline.inputs import check_question
@@ -53,14 +53,15 @@ def prepare_conversation(client: Client, turns: Sequence[Turn], params: Generati
     if total > settings.max_conversation_chars:
         raise InvalidInput(f"the conversation has {total} characters of text; the limit is "
                            f"{settings.max_conversation_chars}", code="conversation_too_long")
-    last_user = max(i for i, t in enumerate(turns) if t.role == Role.user.value)
+    check_budget(generation, settings)
+    last_user = max((i for i, t in enumerate(turns) if t.role == Role.user.value), default=-1)
     # Everything is checked before anything is stored: a refused request leaves no picture behind.
     checked: list[list[str | StoredImage | CheckedImage]] = []
     for i, turn in enumerate(turns):
         parts: list[str | StoredImage | CheckedImage] = []
         for part in turn.parts:
             if isinstance(part, str):
-                text = _text(part, last=i == last_user, max_chars=settings.max_question_chars)
+                text = _text(part, last=i == last_user, max_chars=settings.max_conversation_chars)
                 if text:
                     parts.append(text)
             elif isinstance(part, StoredImage):
@@ -69,11 +70,9 @@ def prepare_conversation(client: Client, turns: Sequence[Turn], params: Generati
                 parts.append(part)
             else:
                 parts.append(client.check_image(part))
-        if i == last_user and not any(isinstance(p, str) for p in parts):
-            raise InvalidQuestion("the last user message has no question text", code="empty_question")
-        if not parts:
-            raise InvalidInput(f"message {i} is empty", code="invalid_messages")
         checked.append(parts)
+    if not any(checked):
+        raise InvalidQuestion("the conversation has no text and no picture", code="empty_question")
     messages = [{"role": turn.role, "content": [
         {"type": "text", "text": p} if isinstance(p, str) else
         {"type": "image", "key": p.key if isinstance(p, StoredImage) else client.put_image(p, owner)}
@@ -95,22 +94,16 @@ def _check_shape(turns: Sequence[Turn]) -> None:
         if turn.role not in roles:
             raise InvalidInput(f"message {i} has role {turn.role!r}; expected system, user or assistant",
                                code="invalid_messages")
-        if turn.role == Role.system.value and i != 0:
-            raise InvalidInput("a system message may only come first", code="invalid_messages")
         if turn.role != Role.user.value and any(not isinstance(p, str) for p in turn.parts):
             raise InvalidInput(f"message {i} ({turn.role}) carries a picture; only user messages may",
                                code="invalid_messages")
-    if turns[-1].role != Role.user.value:
-        raise InvalidInput("the conversation must end with a user message", code="invalid_messages")
 
 
 def _text(part: str, *, last: bool, max_chars: int) -> str:
-    """The last user turn is the question (its length limit applies); earlier turns are history,
-    checked for valid text and bounded by the conversation's total instead."""
-    if last:
-        return check_question(part, max_chars=max_chars)
+    """A text part checked for valid text; empty text is no part. The length is bounded by the conversation's
+    total (a sanity cap: the model's context, in tokens, decides at the worker)."""
     try:
-        return check_question(part, max_chars=max(len(part), 1))
+        return check_question(part, max_chars=max_chars if last else max(len(part), 1))
     except InvalidQuestion as exc:
         if exc.code == "empty_question":
             return ""

@@ -36,7 +36,8 @@ class ErrorCode(str, Enum):
     invalid_question = ("invalid_question", "The question is not valid text (not UTF-8, control characters).")
     empty_question = ("empty_question", "There is no question: empty, or only whitespace and invisible characters.")
     missing_question = ("missing_question", "A bulk line has no question and the submission gave none.")
-    question_too_long = ("question_too_long", "The question is longer than TUWEN_MAX_QUESTION_CHARS.")
+    question_too_long = ("question_too_long", "The question alone is longer than TUWEN_MAX_CONVERSATION_CHARS, a "
+                         "sanity cap far above any real prompt (the model's context decides, in tokens).")
     conversation_too_long = ("conversation_too_long", "The conversation's text is longer than "
                              "TUWEN_MAX_CONVERSATION_CHARS.")
     context_too_long = ("context_too_long", "The conversation in tokens, plus max_tokens, does not fit the model's "

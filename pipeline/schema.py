@@ -11,8 +11,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 # -- limits, defined once (the gateway, the CLI and the workers import them) -------------------------
-#: Most tokens one answer may ask for (a worker's ``TUWEN_MAX_NEW_TOKENS`` may cap it lower).
-MAX_NEW_TOKENS = 4096
+#: Most tokens one answer may ask for anywhere; a server's own cap is ``TUWEN_MAX_NEW_TOKENS`` (1024 unless
+#: set), and the model's context bounds every answer.
+MAX_NEW_TOKENS = 131_072
 #: What a job id looks like (ids can be chosen by the caller: idempotency, bulk lines).
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
 JOB_ID_MIN = 8
@@ -59,12 +60,24 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    #: Cap on generated tokens; the worker's own ``TUWEN_MAX_NEW_TOKENS`` is the upper bound.
+    #: Most tokens of the answer. None: what is left of the model's context after the prompt, up to the
+    #: server's ``TUWEN_MAX_NEW_TOKENS``; more than that cap is refused, never lowered.
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     #: 0 is greedy (the default: answers are then the same batched or alone).
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     #: Nucleus sampling: keep the smallest set of tokens whose probabilities add up to this.
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    #: Sample among the ``top_k`` likeliest tokens only (0 or -1: all of them), as vLLM's ``top_k``.
+    top_k: int = Field(0, ge=-1)
+    #: Drop tokens less likely than ``min_p`` times the likeliest one (0: none), as vLLM's ``min_p``.
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    #: Divides positive (multiplies negative) logits of every token already in the prompt or the answer
+    #: (1: off), as Hugging Face's and vLLM's ``repetition_penalty``; applies to greedy answers too.
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    #: OpenAI's penalties on the answer's own tokens: minus ``frequency_penalty`` per time a token was
+    #: generated, minus ``presence_penalty`` once if it was (0: off).
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     #: With sampling, the same seed gives the same answer whatever batch the job lands in.
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     #: The answer ends before the first of these strings (which is not part of it).
@@ -100,7 +113,8 @@ class Message(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     role: Role
-    content: tuple[Part, ...] = Field(min_length=1)
+    #: May be empty (OpenAI takes empty and null content).
+    content: tuple[Part, ...] = ()
 
     @property
     def image_keys(self) -> list[str]:
@@ -165,12 +179,14 @@ class JobRequest(BaseModel):
 
     @model_validator(mode="after")
     def _shape(self) -> JobRequest:
-        roles = [m.role for m in self.messages]
-        if roles[-1] != Role.user:
-            raise ValueError("the conversation must end with a user turn")
-        if Role.system in roles[1:]:
-            raise ValueError("a system message may only come first")
+        if not any(m.content for m in self.messages):
+            raise ValueError("the conversation has neither text nor pictures")
         return self
+
+    @property
+    def continues(self) -> bool:
+        """The conversation ends with an assistant message, which the answer continues (a prefill)."""
+        return self.messages[-1].role == Role.assistant
 
     @property
     def image_keys(self) -> list[str]:
@@ -185,8 +201,8 @@ class JobRequest(BaseModel):
 
     @property
     def question(self) -> str:
-        """The last user turn's text."""
-        return next(m.text for m in reversed(self.messages) if m.role == Role.user)
+        """The last user turn's text ("" when there is none)."""
+        return next((m.text for m in reversed(self.messages) if m.role == Role.user), "")
 
 
 class JobResult(BaseModel):

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tuwen.pipeline.schema import MAX_NEW_TOKENS
+
 #: The example secrets of ``.env.example`` (and their like): a service refuses to start with one of them.
 PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "change-me-to-a-long-random-string", "replace-me",
                                  "secret", "password"})
@@ -62,13 +64,14 @@ class Settings(BaseSettings):
     dtype: DType = DType.auto
     #: ``none``, ``int8`` or ``nf4`` (bitsandbytes; the language model's linear layers only).
     quantization: Quantization = Quantization.none
-    #: Upper bound for generated tokens per answer (jobs may ask for fewer).
-    max_new_tokens: int = Field(64, ge=1, le=4096)
-    #: Questions longer than this (in characters, after trimming) are refused.
-    max_question_chars: int = Field(500, ge=1)
-    #: A conversation's text, all turns together, longer than this is refused before it is queued
-    #: (the worker then checks the model's own context, in tokens).
-    max_conversation_chars: int = Field(32_000, ge=1)
+    #: The server's cap on an answer's tokens. A job that asks for more is refused (``invalid_params``,
+    #: naming this cap), never quietly lowered; a job that asks for none gets what is left of the model's
+    #: context after its prompt, up to this cap.
+    max_new_tokens: int = Field(1024, ge=1, le=MAX_NEW_TOKENS)
+    #: A sanity cap on a conversation's text, all turns together, in characters: longer is refused before
+    #: it is queued. Far above any real prompt: the model's context, in tokens, is what decides
+    #: (``context_too_long``, or ``truncation: oldest_turns``).
+    max_conversation_chars: int = Field(200_000, ge=1)
     #: torch threads for a CPU worker (0: torch's default).
     torch_threads: int = Field(0, ge=0)
     #: A CPU worker's linear-layer kernels: ``onednn`` (weights packed once at load; 2-3x PyTorch's

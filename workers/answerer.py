@@ -204,8 +204,8 @@ class Answerer:
             job_id = run.job.id
             on_text = lambda piece: self.streams.text(job_id, piece)  # noqa: E731 - runs on the decode thread
         return Item(messages=tuple(messages), images=tuple(images), max_new_tokens=p.max_new_tokens,
-                    sampling=Sampling(temperature=p.temperature, top_p=p.top_p, seed=p.seed) if p.temperature else None,
-                    stop=tuple(p.stop), truncation=p.truncation.value, on_text=on_text)
+                    sampling=Sampling.of(p), stop=tuple(p.stop), truncation=p.truncation.value, on_text=on_text,
+                    continue_final=run.job.continues)
 
     @staticmethod
     def _cacheable(job: JobRequest) -> bool:

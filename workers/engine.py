@@ -41,15 +41,30 @@ _PICTURE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one row picks its tokens. ``temperature == 0`` is greedy."""
+    """How one row picks its tokens (``GenerationParams``' knobs, the same names). ``temperature == 0`` is
+    greedy; the penalties apply to greedy rows too."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    @classmethod
+    def of(cls, params: Any) -> Sampling:
+        """A job's sampling, every knob of its ``GenerationParams`` as it is."""
+        return cls(**{name: getattr(params, name) for name in cls.__dataclass_fields__})
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 @dataclass(eq=False)
@@ -85,9 +100,12 @@ class Finished:
 class _Live:
     """A row inside the running batch: its tokens, sampler and incremental detokenizer state."""
 
-    def __init__(self, row: Row, prompt_tokens: int, tokenizer: Any, joined: float) -> None:
+    def __init__(self, row: Row, prompt_tokens: int, tokenizer: Any, joined: float,
+                 prompt_ids: list[int] | None = None) -> None:
         self.row = row
         self.prompt_tokens = prompt_tokens
+        #: The prompt's token ids, kept only for a row with a repetition penalty.
+        self.prompt_ids = prompt_ids or []
         self.tokens: list[int] = []
         self.text = ""  #: decoded text so far (stop strings cut off)
         self.sent = 0  #: characters already handed to on_text
@@ -185,7 +203,10 @@ class Engine:
         deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
         real = mask.sum(-1)
         next_pos = real + (deltas.view(-1).to(real.device) if deltas is not None and positions.ndim == 3 else 0)
-        live = [_Live(r, int(n), self.tokenizer, joined) for r, n in zip(rows, real.tolist())]
+        ids = inputs["input_ids"]
+        live = [_Live(r, int(n), self.tokenizer, joined,
+                      ids[i][mask[i].bool()].tolist() if r.sampling.repetition_penalty != 1.0 else None)
+                for i, (r, n) in enumerate(zip(rows, real.tolist()))]
         self._join(live, out.cache, mask, next_pos)
         logits = out.logits[:, -1, :]
         return self._advance(logits, first=len(live))
@@ -248,9 +269,13 @@ class Engine:
 
     def _pick(self, logits: torch.Tensor, rows: list[_Live]) -> list[int]:
         early = [i for i, row in enumerate(rows) if len(row.tokens) < row.row.min_new_tokens]
-        if early:
+        penalized = [i for i, row in enumerate(rows) if row.row.sampling.penalized]
+        if early or penalized:
             logits = logits.clone()
+        if early:
             logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.eos))[None, :]] = float("-inf")
+        for i in penalized:
+            _penalize(logits[i], rows[i])
         picked = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             if row.generator is not None:
@@ -303,10 +328,30 @@ class Engine:
         return sorted(finished, key=lambda f: order[id(f.row)])
 
 
+def _penalize(logits: torch.Tensor, row: _Live) -> None:
+    """A row's penalties, in place on its logits: repetition (Hugging Face's, over the prompt and the answer),
+    then OpenAI's frequency and presence penalties over the answer."""
+    s = row.row.sampling
+    if s.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.tokens)), dtype=torch.long, device=logits.device)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
+    if row.tokens and (s.frequency_penalty or s.presence_penalty):
+        ids, counts = torch.tensor(row.tokens, dtype=torch.long).unique(return_counts=True)
+        ids, counts = ids.to(logits.device), counts.to(logits.device, logits.dtype)
+        logits[ids] -= s.frequency_penalty * counts + s.presence_penalty
+
+
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """Temperature and nucleus (top-p) sampling for one row, with the row's own generator."""
+    """Temperature, top-k, min-p and nucleus (top-p) sampling for one row, with the row's own generator."""
     scaled = logits / max(sampling.temperature, 1e-5)
+    if 0 < sampling.top_k < scaled.numel():
+        kth = scaled.topk(sampling.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
+    if sampling.min_p > 0.0:
+        probs = probs.masked_fill(probs < sampling.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p

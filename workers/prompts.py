@@ -76,11 +76,16 @@ class Prompts:
         return {int(i): t for i, t in zip(ids, self.tokens) if i is not None and i != self.tokenizer.unk_token_id}
 
     # -- rendering ------------------------------------------------------------------------------------
-    def render(self, messages: list[dict[str, Any]]) -> Prompt:
-        """The prompt for ``messages`` (Hugging Face chat format), the assistant's turn opened."""
+    def render(self, messages: list[dict[str, Any]], *, continue_final: bool = False) -> Prompt:
+        """The prompt for ``messages`` (Hugging Face chat format): the assistant's turn opened, or, with
+        ``continue_final``, the last (assistant) message left open for the answer to continue.
+
+        System messages may stand anywhere. The template gets them where they are; a template that refuses
+        that gets them merged into one system message first, and one that takes no system message at all
+        gets their text at the start of the first user message."""
         texts: list[str] = []
         marked = [self._mark(m, texts) for m in messages]
-        rendered = self.processor.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+        rendered = self._apply(marked, continue_final)
         text, spans, at = [], [], 0
         pieces = _MARK.split(rendered)  # template, index, template, index, ..., template
         for i, piece in enumerate(pieces):
@@ -96,6 +101,20 @@ class Prompts:
         self._defuse(prompt)
         prompt.specials = Counter(m.group() for m in self._pattern.finditer(prompt.text))
         return prompt
+
+    def _apply(self, messages: list[dict[str, Any]], continue_final: bool) -> str:
+        kwargs: dict[str, Any] = ({"continue_final_message": True} if continue_final and _has_text(messages[-1])
+                                  else {"add_generation_prompt": True})
+        tries = [messages, _systems_first(messages), _systems_folded(messages)]
+        for i, conversation in enumerate(tries):
+            if i and conversation == tries[i - 1]:
+                continue
+            try:
+                return str(self.processor.apply_chat_template(conversation, tokenize=False, **kwargs))
+            except Exception:  # noqa: BLE001 - the template refused this shape (jinja's raise_exception)
+                if i == len(tries) - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _mark(message: dict[str, Any], texts: list[str]) -> dict[str, Any]:
@@ -146,3 +165,38 @@ class Prompts:
             raise InvalidInput(
                 f"the prompt would hold other special tokens than its chat template wrote ({extra or 'picture tokens'}"
                 f", {pictures} pictures); refused rather than given to the model", code="unprocessable_input")
+
+
+def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return list(content or [])
+
+
+def _has_text(message: dict[str, Any]) -> bool:
+    return any(p.get("type") == "text" for p in _parts(message))
+
+
+def _system_text(messages: list[dict[str, Any]]) -> str:
+    return "\n\n".join(p["text"] for m in messages if m["role"] == "system" for p in _parts(m)
+                        if p.get("type") == "text")
+
+
+def _systems_first(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every system message's text in one system message, first."""
+    others = [m for m in messages if m["role"] != "system"]
+    if len(others) == len(messages):
+        return messages
+    return [{"role": "system", "content": _system_text(messages)}, *others]
+
+
+def _systems_folded(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """No system message: their text opens the first user message."""
+    others = [m for m in messages if m["role"] != "system"]
+    first = next((i for i, m in enumerate(others) if m["role"] == "user"), None)
+    if len(others) == len(messages) or first is None:
+        return others or messages
+    folded = dict(others[first])
+    folded["content"] = [{"type": "text", "text": _system_text(messages) + "\n\n"}, *_parts(others[first])]
+    return [*others[:first], folded, *others[first + 1:]]

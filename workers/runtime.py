@@ -61,6 +61,8 @@ class Item:
     truncation: str = "none"
     #: Streaming: called with each new piece of the answer.
     on_text: Callable[[str], None] | None = None
+    #: The conversation ends with an assistant message that the answer continues (a prefill).
+    continue_final: bool = False
 
     def conversation(self) -> tuple[list[dict[str, Any]], list[bytes | Image.Image]]:
         if self.messages:
@@ -106,7 +108,8 @@ class _Prepared:
     index: int
     messages: list[dict[str, Any]]
     images: list[Image.Image]
-    max_new_tokens: int
+    #: None: what is left of the context after the prompt, up to ``TUWEN_MAX_NEW_TOKENS``.
+    max_new_tokens: int | None
     item: Item
 
 
@@ -250,9 +253,11 @@ class Runtime:
             p, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, max_aspect_ratio=s.max_aspect_ratio)
             for p in pictures]
         if not item.messages:
-            messages[-1]["content"][-1]["text"] = check_question(item.question, max_chars=s.max_question_chars)
-        budget = min(item.max_new_tokens or s.max_new_tokens, s.max_new_tokens)
-        return _Prepared(index, messages, [img.convert("RGB") for img in images], budget, item)
+            messages[-1]["content"][-1]["text"] = check_question(item.question, max_chars=s.max_conversation_chars)
+        if item.max_new_tokens is not None and item.max_new_tokens > s.max_new_tokens:
+            raise InvalidInput(f"max_tokens is {item.max_new_tokens}, above this worker's cap of {s.max_new_tokens} "
+                               "tokens an answer (TUWEN_MAX_NEW_TOKENS)", code="invalid_params")
+        return _Prepared(index, messages, [img.convert("RGB") for img in images], item.max_new_tokens, item)
 
     @cached_property
     def max_images(self) -> int:
@@ -307,12 +312,18 @@ class Runtime:
     def _row(self, p: _Prepared) -> tuple[Any, Prompt]:
         from tuwen.workers.engine import Row, Sampling
 
-        prompt = self.prompts.render(p.messages)
+        prompt = self.prompts.render(p.messages, continue_final=p.item.continue_final)
         self.prompts.check(prompt, len(p.images))
-        row = Row(key=p.index, prompt=prompt.text, images=p.images, max_new_tokens=p.max_new_tokens,
-                  sampling=p.item.sampling or Sampling(), stop=p.item.stop, on_text=p.item.on_text,
-                  min_new_tokens=min(self.min_new_tokens, p.max_new_tokens))
+        row = Row(key=p.index, prompt=prompt.text, images=p.images, max_new_tokens=p.max_new_tokens or 1,
+                  sampling=p.item.sampling or Sampling(), stop=p.item.stop, on_text=p.item.on_text)
         return row, prompt
+
+    def _budget(self, p: _Prepared, prompt_tokens: int) -> int:
+        """The row's answer budget: as asked, or what is left of the context up to the server's cap (0: no
+        room left)."""
+        if p.max_new_tokens is not None:
+            return p.max_new_tokens
+        return max(0, min(self.settings.max_new_tokens, self.context_length - prompt_tokens))
 
     def _fit(self, batch: list[_Prepared], answers: list[Answer], engine: Any) -> tuple[list[Any], Any]:
         """Rows and their encoding, every row within the context: a conversation that is too long is
@@ -344,17 +355,21 @@ class Runtime:
                 batch = [p for i, p in enumerate(batch) if i not in wrong]
                 continue
             lengths = enc["attention_mask"].sum(-1).tolist()
-            over = [(p, n) for p, n in zip(batch, lengths) if n + p.max_new_tokens > self.context_length]
+            budgets = [self._budget(p, n) for p, n in zip(batch, lengths)]
+            over = [(p, n, b) for p, n, b in zip(batch, lengths, budgets) if not b or n + b > self.context_length]
             if not over:
+                for row, budget in zip(rows, budgets):
+                    row.max_new_tokens, row.min_new_tokens = budget, min(self.min_new_tokens, budget)
                 return rows, enc
-            for p, n in over:
+            for p, n, budget in over:
                 if p.item.truncation == "oldest_turns" and _drop_oldest_turn(p):
                     continue
+                asked = (f"with max_tokens {budget} it needs {n + budget}" if budget
+                         else "it leaves no room for an answer")
                 answers[p.index].error = InvalidInput(
-                    f"the conversation is {n} tokens; with max_tokens {p.max_new_tokens} it needs "
-                    f"{n + p.max_new_tokens}, more than the model's context of {self.context_length} tokens",
-                    code="context_too_long").as_error()
-                batch = [b for b in batch if b is not p]
+                    f"the conversation is {n} tokens; {asked}, more than the model's context of "
+                    f"{self.context_length} tokens", code="context_too_long").as_error()
+                batch = [q for q in batch if q is not p]
 
     def _encodable(self, batch: list[_Prepared], rows: list[Any], answers: list[Answer],
                    engine: Any) -> list[_Prepared]:
@@ -401,7 +416,7 @@ def _drop_oldest_turn(p: _Prepared) -> bool:
     """Drop the oldest turn after the system prompt (and that turn's pictures); never the last user turn.
     Returns False when nothing more can go."""
     first = 1 if p.messages and p.messages[0]["role"] == "system" else 0
-    last_user = max(i for i, m in enumerate(p.messages) if m["role"] == "user")
+    last_user = max((i for i, m in enumerate(p.messages) if m["role"] == "user"), default=-1)
     if first >= last_user:
         return False
     gone = p.messages.pop(first)

@@ -1,11 +1,17 @@
 """The chat request tuwen accepts (``POST /v1/chat/completions``), checked the way OpenAI answers it.
 
 ``parse_chat`` turns the JSON body into a ``ChatRequest``: the conversation (text, and pictures by URL,
-fetched later), ``GenerationParams`` and the streaming options. Anything tuwen does not do is refused
-with a 400 whose ``param`` names it (``unsupported_parameter``: ``n`` > 1, tools, ``response_format``,
-logprobs, penalties …; ``unknown_parameter`` for a name OpenAI does not have either): nothing is
-silently ignored. The limits are ``schema``'s (through ``GenerationParams``) and OpenAI's own for
-``metadata``.
+fetched later), ``GenerationParams`` and the streaming options. Parameters follow vLLM's rule:
+
+* what tuwen implements is honoured (sampling, penalties, ``top_k``, ``min_p``, ``repetition_penalty``,
+  stop strings, seeds, streaming);
+* a parameter whose effect a client relies on and tuwen cannot give is refused with a 400 whose
+  ``param`` names it (``unsupported_parameter``: ``n`` > 1, tools, a non-text ``response_format``,
+  logprobs, ``logit_bias``, audio out), unless it has its neutral value;
+* anything else is ignored, and its name goes back in the ``tuwen-ignored-params`` header
+  (``ChatRequest.ignored``) and, once per key and name, to the gateway's log.
+
+The limits are ``schema``'s (through ``GenerationParams``) and OpenAI's own for ``metadata``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ class ChatParams(BaseModel):
     temperature: float | None = Field(None, description="0 (the default here) is greedy")
     top_p: float | None = None
     seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    #: vLLM's sampling extensions, honoured per row.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -81,7 +93,9 @@ class ImageContent(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContent | ImageContent]
+    content: str | list[TextContent | ImageContent] | None = None
+    #: Accepted, not given to the model.
+    name: str | None = None
 
 
 class ChatCompletionRequest(ChatParams):
@@ -94,31 +108,23 @@ class ChatCompletionRequest(ChatParams):
 
 # -- what tuwen does not do: refused by name, unless given its neutral value ------------------------------
 _NO_TOOLS = "tuwen has no tools or function calling"
-#: name → (values that change nothing, why anything else is refused).
+#: name → (values that change nothing, why anything else is refused): parameters whose effect a client
+#: relies on and tuwen cannot give.
 REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "n": ((1,), "tuwen answers with one choice: n must be 1"),
-    "tools": (([],), _NO_TOOLS), "tool_choice": (("none",), _NO_TOOLS), "parallel_tool_calls": ((), _NO_TOOLS),
-    "functions": (([],), _NO_TOOLS), "function_call": (("none",), _NO_TOOLS),
+    "tools": (([],), _NO_TOOLS), "tool_choice": (("none", "auto"), _NO_TOOLS),
+    "functions": (([],), _NO_TOOLS), "function_call": (("none", "auto"), _NO_TOOLS),
     "response_format": (({"type": "text"},), "tuwen answers in plain text only: response_format must be "
                                              '{"type": "text"}'),
     "logprobs": ((False,), "log probabilities are not returned"),
-    "top_logprobs": ((), "log probabilities are not returned"),
+    "top_logprobs": ((0,), "log probabilities are not returned"),
     "logit_bias": (({},), "logit_bias is not supported"),
-    "frequency_penalty": ((0, 0.0), "penalties are not supported: leave them at 0"),
-    "presence_penalty": ((0, 0.0), "penalties are not supported: leave them at 0"),
     "modalities": ((["text"],), "tuwen answers in text only"),
     "audio": ((), "tuwen answers in text only"),
-    "prediction": ((), "predicted outputs are not supported"),
-    "reasoning_effort": ((), "the model does no separate reasoning"),
-    "verbosity": ((), "verbosity is not supported"),
     "web_search_options": ((), "tuwen does not search the web"),
-    "service_tier": (("auto", "default"), "tuwen has one service tier"),
-    "store": ((False,), "completions are not stored; read a job with GET /v1/jobs/{id}"),
-    "prompt_cache_key": ((), "prompt caching is not supported"),
 }
-#: Message fields tuwen does not take (tool results, function calls, names, audio).
-REFUSED_IN_MESSAGES = {"name": "message names are not supported", "tool_calls": _NO_TOOLS, "tool_call_id": _NO_TOOLS,
-                       "function_call": _NO_TOOLS, "refusal": "refusal messages are not supported",
+#: Message fields whose effect a client relies on (tool calls and their results, audio).
+REFUSED_IN_MESSAGES = {"tool_calls": _NO_TOOLS, "tool_call_id": _NO_TOOLS, "function_call": _NO_TOOLS,
                        "audio": "tuwen answers in text only"}
 ROLES = {"system": Role.system, "developer": Role.system, "user": Role.user, "assistant": Role.assistant}
 
@@ -153,6 +159,8 @@ class ChatRequest:
     metadata: dict[str, str] | None
     #: The request's content, canonical: the same request sent again has the same one (Idempotency-Key).
     fingerprint: str
+    #: Parameters tuwen ignored (``messages[0].content[1].cache_control`` for those inside the conversation).
+    ignored: tuple[str, ...] = ()
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -169,27 +177,28 @@ def json_object(body: bytes) -> dict[str, Any]:
 def parse_chat(body: bytes) -> ChatRequest:
     """The request, or an ``OpenAIError`` (400) that names the parameter at fault."""
     data = json_object(body)
+    ignored: list[str] = []
     for name, value in data.items():
         if name in REFUSED and not _neutral(value, REFUSED[name][0]):
             raise openai_error(400, "unsupported_parameter", f"{name}: {REFUSED[name][1]}", param=name)
         if name not in REFUSED and name not in ChatCompletionRequest.model_fields:
-            raise openai_error(400, "invalid_params", f"Unrecognized request argument supplied: {name}",
-                               param=printable_name(name))
+            ignored.append(printable_name(name))
     if "messages" not in data:
         raise openai_error(400, "invalid_messages", "messages is required", param="messages")
     try:
-        params = ChatParams.model_validate({k: v for k, v in data.items() if k not in REFUSED and k != "messages"})
+        params = ChatParams.model_validate({k: v for k, v in data.items() if k in ChatParams.model_fields})
     except ValidationError as exc:
         first = exc.errors()[0]
         raise openai_error(400, "invalid_params", _message(first), param=param_of(tuple(first["loc"]))) from None
     if params.stream_options is not None and not params.stream:
         raise openai_error(400, "invalid_params", "stream_options is only allowed with stream: true",
                            param="stream_options")
+    turns = parse_messages(data["messages"], ignored)
     return ChatRequest(
-        model=params.model, turns=parse_messages(data["messages"]), params=generation(params),
+        model=params.model, turns=turns, params=generation(params),
         stream=bool(params.stream), include_usage=bool(params.stream_options and params.stream_options.include_usage),
         user=params.user or params.safety_identifier, metadata=params.metadata,
-        fingerprint=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest())
+        fingerprint=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(), ignored=tuple(ignored))
 
 
 def printable_name(name: str) -> str:
@@ -209,8 +218,8 @@ def generation(params: ChatParams) -> GenerationParams:
         raise openai_error(400, "invalid_params", "give max_tokens or max_completion_tokens, not both",
                            param="max_completion_tokens")
     stop = (params.stop,) if isinstance(params.stop, str) else tuple(params.stop or ())
-    values = {"max_new_tokens": next(iter(given.values()), None), "temperature": params.temperature,
-              "top_p": params.top_p, "seed": params.seed, "stop": stop or None, "truncation": params.truncation}
+    values = {"max_new_tokens": next(iter(given.values()), None), "stop": stop or None,
+              **{name: getattr(params, name) for name in _SAMPLING}}
     try:
         return GenerationParams.model_validate({k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
@@ -220,17 +229,24 @@ def generation(params: ChatParams) -> GenerationParams:
         raise openai_error(400, "invalid_params", f"{name}: {first['msg']}", param=name or None) from None
 
 
-def parse_messages(raw: Any) -> tuple[ChatTurn, ...]:
-    """The conversation's turns; pictures stay URLs (fetched and stored once the whole request is read)."""
+#: ``ChatParams`` that go to ``GenerationParams`` under the same name.
+_SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+             "presence_penalty", "truncation")
+
+
+def parse_messages(raw: Any, ignored: list[str] | None = None) -> tuple[ChatTurn, ...]:
+    """The conversation's turns; pictures stay URLs (fetched and stored once the whole request is read).
+    Fields tuwen does not use are added to ``ignored``."""
     if not isinstance(raw, list) or not raw:
         raise openai_error(400, "invalid_messages", "messages must be a non-empty list", param="messages")
     if len(raw) > MAX_MESSAGES:
         raise openai_error(400, "invalid_messages", f"{len(raw)} messages; the limit is {MAX_MESSAGES}",
                            param="messages")
-    return tuple(_turn(m, f"messages[{i}]") for i, m in enumerate(raw))
+    skipped = ignored if ignored is not None else []
+    return tuple(_turn(m, f"messages[{i}]", skipped) for i, m in enumerate(raw))
 
 
-def _turn(message: Any, where: str) -> ChatTurn:
+def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
     if not isinstance(message, dict):
         raise openai_error(400, "invalid_messages", f"{where} must be an object", param=where)
     role = message.get("role")
@@ -240,34 +256,32 @@ def _turn(message: Any, where: str) -> ChatTurn:
         raise openai_error(400, "invalid_messages", f"{where}.role must be one of {', '.join(ROLES)}",
                            param=f"{where}.role")
     for key in message:
-        if key in REFUSED_IN_MESSAGES and message[key] is not None:
+        if key in REFUSED_IN_MESSAGES and message[key] not in (None, []):
             raise openai_error(400, "unsupported_parameter", f"{where}.{key}: {REFUSED_IN_MESSAGES[key]}",
                                param=f"{where}.{key}")
-        if key not in ("role", "content") and key not in REFUSED_IN_MESSAGES:
-            raise openai_error(400, "invalid_params", f"Unrecognized argument in {where}: {printable_name(key)}",
-                               param=f"{where}.{printable_name(key)}")
+        if key not in ("role", "content", "name") and key not in REFUSED_IN_MESSAGES:
+            ignored.append(f"{where}.{printable_name(key)}")
     content = message.get("content")
-    if isinstance(content, str):
-        return ChatTurn(ROLES[role], (content,))
-    if not isinstance(content, list) or not content:
-        raise openai_error(400, "invalid_messages", f"{where}.content must be a string or a non-empty list of parts",
+    if content is None or isinstance(content, str):
+        return ChatTurn(ROLES[role], (content,) if content else ())
+    if not isinstance(content, list):
+        raise openai_error(400, "invalid_messages", f"{where}.content must be a string, a list of parts or null",
                            param=f"{where}.content")
-    parts = tuple(_part(p, f"{where}.content[{j}]") for j, p in enumerate(content))
+    parts = tuple(_part(p, f"{where}.content[{j}]", ignored) for j, p in enumerate(content))
     if ROLES[role] != Role.user and any(isinstance(p, PictureRef) for p in parts):
         raise openai_error(400, "invalid_messages", f"{where}: only user messages may carry pictures",
                            param=f"{where}.content")
     return ChatTurn(ROLES[role], parts)
 
 
-def _part(part: Any, where: str) -> str | PictureRef:
+def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:
     kind = part.get("type") if isinstance(part, dict) else None
+    if isinstance(part, dict):
+        known = {"type", "text"} if kind == "text" else {"type", "image_url"}
+        ignored += [f"{where}.{printable_name(k)}" for k in sorted(set(part) - known)]  # cache_control …
     if kind == "text":
         # By hand, not by the model: text that is not valid Unicode (lone surrogates from JSON's \u escapes)
         # must reach the question check and get its code there, ``invalid_question``.
-        unknown = sorted(set(part) - {"type", "text"})
-        if unknown:
-            raise openai_error(400, "invalid_params", f"Unrecognized argument in {where}: {printable_name(unknown[0])}",
-                               param=f"{where}.{printable_name(unknown[0])}")
         if not isinstance(part.get("text"), str):
             raise openai_error(400, "invalid_messages", f"{where}.text must be a string", param=f"{where}.text")
         return str(part["text"])
@@ -278,7 +292,7 @@ def _part(part: Any, where: str) -> str | PictureRef:
         raise openai_error(400, "invalid_messages", f"{where} must be a part of type text or image_url",
                            param=f"{where}.type" if isinstance(part, dict) else where)
     try:
-        parsed = ImageContent.model_validate(part)
+        parsed = ImageContent.model_validate({k: v for k, v in part.items() if k in ("type", "image_url")})
     except ValidationError as exc:
         first = exc.errors()[0]
         param = where + "." + (param_of(tuple(first["loc"])) or "")

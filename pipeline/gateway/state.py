@@ -5,6 +5,8 @@ waiters, the worker census and the metrics. The routes get it through ``deps``."
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import threading
 import time
 from typing import Any
@@ -13,16 +15,20 @@ import redis
 
 from tuwen.pipeline import registry
 from tuwen.pipeline.aclient import AsyncClient
-from tuwen.pipeline.apikeys import Idempotency, KeyStore
+from tuwen.pipeline.apikeys import ApiKey, Idempotency, KeyStore
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.gateway.metrics import Metrics
+from tuwen.pipeline.gateway.responses_store import ResponseStore
 from tuwen.pipeline.gateway.settings import GatewaySettings
 from tuwen.pipeline.remote import RemotePictures
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.ssrf import UrlGuard
 from tuwen.pipeline.done import DoneListener
 from tuwen.pipeline.webhooks import Dispatcher, WebhookStore
+
+
+log = logging.getLogger("tuwen.gateway")
 
 
 class Waiters:
@@ -52,6 +58,12 @@ class Waiters:
                 parked.discard(entry)
                 if not parked:
                     self._parked.pop(job_id, None)
+
+
+#: The response header that lists the request's parameters tuwen ignored (vLLM's rule: unknown is ignored).
+IGNORED_HEADER = "tuwen-ignored-params"
+#: Most (key, parameter) pairs the gateway remembers having logged.
+_IGNORED_LOGGED = 10_000
 
 
 class WorkerCensus:
@@ -119,6 +131,8 @@ class GatewayState:
         self.redis = self.client.jobs.redis
         self.keys = KeyStore(self.redis)
         self.idempotency = Idempotency(self.redis, gw.gateway_idempotency_ttl_s)
+        #: The Responses API's stored responses (``store: true``), kept as long as job results.
+        self.responses = ResponseStore(self.redis, self.client.jobs, settings.result_ttl_s)
         self.hooks = WebhookStore(self.redis, settings.result_ttl_s)
         self.metrics = Metrics()
         self.waiters = Waiters()
@@ -130,8 +144,20 @@ class GatewayState:
             settings.max_image_bytes, gw.gateway_image_url_timeout_s)
         self.dispatcher = (Dispatcher(gw, self.client.jobs, self.hooks, self._count_webhook)
                            if gw.webhook_secret is not None else None)
+        self._ignored_logged: set[tuple[str, str]] = set()
         self.listener = DoneListener(self.redis, [self.waiters.notify]
                                      + ([self.dispatcher.job_done] if self.dispatcher else []))
+
+    def ignored(self, key: ApiKey, names: tuple[str, ...]) -> dict[str, str]:
+        """The ``tuwen-ignored-params`` header for parameters a request sent that tuwen ignored; each name is
+        logged once per key (up to ``_IGNORED_LOGGED`` pairs a process)."""
+        if not names:
+            return {}
+        fresh = [n for n in dict.fromkeys(names) if (key.id, n) not in self._ignored_logged]
+        if fresh and len(self._ignored_logged) < _IGNORED_LOGGED:
+            self._ignored_logged.update((key.id, n) for n in fresh)
+            log.info("key %s (%s) sent parameters tuwen ignores: %s", key.id, key.owner, json.dumps(fresh))
+        return {IGNORED_HEADER: ", ".join(dict.fromkeys(names))}
 
     def _count_webhook(self, outcome: str) -> None:
         self.metrics.webhooks.labels(outcome).inc()

@@ -42,15 +42,15 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
     "n > 1": ({"n": 2}, "unsupported_parameter", "n"),
     "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "unsupported_parameter",
               "tools"),
-    "tool_choice": ({"tool_choice": "auto"}, "unsupported_parameter", "tool_choice"),
+    "tool_choice": ({"tool_choice": "required"}, "unsupported_parameter", "tool_choice"),
     "functions": ({"functions": [{"name": "f", "parameters": {}}]}, "unsupported_parameter", "functions"),
     "response_format json": ({"response_format": {"type": "json_object"}}, "unsupported_parameter", "response_format"),
     "logprobs": ({"logprobs": True}, "unsupported_parameter", "logprobs"),
     "top_logprobs": ({"top_logprobs": 2}, "unsupported_parameter", "top_logprobs"),
     "logit_bias": ({"logit_bias": {"1": 5}}, "unsupported_parameter", "logit_bias"),
-    "frequency_penalty": ({"frequency_penalty": 0.5}, "unsupported_parameter", "frequency_penalty"),
-    "presence_penalty": ({"presence_penalty": -1.0}, "unsupported_parameter", "presence_penalty"),
-    "an unknown parameter": ({"extra_body": {"best_of": 2}}, "invalid_params", "best_of"),
+    "frequency_penalty out of range": ({"frequency_penalty": 2.5}, "invalid_params", "frequency_penalty"),
+    "top_k below -1": ({"extra_body": {"top_k": -2}}, "invalid_params", "top_k"),
+    "max_tokens above the server's cap": ({"max_tokens": 49}, "invalid_params", None),
     "temperature out of range": ({"temperature": 3.5}, "invalid_params", "temperature"),
     "top_p zero": ({"top_p": 0}, "invalid_params", "top_p"),
     "max_tokens too big": ({"max_tokens": 10**6}, "invalid_params", "max_tokens"),
@@ -66,8 +66,6 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
     "a tool message": ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "unsupported_parameter",
                        "messages[0].role"),
     "an unknown role": ({"messages": [{"role": "robot", "content": "x"}]}, "invalid_messages", "messages[0].role"),
-    "a named message": ({"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "unsupported_parameter",
-                        "messages[0].name"),
     "an audio part": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
         "data": "AAAA", "format": "wav"}}]}]}, "unsupported_parameter", "messages[0].content[0].type"),
     "image_url without url": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
@@ -76,15 +74,9 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
     "a picture in an assistant turn": ({"messages": [
         {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "tuwen://images/" + "0" * 64}}]},
         {"role": "user", "content": "?"}]}, "invalid_messages", "messages[0].content"),
-    "ends with an assistant turn": ({"messages": [turn(), {"role": "assistant", "content": "图中"}]},
-                                    "invalid_messages", None),
-    "no question text": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
-        "url": data_url(SAMPLE.path.read_bytes())}}]}]}, "empty_question", None),
     "too many pictures": ({"messages": [{"role": "user", "content": [
         *[{"type": "image_url", "image_url": {"url": data_url(SAMPLE.path.read_bytes())}}] * 9,
         {"type": "text", "text": "?"}]}]}, "too_many_images", None),
-    "a system turn after the first": ({"messages": [turn(), {"role": "system", "content": "be brief"}, turn()]},
-                                      "invalid_messages", None),
 }
 
 
@@ -155,6 +147,8 @@ def chat_corpus() -> dict[str, tuple[dict[str, Any], str]]:
     A case about the text or the params comes with a fresh picture."""
     cases: dict[str, tuple[dict[str, Any], str]] = {}
     for name, (image, question, kwargs, code) in REFUSED.items():
+        if code == "empty_question":
+            continue  # a picture with no text is a question in OpenAI's API (issue 22): tests/gateway/test_clients.py
         if isinstance(question, bytes):  # not UTF-8: JSON carries it as lone surrogates
             question = question.decode("utf-8", "surrogateescape")
         if image == SAMPLE.path.read_bytes():
@@ -163,10 +157,11 @@ def chat_corpus() -> dict[str, tuple[dict[str, Any], str]]:
         if "max_new_tokens" in kwargs:
             request["max_tokens"] = kwargs["max_new_tokens"]
         if "priority" in kwargs:
-            request["extra_body"] = {"priority": kwargs["priority"]}
-            code = "invalid_params"  # a /v1/jobs field, not a chat one
+            continue  # a /v1/jobs field: chat ignores it and says so (tuwen-ignored-params)
         if not isinstance(question, str):
             code = "invalid_messages"  # a text part whose text is not a string
+        if code == "question_too_long":
+            code = "conversation_too_long"  # a conversation's sanity cap is checked first
         cases[name] = (request, code)
     for name, case, code in upload_corpus():
         if set(case) <= {"image", "name"} and isinstance(case.get("image"), bytes):

@@ -44,23 +44,38 @@ def test_pictures_by_key_only_for_the_owner_who_stored_them(client: Client) -> N
 
 @pytest.mark.parametrize("turns,code", [
     ([], "invalid_messages"),
-    ([Turn("assistant", ["你好"])], "invalid_messages"),
-    ([Turn("user", ["a"]), Turn("system", ["b"]), Turn("user", ["c"])], "invalid_messages"),
     ([Turn("robot", ["a"])], "invalid_messages"),
     ([Turn("assistant", [PICTURE, "看"]), Turn("user", ["c"])], "invalid_messages"),
-    ([Turn("user", [PICTURE])], "empty_question"),
-    ([Turn("user", [PICTURE, "\u200b\ufeff "])], "empty_question"),
+    ([Turn("user", ["\u200b\ufeff "])], "empty_question"),
+    ([Turn("system", [""]), Turn("user", [""])], "empty_question"),
     ([Turn("user", [b"not a picture", "什么？"])], "unsupported_image_format"),
-    ([Turn("user", ["问" * 501])], "question_too_long"),
+    ([Turn("user", ["问" * 200_001])], "conversation_too_long"),
 ])
 def test_bad_conversations_get_codes_and_store_nothing(client: Client, turns: list[Turn], code: str) -> None:
     assert refused(client, turns) == code
 
 
+@pytest.mark.parametrize("name,turns", [
+    ("a system message after the first turn", [Turn("user", ["a"]), Turn("system", ["b"]), Turn("user", ["c"])]),
+    ("an assistant message last (a prefill to continue)", [Turn("user", [PICTURE, "什么颜色？"]),
+                                                            Turn("assistant", ["图形是"])]),
+    ("only an assistant message", [Turn("assistant", ["你好"])]),
+    ("a picture with no text", [Turn("user", [PICTURE])]),
+    ("a picture with only invisible text", [Turn("user", [PICTURE, "\u200b\ufeff "])]),
+    ("an empty turn", [Turn("user", [PICTURE, "什么颜色？"]), Turn("assistant", []), Turn("user", ["再说一遍。"])]),
+    ("a 2,000-character question", [Turn("user", [PICTURE, "问" * 2000])]),
+])
+def test_shapes_openai_takes_are_jobs(client: Client, name: str, turns: list[Turn]) -> None:
+    """Issue 22: conversation shapes OpenAI accepts were refused; the model's template decides now."""
+    job = prepare_conversation(client, turns, {})
+    assert len(job.messages) == len(turns), name
+    assert job.continues == (turns[-1].role == "assistant"), name
+
+
 def test_limits_on_pictures_text_and_params(client: Client) -> None:
     many = [Turn("user", [PICTURE] * (client.settings.max_images_per_job + 1) + ["什么颜色？"])]
     assert refused(client, many) == "too_many_images"
-    long = [Turn("user", ["历史" * 17000]), Turn("assistant", ["好"]), Turn("user", ["什么？"])]
+    long = [Turn("user", ["历史" * 100_001]), Turn("assistant", ["好"]), Turn("user", ["什么？"])]
     assert refused(client, long) == "conversation_too_long"
     assert refused(client, [Turn("user", ["什么？"])], params={"temperature": 3}) == "invalid_params"
     assert refused(client, [Turn("user", ["什么？"])], params={"stop": ["a"] * 5}) == "invalid_params"

@@ -81,14 +81,15 @@ def long_chat(turns: int) -> tuple[dict[str, Any], ...]:
 
 def test_a_conversation_longer_than_the_context_is_refused_with_counts(demo: Runtime) -> None:
     img = sample("colour-photo.png")
-    (answer,) = demo.answer_batch([Item(messages=long_chat(8), images=(img, img))])
+    (answer,) = demo.answer_batch([Item(messages=long_chat(8), images=(img, img), max_new_tokens=48)])
     assert answer.error is not None and answer.error["code"] == "context_too_long", answer
     assert str(demo.context_length) in answer.error["message"] and "48" in answer.error["message"]
 
 
 def test_oldest_turns_truncation_keeps_system_and_last_turn(demo: Runtime) -> None:
     purple, blue = sample("colour-worksheet.png"), sample("colour-photo.png")
-    (answer,) = demo.answer_batch([Item(messages=long_chat(8), images=(purple, blue), truncation="oldest_turns")])
+    (answer,) = demo.answer_batch([Item(messages=long_chat(8), images=(purple, blue), truncation="oldest_turns",
+                                        max_new_tokens=48)])
     assert answer.ok, answer.error
     assert fact("colour-photo.png") in (answer.answer or ""), "the last turn's picture must survive"
     assert answer.prompt_tokens + 48 <= demo.context_length
@@ -113,3 +114,64 @@ def test_multi_turn_multi_picture_batched_equals_alone(family: str, tmp_path: Pa
     assert all(a.ok for a in batched), [a.error for a in batched]
     assert [a.tokens for a in batched] == [a.tokens for a in alone]
     assert batched[0].prompt_tokens > batched[2].prompt_tokens, "two pictures must cost more prompt tokens"
+
+
+def test_an_answer_with_no_max_tokens_gets_the_rest_of_the_context_up_to_the_cap(demo: Runtime) -> None:
+    """Issue 22: no budget means what is left of the context (a forced-length answer runs to it), never a
+    silent 64; a budget above the worker's cap is refused, naming it, not lowered."""
+    img = sample("colour-photo.png")
+    demo.min_new_tokens = 10_000  # the benchmark hook: no end of sequence, so the budget is what ends it
+    try:
+        (whole,) = demo.answer_batch([Item(img, "图形是什么颜色的？")])
+    finally:
+        demo.min_new_tokens = 0
+    cap = demo.settings.max_new_tokens
+    assert whole.finish_reason == "length"
+    assert whole.generated_tokens == min(cap, demo.context_length - whole.prompt_tokens)
+    (over,) = demo.answer_batch([Item(img, "图形是什么颜色的？", max_new_tokens=cap + 1)])
+    assert over.error is not None and over.error["code"] == "invalid_params" and str(cap) in over.error["message"]
+
+
+def test_the_last_assistant_message_is_continued_and_system_messages_stand_anywhere(demo: Runtime) -> None:
+    img = sample("colour-photo.png")
+    colour = fact("colour-photo.png")
+    ask = user("图形是什么颜色的？", 1)
+    shapes = {
+        "prefill": Item(messages=(ask, assistant("图形是")), images=(img,), continue_final=True),
+        "system after the first turn": Item(messages=(ask, assistant(f"图形是{colour}的。"),
+                                                      {"role": "system", "content": "请简短回答。"},
+                                                      user("再说一遍，图形是什么颜色的？")), images=(img,)),
+        "a picture with no text": Item(messages=({"role": "user", "content": [{"type": "image"}]},), images=(img,)),
+    }
+    batched = demo.answer_batch(list(shapes.values()))
+    alone = [demo.answer_batch([item])[0] for item in shapes.values()]
+    assert all(a.ok for a in batched), [a.error for a in batched]
+    assert [a.tokens for a in batched] == [a.tokens for a in alone]
+    prefill, again, _ = batched
+    assert colour in (prefill.answer or "") and not (prefill.answer or "").startswith("图形是"), prefill.answer
+    assert colour in (again.answer or ""), again.answer
+
+
+def test_sampling_knobs_reach_each_row(demo: Runtime) -> None:
+    """Each row gets its own knobs, batched or alone: top-k 1 and min-p 1 keep only the likeliest token, so
+    sampling with them at temperature 1 gives the greedy answer; penalties change the logits they should."""
+    import torch
+
+    from tuwen.workers.engine import Sampling, _Live, _penalize
+
+    img = sample("colour-photo.png")
+    knobs = [Sampling(), Sampling(temperature=1.0, top_k=1, seed=7), Sampling(temperature=1.0, min_p=1.0, seed=8),
+             Sampling(temperature=1.0, seed=9), Sampling(repetition_penalty=1.3, frequency_penalty=0.5)]
+    items = [Item(img, "描述这张图片。", 24, sampling=s) for s in knobs]
+    batched = demo.answer_batch(items)
+    alone = [demo.answer_batch([item])[0] for item in items]
+    assert [a.tokens for a in batched] == [a.tokens for a in alone]
+    greedy = batched[0].tokens
+    assert batched[1].tokens == greedy and batched[2].tokens == greedy
+    # The penalties, on known logits: token 1 was in the prompt, token 2 generated twice.
+    row = Item(img, "?", 4, sampling=Sampling(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=1.0))
+    live = _Live(demo._row(demo._prepare(0, row))[0], 3, demo.processor.tokenizer, 0.0, prompt_ids=[1])
+    live.tokens = [2, 2]
+    logits = torch.tensor([1.0, 4.0, -2.0, 3.0])
+    _penalize(logits, live)
+    assert logits.tolist() == [1.0, 2.0, -4.0 - 0.5 * 2 - 1.0, 3.0]

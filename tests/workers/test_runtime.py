@@ -72,7 +72,7 @@ def test_bad_items_fail_alone_with_their_own_code(runtime: Runtime, samples) -> 
         Item(truncated, "图中是什么形状？"),
         Item("这不是图片，是一段文字。\n".encode(), "图中是什么形状？"),
         Item(good, "   "),
-        Item(good, "问" * (runtime.settings.max_question_chars + 1)),
+        Item(good, "问" * (runtime.settings.max_conversation_chars + 1)),
         Item(good, samples[1].question),
     ]
     answers = runtime.answer_batch(items)
