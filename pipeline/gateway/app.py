@@ -3,9 +3,9 @@
 ``create_app(settings, gateway)`` builds the shared state once (``state.GatewayState``: the same
 ``Client`` the Python producers use, so validation and error codes are the same), keeps it on
 ``app.state.gateway`` for the routers (``routes.jobs``; the OpenAI-compatible ``routes.chat`` and
-``routes.models``; ``routes.health``, ``routes.docs``), and puts the intake (body limits per route, strict
-UTF-8) and the metrics under them. Serve it with ``tuwen gateway serve``
-(``server``: read deadlines, connection cap); ``uvicorn --factory
+``routes.models``; ``routes.health``, ``routes.docs``), and puts the intake (body limits per route, JSON
+nesting, strict UTF-8), the metrics and the security headers (``security``) under them. Serve it with
+``tuwen gateway serve`` (``server``: read deadlines, connection cap, logging); ``uvicorn --factory
 tuwen.pipeline.gateway.app:app_from_env`` runs the same app. The walk-through: ``docs/gateway.md``.
 """
 
@@ -23,6 +23,7 @@ from tuwen.pipeline.gateway.bodylimits import CHAT_PATH, BodyLimits, chat_limit
 from tuwen.pipeline.gateway.intake import register_strict_utf8
 from tuwen.pipeline.gateway.metrics import RequestMetrics
 from tuwen.pipeline.gateway.routes import batches, chat, docs, files, health, jobs, models
+from tuwen.pipeline.gateway.security import SecurityHeaders
 from tuwen.pipeline.gateway.settings import GatewaySettings
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.settings import Settings
@@ -69,6 +70,7 @@ def create_app(settings: Settings, gateway: GatewaySettings | None = None) -> Fa
     # The routes themselves (the app lists included routers whole), to label requests by route template.
     routes = [route for router in ROUTERS for route in router.routes] + [r for r in app.routes if isinstance(r, Mount)]
     app.add_middleware(RequestMetrics, metrics=state.metrics, routes=routes)
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, an early 413 included
     return app
 
 

@@ -22,7 +22,7 @@ from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.keys import BULK, JOB
 from tuwen.pipeline.localredis import free_port
 from tuwen.pipeline.settings import Settings
-from tests.gateway.conftest import Gateway, gateway_settings, start_gateway
+from tests.gateway.conftest import UPLOAD_LIMIT, Gateway, gateway_settings, start_gateway
 from tests.gateway.test_batches_restart import GatewayProcess
 from tests.gateway.test_openai import ask
 from tuwen.workers.demo.samples import Sample, load_samples
@@ -95,13 +95,14 @@ def test_default_and_unlimited_keys(keys: KeyStore) -> None:
 def json_routes(app: FastAPI) -> list[tuple[str, str, bool]]:
     """``(method, path, answers in OpenAI's shape)`` of every route whose body is JSON, read from the app's
     own OpenAPI document (so a new JSON route is tested without being named here); the shape is the one
-    its 400 is documented with."""
+    its errors are documented with."""
     found = []
     for path, operations in app.openapi()["paths"].items():
         for method, operation in operations.items():
             if "application/json" in operation.get("requestBody", {}).get("content", {}):
-                documented = operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
-                found.append((method.upper(), path, documented.endswith("/OpenAIErrorBody")))
+                documented = [str(answer.get("content", {}).get("application/json", {}).get("schema", {}))
+                              for status, answer in operation["responses"].items() if status.startswith("4")]
+                found.append((method.upper(), path, any("/OpenAIErrorBody" in d for d in documented)))
     return found
 
 
@@ -224,3 +225,46 @@ def test_tuwen_gateway_serve_writes_the_chat_line_to_its_log(pipeline_settings: 
     assert " INFO tuwen.gateway: chat job " in line and f" of {owner}: " in line, line
     assert 'user="a\\r\\nFORGED' in line and "\r" not in log and "\u2028" not in log, log
     assert not [line for line in log.split("\n") if line.startswith("FORGED")], log
+
+
+# -- 5. security headers -----------------------------------------------------------------------------------
+PAGES = ("/docs", "/redoc", "/playground", "/static/playground.html")
+
+
+def policy(header: str) -> dict[str, str]:
+    """A Content-Security-Policy header as ``{directive: its sources}``."""
+    return {name: " ".join(sources) for name, *sources in (part.split() for part in header.split(";"))}
+
+
+def test_every_answer_says_nosniff_and_pages_allow_only_the_gateway(parked_gateway: Gateway, new_key: Keys) -> None:
+    with parked_gateway.client(new_key()) as api, parked_gateway.client() as anonymous:
+        # Given answers of every kind: JSON, text, errors of both shapes, an early 413, assets, pages
+        answers = {"health": api.get("/healthz"), "metrics": api.get("/metrics"), "spec": api.get("/openapi.json"),
+                   "404": api.get("/v1/jobs/" + "5" * 32), "401 (OpenAI)": anonymous.get("/v1/models"),
+                   "413": api.post("/v1/jobs", files={"image": ("a.png", b"\0" * (UPLOAD_LIMIT + 1), "image/png")}),
+                   "unmatched": anonymous.get("/nowhere"), "405": anonymous.post("/healthz"),
+                   "asset": anonymous.get("/docs/assets/swagger-ui.css"),
+                   "script": anonymous.get("/static/playground.js")}
+        pages = {path: anonymous.get(path) for path in PAGES}
+        redoc = anonymous.get("/docs/assets/redoc.standalone.js")
+        redoc_head = anonymous.head("/docs/assets/redoc.standalone.js")
+    assert answers["413"].status_code == 413 and answers["405"].status_code == 405
+    # Then every one says nosniff
+    assert {name: a.headers.get("x-content-type-options") for name, a in {**answers, **pages}.items()} == \
+        {name: "nosniff" for name in {**answers, **pages}}
+    for path, page in pages.items():
+        # And every page allows the gateway alone, and no framing
+        assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY", path
+        rules = policy(page.headers["content-security-policy"])
+        assert rules["default-src"] == "'self'" and rules["frame-ancestors"] == "'none'", rules
+        assert rules["script-src"].split()[0] == "'self'" and "unsafe" not in rules["script-src"], rules
+        assert "http" not in page.headers["content-security-policy"] and "*" not in page.headers["content-security-policy"]
+        # And names no other host
+        assert [url for url in re.findall(r"""https?://[^\s"'<>]+""", page.text)
+                if not url.startswith(parked_gateway.url + "/")] == [], path
+    assert "sha256-" in policy(pages["/docs"].headers["content-security-policy"])["script-src"]  # its set-up script
+    assert policy(pages["/playground"].headers["content-security-policy"])["script-src"] == "'self'"
+    # And ReDoc's script fetches no logo from a CDN
+    assert redoc.status_code == 200 and len(redoc.content) > 100_000 and b"cdn.redoc.ly" not in redoc.content
+    assert redoc_head.status_code == 200 and redoc_head.content == b""
+    assert "content-security-policy" not in answers["health"].headers

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import tuwen.pipeline.gateway
 from tests.gateway.conftest import Gateway
+from tests.gateway.test_playground import page  # noqa: F401 - the browser fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -60,3 +62,34 @@ def test_playground_and_static_files_are_served(parked_gateway: Gateway) -> None
     assert [r.status_code for r in outside] == [404, 404, 404]
     assert all(r.json()["error"]["code"] == "not_found" for r in outside[1:])
     assert posted.status_code == 405 and posted.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_the_pages_work_under_their_content_security_policy(page: Any, parked_gateway: Gateway) -> None:
+    """Swagger UI, ReDoc and the playground in a real Chromium: each renders, breaks no rule of its
+    policy (the browser reports every refused script, style, picture or fetch) and asks no other host."""
+    refused: list[str] = []
+    elsewhere: list[str] = []
+    page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+    page.on("request", lambda r: elsewhere.append(r.url)
+            if not r.url.startswith((parked_gateway.url + "/", "data:", "blob:")) else None)
+    page.add_init_script("document.addEventListener('securitypolicyviolation', e => (window.refused = "
+                         "(window.refused || []).concat([e.violatedDirective + ' ' + e.blockedURI])));")
+    seen = {}
+    # Swagger UI lists the operations, and one opens
+    page.goto(parked_gateway.url + "/docs")
+    page.wait_for_selector(".opblock-summary-path[data-path='/v1/chat/completions']", timeout=30_000)
+    page.click(".opblock-summary-path[data-path='/v1/chat/completions']")
+    page.wait_for_selector(".opblock-body", timeout=10_000)
+    seen["/docs"] = page.evaluate("window.refused || []")
+    # ReDoc renders the document (its menu and an operation), without the logo it fetched from a CDN
+    page.goto(parked_gateway.url + "/redoc")
+    page.wait_for_selector("h2:has-text('OpenAI-compatible chat completion')", timeout=30_000)
+    page.wait_for_timeout(500)
+    seen["/redoc"] = page.evaluate("window.refused || []")
+    assert page.locator("img[alt='redocly logo']").count() == 0
+    # The playground's script runs (it is a file now, not inline)
+    page.goto(parked_gateway.url + "/playground")
+    page.wait_for_function("() => typeof say === 'function' && document.querySelector('#send') !== null")
+    seen["/playground"] = page.evaluate("window.refused || []")
+    assert seen == {"/docs": [], "/redoc": [], "/playground": []} and not refused, (seen, refused)
+    assert not elsewhere, elsewhere

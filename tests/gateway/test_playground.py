@@ -49,9 +49,9 @@ def test_playground_streams_an_answer_and_a_follow_up(page: Any, gateway: Gatewa
     # Given a key pasted in, the models loaded, and a picture chosen
     page.fill("#key", new_key())
     page.dispatch_event("#key", "change")
-    page.wait_for_function("document.querySelector('#model').value.includes('@')", timeout=20_000)
+    page.wait_for_function("() => document.querySelector('#model').value.includes('@')", timeout=20_000)
     page.set_input_files("#picture", str(sample.path))
-    page.wait_for_function("document.querySelector('#preview').style.display === 'block'")
+    page.wait_for_function("() => document.querySelector('#preview').style.display === 'block'")
     # And the page noting each text the answer shows as it streams in
     page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
         const turns = document.querySelectorAll('.turn.assistant'), text = turns.length ? turns[0].textContent : '';
@@ -61,7 +61,7 @@ def test_playground_streams_an_answer_and_a_follow_up(page: Any, gateway: Gatewa
     page.fill("#question", sample.question)
     page.click("#send")
     # Then the answer appears in the conversation, streamed, and names the picture's fact
-    page.wait_for_function("document.querySelectorAll('.turn.assistant').length === 1 && "
+    page.wait_for_function("() => document.querySelectorAll('.turn.assistant').length === 1 && "
                            "!document.querySelector('#send').disabled", timeout=60_000)
     first = page.inner_text(".turn.assistant >> nth=0")
     assert all(fact in first for fact in sample.facts), first
@@ -72,7 +72,7 @@ def test_playground_streams_an_answer_and_a_follow_up(page: Any, gateway: Gatewa
     # When a follow-up is asked without a new picture
     page.fill("#question", "图中有几个圆形？请再数一数。")
     page.click("#send")
-    page.wait_for_function("document.querySelectorAll('.turn.assistant').length === 2 && "
+    page.wait_for_function("() => document.querySelectorAll('.turn.assistant').length === 2 && "
                            "!document.querySelector('#send').disabled", timeout=60_000)
     second = page.inner_text(".turn.assistant >> nth=1")
     SHOTS.mkdir(parents=True, exist_ok=True)
