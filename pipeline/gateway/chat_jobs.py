@@ -1,0 +1,129 @@
+"""One chat-style request as one job, shared by the OpenAI-compatible routes (``routes.chat``,
+``routes.responses``): queue it (pictures stored for the key's owner, once per ``Idempotency-Key``),
+wait for its outcome (bounded), or read its text as the worker generates it. Each route only shapes
+what it answers: a ``chat.completion`` and its chunks, or a ``response`` and its events.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from tuwen.pipeline.apikeys import ApiKey
+from tuwen.pipeline.conversation import Turn, prepare_conversation
+from tuwen.pipeline.gateway import sse
+from tuwen.pipeline.gateway.openai_errors import NO_RETRY, OpenAIError, as_openai, openai_error
+from tuwen.pipeline.gateway.openai_objects import SERVER_FAULTS
+from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef
+from tuwen.pipeline.gateway.pictures import picture
+from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.schema import JobResult, JobStatus, Priority
+
+#: A stream with nothing to say for this long sends a ``: keep-alive`` comment.
+KEEP_ALIVE_S = 15.0
+#: What ``json.dumps`` leaves as it is but ``str.splitlines`` (and log readers) take as a line's end.
+_LINE_ENDS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
+# -- submitting -----------------------------------------------------------------------------------------
+def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest) -> str:
+    """Get the pictures, store them for the key's owner and queue the job; returns its id."""
+    state.census.check_pictures(state.settings.interactive_queue,
+                                sum(isinstance(p, PictureRef) for t in chat.turns for p in t.parts))
+    limit = state.settings.max_image_bytes
+    turns = [Turn(t.role.value, [picture(p.url, p.param, max_bytes=limit, remote=state.pictures)
+                                 if isinstance(p, PictureRef) else p for p in t.parts]) for t in chat.turns]
+    job = prepare_conversation(state.client, turns, chat.params, owner=key.owner, priority=Priority.interactive,
+                               stream=chat.stream)
+    state.client.enqueue(job)
+    state.metrics.submitted.labels(Priority.interactive.value).inc()
+    return job.id
+
+
+def accept(state: GatewayState, key: ApiKey, chat: ChatRequest, idempotency_key: str | None) -> tuple[str, bool]:
+    """The job of this request, queued once per ``Idempotency-Key``: ``(job id, replayed)``."""
+    if idempotency_key is None:
+        return queue_job(state, key, chat), False
+    first = state.idempotency.begin(key.owner, idempotency_key, chat.fingerprint)
+    if first is not None:
+        return first, True
+    try:
+        job_id = queue_job(state, key, chat)
+    except BaseException:
+        state.idempotency.release(key.owner, idempotency_key)
+        raise
+    state.idempotency.complete(key.owner, idempotency_key, chat.fingerprint, job_id)
+    return job_id, False
+
+
+def one_line(value: Any) -> str:
+    """``value`` as JSON for the log, on one line whatever it holds: CR, LF and every other character that
+    ends a line are escaped (a ``user`` of ``"a\\r\\nFORGED …"`` cannot start a log line of its own)."""
+    return json.dumps(value, ensure_ascii=False).translate(_LINE_ENDS)
+
+
+# -- the outcome --------------------------------------------------------------------------------------------
+async def outcome(state: GatewayState, job_id: str, owner: str, timeout: float) -> JobResult:
+    """The job once it ended, or as it is when ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    result = await state.aclient.get(job_id, owner)
+    while not (result.status.terminal or result.status == JobStatus.unknown):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        await state.waiters.wait(job_id, min(left, 1.0))
+        result = await state.aclient.get(job_id, owner)
+    return result
+
+
+def failure(job_id: str, result: JobResult | None, timeout: float) -> OpenAIError:
+    """Why a queued job gave no answer, as an error that names the job (and tells the SDK not to retry:
+    a retry would queue the same question again)."""
+    if result is None or not result.status.terminal and result.status != JobStatus.unknown:
+        return openai_error(504, "timeout", f"no answer within {timeout:g}s; the job goes on: read its answer with "
+                            f"GET /v1/jobs/{job_id}", headers=NO_RETRY, job_id=job_id)
+    if result.status == JobStatus.unknown:
+        return openai_error(404, "not_found", f"job {job_id} is gone (deleted or expired)", headers=NO_RETRY,
+                            job_id=job_id)
+    error = result.error
+    code, message = (error.code, error.message) if error else (result.status.value, f"the job {result.status.value}")
+    status = 409 if result.status == JobStatus.cancelled else (
+        503 if error and error.retryable else 500 if code in SERVER_FAULTS else 400)
+    return openai_error(status, code, message, headers=NO_RETRY, job_id=job_id)
+
+
+# -- streaming ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ended:
+    """How a streamed job ended: ``result`` as it was last seen (None: a timeout, or Redis went away) and,
+    unless it succeeded, ``error``, the error to tell the client."""
+
+    result: JobResult | None
+    error: OpenAIError | None = None
+
+
+async def job_text(state: GatewayState, job_id: str, owner: str) -> AsyncGenerator[str | None | Ended, None]:
+    """The job's answer as the worker generates it: pieces of text, ``None`` when ``KEEP_ALIVE_S`` passed
+    without one (send a keep-alive), and last an ``Ended``. Bounded by ``TUWEN_GATEWAY_CHAT_TIMEOUT_S``."""
+    timeout = state.gw.gateway_chat_timeout_s
+    result: JobResult | None = None
+    try:
+        async with aclosing(sse.with_heartbeats(state.aclient.stream(job_id, timeout, owner), KEEP_ALIVE_S)) as deltas:
+            async for delta in deltas:
+                if delta is None:
+                    yield None
+                    continue
+                if delta.text:
+                    yield delta.text
+                if delta.finish_reason is not None or delta.result is not None or not delta.text:
+                    result = delta.result
+                    break
+    except Exception as exc:  # noqa: BLE001 - e.g. Redis went away mid-stream: say so, in the stream
+        yield Ended(None, as_openai(exc))
+        return
+    succeeded = result is not None and result.status == JobStatus.succeeded
+    yield Ended(result, None if succeeded else failure(job_id, result, timeout))
