@@ -31,6 +31,9 @@ BATCHES_TENDED = ROOT + "batches:tended:"
 #: the object store under ``files/<id>/``), plus ``:readers`` (the batches still reading it); and
 #: ``owner:<owner>`` (sorted set), each owner's files by time.
 FILE = ROOT + "file:"
+#: Hash per stored response of the Responses API (by job id): its owner, the request's facts and conversation
+#: (pictures as keys), and the job's result once it ended; it lives as long as the job's record.
+RESPONSE = ROOT + "response:"
 #: Hash per API key (by the key's digest), plus ``rate:<key id>`` (sorted set: the times of its requests in
 #: the rate limit's window); and the gateway's idempotency records.
 API_KEY = ROOT + "apikey:"

@@ -19,10 +19,10 @@ from starlette.routing import Mount
 
 from tuwen.pipeline.gateway import errors
 from tuwen.pipeline.gateway.batch_settings import FILES_PATH, files_limit
-from tuwen.pipeline.gateway.bodylimits import CHAT_PATH, BodyLimits, chat_limit
+from tuwen.pipeline.gateway.bodylimits import CHAT_PATH, RESPONSES_PATH, BodyLimits, chat_limit
 from tuwen.pipeline.gateway.intake import register_strict_utf8
 from tuwen.pipeline.gateway.metrics import RequestMetrics
-from tuwen.pipeline.gateway.routes import batches, chat, docs, files, health, jobs, models
+from tuwen.pipeline.gateway.routes import batches, chat, docs, files, health, jobs, models, responses
 from tuwen.pipeline.gateway.security import SecurityHeaders
 from tuwen.pipeline.gateway.settings import GatewaySettings
 from tuwen.pipeline.gateway.state import GatewayState
@@ -32,12 +32,13 @@ DESCRIPTION = (
     "看图回答问题：上传一张图片和一个中文问题，稍后取回答案（轮询、长轮询或 webhook）。\n\n"
     "Upload a picture and a question; get the answer by polling, long-polling or a signed webhook. "
     "Errors are `{\"error\": {\"code\", \"message\"}}` with stable codes. Auth: `Authorization: Bearer "
-    "<API key>` (`tuwen keys create`). `POST /v1/chat/completions` speaks OpenAI's chat API (its errors are "
-    "OpenAI's `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`).")
-ROUTERS = (jobs.router, chat.router, models.router, files.router, batches.router, health.router, docs.router)
+    "<API key>` (`tuwen keys create`). `POST /v1/chat/completions` and `POST /v1/responses` speak OpenAI's chat "
+    "and Responses APIs (their errors are OpenAI's `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`).")
+ROUTERS = (jobs.router, chat.router, responses.router, models.router, files.router, batches.router, health.router,
+           docs.router)
 TAGS = [{"name": "jobs", "description": "提交、查询、取消任务 · submit, read, cancel jobs"},
-        {"name": "chat", "description": "OpenAI-compatible chat completions and models (docs/openai.md); "
-                                        "errors in OpenAI's shape"},
+        {"name": "chat", "description": "OpenAI-compatible chat completions, responses and models "
+                                        "(docs/openai.md); errors in OpenAI's shape"},
         {"name": "ops", "description": "health, readiness and metrics"}]
 
 
@@ -66,7 +67,8 @@ def create_app(settings: Settings, gateway: GatewaySettings | None = None) -> Fa
         app.include_router(router)
     docs.mount_files(app)
     app.add_middleware(BodyLimits, limit=gw.upload_limit(settings),
-                       larger={CHAT_PATH: chat_limit(settings, gw), FILES_PATH: files_limit(gw)})
+                       larger={CHAT_PATH: chat_limit(settings, gw), RESPONSES_PATH: chat_limit(settings, gw),
+                               FILES_PATH: files_limit(gw)})
     # The routes themselves (the app lists included routers whole), to label requests by route template.
     routes = [route for router in ROUTERS for route in router.routes] + [r for r in app.routes if isinstance(r, Mount)]
     app.add_middleware(RequestMetrics, metrics=state.metrics, routes=routes)

@@ -13,6 +13,8 @@ from tuwen.pipeline.gateway.settings import GatewaySettings
 from tuwen.pipeline.settings import Settings
 
 CHAT_PATH = "/v1/chat/completions"
+#: The Responses API takes its pictures the same way, with the same limit.
+RESPONSES_PATH = "/v1/responses"
 
 
 def chat_limit(settings: Settings, gw: GatewaySettings) -> int:

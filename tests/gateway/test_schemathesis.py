@@ -50,10 +50,10 @@ def test_gateway_conforms_to_its_openapi(gateway_schema: schemathesis.BaseSchema
         if mode == GenerationMode.NEGATIVE and not list(operation.iter_parameters()):
             continue  # nothing to get wrong in GET /healthz or /metrics
 
-        # /readyz and a valid chat request answer a documented 503 here: no worker reads the parked
-        # gateway's queues.
-        checks = [c for c in CHECKS if c is not not_a_server_error or operation.path not in ("/readyz",
-                                                                                             "/v1/chat/completions")]
+        # /readyz and a valid chat or Responses request answer a documented 503 here: no worker reads the
+        # parked gateway's queues.
+        checks = [c for c in CHECKS if c is not not_a_server_error or operation.path not in (
+            "/readyz", "/v1/chat/completions", "/v1/responses")]
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=25, deadline=None, derandomize=True, database=None,
@@ -71,7 +71,8 @@ def test_schema_is_complete(gateway_schema: schemathesis.BaseSchema) -> None:
     assert {(op.method.upper(), op.path) for op in operations(gateway_schema)} == {
         ("POST", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"), ("DELETE", "/v1/jobs/{job_id}"),
         ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
-        ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
+        ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
+        ("DELETE", "/v1/responses/{response_id}"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
         ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
         ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"), ("POST", "/v1/batches"),
         ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"), ("POST", "/v1/batches/{batch_id}/cancel")}
