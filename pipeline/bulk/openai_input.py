@@ -1,10 +1,11 @@
 """A Batch API input file as a bulk's source: one line per request, ``{"custom_id", "method": "POST",
-"url": "/v1/chat/completions", "body": {…}}``, streamed from the file store part by part.
+"url": "/v1/chat/completions", "body": {…}}`` (or ``/v1/responses``: the batch's endpoint), streamed from the
+file store part by part.
 
 Only the line's frame is checked here (OpenAI refuses a file whole for these: a line that is not a JSON
 object, a missing or repeated ``custom_id``, another method or url, no body, a line too long, too many
-lines); the body is a chat completion request, parsed when the line is prepared, so a body that cannot
-be answered fails alone, as an error line.
+lines); the body is a request of the endpoint, parsed when the line is prepared, so a body that cannot be
+answered fails alone, as an error line.
 """
 
 from __future__ import annotations
@@ -70,6 +71,6 @@ class BatchInput(Source):
         if obj.get("url") != self.endpoint:
             return Record(number, cid, problem=f"url must be the batch's endpoint, {self.endpoint}", code="invalid_url")
         if not isinstance(obj.get("body"), dict):
-            return Record(number, cid, problem="body must be an object: the chat completion request",
+            return Record(number, cid, problem=f"body must be an object: the {self.endpoint} request",
                           code="missing_body")
         return Record(number, cid, request=obj["body"])

@@ -2,7 +2,9 @@
 ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``.
 
 A line that succeeded goes to the output file, its body the ``chat.completion`` exactly as
-``POST /v1/chat/completions`` answers it (``openai_objects.completion``). The others go to the error
+``POST /v1/chat/completions`` answers it (``openai_objects.completion``), or for a batch of ``/v1/responses``
+the ``response`` (``responses_objects.response_object``; what its request said, such as ``instructions``, is
+not kept with a line, so those fields are null). The others go to the error
 file: a request that was refused (before or in the model) has the status and OpenAI error body the chat
 endpoint would have answered, and ``error: null``; a line the batch itself stopped (cancelled, expired,
 its job record gone) has ``response: null`` and ``error: {code, message}``, as at OpenAI.
@@ -20,18 +22,18 @@ from tuwen.pipeline.bulk.files import OUTPUT_PURPOSE, FileStore, output_file_id
 from tuwen.pipeline.bulk.model import Bulk
 from tuwen.pipeline.bulk.outputs import result_line
 from tuwen.pipeline.bulk.records import Entry, Records
-from tuwen.pipeline.gateway.openai_objects import completion
+from tuwen.pipeline.gateway.batch_objects import RESPONSES_ENDPOINT
+from tuwen.pipeline.gateway.openai_objects import SERVER_FAULTS, completion
+from tuwen.pipeline.gateway.responses_objects import ResponseFacts, response_object
 from tuwen.pipeline.schema import JobResult, JobStatus
 
 #: Codes of a line the batch stopped, not the request (``response`` is then null).
 STOPPED = frozenset({"cancelled", "bulk_expired", "job_expired"})
-#: Failures that are tuwen's fault, not the request's: a 5xx, as the chat endpoint answers them.
-SERVER_FAULTS = frozenset({"internal_error", "model_error", "out_of_memory", "too_many_attempts"})
 #: OpenAI's error ``type`` per status (as the OpenAI-compatible routes answer).
 TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "conflict_error", 500: "server_error",
          503: "service_unavailable_error"}
 #: A request refused before it became a job, with this code, answers this status (else 400).
-REFUSED_STATUS = {"model_not_served": 404, "image_url_failed": 503, "image_fetch_failed": 503,
+REFUSED_STATUS = {"model_not_served": 404, "not_found": 404, "image_url_failed": 503, "image_fetch_failed": 503,
                   "service_unavailable": 503, "storage_unavailable": 503}
 
 
@@ -45,9 +47,7 @@ def openai_line(bulk: Bulk, entry: Entry, result: JobResult | None) -> tuple[dic
                             "error": None}
     job_id = entry.get("j")
     if result is not None and result.status == JobStatus.succeeded:
-        created = int(result.created_at or result.finished_at or time.time())
-        body = completion(result, result.model_id or "tuwen", created).model_dump(mode="json")
-        line["response"] = {"status_code": 200, "request_id": job_id, "body": body}
+        line["response"] = {"status_code": 200, "request_id": job_id, "body": answer(bulk, result)}
         return line, True
     error = result_line(entry, result, bulk.state)["error"] or {"code": "internal_error",
                                                                 "message": "the line ended without a result"}
@@ -64,6 +64,15 @@ def openai_line(bulk: Bulk, entry: Entry, result: JobResult | None) -> tuple[dic
                       "code": code}}
     line["response"] = {"status_code": status, "request_id": job_id, "body": body}
     return line, False
+
+
+def answer(bulk: Bulk, result: JobResult) -> dict[str, Any]:
+    """A succeeded line's body, as the batch's endpoint answers it."""
+    created, model = int(result.created_at or result.finished_at or time.time()), result.model_id or "tuwen"
+    if bulk.openai is not None and bulk.openai.endpoint == RESPONSES_ENDPOINT:
+        facts = ResponseFacts(created_at=created, model=model, store=False)
+        return response_object(result.id, facts, result).model_dump(mode="json")
+    return completion(result, model, created).model_dump(mode="json")
 
 
 def _chunks(records: Records, bulk: Bulk, succeeded: bool, count: list[int]) -> Iterator[bytes]:

@@ -33,7 +33,7 @@ from tuwen.pipeline.bulk.openai_input import BatchInput
 from tuwen.pipeline.bulk.store import BulkStore
 from tuwen.pipeline.errors import InvalidInput, NotFound, Unavailable
 from tuwen.pipeline.gateway.batch_lines import ChatLines
-from tuwen.pipeline.gateway.batch_objects import COMPLETION_WINDOW, ENDPOINT, WINDOW_S, BatchCreate
+from tuwen.pipeline.gateway.batch_objects import COMPLETION_WINDOW, ENDPOINTS, WINDOW_S, BatchCreate
 from tuwen.pipeline.gateway.batch_webhooks import BatchWebhooks, owed
 from tuwen.pipeline.gateway.bodylimits import chat_limit
 from tuwen.pipeline.gateway.state import GatewayState
@@ -89,9 +89,9 @@ class BatchKeeper:
     # -- the owners' side ----------------------------------------------------------------------------------
     def create(self, owner: str, body: BatchCreate) -> Bulk:
         """Record a new batch of ``owner``'s file, ``validating``; the keeper takes it from there."""
-        if body.endpoint != ENDPOINT:
-            raise InvalidInput(f"endpoint must be {ENDPOINT}: tuwen serves chat completions only",
-                               code="invalid_endpoint")
+        if body.endpoint not in ENDPOINTS:
+            raise InvalidInput(f"endpoint must be one of {', '.join(ENDPOINTS)}: tuwen serves chat completions and "
+                               "responses", code="invalid_endpoint")
         if body.completion_window != COMPLETION_WINDOW:
             raise InvalidInput(f"completion_window must be {COMPLETION_WINDOW}", code="invalid_completion_window")
         file = self.files.get(body.input_file_id, owner)
@@ -101,7 +101,7 @@ class BatchKeeper:
         if body.callback_url is not None:
             check_callback_url(body.callback_url, self.state.gw)
         bulk_id = batch_id()
-        facts = OpenAIBatch(input_file_id=file.id, endpoint=ENDPOINT, completion_window=COMPLETION_WINDOW,
+        facts = OpenAIBatch(input_file_id=file.id, endpoint=body.endpoint, completion_window=COMPLETION_WINDOW,
                             callback_url=body.callback_url)
         self.files.hold(file.id, bulk_id)
         with redis_errors():  # tended first: a batch recorded by a process that dies next is still found

@@ -1,6 +1,8 @@
-"""A Batch API line as a bulk job: its body is one chat completion request, read exactly as a
-``POST /v1/chat/completions`` body is (``openai_request.parse_chat``, ``pictures.picture``), then prepared
-as a bulk-priority job of the batch (``conversation.prepare_conversation``).
+"""A Batch API line as a bulk job: its body is one request of the batch's endpoint, read exactly as a
+``POST /v1/chat/completions`` body (``openai_request.parse_chat``) or a ``POST /v1/responses`` body
+(``responses_request.parse_responses``, a ``previous_response_id`` continued as there) is, its pictures got
+as there (``pictures.picture``), then prepared as a bulk-priority job of the batch
+(``conversation.prepare_conversation``). A line's response is not stored: the output file holds it.
 
 An adapter between two shapes: the chat code refuses with ``OpenAIError`` (an HTTP answer), a bulk line
 with ``InvalidInput`` (an error line), so ``ChatLines`` turns one into the other, code and message kept.
@@ -16,8 +18,10 @@ from tuwen.pipeline.bulk.model import Bulk
 from tuwen.pipeline.conversation import Turn, prepare_conversation
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.gateway.openai_errors import OpenAIError, openai_error
+from tuwen.pipeline.gateway.batch_objects import RESPONSES_ENDPOINT
 from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef, parse_chat
 from tuwen.pipeline.gateway.pictures import picture
+from tuwen.pipeline.gateway.responses_request import parse_responses
 from tuwen.pipeline.gateway.routes.models import aliases
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JobRequest, Priority
@@ -29,15 +33,24 @@ def parse_line(body: Any) -> ChatRequest:
 
 
 class ChatLines:
-    """The ``LinePreparer`` of a batch's lines: each body a chat completion request, answered whole
-    (``stream`` is refused), by the served model (``model`` as the chat endpoint takes it)."""
+    """The ``LinePreparer`` of a batch's lines: each body a request of the batch's endpoint (a chat
+    completion, or a response), answered whole (``stream`` is refused), by the served model (``model`` as
+    the endpoint takes it)."""
 
     def __init__(self, state: GatewayState) -> None:
         self.state = state
 
+    def request(self, body: Any, bulk: Bulk) -> ChatRequest:
+        """The line's body as the job it asks for."""
+        if bulk.openai is None or bulk.openai.endpoint != RESPONSES_ENDPOINT:
+            return parse_line(body)
+        ask = parse_responses(json.dumps(body).encode())
+        previous = ask.previous_response_id
+        return ask.as_chat(self.state.responses.history(previous, bulk.owner) if previous else ())
+
     def __call__(self, rec: Record, bulk: Bulk, job_id: str) -> JobRequest:
         try:
-            chat = parse_line(rec.request)
+            chat = self.request(rec.request, bulk)
             if chat.stream:
                 raise openai_error(400, "unsupported_parameter", "stream: a batch line is answered whole, not "
                                    "streamed", param="stream")

@@ -16,6 +16,9 @@ from tuwen.pipeline.gateway.openai_request import MAX_METADATA, MAX_METADATA_KEY
 from tuwen.pipeline.schema import MAX_URL_CHARS, WebhookView
 
 ENDPOINT = "/v1/chat/completions"
+RESPONSES_ENDPOINT = "/v1/responses"
+#: The endpoints a batch's lines may go to: each line's body is a request of that endpoint.
+ENDPOINTS = (ENDPOINT, RESPONSES_ENDPOINT)
 COMPLETION_WINDOW = "24h"
 WINDOW_S = 24 * 3600.0
 #: What a batch id or a bulk id looks like (``batch_…`` over HTTP, ``bulk_…`` from ``tuwen bulk submit``).
@@ -141,9 +144,10 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     input_file_id: str = Field(pattern=FILE_ID_PATTERN, max_length=80, examples=[EXAMPLE_FILE_ID],
-                               description="a file uploaded with purpose `batch`: one chat completion request "
+                               description="a file uploaded with purpose `batch`: one request of the endpoint "
                                            "per line")
-    endpoint: str = Field(json_schema_extra={"enum": [ENDPOINT]}, description="the only endpoint tuwen serves")
+    endpoint: str = Field(json_schema_extra={"enum": list(ENDPOINTS)},
+                          description="the endpoint of every line: chat completions or responses")
     completion_window: str = Field(json_schema_extra={"enum": [COMPLETION_WINDOW]})
     metadata: dict[Annotated[str, Field(max_length=MAX_METADATA_KEY)],
                    Annotated[str, Field(max_length=MAX_METADATA_VALUE)]] | None = Field(
