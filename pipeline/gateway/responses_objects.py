@@ -24,6 +24,8 @@ ERROR_CODES = {"corrupt_image": "image_parse_error", "invalid_image": "invalid_i
                "image_too_large": "image_file_too_large", "image_not_found": "image_file_not_found",
                "invalid_image_url": "invalid_image_url", "image_fetch_failed": "failed_to_download_image",
                "image_url_failed": "failed_to_download_image", "rate_limited": "rate_limit_exceeded"}
+#: OpenAI's codes (not tuwen's: those are ``tuwen_code``) for a failure that is tuwen's fault, and the request's.
+SERVER_ERROR, INVALID_PROMPT = "server_error", "invalid_prompt"
 
 
 def response_id(job_id: str) -> str:
@@ -149,10 +151,10 @@ def status_of(result: JobResult | None) -> str:
 def error_of(info: ErrorInfo | None, status: JobStatus) -> ResponseError:
     """A failed job's error; a job whose record is gone (deleted with ``DELETE /v1/jobs``) failed too."""
     if status == JobStatus.unknown or info is None:
-        return ResponseError(code="server_error", message="the job is gone (deleted or expired)",
+        return ResponseError(code=SERVER_ERROR, message="the job is gone (deleted or expired)",
                              tuwen_code="not_found")
-    openai = ERROR_CODES.get(info.code) or ("server_error" if info.code in SERVER_FAULTS or info.retryable
-                                            else "invalid_prompt")
+    openai = ERROR_CODES.get(info.code) or (SERVER_ERROR if info.code in SERVER_FAULTS or info.retryable
+                                            else INVALID_PROMPT)
     return ResponseError(code=openai, message=info.message, tuwen_code=info.code)
 
 
