@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e '.[worker,gateway,flower,dev]'
+	$(PIP) install -q -e '.[worker,gateway,flower,dev,clients]'
 	touch $@
 
 # Debian packages the demo and the tests run: redis-server and rabbitmq-server (the fixtures start private

@@ -80,6 +80,25 @@ def build_llava(path: Path) -> None:
     _finish(model, processor, path, tok.eos_token_id, tok.bos_token_id)
 
 
+def build_llava_long(path: Path, context: int = 4096, gain: float = 1.0) -> None:
+    """The LLaVA-1.5 recipe with a long context (the demo model's is 512 positions). ``gain`` scales the
+    language model's matrices: at 1 a random model's greedy text settles on one token at once; at about 6
+    it wanders through many tokens for hundreds of steps, as a trained model's answer does."""
+    import torch
+
+    from tuwen.workers.demo.build import build_model, build_processor
+
+    processor = build_processor()
+    torch.manual_seed(0)
+    model = build_model(processor, context=context)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "language_model" in name and weight.dim() == 2:
+                weight.mul_(gain)
+    tok = processor.tokenizer
+    _finish(model, processor, path, tok.eos_token_id, tok.bos_token_id)
+
+
 def build_llava_next(path: Path) -> None:
     """LLaVA-NeXT: tiles from ``image_grid_pinpoints`` plus a base view, ``LlavaNextProcessor``."""
     import torch

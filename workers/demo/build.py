@@ -106,8 +106,9 @@ def build_processor() -> LlavaProcessor:
     )
 
 
-def build_model(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A fresh, randomly initialised tiny LLaVA-1.5 (CLIP ViT + MLP projector + Llama)."""
+def build_model(processor: LlavaProcessor, seed: int = 0, context: int = 512) -> LlavaForConditionalGeneration:
+    """A fresh, randomly initialised tiny LLaVA-1.5 (CLIP ViT + MLP projector + Llama) with ``context``
+    positions."""
     import torch
 
     tok = processor.tokenizer
@@ -117,7 +118,7 @@ def build_model(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditional
     )
     text = LlamaConfig(
         vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=context,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         tie_word_embeddings=True,
     )

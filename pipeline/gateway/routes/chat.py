@@ -97,7 +97,8 @@ async def create_chat_completion(key: Submitter, state: State, request: Request,
     job_id, replayed = await run_in_threadpool(accept, state, key, chat, idempotency_key)
     log.info("chat job %s of %s: user=%s metadata=%s%s", job_id, key.owner, one_line(chat.user),
              one_line(chat.metadata), " (replayed)" if replayed else "")
-    headers = {"X-Tuwen-Job-Id": job_id, **({"Idempotent-Replayed": "true"} if replayed else {})}
+    headers = {"X-Tuwen-Job-Id": job_id, **({"Idempotent-Replayed": "true"} if replayed else {}),
+               **state.ignored(key, chat.ignored)}
     if chat.stream:
         return StreamingResponse(relay(state, job_id, key.owner, model, created, chat.include_usage),
                                  media_type=sse.MEDIA_TYPE, headers={**sse.HEADERS, **headers})
