@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
+from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role
 
 #: OpenAI's limits on ``metadata``: 16 pairs, keys up to 64 characters, values up to 512.
@@ -164,9 +165,13 @@ class ChatRequest:
 
 
 def json_object(body: bytes) -> dict[str, Any]:
-    """A request body that must be one JSON object, or a 400 ``invalid_request``."""
+    """A request body that must be one JSON object, or a 400 ``invalid_request``. (The intake refuses JSON
+    nested too deep before any route reads it; a body that claimed to be a form was not checked, so its
+    RecursionError is the same 400 ``invalid_json`` here, not a 500.)"""
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise openai_error(400, "invalid_json", f"the JSON body is nested deeper than {MAX_NESTING} levels") from None
     except (ValueError, UnicodeDecodeError):
         raise openai_error(400, "invalid_request", "the body is not valid JSON") from None
     if not isinstance(data, dict):

@@ -121,18 +121,20 @@ def test_deep_json_is_refused_on_every_json_route(parked_gateway: Gateway, parke
     owner = f"owner-{uuid.uuid4().hex[:10]}"
     redis = connect(parked_settings.redis_url)
     jobs_before = set(redis.scan_iter(JOB + "*"))
-    # Given bodies nested deeper than the limit: the review's 1,200 [ and metadata nested 1,200 and 33 deep
-    bodies = {"1,200 [": b"[" * 1200,
-              "metadata 1,200 deep": ('{"model": "tuwen", "messages": [{"role": "user", "content": "?"}], '
-                                      f'"metadata": {nested(1199)}}}').encode(),
-              "metadata 33 deep": f'{{"metadata": {nested(32)}}}'.encode(),
-              "no content type": b"[" * 1200}
+    # Given bodies nested deeper than the limit: the review's 1,200 [ and metadata nested 1,200 and 33 deep,
+    # sent as JSON, without a content type, and claiming to be a form (which the intake does not read as JSON)
+    json_type, form_type = {"Content-Type": "application/json"}, {"Content-Type": "multipart/form-data; boundary=b"}
+    bodies = {"1,200 [": (json_type, b"[" * 1200),
+              "metadata 1,200 deep": (json_type, ('{"model": "tuwen", "messages": [{"role": "user", "content": "?"}], '
+                                                  f'"metadata": {nested(1199)}}}').encode()),
+              "metadata 33 deep": (json_type, f'{{"metadata": {nested(32)}}}'.encode()),
+              "no content type": ({}, b"[" * 1200),
+              "claimed to be a form": (form_type, b"[" * 1200)}
     answers = {}
     with parked_gateway.client(new_key(owner)) as api, caplog.at_level(logging.WARNING, "tuwen"):
         for method, path, _ in routes:
             url = re.sub(r"\{[^}]+\}", "x", path)
-            for name, body in bodies.items():
-                kind = {} if name == "no content type" else {"Content-Type": "application/json"}
+            for name, (kind, body) in bodies.items():
                 answers[method, path, name] = api.request(method, url, content=body, headers=kind)
             # (a body exactly as deep as the limit is read, and refused for what it says)
             limit = api.request(method, url, content=f'{{"metadata": {nested(31)}}}'.encode(),
@@ -255,10 +257,11 @@ def test_every_answer_says_nosniff_and_pages_allow_only_the_gateway(parked_gatew
     for path, page in pages.items():
         # And every page allows the gateway alone, and no framing
         assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY", path
-        rules = policy(page.headers["content-security-policy"])
+        header = page.headers["content-security-policy"]
+        rules = policy(header)
         assert rules["default-src"] == "'self'" and rules["frame-ancestors"] == "'none'", rules
         assert rules["script-src"].split()[0] == "'self'" and "unsafe" not in rules["script-src"], rules
-        assert "http" not in page.headers["content-security-policy"] and "*" not in page.headers["content-security-policy"]
+        assert "http" not in header and "*" not in header, header
         # And names no other host
         assert [url for url in re.findall(r"""https?://[^\s"'<>]+""", page.text)
                 if not url.startswith(parked_gateway.url + "/")] == [], path

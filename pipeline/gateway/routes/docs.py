@@ -66,7 +66,7 @@ def swagger_ui(request: Request) -> HTMLResponse:
                                swagger_favicon_url=f"{assets}/favicon.png",
                                # No badge fetched from validator.swagger.io: nothing leaves the page.
                                swagger_ui_parameters={"validatorUrl": None})
-    page.headers["Content-Security-Policy"] = content_security_policy(page.body)  # its set-up script, by hash
+    page.headers["Content-Security-Policy"] = content_security_policy(bytes(page.body))  # its set-up script, by hash
     return page
 
 
