@@ -78,6 +78,8 @@ REFUSED: dict[str, tuple[bytes, object, dict[str, object], str]] = {
     "negative max_new_tokens": (sample_png(), Q, {"max_new_tokens": -5}, "invalid_params"),
     "zero max_new_tokens": (sample_png(), Q, {"max_new_tokens": 0}, "invalid_params"),
     "huge max_new_tokens": (sample_png(), Q, {"max_new_tokens": 10**9}, "invalid_params"),
+    # The tests' TUWEN_MAX_NEW_TOKENS is 48: one more is refused (naming the cap), never lowered.
+    "max_new_tokens above the server's cap": (sample_png(), Q, {"max_new_tokens": 49}, "invalid_params"),
     "unknown priority": (sample_png(), Q, {"priority": "urgent!!"}, "invalid_params"),
 }
 
