@@ -1,9 +1,11 @@
 """API keys for the HTTP gateway: Bearer tokens, stored hashed in Redis, each key one owner.
 
-A token reads ``tw_<key id>_<secret>``. Redis keeps only the token's SHA-256 (the token has 256 bits of
-randomness, so a slow hash adds nothing) under ``tuwen:apikey:id:<key id>``; a Redis dump holds no
-usable token. The key id is public: it names the key in ``tuwen keys list`` and ``revoke``. Several
-keys may share an owner (rotation); jobs belong to owners, not keys.
+A token reads ``sk-tw-<key id>-<secret>``: it starts with ``sk-``, as clients that check a key's shape
+(VLMEvalKit's OpenAI wrapper) insist. Tokens made before read ``tw_<key id>_<secret>`` and keep working.
+Redis keeps only the token's SHA-256 (the token has 256 bits of randomness, so a slow hash adds nothing)
+under ``tuwen:apikey:id:<key id>``; a Redis dump holds no usable token. The key id is public: it names
+the key in ``tuwen keys list`` and ``revoke``. Several keys may share an owner (rotation); jobs belong to
+owners, not keys.
 
 Rate limit: a sliding window per key, the key's own limit or the gateway's default: no 60 s span
 passes more than the limit (a fixed wall-clock minute let twice the limit through across a minute's
@@ -48,7 +50,11 @@ if redis.call('ZCARD', KEYS[1]) < limit then
 end
 return redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
 """
-_TOKEN = re.compile(r"^tw_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
+#: The token's prefix: ``sk-`` first, as OpenAI's keys (some clients refuse any other), then ``tw-``.
+PREFIX = "sk-tw-"
+#: A token, new (``sk-tw-<id>-<secret>``) or made before the ``sk-`` prefix (``tw_<id>_<secret>``); the
+#: key id is always 12 hex digits, so the secret's own ``-`` and ``_`` cannot blur where it ends.
+_TOKEN = re.compile(r"^(?:sk-tw-([0-9a-f]{12})-|tw_([0-9a-f]{12})_)[A-Za-z0-9_-]{20,128}$")
 _OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
@@ -99,7 +105,7 @@ class KeyStore:
         if rate_limit_per_minute is not None and rate_limit_per_minute < 0:
             raise InvalidInput("rate limit must be 0 (unlimited) or more", code="invalid_params")
         key_id = secrets.token_hex(6)
-        token = f"tw_{key_id}_{secrets.token_urlsafe(32)}"
+        token = f"{PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
         key = ApiKey(id=key_id, owner=owner, name=name[:200], created_at=time.time(),
                      rate_limit_per_minute=rate_limit_per_minute)
         fields = {"hash": token_hash(token), "owner": owner, "name": key.name, "created_at": repr(key.created_at)}
@@ -138,7 +144,7 @@ class KeyStore:
         match = _TOKEN.match(token)
         if not match:
             return None
-        key_id = match.group(1)
+        key_id = match.group(1) or match.group(2)
         with redis_errors():
             fields = self.redis.hgetall(_record(key_id))
         if not fields or not hmac.compare_digest(str(fields.get("hash", "")), token_hash(token)):

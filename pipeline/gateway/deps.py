@@ -14,7 +14,7 @@ from tuwen.pipeline.gateway.models import EXAMPLE_JOB_ID
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JOB_ID_MAX, JOB_ID_MIN, JOB_ID_PATTERN
 
-bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer tw_…`")
+bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer sk-tw-…`")
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import io
 import json
+import secrets
 import socket
 import struct
 import threading
@@ -22,6 +23,7 @@ from PIL import Image
 from tuwen.pipeline.apikeys import KeyStore
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import PREFIX
+from tuwen.pipeline.keys import API_KEY
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.webhooks import Dispatcher, WebhookStore, check_callback_url, sign, verify
 from tests.gateway.conftest import SECRET, UPLOAD_LIMIT, Gateway, Receiver, gateway_settings, start_gateway
@@ -342,7 +344,7 @@ def test_other_owners_get_404_and_bad_keys_401(parked_gateway: Gateway, new_key:
     assert missing.headers["WWW-Authenticate"] == "Bearer"
     assert forged.json()["error"]["code"] == "invalid_api_key"
     # A revoked key stops working at once; tokens are stored only as hashes
-    key_id = owner_token.split("_")[1]
+    key_id = owner_token.removeprefix("sk-tw-")[:12]
     keys.revoke(key_id)
     with parked_gateway.client(owner_token) as api:
         assert api.get(f"/v1/jobs/{job['id']}").status_code == 401
@@ -523,7 +525,7 @@ def test_keys_cli_creates_lists_and_revokes(pipeline_settings: Settings, parked_
                                        "--json"], env=env)
     assert created.exit_code == 0, created.output
     key = json.loads(created.output)
-    assert key["token"].startswith(f"tw_{key['id']}_") and key["owner"] == "school-a" and key["name"] == "网站"
+    assert key["token"].startswith(f"sk-tw-{key['id']}-") and key["owner"] == "school-a" and key["name"] == "网站"
     with parked_gateway.client(key["token"]) as api:
         assert api.get("/v1/jobs/" + "3" * 32).status_code == 404  # authenticated; no such job
     listed = runner.invoke(keys_app, ["list", "--json"], env=env)
@@ -534,3 +536,30 @@ def test_keys_cli_creates_lists_and_revokes(pipeline_settings: Settings, parked_
         assert api.get("/v1/jobs/" + "3" * 32).status_code == 401
     assert runner.invoke(keys_app, ["revoke", "000000000000"], env=env).exit_code == 2
     assert runner.invoke(keys_app, ["create", "--owner", "bad owner!"], env=env).exit_code == 2
+
+
+def test_keys_made_before_the_sk_prefix_keep_working(parked_gateway: Gateway, keys: KeyStore) -> None:
+    # Given a key stored as tuwen stored them before tokens began with sk- (tw_<key id>_<secret>)
+    key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    old = f"tw_{key_id}_{secret}"
+    keys.redis.hset(f"{API_KEY}id:{key_id}", mapping={"hash": hashlib.sha256(old.encode()).hexdigest(),
+                                                      "owner": "school-old", "name": "old", "created_at": "1.0"})
+    keys.redis.sadd(f"{API_KEY}ids", key_id)
+    # And a key made now
+    new_key, new_token = keys.create("school-new", "new")
+    assert new_token.startswith(f"sk-tw-{new_key.id}-") and old.startswith("tw_")
+    # When each is used
+    with parked_gateway.client(old) as api, parked_gateway.client(new_token) as new:
+        by_old, by_new = api.get("/v1/jobs/" + "3" * 32), new.get("/v1/jobs/" + "3" * 32)
+    # Then both authenticate (404: no such job, not 401) as their owners
+    assert by_old.status_code == 404 and by_new.status_code == 404, (by_old.text, by_new.text)
+    owners = [getattr(keys.authenticate(token), "owner", None) for token in (old, new_token)]
+    assert owners == ["school-old", "school-new"]
+    # And neither form's secret works under the other form, nor a changed secret, nor a bare prefix
+    for forged in (f"sk-tw-{key_id}-{secret}", f"tw_{new_key.id}_{new_token[-43:]}", old[:-4] + "AAAA",
+                   new_token[:-4] + "AAAA", f"sk-{old}", "sk-tw-", "sk-" + "x" * 48):
+        assert keys.authenticate(forged) is None, forged
+    # And revoking the old key works as for any other
+    keys.revoke(key_id)
+    with parked_gateway.client(old) as api:
+        assert api.get("/v1/jobs/" + "3" * 32).status_code == 401
