@@ -23,15 +23,13 @@ from tuwen.pipeline.bulk.model import Bulk
 from tuwen.pipeline.bulk.outputs import result_line
 from tuwen.pipeline.bulk.records import Entry, Records
 from tuwen.pipeline.gateway.batch_objects import RESPONSES_ENDPOINT
+from tuwen.pipeline.gateway.errors import error_body
 from tuwen.pipeline.gateway.openai_objects import SERVER_FAULTS, completion
 from tuwen.pipeline.gateway.responses_objects import ResponseFacts, response_object
 from tuwen.pipeline.schema import JobResult, JobStatus
 
 #: Codes of a line the batch stopped, not the request (``response`` is then null).
 STOPPED = frozenset({"cancelled", "bulk_expired", "job_expired"})
-#: OpenAI's error ``type`` per status (as the OpenAI-compatible routes answer).
-TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "conflict_error", 500: "server_error",
-         503: "service_unavailable_error"}
 #: A request refused before it became a job, with this code, answers this status (else 400).
 REFUSED_STATUS = {"model_not_served": 404, "not_found": 404, "image_url_failed": 503, "image_fetch_failed": 503,
                   "service_unavailable": 503, "storage_unavailable": 503}
@@ -60,8 +58,7 @@ def openai_line(bulk: Bulk, entry: Entry, result: JobResult | None) -> tuple[dic
     else:
         retryable = bool(result.error and result.error.retryable)
         status = 503 if retryable else 500 if code in SERVER_FAULTS else 400
-    body = {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": None,
-                      "code": code}}
+    body = error_body(status, code, message)  # as the gateway answers it
     line["response"] = {"status_code": status, "request_id": job_id, "body": body}
     return line, False
 

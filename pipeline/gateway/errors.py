@@ -1,13 +1,19 @@
-"""The error envelope: every error answer is ``{"error": {"code", "message"}}`` with a stable code.
+"""The error envelope: every error answer of the gateway is OpenAI's ``{"error": {"message", "type",
+"param", "code"}}`` with a stable tuwen ``code`` (``error_body`` builds it, for tuwen's routes and the
+OpenAI-compatible ones alike), so any OpenAI client reads any error, a 404 for a made-up path included.
+``type`` follows from the status (``TYPES``, OpenAI's names); ``param`` names the request field at fault,
+or is null. Clients of tuwen's own routes that read ``code`` and ``message`` read them as before.
 
 ``install`` registers the handlers that turn tuwen's errors (``InvalidInput`` → 422, ``Unavailable`` →
-503 with ``Retry-After`` …), Redis outages, validation errors and HTTP errors into that envelope.
+503 with ``Retry-After`` …), Redis outages, validation errors and HTTP errors (an unknown path's 404, a
+wrong method's 405 with ``Allow``) into that envelope.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import redis
 from fastapi import FastAPI, Request, Response
@@ -25,6 +31,28 @@ log = logging.getLogger("tuwen.gateway")
 _FIELD_CODES = {"max_new_tokens": "invalid_params", "priority": "invalid_params", "wait": "invalid_params",
                 "callback_url": "invalid_callback_url", "Idempotency-Key": "invalid_idempotency_key",
                 "job_id": "not_found"}
+
+
+#: OpenAI's error ``type`` per status; any other 4xx is an ``invalid_request_error``, any other 5xx a
+#: ``server_error`` (``error_type``). The one mapping of the gateway.
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "invalid_request_error", 405: "invalid_request_error", 409: "conflict_error",
+         413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+         503: "service_unavailable_error", 504: "timeout_error"}
+#: The longest request path an error message quotes.
+_PATH_CHARS = 200
+
+
+def error_type(status: int) -> str:
+    """OpenAI's ``error.type`` for an answer with this status."""
+    return TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status: int, code: str, message: str, *, param: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """The body of every error answer: ``{"error": {"message", "type", "param", "code", …extra}}``."""
+    return {"error": {"message": printable(message), "type": error_type(status), "param": param, "code": code,
+                      **extra}}
 
 
 def printable(text: str) -> str:
@@ -52,9 +80,20 @@ def no_such_job(job_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no job {job_id}")
 
 
-def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": printable(message)}}, status_code=status,
-                        headers=headers)
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None, *,
+                   param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, code, message, param=param), status_code=status, headers=headers)
+
+
+def param_of(loc: tuple[Any, ...]) -> str | None:
+    """``("body", "messages", 0, "content")`` → ``messages[0].content``, as OpenAI names parameters."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("body", "header", "query", "path"):
+            out += ("." if out else "") + str(part)
+    return out or None
 
 
 def status_of(exc: TuwenError) -> int:
@@ -107,14 +146,30 @@ async def _crashed(_: Request, exc: Exception) -> Response:
 async def _invalid(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     code, message = validation_code(exc)
-    return error_response(404 if code == "not_found" else 422, code, message)
+    if code == "not_found":  # a malformed job id: the same answer as for one that does not exist
+        return error_response(404, code, message)
+    errors = list(exc.errors())
+    return error_response(422, code, message, param=param_of(tuple(errors[0]["loc"])) if errors else None)
 
 
-async def _http_error(_: Request, exc: Exception) -> Response:
+def http_error_message(request: Request, exc: HTTPException) -> str:
+    """The message of an HTTP error: the router's bare 404 and 405 say which path and method, as OpenAI's
+    ``Invalid URL (GET /v1/nope)`` does; any other keeps its own detail."""
+    path = request.url.path
+    where = f"{request.method} {path[:_PATH_CHARS]}{'…' if len(path) > _PATH_CHARS else ''}"
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return f"Invalid URL ({where}): there is no such route"
+    if exc.status_code == 405 and exc.detail == "Method Not Allowed":
+        allowed = (exc.headers or {}).get("Allow", "")
+        return f"Method not allowed ({where})" + (f": this path takes {allowed}" if allowed else "")
+    return str(exc.detail)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = getattr(exc, "code", None) or {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
                                           413: "request_too_large"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+    return error_response(exc.status_code, code, http_error_message(request, exc), exc.headers)
 
 
 def install(app: FastAPI) -> None:

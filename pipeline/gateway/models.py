@@ -17,8 +17,12 @@ EXAMPLE_JOB_ID = "5f0c6a1e9b2d4c7a8e3f1b2c3d4e5f60"
 
 
 class ErrorDetail(BaseModel):
-    code: str = Field(examples=["empty_question"])
+    """OpenAI's error fields, on every route: match on ``code`` (docs/errors.md), show ``message``."""
+
     message: str = Field(examples=["the question is empty"])
+    type: str = Field(examples=["invalid_request_error"], description="OpenAI's error type, from the status")
+    param: str | None = Field(None, examples=["question"], description="the request field at fault, if known")
+    code: str = Field(examples=["empty_question"])
 
 
 class ErrorBody(BaseModel):

@@ -3,7 +3,8 @@
 ``AuthenticationError``, 404 ``NotFoundError``, 429 ``RateLimitError`` …). The codes are tuwen's own.
 
 ``OpenAIRoute`` answers every error of its routes this way, whatever raised it (a dependency, the
-body, tuwen's ``InvalidInput``, Redis); tuwen's own routes keep their ``{"error": {"code", "message"}}``.
+body, tuwen's ``InvalidInput``, Redis), with OpenAI's statuses (tuwen's 422 is OpenAI's 400). The body is
+``errors.error_body``'s, the envelope of tuwen's own routes too: one shape, one status-to-type mapping.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from tuwen.pipeline.errors import TuwenError
-from tuwen.pipeline.gateway.errors import printable, status_of, validation_code
+from tuwen.pipeline.gateway.errors import error_body, status_of, validation_code
+from tuwen.pipeline.gateway.errors import param_of as param_of
 
 log = logging.getLogger("tuwen.gateway")
 
-#: OpenAI's error ``type`` per status.
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-         429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
 #: Once a job is queued, a retry would queue a second one: the SDK is told not to retry (its
 #: ``x-should-retry`` header); the error carries the job id to read instead.
 NO_RETRY = {"x-should-retry": "false"}
@@ -45,13 +43,8 @@ class OpenAIError(Exception):
         self.job_id = job_id
 
     def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"message": printable(self.message),
-                                 "type": TYPES.get(self.status, "server_error" if self.status >= 500 else
-                                                   "invalid_request_error"),
-                                 "param": self.param, "code": self.code}
-        if self.job_id is not None:
-            error["job_id"] = self.job_id
-        return {"error": error}
+        extra = {"job_id": self.job_id} if self.job_id is not None else {}
+        return error_body(self.status, self.code, self.message, param=self.param, **extra)
 
     def response(self) -> JSONResponse:
         headers = {**self.headers, **({"X-Tuwen-Job-Id": self.job_id} if self.job_id else {})}
@@ -62,17 +55,6 @@ def openai_error(status: int, code: str, message: str, *, param: str | None = No
                  headers: Mapping[str, str] | None = None, job_id: str | None = None) -> OpenAIError:
     """The error to raise (or answer) for ``code``, one of ``errors.ErrorCode``'s."""
     return OpenAIError(status, code, message, param=param, headers=headers, job_id=job_id)
-
-
-def param_of(loc: tuple[Any, ...]) -> str | None:
-    """``("body", "messages", 0, "content")`` → ``messages[0].content``, as OpenAI names parameters."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part not in ("body", "header", "query", "path"):
-            out += ("." if out else "") + str(part)
-    return out or None
 
 
 def as_openai(exc: Exception) -> OpenAIError:

@@ -291,3 +291,71 @@ def test_pictures_past_the_served_familys_limit_are_refused_before_anything_is_s
     assert chat_gateway.settings.max_images_per_job > 4
     assert stored(client) == before
     client.close()
+
+
+# -- one error shape on every route ------------------------------------------------------------------------------
+FIELDS = {"message", "type", "param", "code"}
+
+
+def test_every_error_answer_has_openais_four_fields(parked_gateway: Gateway, new_key: Keys) -> None:
+    token = new_key()
+    png = SAMPLE.path.read_bytes()
+    # Given requests each route family refuses: made-up paths, wrong methods, tuwen's own routes, no key
+    with parked_gateway.client(token) as api, parked_gateway.client() as anonymous:
+        answers = {
+            "made-up path": api.get("/v1/nope"),
+            "made-up path, no key": anonymous.post("/v1/nope/deeper?x=1", json={}),
+            "wrong method, chat": api.delete("/v1/chat/completions"),
+            "wrong method, jobs": api.put("/v1/jobs"),
+            "no such job": api.get("/v1/jobs/" + "0" * 32),
+            "malformed job id": api.get("/v1/jobs/nope"),
+            "bad form field": api.post("/v1/jobs", files={"image": ("a.png", png, "image/png")},
+                                       data={"question": "图中有几个圆形？", "max_new_tokens": "lots"}),
+            "no key": anonymous.get("/v1/jobs/" + "0" * 32),
+            "bad key, models": api.get("/v1/models", headers={"Authorization": "Bearer sk-tw-nope"}),
+            "chat, bad body": api.post("/v1/chat/completions", content=b"{", headers={"Content-Type": "application/json"}),
+        }
+    # Then each is OpenAI's {"error": {"message", "type", "param", "code"}}, type following the status
+    want = {"made-up path": (404, "not_found", "invalid_request_error"),
+            "made-up path, no key": (404, "not_found", "invalid_request_error"),
+            "wrong method, chat": (405, "method_not_allowed", "invalid_request_error"),
+            "wrong method, jobs": (405, "method_not_allowed", "invalid_request_error"),
+            "no such job": (404, "not_found", "invalid_request_error"),
+            "malformed job id": (404, "not_found", "invalid_request_error"),
+            "bad form field": (422, "invalid_params", "invalid_request_error"),
+            "no key": (401, "unauthorized", "authentication_error"),
+            "bad key, models": (401, "invalid_api_key", "authentication_error"),
+            "chat, bad body": (400, "invalid_request", "invalid_request_error")}
+    got = {name: (a.status_code, a.json()["error"]["code"], a.json()["error"]["type"]) for name, a in answers.items()}
+    assert got == want, {name: answers[name].text for name in got if got[name] != want[name]}
+    for name, answer in answers.items():
+        assert set(answer.json()) == {"error"} and set(answer.json()["error"]) == FIELDS, (name, answer.text)
+        assert answer.headers["content-type"] == "application/json", name
+    # And the field is named where it is known, and null elsewhere
+    assert answers["bad form field"].json()["error"]["param"] == "max_new_tokens"
+    assert answers["made-up path"].json()["error"]["param"] is None
+    # And a made-up path and a wrong method say which, the 405 with the methods the path takes
+    assert answers["made-up path"].json()["error"]["message"] == "Invalid URL (GET /v1/nope): there is no such route"
+    assert answers["wrong method, chat"].headers["allow"] == "POST"
+    assert "DELETE /v1/chat/completions" in answers["wrong method, chat"].json()["error"]["message"]
+    assert answers["wrong method, jobs"].headers["allow"] == "POST"
+    # And a job that does not exist is still answered byte for byte as before for any id
+    assert answers["no such job"].json() == {"error": {"message": f"no job {'0' * 32}", "type": "invalid_request_error",
+                                                       "param": None, "code": "not_found"}}
+
+
+def test_the_sdk_raises_its_own_classes_for_a_made_up_path_and_a_wrong_method(parked_gateway: Gateway,
+                                                                             new_key: Keys) -> None:
+    with sdk(parked_gateway, new_key()) as client:
+        # When the SDK asks for a path tuwen does not serve
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.get("/nope", cast_to=object)
+        # And for a method a path does not take
+        with pytest.raises(openai.APIStatusError) as wrong:
+            client.delete("/chat/completions", cast_to=object)
+    # Then it reads tuwen's code and OpenAI's type from the body, as for any OpenAI error
+    assert (missing.value.status_code, missing.value.code, missing.value.type) == (404, "not_found",
+                                                                                   "invalid_request_error")
+    assert missing.value.param is None and "/v1/nope" in missing.value.message
+    assert (wrong.value.status_code, wrong.value.code) == (405, "method_not_allowed")
+    assert wrong.value.response.headers["allow"] == "POST"
