@@ -30,6 +30,8 @@ class ErrorCode(str, Enum):
     # -- the request ---------------------------------------------------------------------------------
     invalid_input = ("invalid_input", "The request is refused as it is; sending it again unchanged cannot help.")
     invalid_request = ("invalid_request", "The HTTP request is malformed (a field missing or of the wrong type).")
+    invalid_json = ("invalid_json", "A JSON request body nests arrays and objects deeper than 32 levels (refused "
+                    "before it is parsed).")
     invalid_params = ("invalid_params", "A generation parameter or form field is unknown, repeated or out of range.")
     invalid_messages = ("invalid_messages", "The conversation's shape is wrong: roles, order, or a picture outside "
                         "a user message.")
@@ -48,8 +50,9 @@ class ErrorCode(str, Enum):
                            "prompt would hold special tokens its chat template did not write, or the processor "
                            "failed on it alone); the message says why. Its batch-mates are answered.")
     request_too_large = ("request_too_large", "The request body is larger than the gateway accepts.")
-    unsupported_parameter = ("unsupported_parameter", "A chat completions parameter tuwen does not support "
-                             "(n > 1, tools, response_format, logprobs...); the error's param names it.")
+    unsupported_parameter = ("unsupported_parameter", "A chat completions or Responses parameter tuwen does not "
+                             "support (n > 1, tools, a non-text response_format or text.format, reasoning, "
+                             "background, logprobs...); the error's param names it.")
     method_not_allowed = ("method_not_allowed", "This path does not take this HTTP method.")
     http_error = ("http_error", "Another HTTP-level refusal; the status code says which.")
     # -- pictures ------------------------------------------------------------------------------------
@@ -58,28 +61,35 @@ class ErrorCode(str, Enum):
     missing_image = ("missing_image", "A bulk line names no picture.")
     corrupt_image = ("corrupt_image", "The picture's data is damaged or truncated.")
     unsupported_image_format = ("unsupported_image_format", "Not a PNG, JPEG, GIF, WebP, BMP, TIFF, HEIF or AVIF.")
-    image_too_large = ("image_too_large", "The picture file is larger than TUWEN_MAX_IMAGE_BYTES.")
+    image_too_large = ("image_too_large", "The picture file is larger than TUWEN_MAX_IMAGE_BYTES (an upload, a "
+                       "data: URL, or a remote picture, by its Content-Length or as its bytes arrive).")
     image_too_many_pixels = ("image_too_many_pixels", "The picture has more pixels than TUWEN_MAX_IMAGE_PIXELS "
                              "(checked before decoding).")
     bad_aspect_ratio = ("bad_aspect_ratio", "The picture is longer than TUWEN_MAX_ASPECT_RATIO times its width, "
                         "or the other way round.")
     image_not_found = ("image_not_found", "No such picture for this owner: missing, expired, outside the images "
                        "folder, or stored by someone else (all worded alike).")
-    image_url_not_allowed = ("image_url_not_allowed", "A remote picture URL whose host is not allow-listed, or "
-                             "that points at a private address.")
+    image_url_not_allowed = ("image_url_not_allowed", "A remote picture URL tuwen will not fetch: remote pictures "
+                             "are off (TUWEN_GATEWAY_IMAGE_URLS=false), its host is not in "
+                             "TUWEN_GATEWAY_IMAGE_URL_HOSTS (when that is set), or it resolves or redirects to a "
+                             "loopback, private, link-local or other non-public address.")
     invalid_image_url = ("invalid_image_url", "An image_url that is not a data: URL, a tuwen://images/<sha256> key "
                          "or an http(s) URL.")
     unsupported_image_encoding = ("unsupported_image_encoding", "A data: URL that is not base64-encoded.")
-    image_url_failed = ("image_url_failed", "A remote picture could not be fetched (status, timeout or size).",
-                        True)
-    image_fetch_failed = ("image_fetch_failed", "A remote picture could not be fetched (status, timeout or size).",
-                          True)
+    image_url_failed = ("image_url_failed", "A remote picture could not be fetched: its server answered an error "
+                        "status (a retry may help after a 5xx or 429, not after a 404), broke the connection, sent "
+                        "it encoded (gzip), or redirected to a URL that is not http(s).", True)
+    image_url_timeout = ("image_url_timeout", "A remote picture did not arrive whole within "
+                         "TUWEN_GATEWAY_IMAGE_URL_TIMEOUT_S (resolving, connecting, redirects and the body together).",
+                         True)
+    image_url_too_many_redirects = ("image_url_too_many_redirects", "A remote picture URL redirected more than "
+                                    "TUWEN_GATEWAY_IMAGE_URL_MAX_REDIRECTS times.")
     file_not_found = ("file_not_found", "A local file the command was given does not exist.")
     file_not_readable = ("file_not_readable", "A local file exists but cannot be read (permissions, a folder, "
                          "a FIFO).")
     # -- jobs and bulks ------------------------------------------------------------------------------
-    not_found = ("not_found", "No such job for this owner (never submitted, expired, deleted, or another "
-                 "owner's: all worded alike).")
+    not_found = ("not_found", "No such job or stored response for this owner (never submitted, expired, "
+                 "deleted, not stored, or another owner's: all worded alike).")
     cancelled = ("cancelled", "The job was cancelled before it ran.")
     already_finished = ("already_finished", "The job has ended; it can no longer be cancelled.")
     too_many_attempts = ("too_many_attempts", "The job was started TUWEN_MAX_ATTEMPTS times without finishing "
@@ -97,9 +107,10 @@ class ErrorCode(str, Enum):
                          "of at most 512 characters.")
     duplicate_custom_id = ("duplicate_custom_id", "Two lines of an input file have the same custom_id.")
     invalid_method = ("invalid_method", "A Batch API line's method is not POST.")
-    invalid_url = ("invalid_url", "A Batch API line's url is not the batch's endpoint (/v1/chat/completions).")
-    missing_body = ("missing_body", "A Batch API line has no body object (the chat completion request).")
-    line_too_long = ("line_too_long", "A Batch API line is longer than one chat completions request may be "
+    invalid_url = ("invalid_url", "A Batch API line's url is not the batch's endpoint (/v1/chat/completions or "
+                   "/v1/responses).")
+    missing_body = ("missing_body", "A Batch API line has no body object (the request of the batch's endpoint).")
+    line_too_long = ("line_too_long", "A Batch API line is longer than one chat or Responses request may be "
                      "(TUWEN_GATEWAY_MAX_CHAT_BYTES).")
     too_many_lines = ("too_many_lines", "A Batch API input file has more lines than TUWEN_MAX_BATCH_LINES.")
     empty_file = ("empty_file", "The input file has no lines.")
@@ -111,8 +122,8 @@ class ErrorCode(str, Enum):
                     "owner's: all worded alike).")
     file_in_use = ("file_in_use", "The file is the input of a batch that is still reading it; delete it once "
                    "the batch has ended.", True)
-    invalid_endpoint = ("invalid_endpoint", "A batch for another endpoint than /v1/chat/completions (the only one "
-                        "tuwen serves).")
+    invalid_endpoint = ("invalid_endpoint", "A batch for another endpoint than /v1/chat/completions or "
+                        "/v1/responses (the ones tuwen serves).")
     invalid_completion_window = ("invalid_completion_window", "A batch's completion_window is not 24h.")
     batch_ended = ("batch_ended", "The batch has ended (completed, failed or expired); it can no longer be "
                    "cancelled.")

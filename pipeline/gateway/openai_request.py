@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
+from tuwen.pipeline.gateway.openai_params import NO_TOOLS, REFUSED, REFUSED_IN_MESSAGES, ROLES, SAMPLING, neutral
 from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role
 
@@ -107,33 +108,6 @@ class ChatCompletionRequest(ChatParams):
                                      {"type": "text", "text": "图中有几个圆形？"}]}]])
 
 
-# -- what tuwen does not do: refused by name, unless given its neutral value ------------------------------
-_NO_TOOLS = "tuwen has no tools or function calling"
-#: name → (values that change nothing, why anything else is refused): parameters whose effect a client
-#: relies on and tuwen cannot give.
-REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((1,), "tuwen answers with one choice: n must be 1"),
-    "tools": (([],), _NO_TOOLS), "tool_choice": (("none", "auto"), _NO_TOOLS),
-    "functions": (([],), _NO_TOOLS), "function_call": (("none", "auto"), _NO_TOOLS),
-    "response_format": (({"type": "text"},), "tuwen answers in plain text only: response_format must be "
-                                             '{"type": "text"}'),
-    "logprobs": ((False,), "log probabilities are not returned"),
-    "top_logprobs": ((0,), "log probabilities are not returned"),
-    "logit_bias": (({},), "logit_bias is not supported"),
-    "modalities": ((["text"],), "tuwen answers in text only"),
-    "audio": ((), "tuwen answers in text only"),
-    "web_search_options": ((), "tuwen does not search the web"),
-}
-#: Message fields whose effect a client relies on (tool calls and their results, audio).
-REFUSED_IN_MESSAGES = {"tool_calls": _NO_TOOLS, "tool_call_id": _NO_TOOLS, "function_call": _NO_TOOLS,
-                       "audio": "tuwen answers in text only"}
-ROLES = {"system": Role.system, "developer": Role.system, "user": Role.user, "assistant": Role.assistant}
-
-
-def _neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
-    return value is None or any(type(value) is type(a) and value == a for a in allowed)
-
-
 # -- the parsed request ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PictureRef:
@@ -184,7 +158,7 @@ def parse_chat(body: bytes) -> ChatRequest:
     data = json_object(body)
     ignored: list[str] = []
     for name, value in data.items():
-        if name in REFUSED and not _neutral(value, REFUSED[name][0]):
+        if name in REFUSED and not neutral(value, REFUSED[name][0]):
             raise openai_error(400, "unsupported_parameter", f"{name}: {REFUSED[name][1]}", param=name)
         if name not in REFUSED and name not in ChatCompletionRequest.model_fields:
             ignored.append(printable_name(name))
@@ -224,7 +198,7 @@ def generation(params: ChatParams) -> GenerationParams:
                            param="max_completion_tokens")
     stop = (params.stop,) if isinstance(params.stop, str) else tuple(params.stop or ())
     values = {"max_new_tokens": next(iter(given.values()), None), "stop": stop or None,
-              **{name: getattr(params, name) for name in _SAMPLING}}
+              **{name: getattr(params, name) for name in SAMPLING}}
     try:
         return GenerationParams.model_validate({k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
@@ -232,11 +206,6 @@ def generation(params: ChatParams) -> GenerationParams:
         field = str(first["loc"][0]) if first["loc"] else ""
         name = next(iter(given), "max_tokens") if field == "max_new_tokens" else field
         raise openai_error(400, "invalid_params", f"{name}: {first['msg']}", param=name or None) from None
-
-
-#: ``ChatParams`` that go to ``GenerationParams`` under the same name.
-_SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
-             "presence_penalty", "truncation")
 
 
 def parse_messages(raw: Any, ignored: list[str] | None = None) -> tuple[ChatTurn, ...]:
@@ -256,7 +225,7 @@ def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
         raise openai_error(400, "invalid_messages", f"{where} must be an object", param=where)
     role = message.get("role")
     if role in ("tool", "function"):
-        raise openai_error(400, "unsupported_parameter", f"{where}.role: {_NO_TOOLS}", param=f"{where}.role")
+        raise openai_error(400, "unsupported_parameter", f"{where}.role: {NO_TOOLS}", param=f"{where}.role")
     if not isinstance(role, str) or role not in ROLES:
         raise openai_error(400, "invalid_messages", f"{where}.role must be one of {', '.join(ROLES)}",
                            param=f"{where}.role")

@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
 from tuwen.pipeline.gateway.openai_request import (
-    EXAMPLE_PICTURE, MAX_METADATA, MAX_METADATA_KEY, MAX_METADATA_VALUE, ROLES, ChatRequest, ChatTurn, PictureRef,
+    EXAMPLE_PICTURE, MAX_METADATA, MAX_METADATA_KEY, MAX_METADATA_VALUE, ChatRequest, ChatTurn, PictureRef,
     json_object, printable_name)
+from tuwen.pipeline.gateway.openai_params import ROLES
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role, Truncation
 
 #: OpenAI's ``truncation`` → tuwen's: ``auto`` drops the oldest turns of a conversation too long for the model.

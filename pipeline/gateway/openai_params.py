@@ -1,0 +1,41 @@
+"""What the chat API does with each OpenAI parameter, by vLLM's rule: what tuwen implements is honoured
+(``SAMPLING``, mapped to ``GenerationParams`` under the same names); what a client relies on and tuwen
+cannot give is refused by name unless it has its neutral value (``REFUSED``); anything else is ignored
+and named in the ``tuwen-ignored-params`` header (``openai_request.parse_chat``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuwen.pipeline.schema import Role
+
+# -- what tuwen does not do: refused by name, unless given its neutral value ------------------------------
+NO_TOOLS = "tuwen has no tools or function calling"
+#: name → (values that change nothing, why anything else is refused): parameters whose effect a client
+#: relies on and tuwen cannot give.
+REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((1,), "tuwen answers with one choice: n must be 1"),
+    "tools": (([],), NO_TOOLS), "tool_choice": (("none", "auto"), NO_TOOLS),
+    "functions": (([],), NO_TOOLS), "function_call": (("none", "auto"), NO_TOOLS),
+    "response_format": (({"type": "text"},), "tuwen answers in plain text only: response_format must be "
+                                             '{"type": "text"}'),
+    "logprobs": ((False,), "log probabilities are not returned"),
+    "top_logprobs": ((0,), "log probabilities are not returned"),
+    "logit_bias": (({},), "logit_bias is not supported"),
+    "modalities": ((["text"],), "tuwen answers in text only"),
+    "audio": ((), "tuwen answers in text only"),
+    "web_search_options": ((), "tuwen does not search the web"),
+}
+#: Message fields whose effect a client relies on (tool calls and their results, audio).
+REFUSED_IN_MESSAGES = {"tool_calls": NO_TOOLS, "tool_call_id": NO_TOOLS, "function_call": NO_TOOLS,
+                       "audio": "tuwen answers in text only"}
+ROLES = {"system": Role.system, "developer": Role.system, "user": Role.user, "assistant": Role.assistant}
+
+
+def neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
+    return value is None or any(type(value) is type(a) and value == a for a in allowed)
+
+
+#: ``ChatParams`` that go to ``GenerationParams`` under the same name.
+SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+            "presence_penalty", "truncation")
