@@ -1,12 +1,12 @@
 """The SSRF guard: may tuwen make a request to this URL, and to which address exactly?
 
-Anything tuwen fetches or calls on a user's behalf (webhook callbacks today, remote pictures next)
-goes through a ``UrlGuard``. The host must match the allow-list; the host is resolved and *every*
-address must be public (loopback, private, link-local, reserved, the 6to4 relay range … are refused
-unless ``allow_private``); an IPv6 address that embeds an IPv4 one (mapped, compatible, SIIT, NAT64,
-6to4, Teredo) must pass with that IPv4 address too. ``UrlGuard.target`` returns the URL pinned to the
-address that was checked (Host header and TLS SNI keep the name), so DNS rebinding cannot slip in
-between the check and the request. The caller decides the error codes: the guard raises
+Anything tuwen fetches or calls on a user's behalf (webhook callbacks, remote pictures, each hop of a
+redirect) goes through a ``UrlGuard``. The host must match the allow-list (``*``: any host); the host
+is resolved and *every* address must be public (loopback, private, link-local, reserved, the 6to4 relay
+range … are refused unless ``allow_private``); an IPv6 address that embeds an IPv4 one (mapped,
+compatible, SIIT, NAT64, 6to4, Teredo) must pass with that IPv4 address too. ``UrlGuard.target`` returns
+the URL pinned to the address that was checked (Host header and TLS SNI keep the name), so DNS rebinding
+cannot slip in between the check and the request. The caller decides the error codes: the guard raises
 ``InvalidUrl`` or ``ForbiddenTarget``.
 """
 

@@ -31,7 +31,7 @@ from tuwen.pipeline.schema import JobResult, JobStatus
 #: Codes of a line the batch stopped, not the request (``response`` is then null).
 STOPPED = frozenset({"cancelled", "bulk_expired", "job_expired"})
 #: A request refused before it became a job, with this code, answers this status (else 400).
-REFUSED_STATUS = {"model_not_served": 404, "not_found": 404, "image_url_failed": 503, "image_fetch_failed": 503,
+REFUSED_STATUS = {"model_not_served": 404, "not_found": 404, "image_url_failed": 503, "image_url_timeout": 503,
                   "service_unavailable": 503, "storage_unavailable": 503}
 
 

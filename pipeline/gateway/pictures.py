@@ -1,5 +1,5 @@
 """A chat request's pictures, from their ``image_url``: ``data:`` URLs (base64), ``tuwen://images/<sha256>``
-(a picture this owner stored before) and http(s) URLs on allow-listed hosts (``tuwen.pipeline.remote``).
+(a picture this owner stored before) and http(s) URLs at public addresses (``tuwen.pipeline.remote``).
 
 The bytes are validated and stored by ``prepare_conversation`` like any upload; this module only gets
 them, with a code and the request field for every way a URL can be wrong.

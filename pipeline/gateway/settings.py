@@ -44,13 +44,20 @@ class GatewaySettings(WebhookSettings, BatchSettings):
     #: Largest chat request body (pictures come base64-encoded in the JSON), counted while it streams in.
     #: 0: one picture of ``max_image_bytes`` as a data: URL, plus 1 MiB.
     gateway_max_chat_bytes: int = Field(0, ge=0)
-    #: Hosts whose http(s) picture URLs the chat API fetches: ``cdn.example.com``, ``*.example.com``
-    #: (comma-separated in env). Empty: remote picture URLs are refused with ``image_url_not_allowed``.
+    #: Fetch the http(s) picture URLs of chat and Responses requests (and batch lines), from public
+    #: addresses only (the SSRF guard). false: every one is refused with ``image_url_not_allowed``.
+    gateway_image_urls: bool = True
+    #: Only these hosts' picture URLs are fetched: ``cdn.example.com``, ``*.example.com`` (comma-separated in
+    #: env). Empty: any host whose addresses are all public.
     gateway_image_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    #: Allow picture URLs at loopback / private addresses (off: the SSRF guard refuses them).
+    #: For tests only: let picture URLs reach loopback and private addresses (off: the SSRF guard refuses
+    #: them, on every redirect too, whatever the hosts list says).
     gateway_image_url_allow_private: bool = False
-    #: A remote picture must arrive whole within this many seconds (and ``max_image_bytes``).
+    #: A remote picture must arrive whole within this many seconds, resolving, connecting and redirects
+    #: included, however slowly it trickles (``image_url_timeout``); and within ``max_image_bytes``.
     gateway_image_url_timeout_s: float = Field(10.0, gt=0, le=120)
+    #: Redirects a picture URL may take, each checked by the SSRF guard; more: ``image_url_too_many_redirects``.
+    gateway_image_url_max_redirects: int = Field(3, ge=0, le=10)
     #: More names for the served model in a chat request's ``model`` (comma-separated in env);
     #: ``tuwen`` always is one.
     gateway_model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -139,9 +139,10 @@ class GatewayState:
         self.census = WorkerCensus(self.redis, [settings.interactive_queue, settings.bulk_queue])
         #: Job state on the event loop (chat waits and streams), and the chat API's remote pictures.
         self.aclient = AsyncClient(settings)
-        self.pictures = RemotePictures(
-            UrlGuard(tuple(gw.gateway_image_url_hosts), gw.gateway_image_url_allow_private, what="image_url"),
-            settings.max_image_bytes, gw.gateway_image_url_timeout_s)
+        self.pictures = RemotePictures(  # no hosts listed: any host, at public addresses only
+            UrlGuard(tuple(gw.gateway_image_url_hosts) or ("*",), gw.gateway_image_url_allow_private, what="image_url"),
+            settings.max_image_bytes, gw.gateway_image_url_timeout_s, max_redirects=gw.gateway_image_url_max_redirects,
+            enabled=gw.gateway_image_urls)
         self.dispatcher = (Dispatcher(gw, self.client.jobs, self.hooks, self._count_webhook)
                            if gw.webhook_secret is not None else None)
         self._ignored_logged: set[tuple[str, str]] = set()

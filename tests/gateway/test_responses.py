@@ -310,7 +310,7 @@ def test_the_documented_snippet_runs_as_written(responses_gateway: Gateway, new_
     snippet = re.search(r"```python\n(.*?)```", section, re.S)
     assert snippet is not None
     code = snippet.group(1).replace("http://127.0.0.1:8000/v1", responses_gateway.url + "/v1")
-    code = code.replace("tw_3f9c…", new_key())
+    code = code.replace("sk-tw-3f9c…", new_key())
     sample = load_samples()[4]
     assert sample.question in code
     (tmp_path / "worksheet.png").write_bytes(sample.path.read_bytes())
