@@ -31,9 +31,9 @@ from tuwen.pipeline.settings import Settings
 DESCRIPTION = (
     "看图回答问题：上传一张图片和一个中文问题，稍后取回答案（轮询、长轮询或 webhook）。\n\n"
     "Upload a picture and a question; get the answer by polling, long-polling or a signed webhook. "
-    "Errors are `{\"error\": {\"code\", \"message\"}}` with stable codes. Auth: `Authorization: Bearer "
-    "<API key>` (`tuwen keys create`). `POST /v1/chat/completions` and `POST /v1/responses` speak OpenAI's chat "
-    "and Responses APIs (their errors are OpenAI's `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`).")
+    "Every error is OpenAI's `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`, `code` one of tuwen's "
+    "stable codes. Auth: `Authorization: Bearer <API key>` (`tuwen keys create`). `POST /v1/chat/completions` "
+    "and `POST /v1/responses` speak OpenAI's chat and Responses APIs.")
 ROUTERS = (jobs.router, chat.router, responses.router, models.router, files.router, batches.router, health.router,
            docs.router)
 TAGS = [{"name": "jobs", "description": "提交、查询、取消任务 · submit, read, cancel jobs"},

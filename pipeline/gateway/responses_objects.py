@@ -22,8 +22,9 @@ STATUSES = {JobStatus.queued: "queued", JobStatus.running: "in_progress", JobSta
 ERROR_CODES = {"corrupt_image": "image_parse_error", "invalid_image": "invalid_image",
                "unsupported_image_format": "unsupported_image_media_type", "empty_image": "empty_image_file",
                "image_too_large": "image_file_too_large", "image_not_found": "image_file_not_found",
-               "invalid_image_url": "invalid_image_url", "image_fetch_failed": "failed_to_download_image",
-               "image_url_failed": "failed_to_download_image", "rate_limited": "rate_limit_exceeded"}
+               "invalid_image_url": "invalid_image_url", "image_url_not_allowed": "invalid_image_url",
+               "image_url_failed": "failed_to_download_image", "image_url_timeout": "failed_to_download_image",
+               "image_url_too_many_redirects": "failed_to_download_image", "rate_limited": "rate_limit_exceeded"}
 #: OpenAI's codes (not tuwen's: those are ``tuwen_code``) for a failure that is tuwen's fault, and the request's.
 SERVER_ERROR, INVALID_PROMPT = "server_error", "invalid_prompt"
 

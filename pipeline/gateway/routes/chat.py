@@ -88,8 +88,8 @@ def inline(schema: dict[str, Any]) -> dict[str, Any]:
                         **error_responses(400, 401, 404, 409, 413, 429, 500, 503, 504)})
 async def create_chat_completion(key: Submitter, state: State, request: Request,
                                  idempotency_key: IdempotencyKey = None) -> Any:
-    """One conversation turn: text and pictures (`data:` URLs, `tuwen://images/<sha256>`, allow-listed
-    http(s)) in, the assistant's answer out, whole or streamed. Errors are OpenAI's `{"error": {"message",
+    """One conversation turn: text and pictures (`data:` URLs, `tuwen://images/<sha256>`, http(s) at
+    public addresses) in, the assistant's answer out, whole or streamed. Errors are OpenAI's `{"error": {"message",
     "type", "param", "code"}}`; the tuwen job id comes in the `X-Tuwen-Job-Id` header."""
     chat = parse_chat(await request.body())
     model = await run_in_threadpool(served_model, state, chat.model)

@@ -122,8 +122,8 @@ def create_body() -> dict[str, Any]:
                         **error_responses(400, 401, 404, 409, 413, 429, 500, 503, 504)})
 async def create_response(key: Submitter, state: State, request: Request,
                           idempotency_key: IdempotencyKey = None) -> Any:
-    """`instructions` and `input` (text and pictures: `data:` URLs, `tuwen://images/<sha256>`, allow-listed
-    http(s)) in, a `response` out, whole or streamed; stored unless `store: false`, continued with
+    """`instructions` and `input` (text and pictures: `data:` URLs, `tuwen://images/<sha256>`, http(s) at
+    public addresses) in, a `response` out, whole or streamed; stored unless `store: false`, continued with
     `previous_response_id`. Errors are OpenAI's; the tuwen job id comes in the `X-Tuwen-Job-Id` header, the
     parameters tuwen ignored in `tuwen-ignored-params`."""
     ask = parse_responses(await request.body())
