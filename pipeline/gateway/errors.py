@@ -140,7 +140,9 @@ async def _gone(request: Request, _: Exception) -> Response:
 
 async def _crashed(_: Request, exc: Exception) -> Response:
     log.exception("unhandled gateway error", exc_info=exc)
-    return error_response(500, "internal_error", "internal error; it has been logged")
+    # Sent by Starlette's outermost error middleware, past the security headers' middleware: say it here.
+    return error_response(500, "internal_error", "internal error; it has been logged",
+                          {"X-Content-Type-Options": "nosniff"})
 
 
 async def _invalid(_: Request, exc: Exception) -> Response:

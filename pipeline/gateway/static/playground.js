@@ -67,8 +67,9 @@ $("ask").addEventListener("submit", async (event) => {
   try {
     const res = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(),
+      // No max tokens given: the server's default (what is left of the context, up to its cap).
       body: JSON.stringify({ model: $("model").value || "tuwen", messages: [...messages, turn], stream: true,
-                             max_tokens: parseInt($("max").value, 10) || 128 }),
+                             max_tokens: parseInt($("max").value, 10) || undefined }),
     });
     if (!res.ok) {
       const body = await res.json().catch(() => ({}));
