@@ -125,10 +125,11 @@ def test_a_stalled_body_is_closed_at_the_body_timeout(guarded: Gateway, new_key:
 def test_uploads_without_a_valid_key_get_401_before_the_body_is_read(guarded: Gateway, new_key: Keys,
                                                                     keys) -> None:  # type: ignore[no-untyped-def]
     revoked = new_key()
-    keys.revoke(revoked.split("_")[1])
+    assert revoked.startswith("sk-tw-")
+    keys.revoke(revoked[len("sk-tw-"):][:12])  # sk-tw-<12 hex key id>-<secret>
     body_size, first = 10 * 1024 * 1024, 64 * 1024
     for auth in ("", f"Authorization: Bearer {revoked}\r\n", "Authorization: Bearer tw_0123456789ab_" + "x" * 43
-                 + "\r\n"):
+                 + "\r\n", "Authorization: Bearer sk-tw-0123456789ab-" + "x" * 43 + "\r\n"):
         sock = connect(guarded)
         try:
             # Given an upload that declares a 10 MiB picture and has sent only its first 64 KiB
