@@ -32,7 +32,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return {
         "visibility_timeout": settings.visibility_timeout_s,
         # How often kombu looks for messages older than the visibility timeout (default ~100 s). A dead
-        # worker's jobs come back much sooner through tuwen's reaper (tuwen.workers.reaper).
+        # worker's jobs come back much sooner through tuwen's reaper (tuwen.workers.serve.reaper).
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
         "unacked_restore_throttle": 1,
         "queue_order_strategy": "priority",

@@ -1,10 +1,10 @@
 """Live workers announce themselves in Redis with a short TTL, so clients can see who is up.
 
 A worker's announcement is written every ``PERIOD_S`` only while its consuming loop is running (the
-beat comes from that loop, see ``tuwen.workers.liveness``) and lapses ``TTL_S`` after the last one: a
+beat comes from that loop, see ``tuwen.workers.serve.liveness``) and lapses ``TTL_S`` after the last one: a
 worker whose loop has stopped drops out of the list within ``TTL_S``, even if its process lives on.
 Each announcement lists the queues the worker consumes and the delivery tags it holds (``held``: jobs
-received and not yet acknowledged, for the reaper of ``tuwen.workers.reaper``).
+received and not yet acknowledged, for the reaper of ``tuwen.workers.serve.reaper``).
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tuwen.pipeline.schema import MAX_NEW_TOKENS
 
@@ -43,17 +45,32 @@ class DType(str, Enum):
 class CpuLinear(str, Enum):
     """Which kernels run a CPU worker's linear layers (float32 / bfloat16, not quantized)."""
 
-    onednn = "onednn"  #: oneDNN with weights packed once at load (``workers/packed.py``)
+    onednn = "onednn"  #: oneDNN with weights packed once at load (``workers/engine/packed.py``)
     aten = "aten"  #: PyTorch's own ``F.linear`` (MKL / OpenBLAS)
 
 
-class Settings(BaseSettings):
-    """Everything configurable. Built once at each entry point and passed down; never read at import."""
+def _comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return json.loads(value) if value.lstrip().startswith("[") else [
+            v.strip() for v in value.split(",") if v.strip()]
+    return value
 
-    model_config = SettingsConfigDict(
-        env_prefix="TUWEN_", env_file=None, extra="ignore", frozen=True, env_ignore_empty=True,
-        hide_input_in_errors=True,  # an error message must never print a secret
-    )
+
+#: A list setting: comma-separated in the environment (``a.example.com,*.b.example.com``), or a JSON array.
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_list)]
+
+
+class TuwenSettings(BaseSettings):
+    """The base of every settings class (``Settings``, the gateway's, the Batch API's, the webhooks', the
+    worker's test hooks): read from ``TUWEN_*`` only (no .env file), unknown variables ignored, an empty
+    variable taken as unset, frozen, and no input echoed in an error message (it may be a secret)."""
+
+    model_config = SettingsConfigDict(env_prefix="TUWEN_", env_file=None, extra="ignore", frozen=True,
+                                      env_ignore_empty=True, hide_input_in_errors=True)
+
+
+class Settings(TuwenSettings):
+    """Everything configurable. Built once at each entry point and passed down; never read at import."""
 
     # -- model / worker runtime ------------------------------------------------------------------
     #: Checkpoint directory (any llava-hf / Qwen-VL style directory). Empty: the bundled demo model.

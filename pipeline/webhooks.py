@@ -27,18 +27,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
 import redis
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, SecretStr
 
 from tuwen.pipeline import keys
 from tuwen.pipeline.errors import InvalidInput, Unavailable
 from tuwen.pipeline.jobs import JobStore
 from tuwen.pipeline.locks import Locks
 from tuwen.pipeline.schema import JobResult, JobStatus, JobView, WebhookView
+from tuwen.pipeline.settings import CommaList, TuwenSettings
 from tuwen.pipeline.ssrf import ForbiddenTarget, InvalidUrl, Target, UrlGuard
 
 log = logging.getLogger("tuwen.webhooks")
@@ -48,16 +48,13 @@ _DUE = keys.WEBHOOK + "due"
 FINAL_STATES = ("delivered", "failed", "refused", "expired")
 
 
-class WebhookSettings(BaseSettings):
+class WebhookSettings(TuwenSettings):
     """Webhook delivery settings (``TUWEN_WEBHOOK_*``); the gateway's settings extend them."""
-
-    model_config = SettingsConfigDict(env_prefix="TUWEN_", env_file=None, extra="ignore", frozen=True,
-                                      env_ignore_empty=True)
 
     #: HMAC key for webhook signatures. Unset: webhooks are off and ``callback_url`` is refused.
     webhook_secret: SecretStr | None = None
     #: Callback hosts allowed: ``hooks.example.com``, ``*.example.com`` or ``*`` (comma-separated in env).
-    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_allowed_hosts: CommaList = Field(default_factory=list)
     #: Allow callbacks to loopback / private / link-local addresses (off: SSRF guard).
     webhook_allow_private: bool = False
     #: Deliveries tried per job before its webhook is given up (``failed`` on ``GET /v1/jobs/{id}``).
@@ -70,14 +67,6 @@ class WebhookSettings(BaseSettings):
     webhook_timeout_s: float = Field(10.0, gt=0, le=120)
     #: How often the delivery loop looks for ended jobs it did not hear about.
     webhook_sweep_s: float = Field(5.0, gt=0, le=300)
-
-    @field_validator("webhook_allowed_hosts", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            return json.loads(value) if value.lstrip().startswith("[") else [
-                h.strip() for h in value.split(",") if h.strip()]
-        return value
 
     @property
     def guard(self) -> UrlGuard:

@@ -2,7 +2,7 @@
 
 Builds a random-weight LLaVA (CLIP ViT-L/14-336 + a ~1.3B Llama, ~1.7B parameters) with a
 character-level tokenizer made offline, saves it, then for bf16, int8 and nf4 loads it through
-``tuwen.workers.runtime.Runtime`` and answers batches of 1, 8 and 32 questions. Prints a Markdown table:
+``tuwen.workers.engine.model.Runtime`` and answers batches of 1, 8 and 32 questions. Prints a Markdown table:
 tokens/s, answers/s, peak GPU memory, load seconds. Random weights answer gibberish; this measures
 speed and memory, not quality. Runs in about 2-4 minutes on one H200 (the budget is 8).
 
@@ -133,7 +133,7 @@ def run_mode(path: Path, mode: str, device: str, batches: list[int], max_new_tok
     import torch
 
     from tuwen.pipeline.settings import DType, Quantization, Settings
-    from tuwen.workers.runtime import Item, Runtime
+    from tuwen.workers.engine.model import Item, Runtime
 
     cuda = device.startswith("cuda")
     dtype = DType.bfloat16 if cuda else DType.float32

@@ -28,7 +28,7 @@ from tests import rabbit
 from tests.drills import Lives
 from tests.rabbit import LocalRabbit
 from tests.s3servers import S3Endpoint, moto_server
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
@@ -73,7 +73,7 @@ def s3() -> Iterator[S3Endpoint]:
 
 @pytest.fixture(scope="session")
 def demo_checkpoint() -> Path:
-    from tuwen.workers.runtime import bundled_demo_model
+    from tuwen.workers.demo import bundled_demo_model
 
     path = bundled_demo_model()
     assert (path / "config.json").exists(), f"the bundled demo checkpoint is missing at {path}"
@@ -82,7 +82,7 @@ def demo_checkpoint() -> Path:
 
 @pytest.fixture(scope="session")
 def runtime(demo_checkpoint: Path):  # type: ignore[no-untyped-def]
-    from tuwen.workers.runtime import Runtime
+    from tuwen.workers.engine.model import Runtime
 
     rt = Runtime(Settings(model_path=demo_checkpoint, torch_threads=1, max_new_tokens=48))
     rt.load()

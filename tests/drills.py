@@ -25,8 +25,8 @@ from tuwen.pipeline.schema import JobResult, JobStatus
 from tuwen.pipeline.settings import Settings
 from tuwen.workers.demo.samples import Sample, load_samples
 from tuwen.workers.demo.scenes import has_facts
-from tuwen.workers.hooks import Hooks
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.serve.hooks import Hooks
+from tuwen.workers.bench.process import WorkerProcess
 
 from tests.faults import ResultWrites
 

@@ -68,9 +68,9 @@ def test_imports_point_one_way(package: str, path: Path) -> None:
 
 def test_the_checker_sees_imports_inside_functions() -> None:
     """The walk must catch what a sys.modules check would miss: an import that only runs in a command."""
-    source = "def f():\n    from tuwen.workers.runtime import Runtime\n    import torch\nfrom . import schema\n"
+    source = "def f():\n    from tuwen.workers.engine.model import Runtime\n    import torch\nfrom . import schema\n"
     found = [m for _, m in imports_of(source, "tuwen.pipeline.probe")]
-    assert "tuwen.workers.runtime" in found and "torch" in found and "tuwen.pipeline.schema" in found
+    assert "tuwen.workers.engine.model" in found and "torch" in found and "tuwen.pipeline.schema" in found
 
 
 @pytest.mark.timeout(200)
@@ -81,3 +81,39 @@ def test_a_producer_process_loads_no_model_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     loaded = set(out.stdout.split())
     assert not {m for m in loaded if m.split(".")[0] in MODEL_LIBRARIES or m.startswith("tuwen.workers")}
+
+
+# -- the worker's rooms ------------------------------------------------------------------------------------
+#: A room of workers/ -> the rooms it must not import. The engine (the model, the running batch, the loop and
+#: its policy) knows nothing of the queue; the Celery-facing worker knows nothing of the tooling.
+ROOMS_APART = {"engine": {"serve", "bench", "demo"}, "serve": {"bench", "demo"}}
+QUEUE_LIBRARIES = ("celery", "kombu", "celery_batches", "redis")
+
+
+def test_workers_is_four_rooms_and_the_command_line() -> None:
+    found = {p.name for p in (ROOT / "workers").iterdir() if not p.name.startswith(("_", "."))}
+    assert found == {"engine", "serve", "bench", "demo", "cli.py"}, found
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "workers").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_rooms_import_only_what_they_may(path: Path) -> None:
+    room = path.relative_to(ROOT / "workers").parts[0]
+    wrong = []
+    for line, module in imports_of(path.read_text(encoding="utf-8"), module_name("workers", path)):
+        top = module.split(".")
+        if top[:2] == ["tuwen", "workers"] and len(top) > 2 and top[2] in ROOMS_APART.get(room, ()):
+            wrong.append(f"line {line}: {module} (the {room} room does not import the {top[2]} room)")
+        if room == "engine" and top[0] in QUEUE_LIBRARIES:
+            wrong.append(f"line {line}: {module} (the engine knows nothing of the queue)")
+    assert not wrong, f"{path.relative_to(ROOT)}:\n  " + "\n  ".join(wrong)
+
+
+def test_every_package_is_in_the_wheel() -> None:
+    """pyproject.toml lists the packages by hand (the import name differs from the folders): a new
+    subpackage must be added there, or it is missing from the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["tool"]["setuptools"]["packages"])
+    found = {"tuwen"} | {module_name(pkg, init).rsplit(".", 1)[0] for pkg in LAYERS
+                         for init in (ROOT / pkg).rglob("__init__.py")}
+    assert listed == found, (sorted(found - listed), sorted(listed - found))

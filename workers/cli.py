@@ -40,11 +40,15 @@ def worker(
 ) -> None:
     """Run a GPU (or CPU) worker: load the model once and answer batches from the queues."""
     _need_worker_extra()
-    from tuwen.workers.hooks import Hooks
-    from tuwen.workers.service import run_worker
+    from tuwen.workers.serve.hooks import Hooks
+    from tuwen.workers.serve.main import run_worker
+
+    from tuwen.workers.demo import bundled_demo_model
 
     settings = settings_from(model_path=model_path, quantization=quantization, device=device,
                              max_batch_size=batch_size, batch_wait_ms=wait_ms)
+    if settings.model_path is None:  # no checkpoint given: the bundled demo model
+        settings = settings.model_copy(update={"model_path": bundled_demo_model()})
     run_worker(settings, queues=queues.split(",") if queues else None, hostname=hostname, loglevel=loglevel,
                hooks=Hooks())
 
@@ -112,7 +116,7 @@ def bench(
 ) -> None:
     """Benchmark against this machine's limit: roofline, decode, mixed workload, queue, interactive latency."""
     _need_worker_extra()
-    from tuwen.workers.bench import Options, run
+    from tuwen.workers.bench.run import Options, run
 
     given = {k: v for k, v in dict(inputs=inputs, max_new_tokens=max_new_tokens, transport_jobs=transport_jobs,
                                    repeats=repeats, max_batch_size=batch_size,

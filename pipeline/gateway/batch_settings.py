@@ -7,18 +7,16 @@ completion request, so it may be as large as one ``POST /v1/chat/completions`` b
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tuwen.pipeline.settings import TuwenSettings
 
 FILES_PATH = "/v1/files"
 #: Room for a multipart upload's own framing (boundaries, part headers, the purpose field).
 MULTIPART_SLACK = 64 * 1024
 
 
-class BatchSettings(BaseSettings):
+class BatchSettings(TuwenSettings):
     """The OpenAI Batch API's settings (``/v1/files``, ``/v1/batches``, docs/openai.md)."""
-
-    model_config = SettingsConfigDict(env_prefix="TUWEN_", env_file=None, extra="ignore", frozen=True,
-                                      env_ignore_empty=True)
 
     # -- the OpenAI Batch API -----------------------------------------------------------------------------
     #: Largest file ``POST /v1/files`` takes, counted while it streams in (413 ``file_too_large`` beyond;

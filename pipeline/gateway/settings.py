@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from typing import Annotated
-
-from pydantic import Field, field_validator
-from pydantic_settings import NoDecode
+from pydantic import Field
 
 from tuwen.pipeline.gateway.batch_settings import BatchSettings
-from tuwen.pipeline.settings import Settings
+from tuwen.pipeline.settings import CommaList, Settings
 from tuwen.pipeline.webhooks import WebhookSettings
 
 
@@ -49,7 +45,7 @@ class GatewaySettings(WebhookSettings, BatchSettings):
     gateway_image_urls: bool = True
     #: Only these hosts' picture URLs are fetched: ``cdn.example.com``, ``*.example.com`` (comma-separated in
     #: env). Empty: any host whose addresses are all public.
-    gateway_image_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    gateway_image_url_hosts: CommaList = Field(default_factory=list)
     #: For tests only: let picture URLs reach loopback and private addresses (off: the SSRF guard refuses
     #: them, on every redirect too, whatever the hosts list says).
     gateway_image_url_allow_private: bool = False
@@ -60,15 +56,7 @@ class GatewaySettings(WebhookSettings, BatchSettings):
     gateway_image_url_max_redirects: int = Field(3, ge=0, le=10)
     #: More names for the served model in a chat request's ``model`` (comma-separated in env);
     #: ``tuwen`` always is one.
-    gateway_model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
-
-    @field_validator("gateway_image_url_hosts", "gateway_model_aliases", mode="before")
-    @classmethod
-    def _comma_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            return json.loads(value) if value.lstrip().startswith("[") else [
-                v.strip() for v in value.split(",") if v.strip()]
-        return value
+    gateway_model_aliases: CommaList = Field(default_factory=list)
 
     def upload_limit(self, settings: Settings) -> int:
         return self.gateway_max_upload_bytes or settings.max_image_bytes + 64 * 1024

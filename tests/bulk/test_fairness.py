@@ -18,7 +18,7 @@ from tuwen.pipeline.schema import JobStatus
 from tests.bulk.conftest import draw_pictures, write_jsonl
 from tests.conftest import make_settings
 from tests.s3servers import S3Endpoint
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

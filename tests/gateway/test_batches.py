@@ -36,7 +36,7 @@ from tests.bulk.conftest import cli
 from tests.bulk.test_fairness import percentile
 from tests.gateway.conftest import SECRET, Gateway, Receiver, gateway_settings, start_gateway
 from tuwen.workers.demo.scenes import KINDS, Example, draw_worksheet_example
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

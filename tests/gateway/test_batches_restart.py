@@ -24,7 +24,7 @@ from tuwen.pipeline.localredis import free_port
 from tuwen.pipeline.settings import Settings
 from tests.gateway.test_batches import (
     TERMINAL, URL, ask, jsonl, line, png, read_lines, sdk, upload, wait_for, worksheets)
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -198,8 +198,8 @@ def long_gateway(pipeline_settings: Settings,
 
     from tests.gateway.conftest import gateway_settings, start_gateway
     from tests.workers.test_families import build_llava_long
-    from tuwen.workers.process import WorkerProcess
-    from tuwen.workers.runtime import Item, Runtime
+    from tuwen.workers.bench.process import WorkerProcess
+    from tuwen.workers.engine.model import Item, Runtime
 
     path = tmp_path_factory.mktemp("llava-4k")
     build_llava_long(path, context=4096, gain=6.0)

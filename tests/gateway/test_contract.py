@@ -17,7 +17,7 @@ from tuwen.pipeline.ssrf import address_allowed
 from tuwen.pipeline.webhooks import check_callback_url
 from tests.gateway.conftest import UPLOAD_LIMIT, Gateway, Receiver, gateway_settings, start_gateway
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -28,7 +28,7 @@ from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.webhooks import Dispatcher, WebhookStore, check_callback_url, sign, verify
 from tests.gateway.conftest import SECRET, UPLOAD_LIMIT, Gateway, Receiver, gateway_settings, start_gateway
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

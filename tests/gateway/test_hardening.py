@@ -26,7 +26,7 @@ from tests.gateway.conftest import UPLOAD_LIMIT, Gateway, gateway_settings, star
 from tests.gateway.test_batches_restart import GatewayProcess
 from tests.gateway.test_openai import ask
 from tuwen.workers.demo.samples import Sample, load_samples
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -24,7 +24,7 @@ from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.settings import Settings
 from tests.gateway.conftest import Gateway, gateway_settings, start_gateway
 from tuwen.workers.demo.samples import Sample, load_samples
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -26,7 +26,7 @@ from tuwen.pipeline.ssrf import UrlGuard
 from tests.gateway.conftest import Gateway, gateway_settings, start_gateway
 from tests.gateway.test_openai import chat_gateway, knows, sdk  # noqa: F401 - chat_gateway: fixture
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

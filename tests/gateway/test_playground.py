@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import need
 from tests.gateway.conftest import Gateway
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -30,7 +30,7 @@ from tests.gateway.test_batches import jsonl, png, read_lines, upload, wait_for
 from tests.gateway.test_openai import data_url, knows, sdk
 from tuwen.workers.demo.samples import Sample, load_samples
 from tuwen.workers.demo.scenes import KINDS, draw_worksheet_example
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -32,7 +32,7 @@ from tests.conftest import make_settings, need
 from tests.faults import listening_addresses, metric_values
 from tests.s3servers import S3Endpoint
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

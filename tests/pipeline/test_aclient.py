@@ -13,8 +13,8 @@ from fastapi import FastAPI
 
 from tuwen.pipeline.aclient import AsyncClient
 from tuwen.pipeline.settings import Settings
-from tuwen.workers.process import WorkerProcess
-from tuwen.workers.runtime import bundled_demo_model
+from tuwen.workers.bench.process import WorkerProcess
+from tuwen.workers.demo import bundled_demo_model
 
 pytestmark = pytest.mark.integration
 SAMPLES = bundled_demo_model().parent / "samples"

@@ -11,8 +11,8 @@ from tuwen.pipeline.aclient import AsyncClient
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.conversation import Turn, prepare_conversation
 from tuwen.pipeline.schema import JobStatus
-from tuwen.workers.process import WorkerProcess
-from tuwen.workers.runtime import bundled_demo_model
+from tuwen.workers.bench.process import WorkerProcess
+from tuwen.workers.demo import bundled_demo_model
 
 pytestmark = pytest.mark.integration
 SAMPLES = bundled_demo_model().parent / "samples"

@@ -8,7 +8,7 @@ from tuwen.pipeline.client import Client
 from tuwen.pipeline.conversation import StoredImage, Turn, prepare_conversation
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.schema import ImagePart, Role
-from tuwen.workers.runtime import bundled_demo_model
+from tuwen.workers.demo import bundled_demo_model
 
 pytestmark = pytest.mark.integration
 PICTURE = (bundled_demo_model().parent / "samples" / "colour-photo.png").read_bytes()

@@ -21,7 +21,7 @@ from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
 from tests.faults import report
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 

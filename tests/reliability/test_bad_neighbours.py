@@ -21,8 +21,8 @@ from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
 from tests.faults import report
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.hooks import Hooks
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.serve.hooks import Hooks
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

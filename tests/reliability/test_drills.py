@@ -33,9 +33,9 @@ from tests.faults import ComposeRedis, ResultWrites, TcpProxy, report
 from tests.s3servers import S3Endpoint
 from tuwen.workers.demo.samples import Sample, load_samples
 from tuwen.workers.demo.scenes import has_facts
-from tuwen.workers.hooks import Hooks, injected_oom
-from tuwen.workers.process import WorkerProcess
-from tuwen.workers.reaper import Reaper
+from tuwen.workers.serve.hooks import Hooks, injected_oom
+from tuwen.workers.bench.process import WorkerProcess
+from tuwen.workers.serve.reaper import Reaper
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -349,7 +349,7 @@ def test_out_of_memory_splits_batches(drill_redis: LocalRedis, s3: S3Endpoint, t
 
 
 def test_out_of_memory_on_a_single_item_is_reported(demo_checkpoint: Path) -> None:
-    from tuwen.workers.runtime import Item, Runtime
+    from tuwen.workers.engine.model import Item, Runtime
 
     rt = Runtime(Settings(model_path=demo_checkpoint, torch_threads=1))
     rt.before_generate = injected_oom(1)

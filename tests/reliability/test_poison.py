@@ -29,7 +29,7 @@ from tests.conftest import make_settings
 from tests.faults import metric_values, report
 from tests.s3servers import S3Endpoint
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -22,8 +22,8 @@ from tests.conftest import make_settings
 from tests.faults import ResultWrites, report
 from tests.s3servers import S3Endpoint
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.process import WorkerProcess
-from tuwen.workers.runtime import Item, Runtime
+from tuwen.workers.bench.process import WorkerProcess
+from tuwen.workers.engine.model import Item, Runtime
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tuwen.workers.bench import Row
-from tuwen.workers.workload import lengths
-from tuwen.workers.fleet import noise_pictures
-from tuwen.workers.roofline import Machine, roofline
+from tuwen.workers.bench.run import Row
+from tuwen.workers.bench.workload import lengths
+from tuwen.workers.bench.fleet import noise_pictures
+from tuwen.workers.bench.roofline import Machine, roofline
 
 ROWS = ["L1", "L2", "r1", "hf1", "k1", "r16", "hf16", "k16", "r64", "hf64", "k64", "a", "b", "c", "m", "mb", "mc",
         "d", "e", "e0", "f", "g1", "g2", "h50", "h95"]

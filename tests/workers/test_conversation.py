@@ -14,7 +14,8 @@ import pytest
 
 from tests.workers.test_families import FAMILIES, items, picture
 from tuwen.pipeline.settings import Settings
-from tuwen.workers.runtime import Item, Runtime, bundled_demo_model
+from tuwen.workers.demo import bundled_demo_model
+from tuwen.workers.engine.model import Item, Runtime
 
 SAMPLES = bundled_demo_model().parent / "samples"
 
@@ -38,7 +39,7 @@ def assistant(text: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def demo() -> Runtime:
-    rt = Runtime(Settings(torch_threads=1, max_new_tokens=48))
+    rt = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=48))
     rt.load()
     return rt
 
@@ -157,7 +158,7 @@ def test_sampling_knobs_reach_each_row(demo: Runtime) -> None:
     sampling with them at temperature 1 gives the greedy answer; penalties change the logits they should."""
     import torch
 
-    from tuwen.workers.engine import Sampling, _Live, _penalize
+    from tuwen.workers.engine.batch import Sampling, _Live, _penalize
 
     img = sample("colour-photo.png")
     knobs = [Sampling(), Sampling(temperature=1.0, top_k=1, seed=7), Sampling(temperature=1.0, min_p=1.0, seed=8),

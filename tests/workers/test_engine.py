@@ -13,8 +13,9 @@ import pytest
 
 from tests.workers.test_families import FAMILIES, Family, _have, items
 from tuwen.pipeline.settings import Settings
-from tuwen.workers.engine import Engine, Finished, Row, Sampling
-from tuwen.workers.runtime import Item, Runtime, bundled_demo_model
+from tuwen.workers.engine.batch import Engine, Finished, Row, Sampling
+from tuwen.workers.demo import bundled_demo_model
+from tuwen.workers.engine.model import Item, Runtime
 
 
 @pytest.fixture(scope="module", params=["demo", *[f.name for f in FAMILIES]])

@@ -24,9 +24,9 @@ from tuwen.pipeline.settings import Quantization, Settings
 from tests.conftest import make_settings
 from tests.s3servers import S3Endpoint
 from tests.workers.test_isolation import family_tokens, split_forms
-from tuwen.workers.families import apply_image_limits, pixels_per_token
-from tuwen.workers.process import WorkerProcess
-from tuwen.workers.runtime import Answer, Item, Runtime
+from tuwen.workers.engine.families import apply_image_limits, pixels_per_token
+from tuwen.workers.bench.process import WorkerProcess
+from tuwen.workers.engine.model import Answer, Item, Runtime
 
 pytestmark = pytest.mark.timeout(180)
 

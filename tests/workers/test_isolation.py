@@ -12,18 +12,19 @@ import pytest
 
 from tuwen.pipeline.errors import ErrorCode
 from tuwen.pipeline.settings import Settings
-from tuwen.workers.engine import Engine
-from tuwen.workers.hooks import injected_row_failure
-from tuwen.workers.prompts import JOINER, Prompts
-from tuwen.workers.runtime import Answer, Item, Runtime, bundled_demo_model
-from tuwen.workers.scheduler import Scheduler
+from tuwen.workers.engine.batch import Engine
+from tuwen.workers.serve.hooks import injected_row_failure
+from tuwen.workers.engine.prompts import JOINER, Prompts
+from tuwen.workers.demo import bundled_demo_model
+from tuwen.workers.engine.model import Answer, Item, Runtime
+from tuwen.workers.engine.core import Scheduler
 
 SAMPLES = bundled_demo_model().parent / "samples"
 
 
 @pytest.fixture(scope="module")
 def rt() -> Runtime:
-    runtime = Runtime(Settings(torch_threads=1, max_new_tokens=48))
+    runtime = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=48))
     runtime.load()
     return runtime
 

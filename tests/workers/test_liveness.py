@@ -23,9 +23,9 @@ from tests.conftest import make_settings
 from tests.faults import TcpProxy, report
 from tests.s3servers import S3Endpoint
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.liveness import EXIT_SHUTDOWN_TIMEOUT, EXIT_STALLED
-from tuwen.workers.hooks import Hooks
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.serve.liveness import EXIT_SHUTDOWN_TIMEOUT, EXIT_STALLED
+from tuwen.workers.serve.hooks import Hooks
+from tuwen.workers.bench.process import WorkerProcess
 
 NULL = Hooks(null_model=True)
 

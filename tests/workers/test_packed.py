@@ -1,4 +1,4 @@
-"""CPU workers' linear layers on oneDNN (``workers/packed.py``): the same numbers to rounding, every
+"""CPU workers' linear layers on oneDNN (``workers/engine/packed.py``): the same numbers to rounding, every
 untied linear layer swapped, no extra memory, and the demo model's answers unchanged."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tuwen.pipeline.settings import CpuLinear, Settings
-from tuwen.workers import packed
-from tuwen.workers.runtime import Item, Runtime, bundled_demo_model
+from tuwen.workers.engine import packed
+from tuwen.workers.demo import bundled_demo_model
+from tuwen.workers.engine.model import Item, Runtime
 
 SAMPLES = bundled_demo_model().parent / "samples"
 
@@ -53,7 +54,8 @@ def test_the_demo_model_answers_alike_on_both_kernels() -> None:
     items = [Item((SAMPLES / e["file"]).read_bytes(), e["question"], 32) for e in entries]
     answers = {}
     for kernel in CpuLinear:
-        rt = Runtime(Settings(torch_threads=1, max_new_tokens=32, cpu_linear=kernel))
+        rt = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=32,
+                              cpu_linear=kernel))
         rt.load()
         kinds = {type(m).__name__ for m in rt.model.modules()}
         assert ("PackedLinear" in kinds) == (kernel == CpuLinear.onednn)

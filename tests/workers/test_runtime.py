@@ -11,7 +11,7 @@ from PIL import Image
 from tuwen.pipeline.settings import Quantization, Settings
 from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.demo.scenes import has_facts
-from tuwen.workers.runtime import Item, Runtime
+from tuwen.workers.engine.model import Item, Runtime
 
 QUESTIONS = [
     "图中是什么形状？",

@@ -1,4 +1,4 @@
-"""The worker's Redis transport reads interactive queues past a full prefetch (``workers/transport.py``):
+"""The worker's Redis transport reads interactive queues past a full prefetch (``workers/serve/transport.py``):
 under a bulk backlog the prefetch is always used up, and an interactive message used to wait in Redis
 until a bulk hand-over was acknowledged. Real Redis, real kombu consumer, nothing acknowledged."""
 
@@ -22,7 +22,7 @@ INTERACTIVE, BULK = Queue("tt-interactive", EXCHANGE, "tt-interactive"), Queue("
 @pytest.fixture
 def connection(redis_server: LocalRedis) -> Iterator[Connection]:
     url = redis_server.url.rsplit("/", 1)[0] + "/9"
-    with Connection(url, transport="tuwen.workers.transport:Transport",
+    with Connection(url, transport="tuwen.workers.serve.transport:Transport",
                     transport_options={"tuwen_interactive_queues": (INTERACTIVE.name,),
                                        "tuwen_interactive_room": 2}) as conn:
         conn.default_channel.client.flushdb()

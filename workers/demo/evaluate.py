@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from tuwen.pipeline.settings import Settings
+from tuwen.workers.demo import bundled_demo_model
 from tuwen.workers.demo.scenes import KINDS, has_facts, held_out_set
-from tuwen.workers.runtime import Item, Runtime
+from tuwen.workers.engine.model import Item, Runtime
 
 #: ``{split: {style: seed}}``. ``dev`` tunes the recipe and is never reported; ``test`` is reported.
 SEEDS = {
@@ -38,7 +39,8 @@ def evaluate(
     runtime: Runtime | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{style: {kind: accuracy, ..., "overall": accuracy}}`` with ``per_kind`` pictures per type."""
-    rt = runtime or Runtime(Settings(model_path=checkpoint, torch_threads=threads, max_new_tokens=32))
+    rt = runtime or Runtime(Settings(model_path=checkpoint or bundled_demo_model(), torch_threads=threads,
+                                     max_new_tokens=32))
     table: dict[str, dict[str, float]] = {}
     for style in styles:
         examples = held_out_set(SEEDS[split][style], per_kind, style)

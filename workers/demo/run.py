@@ -17,7 +17,7 @@ from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
 from tuwen.pipeline.settings import Settings
 from tuwen.workers.demo.samples import load_samples
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.bench.process import WorkerProcess
 
 
 def run_demo(console: Console, *, model_path: Path | None = None) -> int:

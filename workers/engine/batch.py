@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tuwen.workers.kvcache import RoomyLayer, left_pad, roomy_cache, stacked
+from tuwen.workers.engine.kvcache import RoomyLayer, left_pad, roomy_cache, stacked
 
 #: What a row's prompt inputs may hold besides ids and mask (the families' picture tensors).
 _PICTURE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos",

@@ -30,8 +30,8 @@ from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
 from tuwen.pipeline.schema import JobResult, JobStatus
 from tuwen.pipeline.settings import Settings
-from tuwen.workers.hooks import Hooks
-from tuwen.workers.process import WorkerProcess
+from tuwen.workers.serve.hooks import Hooks
+from tuwen.workers.bench.process import WorkerProcess
 
 
 def noise_pictures(n: int, seed: int) -> list[bytes]:

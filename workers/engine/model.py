@@ -12,18 +12,22 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 from tuwen.pipeline.errors import InvalidInput, ModelError, OutOfMemory, TuwenError
 from tuwen.pipeline.inputs import check_question, decode_image
 from tuwen.pipeline.settings import CpuLinear, DType, Quantization, Settings
-from tuwen.workers.families import apply_image_limits, family_max_images
-from tuwen.workers.prompts import Prompt, Prompts
+from tuwen.workers.engine import packed
+from tuwen.workers.engine.batch import Engine, Row, Sampling
+from tuwen.workers.engine.families import apply_image_limits, family_max_images
+from tuwen.workers.engine.prompts import Prompt, Prompts
+from tuwen.workers.engine.requests import Answer, Group, Item, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -35,90 +39,14 @@ _SKIP_NAMES = ["vision_tower", "visual", "vision_model", "multi_modal_projector"
 _SKIP_QUANT = _SKIP_NAMES + [rf".*\.{name}" for name in _SKIP_NAMES]
 
 
-def bundled_demo_model() -> Path:
-    """Directory of the demo checkpoint shipped inside the package."""
-    return Path(__file__).resolve().parent / "demo" / "checkpoint"
-
-
-@dataclass(frozen=True)
-class Item:
-    """One request: a picture and a question, or a whole conversation with its pictures.
-
-    ``messages`` are in the Hugging Face chat format (``{"role", "content": [{"type": "image"},
-    {"type": "text", "text": ...}]}``); ``images`` holds their pictures in the order of the image parts.
-    """
-
-    image: bytes | Image.Image | None = None
-    question: str = ""
-    max_new_tokens: int | None = None
-    messages: tuple[dict[str, Any], ...] = ()
-    images: tuple[bytes | Image.Image, ...] = ()
-    #: ``None`` is greedy; else an ``engine.Sampling`` (temperature, top_p, seed).
-    sampling: Any = None
-    stop: tuple[str, ...] = ()
-    #: ``none``: a conversation longer than the context is refused; ``oldest_turns``: its oldest turns
-    #: are dropped until it fits (never the system prompt, nor the last user turn and its pictures).
-    truncation: str = "none"
-    #: Streaming: called with each new piece of the answer.
-    on_text: Callable[[str], None] | None = None
-    #: The conversation ends with an assistant message that the answer continues (a prefill).
-    continue_final: bool = False
-
-    def conversation(self) -> tuple[list[dict[str, Any]], list[bytes | Image.Image]]:
-        if self.messages:
-            return [dict(m) for m in self.messages], list(self.images)
-        if self.image is None:
-            return [{"role": "user", "content": [{"type": "text", "text": self.question}]}], []
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}], [self.image]
-
-
-@dataclass
-class Answer:
-    """The outcome for one item: an answer or an error, never both."""
-
-    answer: str | None = None
-    #: ``{code, message, retryable}`` (``TuwenError.as_error()``), typed all the way to the job's result.
-    error: dict[str, Any] | None = None
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    batch_size: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    #: The generated token ids (without the end-of-sequence token).
-    tokens: list[int] = field(default_factory=list)
-    #: ``stop`` (the model ended, or a stop string) or ``length`` (the token budget ran out).
-    finish_reason: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class Group:
-    """Items made ready for the engine: an answer per item (errors already filled in) and the rows of
-    the good ones (``row.key`` is the item's index), encoded together."""
-
-    answers: list[Answer]
-    rows: list[Any]
-    enc: Any
-
-
-@dataclass
-class _Prepared:
-    index: int
-    messages: list[dict[str, Any]]
-    images: list[Image.Image]
-    #: None: what is left of the context after the prompt, up to ``TUWEN_MAX_NEW_TOKENS``.
-    max_new_tokens: int | None
-    item: Item
-
-
 class Runtime:
     """Owns one model. Loads lazily on first use; ``answer_batch`` is the only hot path."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.model_path = Path(settings.model_path or bundled_demo_model())
+        if settings.model_path is None:  # the edges (the worker command, the demo, the bench) choose a default
+            raise ModelError("no checkpoint: set TUWEN_MODEL_PATH (or --model-path)", code="model_not_found")
+        self.model_path = Path(settings.model_path)
         self._model: Any = None
         self._processor: Any = None
         self.load_seconds: float | None = None
@@ -138,23 +66,17 @@ class Runtime:
 
     @property
     def device(self) -> str:
-        import torch
-
         if self.settings.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.settings.device
 
     def torch_dtype(self) -> Any:
-        import torch
-
         if self.settings.dtype == DType.auto:
             return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return getattr(torch, self.settings.dtype.value)
 
     def quantization_config(self) -> Any:
         """The one ``BitsAndBytesConfig`` for the configured quantization, or None."""
-        from transformers import BitsAndBytesConfig
-
         q = self.settings.quantization
         if q == Quantization.none:
             return None
@@ -172,9 +94,6 @@ class Runtime:
         """Load processor and model (idempotent)."""
         if self._model is not None:
             return
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         if not (self.model_path / "config.json").exists():
@@ -192,8 +111,6 @@ class Runtime:
             model.to(self.device)
         model.eval()
         if quant is None and self.device == "cpu" and self.settings.cpu_linear == CpuLinear.onednn:
-            from tuwen.workers import packed
-
             log.info("packed %d linear layers for oneDNN", packed.pack(model))
         self._processor, self._model = processor, model
         self.load_seconds = time.perf_counter() - t0
@@ -223,7 +140,7 @@ class Runtime:
         self.load()
         t0 = time.perf_counter()
         answers: list[Answer] = [Answer() for _ in items]
-        ready: list[_Prepared] = []
+        ready: list[Prepared] = []
         for i, item in enumerate(items):
             try:
                 ready.append(self._prepare(i, item))
@@ -243,7 +160,7 @@ class Runtime:
         answer.timings.update(f.timings)
         return answer
 
-    def _prepare(self, index: int, item: Item) -> _Prepared:
+    def _prepare(self, index: int, item: Item) -> Prepared:
         s = self.settings
         messages, pictures = item.conversation()
         if len(pictures) > self.max_images:
@@ -257,7 +174,7 @@ class Runtime:
         if item.max_new_tokens is not None and item.max_new_tokens > s.max_new_tokens:
             raise InvalidInput(f"max_tokens is {item.max_new_tokens}, above this worker's cap of {s.max_new_tokens} "
                                "tokens an answer (TUWEN_MAX_NEW_TOKENS)", code="invalid_params")
-        return _Prepared(index, messages, [img.convert("RGB") for img in images], item.max_new_tokens, item)
+        return Prepared(index, messages, [img.convert("RGB") for img in images], item.max_new_tokens, item)
 
     @cached_property
     def max_images(self) -> int:
@@ -278,8 +195,6 @@ class Runtime:
 
     def _generate_split(self, rows: list[Any], enc: Any, answers: list[Answer]) -> None:
         """Generate for ``rows``; on out-of-memory free the cache and retry each half."""
-        import torch
-
         group = Group(answers, rows, enc)
         try:
             if self.before_generate is not None:
@@ -302,30 +217,26 @@ class Runtime:
 
     def engine(self) -> Any:
         """A fresh decode engine over the loaded model (``workers.engine``)."""
-        from tuwen.workers.engine import Engine
-
         model, tok = self.model, self.processor.tokenizer
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tok.eos_token_id
         return Engine(model, self.processor, set(eos if isinstance(eos, list) else [eos]), tok.pad_token_id)
 
-    def _row(self, p: _Prepared) -> tuple[Any, Prompt]:
-        from tuwen.workers.engine import Row, Sampling
-
+    def _row(self, p: Prepared) -> tuple[Any, Prompt]:
         prompt = self.prompts.render(p.messages, continue_final=p.item.continue_final)
         self.prompts.check(prompt, len(p.images))
         row = Row(key=p.index, prompt=prompt.text, images=p.images, max_new_tokens=p.max_new_tokens or 1,
                   sampling=p.item.sampling or Sampling(), stop=p.item.stop, on_text=p.item.on_text)
         return row, prompt
 
-    def _budget(self, p: _Prepared, prompt_tokens: int) -> int:
+    def _budget(self, p: Prepared, prompt_tokens: int) -> int:
         """The row's answer budget: as asked, or what is left of the context up to the server's cap (0: no
         room left)."""
         if p.max_new_tokens is not None:
             return p.max_new_tokens
         return max(0, min(self.settings.max_new_tokens, self.context_length - prompt_tokens))
 
-    def _fit(self, batch: list[_Prepared], answers: list[Answer], engine: Any) -> tuple[list[Any], Any]:
+    def _fit(self, batch: list[Prepared], answers: list[Answer], engine: Any) -> tuple[list[Any], Any]:
         """Rows and their encoding, every row within the context: a conversation that is too long is
         shortened (``truncation: oldest_turns``) or refused with ``context_too_long``. A row that cannot be
         encoded, or whose encoding holds other special tokens than its template wrote, fails alone."""
@@ -371,8 +282,8 @@ class Runtime:
                     f"{self.context_length} tokens", code="context_too_long").as_error()
                 batch = [q for q in batch if q is not p]
 
-    def _encodable(self, batch: list[_Prepared], rows: list[Any], answers: list[Answer],
-                   engine: Any) -> list[_Prepared]:
+    def _encodable(self, batch: list[Prepared], rows: list[Any], answers: list[Answer],
+                   engine: Any) -> list[Prepared]:
         """The items of a group that failed to encode that encode alone; the others get their error."""
         kept = []
         for p, row in zip(batch, rows):
@@ -412,7 +323,7 @@ def _refusal(exc: Exception) -> dict[str, Any]:
                         code="unprocessable_input").as_error()
 
 
-def _drop_oldest_turn(p: _Prepared) -> bool:
+def _drop_oldest_turn(p: Prepared) -> bool:
     """Drop the oldest turn after the system prompt (and that turn's pictures); never the last user turn.
     Returns False when nothing more can go."""
     first = 1 if p.messages and p.messages[0]["role"] == "system" else 0

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from tuwen.pipeline.settings import CpuLinear, Settings
-from tuwen.workers import packed
-from tuwen.workers.runtime import Item, Runtime
+from tuwen.workers.engine import packed
+from tuwen.workers.engine.model import Item, Runtime
 
 #: Text-only prompts for the decode rows: prefill is excluded from them, and a picture would only make
 #: the (untimed) prefill of a 410M model on one thread longer.
@@ -39,7 +39,7 @@ class Machine:
     gflops: float  #: peak GEMM 2048² fp32, one thread: the better of the two below
     bandwidth_gbs: float  #: reading a large fp32 tensor once, one thread
     mm_gflops: float = 0.0  #: ``torch.mm`` (MKL)
-    onednn_gflops: float = 0.0  #: oneDNN with a packed weight (``workers/packed.py``)
+    onednn_gflops: float = 0.0  #: oneDNN with a packed weight (``workers/engine/packed.py``)
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import JobStore
 from tuwen.pipeline.schema import JobRequest
 from tuwen.pipeline.settings import Settings
-from tuwen.workers import transport
-from tuwen.workers.answerer import Answerer
-from tuwen.workers.events import JobEvents
-from tuwen.workers.metrics import WorkerMetrics
-from tuwen.workers.poison import Screen
-from tuwen.workers.runtime import Runtime
-from tuwen.workers.scheduler import Scheduler
+from tuwen.workers.serve import transport
+from tuwen.workers.serve.answerer import Answerer
+from tuwen.workers.serve.events import JobEvents
+from tuwen.workers.serve.metrics import WorkerMetrics
+from tuwen.workers.serve.poison import Screen
+from tuwen.workers.engine.model import Runtime
+from tuwen.workers.engine.core import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def make_worker_app(settings: Settings, runtime: Runtime, scheduler: Scheduler, 
                     metrics: WorkerMetrics, hostname: str, screen: Screen | None = None) -> tuple[Celery, Answerer]:
     """The worker's Celery app, built first, and the answerer built whole on it; the batch task is
     registered under ``tuwen.answer``. On a Redis broker it reads through tuwen's transport, which hands
-    messages it cannot run to ``screen`` (``tuwen.workers.poison``) and never blocks on a pub/sub read."""
+    messages it cannot run to ``screen`` (``tuwen.workers.serve.poison``) and never blocks on a pub/sub read."""
     app = queue.make_celery(settings, worker=True)
     if transport.applies_to(settings.broker):
         app.conf.broker_transport = f"{transport.__name__}:Transport"

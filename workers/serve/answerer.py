@@ -29,11 +29,12 @@ from tuwen.pipeline.schema import ErrorInfo, ImagePart, JobRequest, JobResult, J
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.streams import StreamWriter
 from tuwen.storage.errors import ObjectNotFound, StorageError
-from tuwen.workers.cache import AnswerCache
-from tuwen.workers.events import JobEvents
-from tuwen.workers.metrics import WorkerMetrics
-from tuwen.workers.runtime import Answer, Item, Runtime
-from tuwen.workers.scheduler import Scheduler
+from tuwen.workers.serve.cache import AnswerCache
+from tuwen.workers.serve.events import JobEvents
+from tuwen.workers.serve.metrics import WorkerMetrics
+from tuwen.workers.engine.model import Answer, Item, Runtime
+from tuwen.workers.engine.batch import Sampling
+from tuwen.workers.engine.core import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,6 @@ class Answerer:
 
     def _item(self, run: Run) -> Item:
         """The runtime's item for a job: its conversation with the pictures fetched, and its knobs."""
-        from tuwen.workers.engine import Sampling
-
         pictures = iter(run.pictures)
         messages: list[dict[str, Any]] = []
         images: list[bytes] = []

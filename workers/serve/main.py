@@ -12,15 +12,15 @@ from celery import signals
 from tuwen.pipeline.jobs import JobStore, connect
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.stores import open_images
-from tuwen.workers import transport
-from tuwen.workers.liveness import Keeper, Pulse, Repeating, install_fault_stall, pulse_step
-from tuwen.workers.metrics import WorkerMetrics
-from tuwen.workers.poison import Screen
-from tuwen.workers.reaper import INTERVAL_S, Reaper
-from tuwen.workers.runtime import NullRuntime, Runtime
-from tuwen.workers.hooks import Hooks, injected_oom, injected_row_failure
-from tuwen.workers.scheduler import Scheduler
-from tuwen.workers.tasks import make_worker_app
+from tuwen.workers.serve import transport
+from tuwen.workers.serve.liveness import Keeper, Pulse, Repeating, install_fault_stall, pulse_step
+from tuwen.workers.serve.metrics import WorkerMetrics
+from tuwen.workers.serve.poison import Screen
+from tuwen.workers.serve.reaper import INTERVAL_S, Reaper
+from tuwen.workers.engine.model import NullRuntime, Runtime
+from tuwen.workers.serve.hooks import Hooks, injected_oom, injected_row_failure
+from tuwen.workers.engine.core import Scheduler
+from tuwen.workers.serve.tasks import make_worker_app
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from io import BytesIO
 from typing import Any
 
 from tuwen.workers.demo.scenes import KINDS, draw_training_example
-from tuwen.workers.runtime import Answer, Item, Runtime
-from tuwen.workers.scheduler import Scheduler
+from tuwen.workers.engine.model import Answer, Item, Runtime
+from tuwen.workers.engine.core import Scheduler
 
 #: The batch size of the static rows and of the pipeline, and the rows of the continuous batch.
 BATCH = 16

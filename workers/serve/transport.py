@@ -1,7 +1,7 @@
 """The worker's Redis transport: kombu's, with three changes so that a worker keeps going.
 
 * **Poison is refused alone.** Each message BRPOP hands over is screened before Celery sees it: the kombu
-  envelope here, the Celery call and the job by the worker's ``Screen`` (``tuwen.workers.poison``). A
+  envelope here, the Celery call and the job by the worker's ``Screen`` (``tuwen.workers.serve.poison``). A
   message that fails is handed to the screen (logged, counted, moved to the dead-letter list) and the
   worker reads the next one. Before, ``'not json'``, ``'[1,2,3]'`` or a body that is not base64 made
   the worker exit ("Unrecoverable error"), and ``'{"foo":1}'`` made it reconnect forever.
@@ -16,7 +16,7 @@
   a Lua script that pops it and records it in the same step; only when they were empty does it wait with
   BRPOP (and a message that arrives while the worker idles is recorded within the same loop turn).
 * **The QoS tells which delivery tags it holds** (received, not acknowledged), for the heartbeat that
-  the reaper (``tuwen.workers.reaper``) reads.
+  the reaper (``tuwen.workers.serve.reaper``) reads.
 * **Interactive jobs get past a full prefetch.** Under a bulk backlog the prefetch is always used up
   (about two batches held), so an interactive message waited in Redis until a hand-over of bulk jobs was
   acknowledged. When the prefetch is full the worker still reads its interactive queues, holding up to
@@ -128,7 +128,7 @@ class _BoundedPubSubRead:
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
-    #: Decides about each message and takes the refused ones (``tuwen.workers.poison.Screen``); set per
+    #: Decides about each message and takes the refused ones (``tuwen.workers.serve.poison.Screen``); set per
     #: worker through the transport option ``tuwen_screen`` (``screen_option``). None: envelope checks only,
     #: refusals logged.
     tuwen_screen: str | None = None

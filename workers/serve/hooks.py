@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from tuwen.pipeline.settings import TuwenSettings
 
 
-class Hooks(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TUWEN_HOOK_", env_file=None, extra="ignore", frozen=True)
+class Hooks(TuwenSettings):
+    model_config = SettingsConfigDict(env_prefix="TUWEN_HOOK_")
 
     #: Benchmark: answer every job with an empty answer and no model (measures transport alone).
     null_model: bool = False

@@ -12,7 +12,7 @@ from pathlib import Path
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.registry import live_workers
 from tuwen.pipeline.settings import Settings
-from tuwen.workers.hooks import Hooks
+from tuwen.workers.serve.hooks import Hooks
 
 
 class WorkerProcess:

@@ -31,8 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from tuwen.pipeline.errors import ModelError, OutOfMemory
-from tuwen.workers.runtime import Answer, Group, Runtime
+from tuwen.workers.engine.model import Answer, Group, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +232,6 @@ class Scheduler:
         return held + sum(self._cost.get(id(r), 0) for r in rows) <= self.max_tokens
 
     def _join(self, ticket: Ticket, rows: list[Any]) -> None:
-        import torch
-
         try:
             if self.runtime.before_generate is not None:
                 self.runtime.before_generate(self.engine.size + len(rows))
@@ -266,8 +266,6 @@ class Scheduler:
         self._report(finished)
 
     def _step_failed(self, exc: Exception) -> None:
-        import torch
-
         live = list(self.engine.rows)
         rows = [lv.row for lv in live]
         self.engine = self.runtime.engine()
@@ -306,8 +304,6 @@ class Scheduler:
             lane.appendleft((ticket, rows)) if front else lane.append((ticket, rows))
 
     def _free_memory(self) -> None:
-        import torch
-
         if self.runtime.device.startswith("cuda"):
             torch.cuda.empty_cache()
 

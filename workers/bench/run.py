@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from tuwen.pipeline.settings import CpuLinear, Settings
-from tuwen.workers import roofline, workload
-from tuwen.workers.fleet import Fleet
-from tuwen.workers.runtime import Runtime
-from tuwen.workers.workload import BATCH
+from tuwen.workers.bench import roofline, workload
+from tuwen.workers.bench.fleet import Fleet
+from tuwen.workers.bench.workload import BATCH
+from tuwen.workers.demo import bundled_demo_model
+from tuwen.workers.engine.model import Runtime
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,8 @@ def run(opts: Options, log: Callable[[str], None] = print) -> Report:
     big_aten = roofline.load(checkpoint, opts.decode_steps + 2, CpuLinear.aten)  # PyTorch's default kernels
     params, weight_bytes = roofline.decode_weights(big.model)
     top = max(opts.max_new_tokens, opts.long_tokens)
-    demo = Runtime(Settings(model_path=opts.model_path, torch_threads=1, max_new_tokens=top))
+    demo = Runtime(Settings(model_path=opts.model_path or bundled_demo_model(), torch_threads=1,
+                            max_new_tokens=top))
     demo.load()
     data = workload.inputs(opts.inputs)
     sizes = workload.lengths(opts.inputs, opts.short_tokens, opts.long_tokens)

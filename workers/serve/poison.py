@@ -1,6 +1,6 @@
 """What a worker does with a queue message it cannot run: refuse it alone, move it aside, go on.
 
-The worker's transport (``tuwen.workers.transport``) unwraps each message the way kombu and Celery will
+The worker's transport (``tuwen.workers.serve.transport``) unwraps each message the way kombu and Celery will
 and asks ``Screen.check`` about it before Celery sees it. Reasons, in the order the layers unwrap:
 
 * ``not_json``, ``not_an_envelope``, ``bad_body_encoding`` — not a kombu message (transport);
@@ -26,8 +26,8 @@ from tuwen.pipeline import deadletter, stats
 from tuwen.pipeline.app import TASK_NAME
 from tuwen.pipeline.jobs import JobStore
 from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
-from tuwen.workers.metrics import WorkerMetrics
-from tuwen.workers.transport import Refused
+from tuwen.workers.serve.metrics import WorkerMetrics
+from tuwen.workers.serve.transport import Refused
 
 log = logging.getLogger(__name__)
 
