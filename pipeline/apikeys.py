@@ -177,7 +177,7 @@ class KeyStore:
 class Conflict(TuwenError):
     """The same request is being handled right now; retry shortly."""
 
-    code = "conflict"
+    code = "idempotency_in_progress"
     retryable = True
 
 

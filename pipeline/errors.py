@@ -46,9 +46,9 @@ class ErrorCode(str, Enum):
                         "context; the message gives the counts (or ask for truncation: oldest_turns).")
     too_many_images = ("too_many_images", "More pictures than the model family (or TUWEN_MAX_IMAGES_PER_JOB) takes "
                        "in one job.")
-    unprocessable_input = ("unprocessable_input", "This job alone could not be made into the model's input (its "
-                           "prompt would hold special tokens its chat template did not write, or the processor "
-                           "failed on it alone); the message says why. Its batch-mates are answered.")
+    unprocessable_input = ("unprocessable_input", "This job alone could not be answered: its prompt would hold "
+                           "special tokens its chat template did not write, or the processor or the model failed "
+                           "on it with no other job beside it; the message says why. Its batch-mates are answered.")
     request_too_large = ("request_too_large", "The request body is larger than the gateway accepts.")
     unsupported_parameter = ("unsupported_parameter", "A chat completions or Responses parameter tuwen does not "
                              "support (n > 1, tools, a non-text response_format or text.format, reasoning, "
@@ -177,6 +177,9 @@ class TuwenError(Exception):
         self.message = message
         if code is not None:
             self.code = code
+        if retryable is None:  # the catalogue's word for the code, unless this error knows better
+            member = ErrorCode._value2member_map_.get(self.code)
+            retryable = member.retryable if isinstance(member, ErrorCode) else None
         if retryable is not None:
             self.retryable = retryable
 
@@ -227,6 +230,7 @@ class OutOfMemory(TuwenError):
 
 class ModelError(TuwenError):
     code = "model_error"
+    retryable = True
 
 
 

@@ -70,3 +70,26 @@ def test_docs_configuration_page_is_generated_from_the_settings() -> None:
     assert "TUWEN_HOOK_" not in out.stdout and "FAULT" not in out.stdout and "NULL_MODEL" not in out.stdout
     undocumented = [line for line in out.stdout.splitlines() if line.startswith("| `TUWEN_") and line.endswith("|  |")]
     assert not undocumented, undocumented
+
+
+def test_every_codes_retryable_flag_is_the_same_everywhere() -> None:
+    """Issue 23: the catalogue says once whether a retry may help; docs/errors.md, an exception made with the
+    code, and every exception class say the same (ModelError said no where the catalogue said yes)."""
+    import tuwen.pipeline.apikeys  # noqa: F401 - their exception classes register as subclasses
+    import tuwen.pipeline.bulk.lock  # noqa: F401
+    from tuwen.pipeline.errors import TuwenError
+
+    doc = (ROOT / "docs" / "errors.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (yes|no) \|", doc, re.M))
+    assert set(rows) == {c.value for c in ErrorCode}
+    for code in ErrorCode:
+        assert rows[code.value] == ("yes" if code.retryable else "no"), code
+        assert TuwenError("probe", code=code.value).retryable == code.retryable, code
+
+    def subclasses(cls: type) -> list[type]:
+        return [s for c in cls.__subclasses__() for s in (c, *subclasses(c))]
+
+    classes = subclasses(TuwenError)
+    assert len(classes) >= 8
+    for cls in classes:
+        assert cls.retryable == ErrorCode(cls.code).retryable, (cls.__name__, cls.code)

@@ -77,7 +77,7 @@ def test_a_bad_job_fails_alone_and_other_owners_in_its_group_get_right_answers(
     # The job that breaks the model fails alone, with a code, not retryable (it would fail again).
     bad = out["breaks the model"]
     assert bad.status == JobStatus.failed and bad.error is not None
-    assert bad.error.code == "model_error" and not bad.error.retryable and "alone" in bad.error.message
+    assert bad.error.code == "unprocessable_input" and not bad.error.retryable and "alone" in bad.error.message
     log = worker.log_path.read_text("utf-8", "replace")
     assert "rows failed" in log and "injected model failure on a batch of 8" in log  # the fault landed in the group
     assert max(r.batch_size or 0 for r in out.values() if r.status == JobStatus.succeeded) >= 4

@@ -158,7 +158,7 @@ def run_group(scheduler: Scheduler, items: list[Item]) -> list[Answer]:
 def test_a_job_that_breaks_the_model_fails_alone_and_its_group_is_answered(
         rt: Runtime, samples: list[tuple[bytes, str, str]], where: str) -> None:
     """A row that makes the model raise (a bug, not out-of-memory) is found by splitting: the others of a
-    full group are answered token for token as alone, the row fails alone with model_error."""
+    full group are answered token for token as alone, the row fails alone with unprocessable_input."""
     items = [Item(img, q, 24) for img, q, _ in samples[:7]]
     items.insert(5, Item(samples[0][0], "毒：图中是什么形状？", 24))
     alone = [rt.answer_batch([it])[0].tokens for it in items]
@@ -184,7 +184,8 @@ def test_a_job_that_breaks_the_model_fails_alone_and_its_group_is_answered(
     finally:
         scheduler.stop()
     bad = answers.pop(5)
-    assert bad.error is not None and bad.error["code"] == ErrorCode.model_error.value and not bad.error["retryable"]
+    assert bad.error is not None and bad.error["code"] == ErrorCode.unprocessable_input.value
+    assert not bad.error["retryable"]
     assert "alone" in bad.error["message"]
     assert all(a.ok for a in answers), [a.error for a in answers]
     assert [a.tokens for a in answers] == alone[:5] + alone[6:]

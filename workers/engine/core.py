@@ -18,7 +18,8 @@ Any other error is blamed on no row until one fails alone: the rows it touched (
 every running row for a decode step) are split in halves that queue again at the front as *suspects*. A
 suspect group joins only an empty batch, and nothing joins while it runs, so each half runs apart from
 everyone else; a half that fails again is split again, and a row that fails alone fails with
-``model_error``. One bad job costs its neighbours a restart, never their answers.
+``unprocessable_input`` (the job's own fault: a 4xx, not retried). One bad job costs its neighbours a
+restart, never their answers.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from tuwen.pipeline.errors import ModelError, OutOfMemory
+from tuwen.pipeline.errors import InvalidInput, ModelError, OutOfMemory
 from tuwen.workers.engine.model import Answer, Group, Runtime
 
 log = logging.getLogger(__name__)
@@ -343,8 +344,9 @@ def _halves(items: list[Any]) -> list[list[Any]]:
 
 
 def _alone(exc: Exception) -> dict[str, Any]:
-    """The error of a row that failed with no other row beside it: its own, not retried."""
-    return ModelError(f"the model failed on this job alone: {type(exc).__name__}: {exc}", retryable=False).as_error()
+    """The error of a row that failed with no other row beside it: the job's own (4xx, not retryable)."""
+    return InvalidInput(f"the model failed on this job alone: {type(exc).__name__}: {exc}",
+                        code="unprocessable_input").as_error()
 
 
 class _SkipSent:
