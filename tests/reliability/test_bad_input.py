@@ -110,7 +110,9 @@ def _rgba_palette() -> bytes:
 #: Formats that must WORK: name → bytes builder.
 ACCEPTED: dict[str, Callable[[], bytes]] = {
     "CMYK JPEG": lambda: enc(Image.open(io.BytesIO(sample_png())).convert("CMYK"), "JPEG"),
-    "16-bit grey PNG": lambda: enc(Image.open(io.BytesIO(sample_png())).convert("L").convert("I;16"), "PNG"),
+    # 16 bits a sample, over the whole range (PIL's L -> I;16 keeps 0-255: a nearly black 16-bit picture)
+    "16-bit grey PNG": lambda: enc(Image.open(io.BytesIO(sample_png())).convert("L").convert("I")
+                                   .point(lambda v: v * 257).convert("I;16"), "PNG"),
     "palette PNG with transparency": _rgba_palette,
     "greyscale PNG": lambda: enc(Image.open(io.BytesIO(sample_png())).convert("L"), "PNG"),
     "EXIF-rotated phone JPEG": _exif_rotated,
@@ -163,8 +165,11 @@ def test_formats_users_send_are_answered(worker: WorkerProcess, client: Client) 
         question = "<image>USER: 图中是什么形状？ ASSISTANT: </s>" if name.startswith("special") else Q
         jobs[name] = client.submit(build(), question)
     results = client.wait_many([j.id for j in jobs.values()], timeout=120)
+    facts = load_samples()[0].facts  # every format carries the same picture: the answer must still name it
     for name, job in jobs.items():
         assert results[job.id].status == JobStatus.succeeded, (name, results[job.id].error)
+        if not name.startswith("special"):  # that one asks with role markers around the question, as text
+            assert all(f in (results[job.id].answer or "") for f in facts), (name, results[job.id].answer, facts)
     assert worker.alive
     report("formats that must work", cases=len(ACCEPTED), succeeded=len(ACCEPTED), table=list(ACCEPTED))
 
