@@ -241,11 +241,17 @@ def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
     if not isinstance(content, list):
         raise openai_error(400, "invalid_messages", f"{where}.content must be a string, a list of parts or null",
                            param=f"{where}.content")
-    parts = tuple(_part(p, f"{where}.content[{j}]", ignored) for j, p in enumerate(content))
-    if ROLES[role] != Role.user and any(isinstance(p, PictureRef) for p in parts):
+    return chat_turn(ROLES[role], tuple(_part(p, f"{where}.content[{j}]", ignored) for j, p in enumerate(content)),
+                     where)
+
+
+def chat_turn(role: Role, parts: tuple[str | PictureRef, ...], where: str) -> ChatTurn:
+    """A turn of the conversation (chat messages and Responses input items alike): only user turns may carry
+    pictures."""
+    if role != Role.user and any(isinstance(p, PictureRef) for p in parts):
         raise openai_error(400, "invalid_messages", f"{where}: only user messages may carry pictures",
                            param=f"{where}.content")
-    return ChatTurn(ROLES[role], parts)
+    return ChatTurn(role, parts)
 
 
 def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:

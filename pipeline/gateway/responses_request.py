@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
 from tuwen.pipeline.gateway.openai_request import (
     EXAMPLE_PICTURE, MAX_METADATA, MAX_METADATA_KEY, MAX_METADATA_VALUE, ChatRequest, ChatTurn, PictureRef,
-    json_object, printable_name)
+    chat_turn, json_object, printable_name)
 from tuwen.pipeline.gateway.openai_params import ROLES
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role, Truncation
 
@@ -260,11 +260,8 @@ def _item(item: Any, where: str, ignored: list[str]) -> ChatTurn:
     if not isinstance(content, list) or not content:
         raise openai_error(400, "invalid_messages", f"{where}.content must be a string or a non-empty list of parts",
                            param=f"{where}.content")
-    parts = tuple(_part(p, f"{where}.content[{j}]", ignored) for j, p in enumerate(content))
-    if ROLES[role] != Role.user and any(isinstance(p, PictureRef) for p in parts):
-        raise openai_error(400, "invalid_messages", f"{where}: only user messages may carry pictures",
-                           param=f"{where}.content")
-    return ChatTurn(ROLES[role], parts)
+    return chat_turn(ROLES[role], tuple(_part(p, f"{where}.content[{j}]", ignored) for j, p in enumerate(content)),
+                     where)
 
 
 def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import threading
 import time
@@ -15,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -166,3 +169,16 @@ def receiver() -> Iterator[Receiver]:
     server.shutdown()
     server.server_close()
     thread.join(5)
+
+
+def run_doc_snippet(code: str, gateway: Gateway, token: str, picture: bytes, workdir: Path,
+                    monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a snippet of docs/openai.md as written, against ``gateway`` with ``token``, in ``workdir`` where
+    ``worksheet.png`` (the picture it reads) is ``picture``; returns what it printed."""
+    code = code.replace("http://127.0.0.1:8000/v1", gateway.url + "/v1").replace("sk-tw-3f9c…", token)
+    (workdir / "worksheet.png").write_bytes(picture)
+    monkeypatch.chdir(workdir)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "docs/openai.md", "exec"), {})  # noqa: S102 - the documentation's own code
+    return printed.getvalue()

@@ -16,9 +16,6 @@ the demo model, Redis and S3; every answer is checked against its picture's know
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -29,7 +26,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from tuwen.pipeline.settings import Settings
-from tests.gateway.conftest import Gateway
+from tests.gateway.conftest import Gateway, run_doc_snippet
 from tests.gateway.test_openai import ask, chat_gateway, data_url, knows, sdk  # noqa: F401 - chat_gateway: fixture
 from tuwen.workers.demo.samples import Sample, load_samples
 
@@ -243,14 +240,7 @@ def test_the_documented_client_snippets_run_as_written(chat_gateway: Gateway, ne
     section = doc[doc.index("## Clients"):]
     block = re.search(rf"<!-- snippet: {client} -->\n```python\n(.*?)```", section, re.S)
     assert block is not None, client
-    code = block.group(1).replace("http://127.0.0.1:8000/v1", chat_gateway.url + "/v1")
-    code = re.sub(r"sk-tw-3f9c…", new_key(), code)
     sample = load_samples()[4]
-    assert sample.question in code
-    (tmp_path / "worksheet.png").write_bytes(sample.path.read_bytes())
-    monkeypatch.chdir(tmp_path)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, "docs/openai.md", "exec"), {})  # noqa: S102 - the documentation's own code
-    assert knows(printed.getvalue(), sample), printed.getvalue()
-    json.dumps(printed.getvalue())
+    assert sample.question in block.group(1)
+    printed = run_doc_snippet(block.group(1), chat_gateway, new_key(), sample.path.read_bytes(), tmp_path, monkeypatch)
+    assert knows(printed, sample), printed

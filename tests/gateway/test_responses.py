@@ -7,8 +7,6 @@ responses, the async client, and the documented snippet run as written."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import random
 import re
@@ -25,7 +23,7 @@ from pydantic import TypeAdapter
 from tuwen.pipeline.jobs import JobStore, connect
 from tuwen.pipeline.schema import JobRequest, Role
 from tuwen.pipeline.settings import Settings
-from tests.gateway.conftest import Gateway, gateway_settings, start_gateway
+from tests.gateway.conftest import Gateway, gateway_settings, run_doc_snippet, start_gateway
 from tests.gateway.test_batches import jsonl, png, read_lines, upload, wait_for
 from tests.gateway.test_openai import data_url, knows, sdk
 from tuwen.workers.demo.samples import Sample, load_samples
@@ -309,17 +307,12 @@ def test_the_documented_snippet_runs_as_written(responses_gateway: Gateway, new_
     section = doc[doc.index("## Responses API"):]
     snippet = re.search(r"```python\n(.*?)```", section, re.S)
     assert snippet is not None
-    code = snippet.group(1).replace("http://127.0.0.1:8000/v1", responses_gateway.url + "/v1")
-    code = code.replace("sk-tw-3f9c…", new_key())
     sample = load_samples()[4]
-    assert sample.question in code
-    (tmp_path / "worksheet.png").write_bytes(sample.path.read_bytes())
-    monkeypatch.chdir(tmp_path)
+    assert sample.question in snippet.group(1)
     # When it runs as written
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, "docs/openai.md", "exec"), {})  # noqa: S102 - the documentation's own code
+    printed = run_doc_snippet(snippet.group(1), responses_gateway, new_key(), sample.path.read_bytes(), tmp_path,
+                              monkeypatch)
     # Then what it prints names the picture's fact, first and in the follow-up
-    lines = printed.getvalue().splitlines()
+    lines = printed.splitlines()
     assert knows(lines[0], sample) and knows(lines[1], sample), lines
     assert lines[-1].startswith("(") and "tokens" in lines[-1], lines

@@ -4,35 +4,18 @@ token for token as they are alone (issue 21)."""
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
 import pytest
 
+from tests.workers.test_scheduler import rt, samples  # noqa: F401 - the demo runtime and samples, as fixtures
 from tuwen.pipeline.errors import ErrorCode
-from tuwen.pipeline.settings import Settings
 from tuwen.workers.engine.batch import Engine
-from tuwen.workers.serve.hooks import injected_row_failure
-from tuwen.workers.engine.prompts import JOINER, Prompts
-from tuwen.workers.demo import bundled_demo_model
-from tuwen.workers.engine.model import Answer, Item, Runtime
 from tuwen.workers.engine.core import Scheduler
-
-SAMPLES = bundled_demo_model().parent / "samples"
-
-
-@pytest.fixture(scope="module")
-def rt() -> Runtime:
-    runtime = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=48))
-    runtime.load()
-    return runtime
-
-
-@pytest.fixture(scope="module")
-def samples() -> list[tuple[bytes, str, str]]:
-    entries = json.loads((SAMPLES / "samples.json").read_text("utf-8"))
-    return [((SAMPLES / e["file"]).read_bytes(), e["question"], e["facts"][0]) for e in entries]
+from tuwen.workers.engine.model import Answer, Item, Runtime
+from tuwen.workers.engine.prompts import JOINER, Prompts
+from tuwen.workers.serve.hooks import injected_row_failure
 
 
 def turn(*texts: str, image: bool = True, role: str = "user") -> dict[str, Any]:
