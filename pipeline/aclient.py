@@ -29,6 +29,7 @@ from tuwen.pipeline.keys import DONE, JOB
 from tuwen.pipeline.schema import JobResult, JobStatus
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.streams import Assembler, Delta
+from tuwen.pipeline.watch import until_ended
 
 
 class AsyncClient:
@@ -64,21 +65,17 @@ class AsyncClient:
         """Wait until the job ends or ``timeout`` passes; returns its state either way. Listens for the
         job's completion message and re-reads the state every second (a message lost across a Redis
         restart costs at most a second)."""
-        deadline = time.monotonic() + timeout
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+
+        async def wake(seconds: float) -> None:
+            try:
+                await pubsub.get_message(timeout=seconds)
+            except (redis.ConnectionError, redis.TimeoutError):
+                await asyncio.sleep(min(0.5, seconds))
+
         try:
             await pubsub.subscribe(DONE + job_id)
-            result = await self.get(job_id, owner)
-            while not (result.status.terminal or result.status == JobStatus.unknown):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    await pubsub.get_message(timeout=min(1.0, left))
-                except (redis.ConnectionError, redis.TimeoutError):
-                    await asyncio.sleep(min(0.5, max(0.0, left)))
-                result = await self.get(job_id, owner)
-            return result
+            return await until_ended(lambda: self.get(job_id, owner), wake, timeout)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise outage("Redis is not reachable", exc) from exc
         finally:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from tuwen.pipeline.jobs import DONE_CHANNEL
+from tuwen.pipeline.keys import DONE
 
 log = logging.getLogger("tuwen.done")
 
@@ -36,11 +36,11 @@ class DoneListener:
             pubsub = None
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.psubscribe(DONE_CHANNEL + "*")
+                pubsub.psubscribe(DONE + "*")
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=1.0)
                     if msg and msg.get("type") == "pmessage":
-                        job_id = str(msg["channel"])[len(DONE_CHANNEL):]
+                        job_id = str(msg["channel"])[len(DONE):]
                         for callback in self.callbacks:
                             callback(job_id)
             except redis.RedisError as exc:

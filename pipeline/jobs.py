@@ -26,7 +26,6 @@ from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
 log = logging.getLogger(__name__)
 
 PREFIX = keys.JOB
-DONE_CHANNEL = keys.DONE
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 # KEYS[1]=job; ARGV: now, worker, max_attempts, ttl. Returns {state, attempts}.
@@ -167,7 +166,7 @@ def no_such_job(job_id: str) -> Forbidden:
 
 
 def _channel(job_id: str) -> str:
-    return DONE_CHANNEL + job_id
+    return keys.DONE + job_id
 
 
 class JobStore:
@@ -297,7 +296,7 @@ class JobStore:
                 if len(ids) <= 64:
                     pubsub.subscribe(*[_channel(i) for i in ids])
                 else:
-                    pubsub.psubscribe(DONE_CHANNEL + "*")
+                    pubsub.psubscribe(keys.DONE + "*")
             results = self.get_many(ids, owner)
             pending = {i for i, r in results.items() if not r.status.terminal and r.status != JobStatus.unknown}
             last_poll = time.monotonic()
@@ -311,7 +310,7 @@ class JobStore:
                 changed: set[str] = set()
                 while msg:  # every notice already here, so jobs that ended together are read together
                     if msg.get("type") in ("message", "pmessage"):
-                        job_id = str(msg["channel"])[len(DONE_CHANNEL):]
+                        job_id = str(msg["channel"])[len(keys.DONE):]
                         if job_id in pending:
                             changed.add(job_id)
                     try:

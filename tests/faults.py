@@ -19,7 +19,7 @@ from pathlib import Path
 import redis
 import yaml
 
-from tuwen.pipeline.jobs import DONE_CHANNEL
+from tuwen.pipeline.keys import DONE as DONE_CHANNEL
 from tuwen.pipeline.localredis import LocalRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

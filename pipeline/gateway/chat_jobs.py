@@ -7,7 +7,6 @@ what it answers: a ``chat.completion`` and its chunks, or a ``response`` and its
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef
 from tuwen.pipeline.gateway.pictures import picture
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JobResult, JobStatus, Priority
+from tuwen.pipeline.watch import until_ended
 
 #: A stream with nothing to say for this long sends a ``: keep-alive`` comment.
 KEEP_ALIVE_S = 15.0
@@ -69,15 +69,8 @@ def one_line(value: Any) -> str:
 # -- the outcome --------------------------------------------------------------------------------------------
 async def outcome(state: GatewayState, job_id: str, owner: str, timeout: float) -> JobResult:
     """The job once it ended, or as it is when ``timeout`` passed."""
-    deadline = time.monotonic() + timeout
-    result = await state.aclient.get(job_id, owner)
-    while not (result.status.terminal or result.status == JobStatus.unknown):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        await state.waiters.wait(job_id, min(left, 1.0))
-        result = await state.aclient.get(job_id, owner)
-    return result
+    return await until_ended(lambda: state.aclient.get(job_id, owner), lambda s: state.waiters.wait(job_id, s),
+                             timeout)
 
 
 def failure(job_id: str, result: JobResult | None, timeout: float) -> OpenAIError:

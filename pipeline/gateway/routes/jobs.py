@@ -19,6 +19,7 @@ from tuwen.pipeline.gateway.models import JobAccepted, SubmitForm, error_respons
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JobResult, JobStatus, JobView
 from tuwen.pipeline.webhooks import check_callback_url
+from tuwen.pipeline.watch import until_ended
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -45,17 +46,15 @@ def view(state: GatewayState, job_id: str, result: JobResult, *, cancel_requeste
 
 async def poll(state: GatewayState, key: ApiKey, job_id: str, wait: float) -> JobResult:
     """The job now, or once it ends within ``wait`` seconds (capped by ``gateway_max_wait_s``)."""
-    deadline = time.monotonic() + min(wait, state.gw.gateway_max_wait_s)
-    while True:
+
+    async def read() -> JobResult:
         try:
-            result = await run_in_threadpool(lookup, state, job_id, key.owner)
+            return await run_in_threadpool(lookup, state, job_id, key.owner)
         except ApiError:
             await run_in_threadpool(charge, state, key)  # a miss counts: guessing ids stays rate-limited
             raise
-        left = deadline - time.monotonic()
-        if result.status.terminal or left <= 0:
-            return result
-        await state.waiters.wait(job_id, min(left, 1.0))
+
+    return await until_ended(read, lambda s: state.waiters.wait(job_id, s), min(wait, state.gw.gateway_max_wait_s))
 
 
 def nobody_to_answer(state: GatewayState, job_id: str) -> str | None:
