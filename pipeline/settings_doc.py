@@ -65,7 +65,7 @@ def table(cls: type[BaseSettings], prefix: str) -> str:
 def page() -> str:
     from tuwen.pipeline.gateway.batch_settings import BatchSettings
     from tuwen.pipeline.gateway.settings import GatewaySettings
-    from tuwen.pipeline.webhooks import WebhookSettings
+    from tuwen.pipeline.gateway.webhooks import WebhookSettings
 
     return "\n".join([
         "# Configuration", "",
@@ -77,7 +77,7 @@ def page() -> str:
         "The gateway reads the settings above too.", "", table(GatewaySettings, "TUWEN_"), "",
         "## The Batch API (`tuwen.pipeline.gateway.batch_settings.BatchSettings`, read by the gateway)", "",
         table(BatchSettings, "TUWEN_"), "",
-        "## Webhooks (`tuwen.pipeline.webhooks.WebhookSettings`, read by the gateway)", "",
+        "## Webhooks (`tuwen.pipeline.gateway.webhooks.WebhookSettings`, read by the gateway)", "",
         table(WebhookSettings, "TUWEN_"), "",
     ])
 

@@ -75,7 +75,7 @@ def test_docs_configuration_page_is_generated_from_the_settings() -> None:
 def test_every_codes_retryable_flag_is_the_same_everywhere() -> None:
     """Issue 23: the catalogue says once whether a retry may help; docs/errors.md, an exception made with the
     code, and every exception class say the same (ModelError said no where the catalogue said yes)."""
-    import tuwen.pipeline.apikeys  # noqa: F401 - their exception classes register as subclasses
+    import tuwen.pipeline.gateway.apikeys  # noqa: F401 - their exception classes register as subclasses
     import tuwen.pipeline.bulk.lock  # noqa: F401
     from tuwen.pipeline.errors import TuwenError
 

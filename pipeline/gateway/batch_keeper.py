@@ -39,7 +39,7 @@ from tuwen.pipeline.gateway.bodylimits import chat_limit
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.jobs import redis_errors
 from tuwen.pipeline.locks import Locks
-from tuwen.pipeline.webhooks import check_callback_url
+from tuwen.pipeline.gateway.webhooks import check_callback_url
 
 log = logging.getLogger("tuwen.gateway")
 

@@ -22,7 +22,7 @@ from tuwen.pipeline.gateway.batch_objects import RESPONSES_ENDPOINT
 from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef, parse_chat
 from tuwen.pipeline.gateway.pictures import picture
 from tuwen.pipeline.gateway.responses_request import parse_responses
-from tuwen.pipeline.gateway.routes.models import aliases
+from tuwen.pipeline.gateway.served import aliases
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JobRequest, Priority
 

@@ -23,8 +23,8 @@ from tuwen.pipeline.bulk.records import Records
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.locks import Locks
 from tuwen.pipeline.schema import WebhookView
-from tuwen.pipeline.ssrf import Target
-from tuwen.pipeline.webhooks import FINAL_STATES, WebhookSettings, check_callback_url, next_attempt, post_signed
+from tuwen.pipeline.gateway.ssrf import Target
+from tuwen.pipeline.gateway.webhooks import FINAL_STATES, WebhookSettings, check_callback_url, next_attempt, post_signed
 
 EVENTS = {BulkState.completed: "batch.completed", BulkState.failed: "batch.failed",
           BulkState.expired: "batch.expired", BulkState.cancelled: "batch.cancelled"}

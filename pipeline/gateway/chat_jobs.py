@@ -12,7 +12,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from tuwen.pipeline.apikeys import ApiKey
+from tuwen.pipeline.gateway.apikeys import ApiKey
 from tuwen.pipeline.conversation import Turn, prepare_conversation
 from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.openai_errors import NO_RETRY, OpenAIError, as_openai, openai_error

@@ -13,7 +13,7 @@ from typing import Any, Annotated, Optional
 import typer
 from rich.console import Console
 
-from tuwen.pipeline.apikeys import ApiKey, KeyStore
+from tuwen.pipeline.gateway.apikeys import ApiKey, KeyStore
 from tuwen.pipeline.errors import TuwenError
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.settings import Settings

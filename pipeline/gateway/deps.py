@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from tuwen.pipeline.apikeys import ApiKey
+from tuwen.pipeline.gateway.apikeys import ApiKey
 from tuwen.pipeline.gateway.errors import ApiError
 from tuwen.pipeline.gateway.models import EXAMPLE_JOB_ID
 from tuwen.pipeline.gateway.state import GatewayState

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
-from tuwen.pipeline.apikeys import Conflict
+from tuwen.pipeline.gateway.apikeys import Conflict
 from tuwen.pipeline.errors import Forbidden, InvalidInput, NotFound, TuwenError, Unavailable
 
 log = logging.getLogger("tuwen.gateway")

@@ -1,5 +1,5 @@
 """A chat request's pictures, from their ``image_url``: ``data:`` URLs (base64), ``tuwen://images/<sha256>``
-(a picture this owner stored before) and http(s) URLs at public addresses (``tuwen.pipeline.remote``).
+(a picture this owner stored before) and http(s) URLs at public addresses (``tuwen.pipeline.gateway.remote``).
 
 The bytes are validated and stored by ``prepare_conversation`` like any upload; this module only gets
 them, with a code and the request field for every way a URL can be wrong.
@@ -14,7 +14,7 @@ import re
 from tuwen.pipeline.conversation import StoredImage
 from tuwen.pipeline.errors import InvalidImage, InvalidInput
 from tuwen.pipeline.gateway.openai_errors import openai_error
-from tuwen.pipeline.remote import RemotePictures
+from tuwen.pipeline.gateway.remote import RemotePictures
 
 #: ``tuwen://`` + a stored picture's key: ``images/`` + the sha256 of its bytes, in hex.
 TUWEN_SCHEME = "tuwen://"

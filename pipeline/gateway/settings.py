@@ -6,7 +6,7 @@ from pydantic import Field
 
 from tuwen.pipeline.gateway.batch_settings import BatchSettings
 from tuwen.pipeline.settings import CommaList, Settings
-from tuwen.pipeline.webhooks import WebhookSettings
+from tuwen.pipeline.gateway.webhooks import WebhookSettings
 
 
 class GatewaySettings(WebhookSettings, BatchSettings):

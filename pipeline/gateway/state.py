@@ -15,17 +15,17 @@ import redis
 
 from tuwen.pipeline import registry
 from tuwen.pipeline.aclient import AsyncClient
-from tuwen.pipeline.apikeys import ApiKey, Idempotency, KeyStore
+from tuwen.pipeline.gateway.apikeys import ApiKey, Idempotency, KeyStore
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.gateway.metrics import Metrics
 from tuwen.pipeline.gateway.responses_store import ResponseStore
 from tuwen.pipeline.gateway.settings import GatewaySettings
-from tuwen.pipeline.remote import RemotePictures
+from tuwen.pipeline.gateway.remote import RemotePictures
 from tuwen.pipeline.settings import Settings
-from tuwen.pipeline.ssrf import UrlGuard
-from tuwen.pipeline.done import DoneListener
-from tuwen.pipeline.webhooks import Dispatcher, WebhookStore
+from tuwen.pipeline.gateway.ssrf import UrlGuard
+from tuwen.pipeline.gateway.done import DoneListener
+from tuwen.pipeline.gateway.webhooks import Dispatcher, WebhookStore
 
 
 log = logging.getLogger("tuwen.gateway")

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import uvicorn
 
-from tuwen.pipeline.apikeys import KeyStore
+from tuwen.pipeline.gateway.apikeys import KeyStore
 from tuwen.pipeline.gateway.app import create_app
 from tuwen.pipeline.gateway.server import server_options
 from tuwen.pipeline.gateway.settings import GatewaySettings

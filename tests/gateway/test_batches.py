@@ -31,7 +31,7 @@ from tuwen.pipeline.bulk.records import PREFIX as BULK_PREFIX
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.settings import Settings
-from tuwen.pipeline.webhooks import verify
+from tuwen.pipeline.gateway.webhooks import verify
 from tests.bulk.conftest import cli
 from tests.bulk.test_fairness import percentile
 from tests.gateway.conftest import SECRET, Gateway, Receiver, gateway_settings, start_gateway

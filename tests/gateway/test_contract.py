@@ -13,8 +13,8 @@ from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import PREFIX
 from tuwen.pipeline.schema import PRIVATE_FIELDS, JobResult, JobView
 from tuwen.pipeline.settings import Settings
-from tuwen.pipeline.ssrf import address_allowed
-from tuwen.pipeline.webhooks import check_callback_url
+from tuwen.pipeline.gateway.ssrf import address_allowed
+from tuwen.pipeline.gateway.webhooks import check_callback_url
 from tests.gateway.conftest import UPLOAD_LIMIT, Gateway, Receiver, gateway_settings, start_gateway
 from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.bench.process import WorkerProcess

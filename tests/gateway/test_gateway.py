@@ -20,12 +20,12 @@ import httpx
 import pytest
 from PIL import Image
 
-from tuwen.pipeline.apikeys import KeyStore
+from tuwen.pipeline.gateway.apikeys import KeyStore
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import PREFIX
 from tuwen.pipeline.keys import API_KEY
 from tuwen.pipeline.settings import Settings
-from tuwen.pipeline.webhooks import Dispatcher, WebhookStore, check_callback_url, sign, verify
+from tuwen.pipeline.gateway.webhooks import Dispatcher, WebhookStore, check_callback_url, sign, verify
 from tests.gateway.conftest import SECRET, UPLOAD_LIMIT, Gateway, Receiver, gateway_settings, start_gateway
 from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.bench.process import WorkerProcess
@@ -56,7 +56,7 @@ def png_header(width: int, height: int) -> bytes:
 
 
 def verify_like_a_receiver(secret: str, headers: dict[str, str], body: bytes) -> bool:
-    """The verification snippet from docs/gateway.md, written out independently of tuwen.pipeline.webhooks."""
+    """The verification snippet from docs/gateway.md, written out independently of tuwen.pipeline.gateway.webhooks."""
     timestamp, signature = headers["X-Tuwen-Timestamp"], headers["X-Tuwen-Signature"]
     expected = "sha256=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, signature) and abs(time.time() - int(timestamp)) < 300

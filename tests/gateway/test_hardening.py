@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tuwen.pipeline.apikeys import KeyStore
+from tuwen.pipeline.gateway.apikeys import KeyStore
 from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.keys import BULK, JOB

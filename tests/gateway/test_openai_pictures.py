@@ -20,9 +20,9 @@ from tuwen.pipeline.client import Client
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.jobs import PREFIX
 from tuwen.pipeline.localredis import free_port
-from tuwen.pipeline.remote import RemotePictures
+from tuwen.pipeline.gateway.remote import RemotePictures
 from tuwen.pipeline.settings import Settings
-from tuwen.pipeline.ssrf import UrlGuard
+from tuwen.pipeline.gateway.ssrf import UrlGuard
 from tests.gateway.conftest import Gateway, gateway_settings, start_gateway
 from tests.gateway.test_openai import chat_gateway, knows, sdk  # noqa: F401 - chat_gateway: fixture
 from tuwen.workers.demo.samples import load_samples

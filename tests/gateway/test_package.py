@@ -12,8 +12,9 @@ from tuwen.pipeline.schema import JOB_ID_MAX, JOB_ID_MIN, JOB_ID_PATTERN, MAX_NE
 from tests.gateway.conftest import Gateway
 from tests.test_layering import ROOT, imports_of, module_name
 
-GATEWAY = sorted((ROOT / "pipeline" / "gateway").rglob("*.py"))
-NEIGHBOURS = [ROOT / "pipeline" / name for name in ("webhooks.py", "ssrf.py", "apikeys.py")]
+#: Webhooks, the SSRF guard and API keys: gateway-only (issue 23 moved them in), yet apart from the rest of it.
+NEIGHBOURS = [ROOT / "pipeline" / "gateway" / name for name in ("webhooks.py", "ssrf.py", "apikeys.py")]
+GATEWAY = [p for p in sorted((ROOT / "pipeline" / "gateway").rglob("*.py")) if p not in NEIGHBOURS]
 
 
 def functions(path: Path) -> list[tuple[str, int]]:
@@ -25,12 +26,14 @@ def functions(path: Path) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("path", NEIGHBOURS, ids=lambda p: p.name)
 def test_webhooks_and_the_guard_import_nothing_of_the_gateway(path: Path) -> None:
     found = imports_of(path.read_text(encoding="utf-8"), module_name("pipeline", path))
-    assert not [(line, m) for line, m in found if m.startswith("tuwen.pipeline.gateway")]
+    apart = {module_name("pipeline", p) for p in NEIGHBOURS}
+    assert not [(line, m) for line, m in found if m.startswith("tuwen.pipeline.gateway")
+                and not any(m == a or m.startswith(a + ".") for a in apart)]
 
 
 def test_modules_and_functions_stay_small() -> None:
     sizes = {p.relative_to(ROOT): len(p.read_text(encoding="utf-8").splitlines()) for p in GATEWAY + NEIGHBOURS}
-    assert len(sizes) >= 12 and all(n <= (300 if "gateway" in str(p) else 400) for p, n in sizes.items()), sizes
+    assert len(sizes) >= 12 and all(n <= (400 if ROOT / p in NEIGHBOURS else 300) for p, n in sizes.items()), sizes
     long = {(str(p.relative_to(ROOT)), name): n for p in GATEWAY + NEIGHBOURS for name, n in functions(p) if n > 60}
     assert not long, long
 

@@ -14,7 +14,7 @@ from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.keys import ROOT
 from tuwen.pipeline.localredis import LocalRedis
 from tuwen.pipeline.locks import Locks
-from tuwen.pipeline.webhooks import WebhookStore
+from tuwen.pipeline.gateway.webhooks import WebhookStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

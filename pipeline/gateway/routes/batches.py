@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from tuwen.pipeline.apikeys import ApiKey
+from tuwen.pipeline.gateway.apikeys import ApiKey
 from tuwen.pipeline.bulk.model import Bulk
 from tuwen.pipeline.errors import NotFound
 from tuwen.pipeline.gateway.batch_keeper import BatchEnded, BatchKeeper, Keeper, idempotency_fingerprint, no_such_batch
@@ -29,7 +29,7 @@ from tuwen.pipeline.gateway.batch_objects import (
 from tuwen.pipeline.gateway.deps import IdempotencyKey, Reader, State, Submitter, charge
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute, openai_error, param_of
 from tuwen.pipeline.gateway.openai_request import json_object, printable_name
-from tuwen.pipeline.gateway.routes.chat import inline
+from tuwen.pipeline.gateway.openapi import json_body
 from tuwen.pipeline.gateway.state import GatewayState
 
 
@@ -104,12 +104,7 @@ def accept(state: GatewayState, keeper: BatchKeeper, key: ApiKey, body: BatchCre
     return bulk
 
 
-def create_body() -> dict[str, Any]:
-    schema = inline(BatchCreate.model_json_schema(ref_template="#/$defs/{model}"))
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-@router.post("", response_model=BatchObject, openapi_extra=create_body(),
+@router.post("", response_model=BatchObject, openapi_extra=json_body(BatchCreate),
              summary="创建批处理 · create a batch of an uploaded file (answered at once, validating)",
              responses=error_responses(400, 401, 404, 409, 429, 503))
 async def create_batch(key: Submitter, state: State, keeper: Keeper, request: Request, response: Response,

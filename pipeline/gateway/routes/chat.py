@@ -25,7 +25,8 @@ from tuwen.pipeline.gateway.deps import IdempotencyKey, State, Submitter
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute
 from tuwen.pipeline.gateway.openai_objects import ChatCompletion, chunk, completion, error_responses, finish_reason
 from tuwen.pipeline.gateway.openai_request import ChatCompletionRequest, parse_chat
-from tuwen.pipeline.gateway.routes.models import served_model
+from tuwen.pipeline.gateway.openapi import json_body
+from tuwen.pipeline.gateway.served import served_model
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JobStatus
 
@@ -59,29 +60,7 @@ async def relay(state: GatewayState, job_id: str, owner: str, model: str, create
 
 
 # -- the route ------------------------------------------------------------------------------------------------
-def chat_body() -> dict[str, Any]:
-    """The JSON body for the OpenAPI document (the route reads it itself, after the API key is checked)."""
-    schema = ChatCompletionRequest.model_json_schema(ref_template="#/$defs/{model}")
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
-
-
-def inline(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` with its ``$defs`` written in place (the document has nowhere else to put them)."""
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {k: resolve(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [resolve(v) for v in node]
-        return node
-
-    return dict(resolve(schema))
-
-
-@router.post("/completions", response_model=ChatCompletion, openapi_extra=chat_body(),
+@router.post("/completions", response_model=ChatCompletion, openapi_extra=json_body(ChatCompletionRequest),
              summary="对话 · OpenAI-compatible chat completion (pictures as image_url parts)",
              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                               "description": "a chat.completion, or with `stream: true` Server-Sent Events"},

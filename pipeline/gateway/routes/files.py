@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from tuwen.pipeline.apikeys import ApiKey
+from tuwen.pipeline.gateway.apikeys import ApiKey
 from tuwen.pipeline.bulk.files import FILE_ID_PATTERN, UPLOAD_PURPOSES, FileTooLarge, StoredFile, no_such_file
 from tuwen.pipeline.errors import NotFound
 from tuwen.pipeline.gateway.batch_keeper import BatchKeeper, Keeper

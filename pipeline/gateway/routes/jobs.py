@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from tuwen.pipeline.apikeys import ApiKey
+from tuwen.pipeline.gateway.apikeys import ApiKey
 from tuwen.pipeline.app import queue_for
 from tuwen.pipeline.errors import Forbidden, NotFound
 from tuwen.pipeline.gateway.deps import IdempotencyKey, JobId, Reader, State, Submitter, charge
@@ -18,7 +18,7 @@ from tuwen.pipeline.gateway.intake import read_submission
 from tuwen.pipeline.gateway.models import JobAccepted, SubmitForm, error_responses, submit_body
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JobResult, JobStatus, JobView
-from tuwen.pipeline.webhooks import check_callback_url
+from tuwen.pipeline.gateway.webhooks import check_callback_url
 from tuwen.pipeline.watch import until_ended
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

@@ -1,6 +1,5 @@
-"""``/v1/models``: the models that live workers hold, in OpenAI's list format; and which model a chat
-request's ``model`` names (a live worker's model id, or an alias of the served model: ``tuwen`` and
-``TUWEN_GATEWAY_MODEL_ALIASES``)."""
+"""``/v1/models``: the models that live workers hold, in OpenAI's list format (which model a request's
+``model`` names: ``gateway.served``)."""
 
 # No `from __future__ import annotations`: FastAPI reads these signatures at import time.
 from fastapi import APIRouter
@@ -9,39 +8,9 @@ from starlette.concurrency import run_in_threadpool
 from tuwen.pipeline.gateway.deps import Reader, State
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute, openai_error
 from tuwen.pipeline.gateway.openai_objects import ModelCard, ModelList, error_responses
-from tuwen.pipeline.gateway.state import GatewayState
-
-#: Always a name for the served model, whatever its checkpoint.
-ALIAS = "tuwen"
+from tuwen.pipeline.gateway.served import cards
 
 router = APIRouter(prefix="/v1/models", tags=["chat"], route_class=OpenAIRoute)
-
-
-def aliases(state: GatewayState) -> list[str]:
-    return [ALIAS, *(a for a in state.gw.gateway_model_aliases if a != ALIAS)]
-
-
-def cards(state: GatewayState) -> list[ModelCard]:
-    """The live workers' models (on this gateway's interactive queue), oldest first, then the aliases."""
-    live = state.census.models(state.settings.interactive_queue)
-    found = [ModelCard(id=model, created=int(seen)) for model, seen in live.items()]
-    return found + [ModelCard(id=name, created=found[0].created) for name in aliases(state) if found
-                    and name not in live]
-
-
-def served_model(state: GatewayState, requested: str) -> str:
-    """The model id a chat request gets: ``requested`` if a live worker holds it; for an alias, the
-    longest-served live model. 404 ``model_not_found`` for another name; 503 when no worker is live."""
-    live = state.census.models(state.settings.interactive_queue)
-    if requested in live:
-        return requested
-    if not live:
-        raise openai_error(503, "model_not_served", f"no live worker is consuming {state.settings.interactive_queue}, "
-                           "so no model is served now", headers={"Retry-After": "5"})
-    if requested in aliases(state):
-        return next(iter(live))
-    raise openai_error(404, "model_not_served", f"The model `{requested}` does not exist: GET /v1/models lists the "
-                       "served ones", param="model")
 
 
 @router.get("", response_model=ModelList, summary="模型列表 · the models live workers hold",

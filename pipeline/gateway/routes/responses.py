@@ -19,7 +19,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tuwen.pipeline.apikeys import ApiKey
+from tuwen.pipeline.gateway.apikeys import ApiKey
 from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.chat_jobs import Ended, accept, failure, job_text, one_line, outcome
 from tuwen.pipeline.gateway.deps import IdempotencyKey, Reader, State, Submitter, charge
@@ -29,8 +29,8 @@ from tuwen.pipeline.gateway.responses_objects import (
     EXAMPLE_RESPONSE_ID, Events, ResponseDeleted, ResponseFacts, ResponseObject, response_object)
 from tuwen.pipeline.gateway.responses_request import ResponsesCreate, ResponsesRequest, parse_responses
 from tuwen.pipeline.gateway.responses_store import StoredResponse, items_of, not_found
-from tuwen.pipeline.gateway.routes.chat import inline
-from tuwen.pipeline.gateway.routes.models import served_model
+from tuwen.pipeline.gateway.openapi import json_body
+from tuwen.pipeline.gateway.served import served_model
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JobStatus
 
@@ -109,13 +109,7 @@ async def ending(state: GatewayState, events: Events, job_id: str, facts: Respon
 
 
 # -- the routes -----------------------------------------------------------------------------------------------
-def create_body() -> dict[str, Any]:
-    """The JSON body for the OpenAPI document (the route reads it itself, after the API key is checked)."""
-    schema = ResponsesCreate.model_json_schema(ref_template="#/$defs/{model}")
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
-
-
-@router.post("", response_model=ResponseObject, openapi_extra=create_body(),
+@router.post("", response_model=ResponseObject, openapi_extra=json_body(ResponsesCreate),
              summary="回答 · OpenAI-compatible response (Responses API; pictures as input_image parts)",
              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                               "description": "a response, or with `stream: true` OpenAI's Server-Sent Events"},

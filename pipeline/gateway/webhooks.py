@@ -39,7 +39,7 @@ from tuwen.pipeline.jobs import JobStore
 from tuwen.pipeline.locks import Locks
 from tuwen.pipeline.schema import JobResult, JobStatus, JobView, WebhookView
 from tuwen.pipeline.settings import CommaList, TuwenSettings
-from tuwen.pipeline.ssrf import ForbiddenTarget, InvalidUrl, Target, UrlGuard
+from tuwen.pipeline.gateway.ssrf import ForbiddenTarget, InvalidUrl, Target, UrlGuard
 
 log = logging.getLogger("tuwen.webhooks")
 

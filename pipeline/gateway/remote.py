@@ -24,7 +24,7 @@ from urllib.parse import urljoin
 import httpx
 
 from tuwen.pipeline.errors import InvalidImage, InvalidInput
-from tuwen.pipeline.ssrf import ForbiddenTarget, InvalidUrl, Target, UrlGuard
+from tuwen.pipeline.gateway.ssrf import ForbiddenTarget, InvalidUrl, Target, UrlGuard
 
 #: The statuses after which the same URL may answer later.
 _PASSING = frozenset({408, 425, 429})
