@@ -135,13 +135,15 @@ def test_a_200_line_worksheet_batch_answers_every_line_once_with_the_right_facts
         batch_gateway: Gateway, new_key: Keys, receiver: Receiver) -> None:
     good, examples = worksheets(200, seed=20_261_130)
     picture = png(next(iter(examples.values())))
-    bad = [  # Given three lines that parse but cannot be answered
+    bad = [  # Given four lines that parse but cannot be answered
         line("bad-corrupt", [ask(picture[: len(picture) // 3], "图中是什么形状？")]),
         line("bad-pictures", [{"role": "user", "content": [
             *[{"type": "image_url", "image_url": {"url": data_url(picture)}}] * 5,
             {"type": "text", "text": "一共有几个图形？"}]}]),
         line("bad-context", [ask(picture, "你好，请看这张图。"), {"role": "assistant", "content": "好" * 700},
                              {"role": "user", "content": "图中是什么形状？"}]),
+        # The tests' TUWEN_MAX_NEW_TOKENS is 48: a line asking for more is refused, never lowered (issue 22)
+        line("bad-budget", [ask(picture, "图中是什么形状？")], max_tokens=49),
     ]
     lines = good[:60] + bad[:1] + good[60:130] + bad[1:2] + good[130:] + bad[2:]
     with sdk(batch_gateway, new_key()) as client:
@@ -159,12 +161,12 @@ def test_a_200_line_worksheet_batch_answers_every_line_once_with_the_right_facts
         listed = [b.id for b in client.batches.list(limit=5)]
     # Then it completed, with every line counted …
     assert batch.status == "completed", batch
-    assert batch.request_counts.model_dump() == {"total": 203, "completed": 200, "failed": 3}
+    assert batch.request_counts.model_dump() == {"total": 204, "completed": 200, "failed": 4}
     assert batch.metadata == {"class": "三年级二班"} and created.id in listed
     assert {"validating", "completed"} <= seen and batch.in_progress_at and batch.finalizing_at
     # … every custom_id answered exactly once, the good ones in the output file, the bad ones in the error file
     assert sorted(x["custom_id"] for x in outputs + errors) == sorted(x["custom_id"] for x in lines)
-    assert {x["custom_id"] for x in errors} == {"bad-corrupt", "bad-pictures", "bad-context"}
+    assert {x["custom_id"] for x in errors} == {"bad-corrupt", "bad-pictures", "bad-context", "bad-budget"}
     # … each body a chat.completion exactly as the chat endpoint answers, naming the picture's facts (≥ 90%)
     for x in outputs:
         body = x["response"]["body"]
@@ -177,7 +179,7 @@ def test_a_200_line_worksheet_batch_answers_every_line_once_with_the_right_facts
     # … and the bad lines carry their codes, as the chat endpoint would have answered them
     codes = {x["custom_id"]: (x["response"]["status_code"], x["response"]["body"]["error"]["code"]) for x in errors}
     assert codes == {"bad-corrupt": (400, "corrupt_image"), "bad-pictures": (400, "too_many_images"),
-                     "bad-context": (400, "context_too_long")}, codes
+                     "bad-context": (400, "context_too_long"), "bad-budget": (400, "invalid_params")}, codes
     # And the signed batch.completed event arrived
     receiver.wait_for(lambda ds: len(ds) >= 1, timeout=30)
     assert [e["type"] for e in signed_events(receiver, created.id)] == ["batch.completed"]
@@ -188,7 +190,7 @@ def test_a_200_line_worksheet_batch_answers_every_line_once_with_the_right_facts
         reader.close()
     queued_s = max(j.created_at or 0.0 for j in jobs) - created.created_at
     answered_s = max(j.finished_at or 0.0 for j in jobs) - min(j.started_at or 0.0 for j in jobs)
-    print(f"\nHTTP batch: 203 lines in {elapsed:.1f}s from upload to output ({203 / elapsed:.1f} lines/s through the "
+    print(f"\nHTTP batch: 204 lines in {elapsed:.1f}s from upload to output ({204 / elapsed:.1f} lines/s through the "
           f"HTTP path); validated and queued within {queued_s:.1f}s of batches.create, answered in "
           f"{answered_s:.1f}s ({200 / answered_s:.1f} lines/s, the worker); {right}/200 right facts")
 

@@ -418,6 +418,8 @@ def _corpus() -> list[tuple[str, dict[str, object], str]]:
         ("invalid utf-8", {"question": b"\xff\xfe\xfd?"}, "invalid_question"),
         ("negative max_new_tokens", {"max_new_tokens": -5}, "invalid_params"),
         ("huge max_new_tokens", {"max_new_tokens": 10**9}, "invalid_params"),
+        # The tests' TUWEN_MAX_NEW_TOKENS is 48: one more is refused (naming the cap), never lowered (issue 22).
+        ("max_new_tokens above the server's cap", {"max_new_tokens": 49}, "invalid_params"),
         ("max_new_tokens not a number", {"max_new_tokens": "lots"}, "invalid_params"),
         ("unknown priority", {"priority": "urgent"}, "invalid_params"),
         ("unknown field", {"temperature": "0.7"}, "invalid_params"),
