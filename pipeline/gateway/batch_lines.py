@@ -15,12 +15,12 @@ from typing import Any
 
 from tuwen.pipeline.bulk.manifest import Record
 from tuwen.pipeline.bulk.model import Bulk
-from tuwen.pipeline.conversation import Turn, prepare_conversation
+from tuwen.pipeline.conversation import prepare_conversation
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.gateway.openai_errors import OpenAIError, openai_error
 from tuwen.pipeline.gateway.batch_objects import RESPONSES_ENDPOINT
-from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef, parse_chat
-from tuwen.pipeline.gateway.pictures import picture
+from tuwen.pipeline.gateway.chat_jobs import fetched_turns
+from tuwen.pipeline.gateway.openai_request import ChatRequest, parse_chat
 from tuwen.pipeline.gateway.responses_request import parse_responses
 from tuwen.pipeline.gateway.served import aliases
 from tuwen.pipeline.gateway.state import GatewayState
@@ -55,12 +55,7 @@ class ChatLines:
                 raise openai_error(400, "unsupported_parameter", "stream: a batch line is answered whole, not "
                                    "streamed", param="stream")
             self._check_model(chat.model)
-            self.state.census.check_pictures(self.state.settings.bulk_queue,
-                                             sum(isinstance(p, PictureRef) for t in chat.turns for p in t.parts))
-            limit = self.state.settings.max_image_bytes
-            turns = [Turn(t.role.value, [picture(p.url, p.param, max_bytes=limit, remote=self.state.pictures)
-                                         if isinstance(p, PictureRef) else p for p in t.parts])
-                     for t in chat.turns]
+            turns = fetched_turns(self.state, chat, self.state.settings.bulk_queue)
         except OpenAIError as exc:
             raise InvalidInput(exc.message, code=exc.code) from exc
         return prepare_conversation(self.state.client, turns, chat.params, owner=bulk.owner, priority=Priority.bulk,

@@ -7,6 +7,7 @@ what it answers: a ``chat.completion`` and its chunks, or a ``response`` and its
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JobResult, JobStatus, Priority
 from tuwen.pipeline.watch import until_ended
 
+log = logging.getLogger("tuwen.gateway")
+
 #: A stream with nothing to say for this long sends a ``: keep-alive`` comment.
 KEEP_ALIVE_S = 15.0
 #: What ``json.dumps`` leaves as it is but ``str.splitlines`` (and log readers) take as a line's end.
@@ -30,13 +33,18 @@ _LINE_ENDS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 
 
 # -- submitting -----------------------------------------------------------------------------------------
+def fetched_turns(state: GatewayState, chat: ChatRequest, queue: str) -> list[Turn]:
+    """The conversation with its pictures fetched (not yet stored), once the model served on ``queue`` is
+    known to take that many (``too_many_images`` before anything is fetched)."""
+    state.census.check_pictures(queue, chat.pictures)
+    limit = state.settings.max_image_bytes
+    return [Turn(t.role.value, [picture(p.url, p.param, max_bytes=limit, remote=state.pictures)
+                                if isinstance(p, PictureRef) else p for p in t.parts]) for t in chat.turns]
+
+
 def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest) -> str:
     """Get the pictures, store them for the key's owner and queue the job; returns its id."""
-    state.census.check_pictures(state.settings.interactive_queue,
-                                sum(isinstance(p, PictureRef) for t in chat.turns for p in t.parts))
-    limit = state.settings.max_image_bytes
-    turns = [Turn(t.role.value, [picture(p.url, p.param, max_bytes=limit, remote=state.pictures)
-                                 if isinstance(p, PictureRef) else p for p in t.parts]) for t in chat.turns]
+    turns = fetched_turns(state, chat, state.settings.interactive_queue)
     job = prepare_conversation(state.client, turns, chat.params, owner=key.owner, priority=Priority.interactive,
                                stream=chat.stream)
     state.client.enqueue(job)
@@ -58,6 +66,16 @@ def accept(state: GatewayState, key: ApiKey, chat: ChatRequest, idempotency_key:
         raise
     state.idempotency.complete(key.owner, idempotency_key, chat.fingerprint, job_id)
     return job_id, False
+
+
+def accepted(state: GatewayState, key: ApiKey, what: str, job_id: str, replayed: bool, user: str | None,
+             metadata: dict[str, str] | None, ignored: tuple[str, ...]) -> dict[str, str]:
+    """Log an accepted chat or Responses request on one line (its ``user`` and ``metadata`` escaped: no value
+    can start a line of its own), and return its answer's headers: the job id, a replay, ignored parameters."""
+    log.info("%s job %s of %s: user=%s metadata=%s%s", what, job_id, key.owner, one_line(user), one_line(metadata),
+             " (replayed)" if replayed else "")
+    return {"X-Tuwen-Job-Id": job_id, **({"Idempotent-Replayed": "true"} if replayed else {}),
+            **state.ignored(key, ignored)}
 
 
 def one_line(value: Any) -> str:

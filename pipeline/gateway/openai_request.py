@@ -137,6 +137,11 @@ class ChatRequest:
     #: Parameters tuwen ignored (``messages[0].content[1].cache_control`` for those inside the conversation).
     ignored: tuple[str, ...] = ()
 
+    @property
+    def pictures(self) -> int:
+        """How many pictures the conversation carries."""
+        return sum(isinstance(p, PictureRef) for t in self.turns for p in t.parts)
+
 
 def json_object(body: bytes) -> dict[str, Any]:
     """A request body that must be one JSON object, or a 400 ``invalid_request``. (The intake refuses JSON

@@ -217,7 +217,7 @@ class Scheduler:
 
     @property
     def _isolating(self) -> bool:
-        return any(id(live.row) in self._suspects for live in self.engine.rows)
+        return bool(self._suspects) and any(id(live.row) in self._suspects for live in self.engine.rows)
 
     def _suspect(self, rows: list[Any]) -> bool:
         return any(id(r) in self._suspects for r in rows)

@@ -296,20 +296,12 @@ class Runtime:
         return kept
 
     def _wrong_specials(self, enc: Any, prompts: list[Prompt]) -> dict[int, Exception]:
-        """Rows whose token ids hold other special tokens than their template wrote (picture tokens aside:
-        the processor expands each into the picture's own count, and checks that count itself)."""
-        media = {getattr(self.processor, name, None) for name in ("image_token", "video_token")}
-        added = self.prompts.count(self.processor.tokenizer("")["input_ids"])
+        """Rows whose token ids hold other special tokens than their template wrote (``Prompts.wrong_ids``)."""
         wrong: dict[int, Exception] = {}
         for i, (ids, mask, prompt) in enumerate(zip(enc["input_ids"], enc["attention_mask"], prompts)):
-            seen = self.prompts.count(ids[mask.bool()].tolist())
-            wrote = prompt.specials + added
-            for token in media:
-                seen.pop(token, None)
-                wrote.pop(token, None)
-            if +seen != +wrote:
-                wrong[i] = InvalidInput(f"the prompt's token ids hold other special tokens ({dict(seen)}) than its "
-                                        f"chat template wrote ({dict(wrote)})", code="unprocessable_input")
+            why = self.prompts.wrong_ids(prompt, ids[mask.bool()].tolist())
+            if why is not None:
+                wrong[i] = InvalidInput(why, code="unprocessable_input")
         return wrong
 
 

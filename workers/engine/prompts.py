@@ -153,6 +153,28 @@ class Prompts:
         """Special tokens among ``ids`` (any iterable of ints), by their text."""
         return Counter(self._ids[i] for i in map(int, ids) if i in self._ids)
 
+    @cached_property
+    def _added(self) -> Counter[str]:
+        """Special tokens the tokenizer adds around any text (a BOS token, for most families)."""
+        return self.count(self.tokenizer("")["input_ids"])
+
+    @cached_property
+    def _media(self) -> set[str]:
+        """The picture and video tokens, which the processor expands into each picture's own count."""
+        return {t for t in (getattr(self.processor, n, None) for n in ("image_token", "video_token")) if t}
+
+    def wrong_ids(self, prompt: Prompt, ids: Any) -> str | None:
+        """Why the processor's final ``ids`` for ``prompt`` hold other special tokens than its template wrote
+        (and the tokenizer adds), or None; picture tokens aside: the processor checks their count itself."""
+        seen, wrote = self.count(ids), prompt.specials + self._added
+        for token in self._media:
+            seen.pop(token, None)
+            wrote.pop(token, None)
+        if +seen == +wrote:
+            return None
+        return f"the prompt's token ids hold other special tokens ({dict(seen)}) than its chat template wrote " \
+               f"({dict(wrote)})"
+
     def check(self, prompt: Prompt, pictures: int) -> None:
         """Refuse a prompt whose token ids would hold other special tokens than the template wrote, or
         another number of picture tokens than pictures."""

@@ -9,7 +9,6 @@ later. A client that goes away costs nothing: the job finishes and keeps its res
 """
 
 # No `from __future__ import annotations`: FastAPI reads these signatures at import time.
-import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -20,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tuwen.pipeline.gateway import sse
-from tuwen.pipeline.gateway.chat_jobs import accept, failure, job_text, one_line, outcome
+from tuwen.pipeline.gateway.chat_jobs import accept, accepted, failure, job_text, outcome
 from tuwen.pipeline.gateway.deps import IdempotencyKey, State, Submitter
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute
 from tuwen.pipeline.gateway.openai_objects import ChatCompletion, chunk, completion, error_responses, finish_reason
@@ -30,7 +29,6 @@ from tuwen.pipeline.gateway.served import served_model
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JobStatus
 
-log = logging.getLogger("tuwen.gateway")
 router = APIRouter(prefix="/v1/chat", tags=["chat"], route_class=OpenAIRoute)
 
 
@@ -74,10 +72,7 @@ async def create_chat_completion(key: Submitter, state: State, request: Request,
     model = await run_in_threadpool(served_model, state, chat.model)
     created = int(time.time())
     job_id, replayed = await run_in_threadpool(accept, state, key, chat, idempotency_key)
-    log.info("chat job %s of %s: user=%s metadata=%s%s", job_id, key.owner, one_line(chat.user),
-             one_line(chat.metadata), " (replayed)" if replayed else "")
-    headers = {"X-Tuwen-Job-Id": job_id, **({"Idempotent-Replayed": "true"} if replayed else {}),
-               **state.ignored(key, chat.ignored)}
+    headers = accepted(state, key, "chat", job_id, replayed, chat.user, chat.metadata, chat.ignored)
     if chat.stream:
         return StreamingResponse(relay(state, job_id, key.owner, model, created, chat.include_usage),
                                  media_type=sse.MEDIA_TYPE, headers={**sse.HEADERS, **headers})

@@ -9,7 +9,6 @@ owner: another owner's response is a 404 worded as for one that never existed.
 """
 
 # No `from __future__ import annotations`: FastAPI reads these signatures at import time.
-import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -21,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tuwen.pipeline.gateway.apikeys import ApiKey
 from tuwen.pipeline.gateway import sse
-from tuwen.pipeline.gateway.chat_jobs import Ended, accept, failure, job_text, one_line, outcome
+from tuwen.pipeline.gateway.chat_jobs import Ended, accept, accepted, failure, job_text, outcome
 from tuwen.pipeline.gateway.deps import IdempotencyKey, Reader, State, Submitter, charge
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute
 from tuwen.pipeline.gateway.openai_objects import error_responses
@@ -34,7 +33,6 @@ from tuwen.pipeline.gateway.served import served_model
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.schema import JobStatus
 
-log = logging.getLogger("tuwen.gateway")
 router = APIRouter(prefix="/v1/responses", tags=["chat"], route_class=OpenAIRoute)
 ResponseId = Annotated[str, Path(max_length=80, examples=[EXAMPLE_RESPONSE_ID])]
 
@@ -123,10 +121,7 @@ async def create_response(key: Submitter, state: State, request: Request,
     ask = parse_responses(await request.body())
     facts = facts_of(ask, await run_in_threadpool(served_model, state, ask.model))
     job_id, replayed = await run_in_threadpool(begin, state, key, ask, facts, idempotency_key)
-    log.info("responses job %s of %s: user=%s metadata=%s%s", job_id, key.owner, one_line(ask.user),
-             one_line(ask.metadata), " (replayed)" if replayed else "")
-    headers = {"X-Tuwen-Job-Id": job_id, **({"Idempotent-Replayed": "true"} if replayed else {}),
-               **state.ignored(key, ask.ignored)}
+    headers = accepted(state, key, "responses", job_id, replayed, ask.user, ask.metadata, ask.ignored)
     if ask.stream:
         return StreamingResponse(relay(state, job_id, key.owner, facts), media_type=sse.MEDIA_TYPE,
                                  headers={**sse.HEADERS, **headers})
