@@ -17,7 +17,7 @@ SOURCES = [p for layer in ("storage", "pipeline", "workers") for p in sorted((RO
 
 def codes_in(source: str) -> set[str]:
     """String literals used as error codes: ``code="x"``, ``code = "x"``, ``{"code": "x"}``, and the code
-    argument of ``ApiError(status, "x", ...)`` / ``_failed(job, "x", ...)``."""
+    argument of ``ApiError("x", ...)`` / ``openai_error("x", ...)`` / ``_failed(job, "x", ...)``."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.keyword) and node.arg == "code" and isinstance(node.value, ast.Constant):
@@ -28,10 +28,11 @@ def codes_in(source: str) -> set[str]:
         elif isinstance(node, ast.Dict):
             found |= {v.value for k, v in zip(node.keys, node.values)
                       if isinstance(k, ast.Constant) and k.value == "code" and isinstance(v, ast.Constant)}
-        elif isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+        elif isinstance(node, ast.Call) and node.args:
             name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
-            if name in ("ApiError", "error_response", "_failed", "openai_error"):
-                found.add(node.args[1].value)
+            at = {"ApiError": 0, "error_response": 0, "openai_error": 0, "_failed": 1}.get(str(name))
+            if at is not None and len(node.args) > at and isinstance(node.args[at], ast.Constant):
+                found.add(node.args[at].value)
     return {c for c in found if isinstance(c, str)}
 
 
@@ -43,9 +44,9 @@ def test_every_code_in_the_tree_is_in_the_catalogue() -> None:
 
 
 def test_the_scan_finds_codes_in_every_form() -> None:
-    sample = ('raise X("m", code="a")\nclass E:\n    code = "b"\nd = {"code": "c"}\nApiError(404, "d", "m")\n'
-              'self._failed(job, "e", "m")\n')
-    assert codes_in(sample) == {"a", "b", "c", "d", "e"}
+    sample = ('raise X("m", code="a")\nclass E:\n    code = "b"\nd = {"code": "c"}\nApiError("d", "m")\n'
+              'self._failed(job, "e", "m")\nopenai_error("f", "m", param="p")\n')
+    assert codes_in(sample) == {"a", "b", "c", "d", "e", "f"}
 
 
 def test_docs_errors_page_is_generated_from_the_catalogue() -> None:
@@ -72,24 +73,72 @@ def test_docs_configuration_page_is_generated_from_the_settings() -> None:
     assert not undocumented, undocumented
 
 
-def test_every_codes_retryable_flag_is_the_same_everywhere() -> None:
-    """Issue 23: the catalogue says once whether a retry may help; docs/errors.md, an exception made with the
-    code, and every exception class say the same (ModelError said no where the catalogue said yes)."""
-    import tuwen.pipeline.gateway.apikeys  # noqa: F401 - their exception classes register as subclasses
-    import tuwen.pipeline.bulk.lock  # noqa: F401
-    from tuwen.pipeline.errors import TuwenError
-
+def doc_rows() -> dict[str, tuple[int, bool]]:
+    """docs/errors.md's table: each code's HTTP status and whether a retry may help."""
     doc = (ROOT / "docs" / "errors.md").read_text(encoding="utf-8")
-    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (yes|no) \|", doc, re.M))
+    return {code: (int(status), retry == "yes")
+            for code, status, retry in re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \| (yes|no) \|", doc, re.M)}
+
+
+def test_every_codes_retryable_flag_and_status_are_the_same_everywhere() -> None:
+    """Issue 23: the catalogue says once per code whether a retry may help and which HTTP status answers it.
+    docs/errors.md, an exception made with the code, every exception class, and every way an error is
+    answered say the same: tuwen's routes, the OpenAI-compatible ones (400 for 422), a failed job there, and a
+    Batch API error line. (A real job's result: tests/pipeline/test_error_map.py.)"""
+    import tuwen.pipeline.bulk.lock  # noqa: F401 - their exception classes register as subclasses
+    import tuwen.pipeline.bulk.manifest  # noqa: F401
+    import tuwen.pipeline.gateway.batch_keeper  # noqa: F401
+    from tuwen.pipeline.bulk.model import Bulk, BulkState, RequestCounts
+    from tuwen.pipeline.bulk.openai_outputs import STOPPED, openai_line
+    from tuwen.pipeline.errors import TuwenError
+    from tuwen.pipeline.gateway.chat_jobs import failure
+    from tuwen.pipeline.gateway.errors import ApiError
+    from tuwen.pipeline.gateway.openai_errors import as_openai
+    from tuwen.pipeline.schema import ErrorInfo, JobResult, JobStatus
+
+    rows = doc_rows()
     assert set(rows) == {c.value for c in ErrorCode}
+    bulk = Bulk(id="batch_probe", state=BulkState.in_progress, input="probe", owner="probe",
+                request_counts=RequestCounts(total=1), created_at=0.0, expires_at=1.0)
     for code in ErrorCode:
-        assert rows[code.value] == ("yes" if code.retryable else "no"), code
-        assert TuwenError("probe", code=code.value).retryable == code.retryable, code
+        openai = 400 if code.status == 422 else code.status
+        assert rows[code.value] == (code.status, code.retryable), code
+        error = TuwenError("probe", code=code.value)
+        assert (error.retryable, error.status) == (code.retryable, code.status), code
+        assert ApiError(code.value, "probe").status_code == code.status, code
+        assert as_openai(error).status == openai, code
+        failed = JobResult(id="probe", status=JobStatus.failed, error=ErrorInfo.of(code.value, "probe"))
+        assert failed.error is not None and failed.error.retryable == code.retryable, code
+        assert failure("probe", failed, 1.0).status == openai, code
+        line, ok = openai_line(bulk, {"n": 1, "c": "probe", "j": "probe"}, failed)
+        assert not ok and (line["response"] is None if code.value in STOPPED else
+                           (line["response"]["status_code"], line["response"]["body"]["error"]["code"])
+                           == (openai, code.value)), (code, line)
 
     def subclasses(cls: type) -> list[type]:
         return [s for c in cls.__subclasses__() for s in (c, *subclasses(c))]
 
     classes = subclasses(TuwenError)
-    assert len(classes) >= 8
+    assert len(classes) >= 11
     for cls in classes:
-        assert cls.retryable == ErrorCode(cls.code).retryable, (cls.__name__, cls.code)
+        member = ErrorCode(cls.code)
+        assert cls.retryable == member.retryable, (cls.__name__, cls.code)
+        assert cls.__new__(cls).status == member.status, (cls.__name__, cls.code)
+
+
+def test_every_code_in_the_catalogue_is_given_somewhere() -> None:
+    """A code that nothing gives is a promise the docs make for nothing (image_fetch_failed and
+    unsupported_image_encoding were such codes): every code is named somewhere in the tree, as a string or
+    as ``ErrorCode.<code>``."""
+    given: set[str] = set()
+    for path in SOURCES:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name == "ErrorCode":
+                node.body = []  # the catalogue itself does not count
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                given.add(node.value)
+            elif isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "ErrorCode":
+                given.add(node.attr)
+    assert not {c.value for c in ErrorCode} - given

@@ -22,17 +22,15 @@ from tuwen.pipeline.bulk.files import OUTPUT_PURPOSE, FileStore, output_file_id
 from tuwen.pipeline.bulk.model import Bulk
 from tuwen.pipeline.bulk.outputs import result_line
 from tuwen.pipeline.bulk.records import Entry, Records
+from tuwen.pipeline.envelope import error_body
+from tuwen.pipeline.errors import http_status
 from tuwen.pipeline.gateway.batch_objects import RESPONSES_ENDPOINT
-from tuwen.pipeline.gateway.errors import error_body
-from tuwen.pipeline.gateway.openai_objects import SERVER_FAULTS, completion
+from tuwen.pipeline.gateway.openai_objects import completion
 from tuwen.pipeline.gateway.responses_objects import ResponseFacts, response_object
 from tuwen.pipeline.schema import JobResult, JobStatus
 
 #: Codes of a line the batch stopped, not the request (``response`` is then null).
 STOPPED = frozenset({"cancelled", "bulk_expired", "job_expired"})
-#: A request refused before it became a job, with this code, answers this status (else 400).
-REFUSED_STATUS = {"model_not_served": 404, "not_found": 404, "image_url_failed": 503, "image_url_timeout": 503,
-                  "service_unavailable": 503, "storage_unavailable": 503}
 
 
 def line_id(bulk_id: str, custom_id: str) -> str:
@@ -53,12 +51,8 @@ def openai_line(bulk: Bulk, entry: Entry, result: JobResult | None) -> tuple[dic
     if code in STOPPED:
         line["error"] = {"code": code, "message": message}
         return line, False
-    if result is None:
-        status = REFUSED_STATUS.get(code, 400)
-    else:
-        retryable = bool(result.error and result.error.retryable)
-        status = 503 if retryable else 500 if code in SERVER_FAULTS else 400
-    body = error_body(status, code, message)  # as the gateway answers it
+    status = http_status(code, openai=True)  # as the chat endpoint answers it, refused or failed in the model
+    body = error_body(status, code, message)
     line["response"] = {"status_code": status, "request_id": job_id, "body": body}
     return line, False
 

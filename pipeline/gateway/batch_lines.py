@@ -52,7 +52,7 @@ class ChatLines:
         try:
             chat = self.request(rec.request, bulk)
             if chat.stream:
-                raise openai_error(400, "unsupported_parameter", "stream: a batch line is answered whole, not "
+                raise openai_error("unsupported_parameter", "stream: a batch line is answered whole, not "
                                    "streamed", param="stream")
             self._check_model(chat.model)
             turns = fetched_turns(self.state, chat, self.state.settings.bulk_queue)
@@ -66,5 +66,5 @@ class ChatLines:
         worker is live any name is taken (the line waits in the queue like every other)."""
         live = self.state.census.models(self.state.settings.bulk_queue)
         if live and requested not in live and requested not in aliases(self.state):
-            raise openai_error(404, "model_not_served", f"The model `{requested}` does not exist: GET /v1/models "
+            raise openai_error("model_not_served", f"The model `{requested}` does not exist: GET /v1/models "
                                "lists the served ones", param="model")

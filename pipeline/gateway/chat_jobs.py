@@ -17,11 +17,10 @@ from tuwen.pipeline.gateway.apikeys import ApiKey
 from tuwen.pipeline.conversation import Turn, prepare_conversation
 from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.openai_errors import NO_RETRY, OpenAIError, as_openai, openai_error
-from tuwen.pipeline.gateway.openai_objects import SERVER_FAULTS
 from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef
 from tuwen.pipeline.gateway.pictures import picture
 from tuwen.pipeline.gateway.state import GatewayState
-from tuwen.pipeline.schema import JobResult, JobStatus, Priority
+from tuwen.pipeline.schema import ErrorInfo, JobResult, JobStatus, Priority
 from tuwen.pipeline.watch import until_ended
 
 log = logging.getLogger("tuwen.gateway")
@@ -95,16 +94,14 @@ def failure(job_id: str, result: JobResult | None, timeout: float) -> OpenAIErro
     """Why a queued job gave no answer, as an error that names the job (and tells the SDK not to retry:
     a retry would queue the same question again)."""
     if result is None or not result.status.terminal and result.status != JobStatus.unknown:
-        return openai_error(504, "timeout", f"no answer within {timeout:g}s; the job goes on: read its answer with "
+        return openai_error("timeout", f"no answer within {timeout:g}s; the job goes on: read its answer with "
                             f"GET /v1/jobs/{job_id}", headers=NO_RETRY, job_id=job_id)
     if result.status == JobStatus.unknown:
-        return openai_error(404, "not_found", f"job {job_id} is gone (deleted or expired)", headers=NO_RETRY,
+        return openai_error("not_found", f"job {job_id} is gone (deleted or expired)", headers=NO_RETRY,
                             job_id=job_id)
-    error = result.error
-    code, message = (error.code, error.message) if error else (result.status.value, f"the job {result.status.value}")
-    status = 409 if result.status == JobStatus.cancelled else (
-        503 if error and error.retryable else 500 if code in SERVER_FAULTS else 400)
-    return openai_error(status, code, message, headers=NO_RETRY, job_id=job_id)
+    error = result.error or ErrorInfo.of("cancelled" if result.status == JobStatus.cancelled else "internal_error",
+                                         f"the job {result.status.value}")
+    return openai_error(error.code, error.message, headers=NO_RETRY, job_id=job_id)
 
 
 # -- streaming ------------------------------------------------------------------------------------------------

@@ -30,10 +30,10 @@ def authenticated(state: State,
                   creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
     """The active API key of the request; 401 without one."""
     if creds is None:
-        raise ApiError(401, "unauthorized", "an API key is required: Authorization: Bearer <key>", _UNAUTHORIZED)
+        raise ApiError("unauthorized", "an API key is required: Authorization: Bearer <key>", _UNAUTHORIZED)
     key = state.keys.authenticate(creds.credentials)
     if key is None:
-        raise ApiError(401, "invalid_api_key", "this API key is not valid (unknown or revoked)", _UNAUTHORIZED)
+        raise ApiError("invalid_api_key", "this API key is not valid (unknown or revoked)", _UNAUTHORIZED)
     return key
 
 
@@ -41,7 +41,7 @@ def charge(state: GatewayState, key: ApiKey) -> ApiKey:
     """Count one request against the key's rate limit; 429 with ``Retry-After`` beyond it."""
     wait = state.keys.hit(key, state.gw.rate_limit_per_minute)
     if wait:
-        raise ApiError(429, "rate_limited", "too many requests for this API key", {"Retry-After": f"{wait:.0f}"})
+        raise ApiError("rate_limited", "too many requests for this API key", {"Retry-After": f"{wait:.0f}"})
     return key
 
 

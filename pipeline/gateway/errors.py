@@ -1,12 +1,11 @@
-"""The error envelope: every error answer of the gateway is OpenAI's ``{"error": {"message", "type",
-"param", "code"}}`` with a stable tuwen ``code`` (``error_body`` builds it, for tuwen's routes and the
-OpenAI-compatible ones alike), so any OpenAI client reads any error, a 404 for a made-up path included.
-``type`` follows from the status (``TYPES``, OpenAI's names); ``param`` names the request field at fault,
-or is null. Clients of tuwen's own routes that read ``code`` and ``message`` read them as before.
+"""Every error answer of the gateway in the envelope (``tuwen.pipeline.envelope``: OpenAI's ``{"error":
+{"message", "type", "param", "code"}}``), so any OpenAI client reads any error, a 404 for a made-up path
+included. Clients of tuwen's own routes that read ``code`` and ``message`` read them as before.
 
-``install`` registers the handlers that turn tuwen's errors (``InvalidInput`` → 422, ``Unavailable`` →
-503 with ``Retry-After`` …), Redis outages, validation errors and HTTP errors (an unknown path's 404, a
-wrong method's 405 with ``Allow``) into that envelope.
+``install`` registers the handlers that turn tuwen's errors (each with its code's status from the catalogue,
+``errors.http_status``: ``invalid_params`` → 422, ``service_unavailable`` → 503 with ``Retry-After`` …),
+Redis outages, validation errors and HTTP errors (an unknown path's 404, a wrong method's 405 with
+``Allow``) into that envelope.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
-from tuwen.pipeline.gateway.apikeys import Conflict
-from tuwen.pipeline.errors import Forbidden, InvalidInput, NotFound, TuwenError, Unavailable
+from tuwen.pipeline.envelope import error_body
+from tuwen.pipeline.errors import TuwenError, http_status
 
 log = logging.getLogger("tuwen.gateway")
 
@@ -33,55 +32,30 @@ _FIELD_CODES = {"max_new_tokens": "invalid_params", "priority": "invalid_params"
                 "job_id": "not_found"}
 
 
-#: OpenAI's error ``type`` per status; any other 4xx is an ``invalid_request_error``, any other 5xx a
-#: ``server_error`` (``error_type``). The one mapping of the gateway.
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "invalid_request_error", 405: "invalid_request_error", 409: "conflict_error",
-         413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-         503: "service_unavailable_error", 504: "timeout_error"}
 #: The longest request path an error message quotes.
 _PATH_CHARS = 200
 
 
-def error_type(status: int) -> str:
-    """OpenAI's ``error.type`` for an answer with this status."""
-    return TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-
-
-def error_body(status: int, code: str, message: str, *, param: str | None = None,
-               **extra: Any) -> dict[str, Any]:
-    """The body of every error answer: ``{"error": {"message", "type", "param", "code", …extra}}``."""
-    return {"error": {"message": printable(message), "type": error_type(status), "param": param, "code": code,
-                      **extra}}
-
-
-def printable(text: str) -> str:
-    """``text`` with bytes that were not UTF-8 (kept as lone surrogates) shown as ``\\xNN``, so a message
-    that quotes user input can always be encoded as JSON."""
-    return text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "backslashreplace").decode(
-        "utf-8", "backslashreplace")
-
-
-def _only_escapes(text: str) -> bool:
-    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
-
-
 class ApiError(HTTPException):
-    """An HTTP error with a stable code (FastAPI re-raises HTTPExceptions, even from body parsing)."""
+    """An HTTP error with a stable code and its status (FastAPI re-raises HTTPExceptions, even from body
+    parsing)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status_code=status, detail=message, headers=headers)
+    def __init__(self, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=http_status(code), detail=message, headers=headers)
         self.code = code
 
 
 def no_such_job(job_id: str) -> ApiError:
     """The one 404 for a job that does not exist and for another owner's: byte for byte the same, so
     the answer never tells whether someone else's job exists."""
-    return ApiError(404, "not_found", f"no job {job_id}")
+    return ApiError("not_found", f"no job {job_id}")
 
 
-def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None, *,
-                   param: str | None = None) -> JSONResponse:
+def error_response(code: str, message: str, headers: Mapping[str, str] | None = None, *, param: str | None = None,
+                   status: int | None = None) -> JSONResponse:
+    """The answer for an error with ``code``, with its status (``errors.http_status``) unless an HTTP error not
+    of tuwen's making gives its own."""
+    status = status or http_status(code)
     return JSONResponse(error_body(status, code, message, param=param), status_code=status, headers=headers)
 
 
@@ -96,14 +70,10 @@ def param_of(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-def status_of(exc: TuwenError) -> int:
-    if isinstance(exc, Conflict):
-        return 409
-    if isinstance(exc, InvalidInput):
-        return 422
-    if isinstance(exc, (NotFound, Forbidden)):
-        return 404
-    return 503 if isinstance(exc, Unavailable) or exc.retryable else 500
+def retry_after(status: int, retryable: bool) -> dict[str, str] | None:
+    """The ``Retry-After`` of an error answer: a 503 says when to come back; a 409 that passes (a request
+    with the same Idempotency-Key still being handled) says soon."""
+    return {"Retry-After": "5"} if status == 503 else {"Retry-After": "1"} if status == 409 and retryable else None
 
 
 def validation_code(exc: RequestValidationError) -> tuple[str, str]:
@@ -121,16 +91,14 @@ def validation_code(exc: RequestValidationError) -> tuple[str, str]:
 # -- handlers ---------------------------------------------------------------------------------------------
 async def _tuwen_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, TuwenError)
-    status = status_of(exc)
-    if status == 500:
+    if exc.status == 500:
         log.error("gateway error %s: %s", exc.code, exc.message)
-    retry = {503: {"Retry-After": "5"}, 409: {"Retry-After": "1"}}.get(status)
-    return error_response(status, exc.code, exc.message, retry)
+    return error_response(exc.code, exc.message, retry_after(exc.status, exc.retryable))
 
 
 async def _redis_error(_: Request, exc: Exception) -> Response:
     log.warning("Redis error: %s", exc)
-    return error_response(503, "service_unavailable", "Redis is not reachable", {"Retry-After": "5"})
+    return error_response("service_unavailable", "Redis is not reachable", {"Retry-After": "5"})
 
 
 async def _gone(request: Request, _: Exception) -> Response:
@@ -141,17 +109,17 @@ async def _gone(request: Request, _: Exception) -> Response:
 async def _crashed(_: Request, exc: Exception) -> Response:
     log.exception("unhandled gateway error", exc_info=exc)
     # Sent by Starlette's outermost error middleware, past the security headers' middleware: say it here.
-    return error_response(500, "internal_error", "internal error; it has been logged",
+    return error_response("internal_error", "internal error; it has been logged",
                           {"X-Content-Type-Options": "nosniff"})
 
 
 async def _invalid(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     code, message = validation_code(exc)
-    if code == "not_found":  # a malformed job id: the same answer as for one that does not exist
-        return error_response(404, code, message)
     errors = list(exc.errors())
-    return error_response(422, code, message, param=param_of(tuple(errors[0]["loc"])) if errors else None)
+    # A malformed job id: the same answer as for one that does not exist (no param).
+    param = param_of(tuple(errors[0]["loc"])) if errors and code != "not_found" else None
+    return error_response(code, message, param=param)
 
 
 def http_error_message(request: Request, exc: HTTPException) -> str:
@@ -171,7 +139,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = getattr(exc, "code", None) or {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
                                           413: "request_too_large"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, http_error_message(request, exc), exc.headers)
+    return error_response(code, http_error_message(request, exc), exc.headers, status=exc.status_code)
 
 
 def install(app: FastAPI) -> None:

@@ -12,9 +12,10 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tuwen.pipeline.envelope import printable
 from tuwen.pipeline.errors import InvalidImage, InvalidInput
 from tuwen.pipeline.inputs import MAX_NESTING, too_deep
-from tuwen.pipeline.gateway.errors import ApiError, error_response, printable
+from tuwen.pipeline.gateway.errors import ApiError, error_response
 from tuwen.pipeline.gateway.models import FORM_FIELDS, SubmitForm
 
 STRICT_UTF8 = "tuwen_utf8_strict"
@@ -48,7 +49,7 @@ def check_nesting(chunks: list[bytes]) -> None:
     if sum(c.count(b"[") + c.count(b"{") for c in chunks) <= MAX_NESTING:
         return
     if too_deep(b"".join(chunks).decode("utf-8", "replace")):
-        raise ApiError(400, "invalid_json", f"the JSON body is nested deeper than {MAX_NESTING} levels")
+        raise ApiError("invalid_json", f"the JSON body is nested deeper than {MAX_NESTING} levels")
 
 
 class Intake:
@@ -69,7 +70,7 @@ class Intake:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            response = error_response(413, "request_too_large", f"the request body exceeds {self.limit} bytes",
+            response = error_response("request_too_large", f"the request body exceeds {self.limit} bytes",
                                       {"Connection": "close"})
             return await response(scope, receive, send)
         kind = headers.get(b"content-type", b"")
@@ -87,7 +88,7 @@ class Intake:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise ApiError(413, "request_too_large", f"the request body exceeds {self.limit} bytes")
+                raise ApiError("request_too_large", f"the request body exceeds {self.limit} bytes")
             more = message.get("more_body", False)
             unread = unread and message["type"] == "http.request" and more
             if maybe_json and message["type"] == "http.request":

@@ -3,8 +3,9 @@
 ``AuthenticationError``, 404 ``NotFoundError``, 429 ``RateLimitError`` …). The codes are tuwen's own.
 
 ``OpenAIRoute`` answers every error of its routes this way, whatever raised it (a dependency, the
-body, tuwen's ``InvalidInput``, Redis), with OpenAI's statuses (tuwen's 422 is OpenAI's 400). The body is
-``errors.error_body``'s, the envelope of tuwen's own routes too: one shape, one status-to-type mapping.
+body, tuwen's ``InvalidInput``, Redis), with its code's status (``errors.http_status``; tuwen's 422 is
+OpenAI's 400). The body is ``envelope.error_body``'s, the envelope of tuwen's own routes too: one shape, one
+status per code, one status-to-type mapping.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from tuwen.pipeline.errors import TuwenError
-from tuwen.pipeline.gateway.errors import error_body, status_of, validation_code
+from tuwen.pipeline.envelope import error_body
+from tuwen.pipeline.errors import TuwenError, http_status
+from tuwen.pipeline.gateway.errors import retry_after, validation_code
 from tuwen.pipeline.gateway.errors import param_of as param_of
 
 log = logging.getLogger("tuwen.gateway")
@@ -51,10 +53,13 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def openai_error(status: int, code: str, message: str, *, param: str | None = None,
-                 headers: Mapping[str, str] | None = None, job_id: str | None = None) -> OpenAIError:
-    """The error to raise (or answer) for ``code``, one of ``errors.ErrorCode``'s."""
-    return OpenAIError(status, code, message, param=param, headers=headers, job_id=job_id)
+def openai_error(code: str, message: str, *, param: str | None = None, headers: Mapping[str, str] | None = None,
+                 job_id: str | None = None, status: int | None = None) -> OpenAIError:
+    """The error to raise (or answer) for ``code``, one of ``errors.ErrorCode``'s, with its status
+    (``errors.http_status``) unless ``status`` says otherwise: an HTTP error not of tuwen's making, or ``model_not_served`` while no
+    worker is live at all (503, not the code's 404)."""
+    return OpenAIError(status or http_status(code, openai=True), code, message, param=param, headers=headers,
+                       job_id=job_id)
 
 
 def as_openai(exc: Exception) -> OpenAIError:
@@ -62,24 +67,22 @@ def as_openai(exc: Exception) -> OpenAIError:
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, TuwenError):
-        status = status_of(exc)
-        headers = {503: {"Retry-After": "5"}, 409: {"Retry-After": "1"}}.get(status)
-        if status == 500:
+        if exc.status == 500:
             log.error("gateway error %s: %s", exc.code, exc.message)
-        return openai_error(400 if status == 422 else status, exc.code, exc.message, headers=headers)
+        return openai_error(exc.code, exc.message, headers=retry_after(exc.status, exc.retryable))
     if isinstance(exc, RequestValidationError):
         code, message = validation_code(exc)
         errors = list(exc.errors())
-        return openai_error(400, code, message, param=param_of(tuple(errors[0]["loc"])) if errors else None)
-    if isinstance(exc, HTTPException):
+        return openai_error(code, message, param=param_of(tuple(errors[0]["loc"])) if errors else None)
+    if isinstance(exc, HTTPException):  # tuwen's ApiError has its code; Starlette's own only a status
         status = 400 if exc.status_code == 422 else exc.status_code
         code = getattr(exc, "code", None) or {400: "invalid_request", 404: "not_found"}.get(status, "http_error")
-        return openai_error(status, code, str(exc.detail), headers=exc.headers)
+        return openai_error(code, str(exc.detail), headers=exc.headers, status=status)
     if isinstance(exc, redis.RedisError):
         log.warning("Redis error: %s", exc)
-        return openai_error(503, "service_unavailable", "Redis is not reachable", headers={"Retry-After": "5"})
+        return openai_error("service_unavailable", "Redis is not reachable", headers={"Retry-After": "5"})
     log.exception("unhandled gateway error", exc_info=exc)
-    return openai_error(500, "internal_error", "internal error; it has been logged")
+    return openai_error("internal_error", "internal error; it has been logged")
 
 
 class OpenAIRoute(APIRoute):

@@ -12,8 +12,6 @@ from tuwen.pipeline.schema import JobResult
 
 #: An answer ends with ``stop`` (the model ended it, or a stop string) or ``length`` (out of tokens).
 FINISH_REASONS = ("stop", "length")
-#: Failure codes that are tuwen's fault, not the request's (a 5xx; every other failure is a 400).
-SERVER_FAULTS = frozenset({"internal_error", "model_error", "out_of_memory", "too_many_attempts"})
 
 
 class Usage(BaseModel):

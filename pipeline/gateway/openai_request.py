@@ -150,11 +150,11 @@ def json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except RecursionError:
-        raise openai_error(400, "invalid_json", f"the JSON body is nested deeper than {MAX_NESTING} levels") from None
+        raise openai_error("invalid_json", f"the JSON body is nested deeper than {MAX_NESTING} levels") from None
     except (ValueError, UnicodeDecodeError):
-        raise openai_error(400, "invalid_request", "the body is not valid JSON") from None
+        raise openai_error("invalid_request", "the body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise openai_error(400, "invalid_request", "the body must be a JSON object")
+        raise openai_error("invalid_request", "the body must be a JSON object")
     return data
 
 
@@ -164,18 +164,18 @@ def parse_chat(body: bytes) -> ChatRequest:
     ignored: list[str] = []
     for name, value in data.items():
         if name in REFUSED and not neutral(value, REFUSED[name][0]):
-            raise openai_error(400, "unsupported_parameter", f"{name}: {REFUSED[name][1]}", param=name)
+            raise openai_error("unsupported_parameter", f"{name}: {REFUSED[name][1]}", param=name)
         if name not in REFUSED and name not in ChatCompletionRequest.model_fields:
             ignored.append(printable_name(name))
     if "messages" not in data:
-        raise openai_error(400, "invalid_messages", "messages is required", param="messages")
+        raise openai_error("invalid_messages", "messages is required", param="messages")
     try:
         params = ChatParams.model_validate({k: v for k, v in data.items() if k in ChatParams.model_fields})
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise openai_error(400, "invalid_params", _message(first), param=param_of(tuple(first["loc"]))) from None
+        raise openai_error("invalid_params", _message(first), param=param_of(tuple(first["loc"]))) from None
     if params.stream_options is not None and not params.stream:
-        raise openai_error(400, "invalid_params", "stream_options is only allowed with stream: true",
+        raise openai_error("invalid_params", "stream_options is only allowed with stream: true",
                            param="stream_options")
     turns = parse_messages(data["messages"], ignored)
     return ChatRequest(
@@ -199,7 +199,7 @@ def generation(params: ChatParams) -> GenerationParams:
     tokens = {"max_tokens": params.max_tokens, "max_completion_tokens": params.max_completion_tokens}
     given = {k: v for k, v in tokens.items() if v is not None}
     if len(set(given.values())) > 1:
-        raise openai_error(400, "invalid_params", "give max_tokens or max_completion_tokens, not both",
+        raise openai_error("invalid_params", "give max_tokens or max_completion_tokens, not both",
                            param="max_completion_tokens")
     stop = (params.stop,) if isinstance(params.stop, str) else tuple(params.stop or ())
     values = {"max_new_tokens": next(iter(given.values()), None), "stop": stop or None,
@@ -210,16 +210,16 @@ def generation(params: ChatParams) -> GenerationParams:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else ""
         name = next(iter(given), "max_tokens") if field == "max_new_tokens" else field
-        raise openai_error(400, "invalid_params", f"{name}: {first['msg']}", param=name or None) from None
+        raise openai_error("invalid_params", f"{name}: {first['msg']}", param=name or None) from None
 
 
 def parse_messages(raw: Any, ignored: list[str] | None = None) -> tuple[ChatTurn, ...]:
     """The conversation's turns; pictures stay URLs (fetched and stored once the whole request is read).
     Fields tuwen does not use are added to ``ignored``."""
     if not isinstance(raw, list) or not raw:
-        raise openai_error(400, "invalid_messages", "messages must be a non-empty list", param="messages")
+        raise openai_error("invalid_messages", "messages must be a non-empty list", param="messages")
     if len(raw) > MAX_MESSAGES:
-        raise openai_error(400, "invalid_messages", f"{len(raw)} messages; the limit is {MAX_MESSAGES}",
+        raise openai_error("invalid_messages", f"{len(raw)} messages; the limit is {MAX_MESSAGES}",
                            param="messages")
     skipped = ignored if ignored is not None else []
     return tuple(_turn(m, f"messages[{i}]", skipped) for i, m in enumerate(raw))
@@ -227,16 +227,16 @@ def parse_messages(raw: Any, ignored: list[str] | None = None) -> tuple[ChatTurn
 
 def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
     if not isinstance(message, dict):
-        raise openai_error(400, "invalid_messages", f"{where} must be an object", param=where)
+        raise openai_error("invalid_messages", f"{where} must be an object", param=where)
     role = message.get("role")
     if role in ("tool", "function"):
-        raise openai_error(400, "unsupported_parameter", f"{where}.role: {NO_TOOLS}", param=f"{where}.role")
+        raise openai_error("unsupported_parameter", f"{where}.role: {NO_TOOLS}", param=f"{where}.role")
     if not isinstance(role, str) or role not in ROLES:
-        raise openai_error(400, "invalid_messages", f"{where}.role must be one of {', '.join(ROLES)}",
+        raise openai_error("invalid_messages", f"{where}.role must be one of {', '.join(ROLES)}",
                            param=f"{where}.role")
     for key in message:
         if key in REFUSED_IN_MESSAGES and message[key] not in (None, []):
-            raise openai_error(400, "unsupported_parameter", f"{where}.{key}: {REFUSED_IN_MESSAGES[key]}",
+            raise openai_error("unsupported_parameter", f"{where}.{key}: {REFUSED_IN_MESSAGES[key]}",
                                param=f"{where}.{key}")
         if key not in ("role", "content", "name") and key not in REFUSED_IN_MESSAGES:
             ignored.append(f"{where}.{printable_name(key)}")
@@ -244,7 +244,7 @@ def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
     if content is None or isinstance(content, str):
         return ChatTurn(ROLES[role], (content,) if content else ())
     if not isinstance(content, list):
-        raise openai_error(400, "invalid_messages", f"{where}.content must be a string, a list of parts or null",
+        raise openai_error("invalid_messages", f"{where}.content must be a string, a list of parts or null",
                            param=f"{where}.content")
     return chat_turn(ROLES[role], tuple(_part(p, f"{where}.content[{j}]", ignored) for j, p in enumerate(content)),
                      where)
@@ -254,7 +254,7 @@ def chat_turn(role: Role, parts: tuple[str | PictureRef, ...], where: str) -> Ch
     """A turn of the conversation (chat messages and Responses input items alike): only user turns may carry
     pictures."""
     if role != Role.user and any(isinstance(p, PictureRef) for p in parts):
-        raise openai_error(400, "invalid_messages", f"{where}: only user messages may carry pictures",
+        raise openai_error("invalid_messages", f"{where}: only user messages may carry pictures",
                            param=f"{where}.content")
     return ChatTurn(role, parts)
 
@@ -268,19 +268,19 @@ def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:
         # By hand, not by the model: text that is not valid Unicode (lone surrogates from JSON's \u escapes)
         # must reach the question check and get its code there, ``invalid_question``.
         if not isinstance(part.get("text"), str):
-            raise openai_error(400, "invalid_messages", f"{where}.text must be a string", param=f"{where}.text")
+            raise openai_error("invalid_messages", f"{where}.text must be a string", param=f"{where}.text")
         return str(part["text"])
     if kind != "image_url":
         if kind in ("input_audio", "file", "refusal"):
-            raise openai_error(400, "unsupported_parameter", f"{where}: {kind} parts are not supported; "
+            raise openai_error("unsupported_parameter", f"{where}: {kind} parts are not supported; "
                                "send text and image_url parts", param=f"{where}.type")
-        raise openai_error(400, "invalid_messages", f"{where} must be a part of type text or image_url",
+        raise openai_error("invalid_messages", f"{where} must be a part of type text or image_url",
                            param=f"{where}.type" if isinstance(part, dict) else where)
     try:
         parsed = ImageContent.model_validate({k: v for k, v in part.items() if k in ("type", "image_url")})
     except ValidationError as exc:
         first = exc.errors()[0]
         param = where + "." + (param_of(tuple(first["loc"])) or "")
-        raise openai_error(400, "invalid_messages", f"{param.rstrip('.')}: {first['msg']}",
+        raise openai_error("invalid_messages", f"{param.rstrip('.')}: {first['msg']}",
                            param=param.rstrip(".")) from None
     return PictureRef(parsed.image_url.url, f"{where}.image_url.url")

@@ -43,7 +43,7 @@ def picture(url: str, param: str, *, max_bytes: int, remote: RemotePictures) -> 
             return remote.fetch(url)
         raise InvalidInput(f"image_url must be {_FORMS}", code="invalid_image_url")
     except InvalidInput as exc:
-        raise openai_error(400, exc.code, exc.message, param=param) from exc
+        raise openai_error(exc.code, exc.message, param=param) from exc
 
 
 def from_data_url(url: str, max_bytes: int) -> bytes:

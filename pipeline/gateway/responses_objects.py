@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuwen.pipeline.gateway.openai_objects import SERVER_FAULTS
+from tuwen.pipeline.errors import http_status
 from tuwen.pipeline.schema import ErrorInfo, JobResult, JobStatus
 
 EXAMPLE_RESPONSE_ID = "resp_5f0c6a1e9b2d4c7a8e3f1b2c3d4e5f60"
@@ -18,7 +18,7 @@ EXAMPLE_RESPONSE_ID = "resp_5f0c6a1e9b2d4c7a8e3f1b2c3d4e5f60"
 STATUSES = {JobStatus.queued: "queued", JobStatus.running: "in_progress", JobStatus.succeeded: "completed",
             JobStatus.failed: "failed", JobStatus.cancelled: "cancelled", JobStatus.unknown: "failed"}
 #: tuwen's codes as OpenAI's ``response.error.code`` names them (the rest: ``server_error`` when tuwen is at
-#: fault, else ``invalid_prompt``); tuwen's own code is ``error.tuwen_code``.
+#: fault, a 5xx, else ``invalid_prompt``); tuwen's own code is ``error.tuwen_code``.
 ERROR_CODES = {"corrupt_image": "image_parse_error", "invalid_image": "invalid_image",
                "unsupported_image_format": "unsupported_image_media_type", "empty_image": "empty_image_file",
                "image_too_large": "image_file_too_large", "image_not_found": "image_file_not_found",
@@ -154,8 +154,7 @@ def error_of(info: ErrorInfo | None, status: JobStatus) -> ResponseError:
     if status == JobStatus.unknown or info is None:
         return ResponseError(code=SERVER_ERROR, message="the job is gone (deleted or expired)",
                              tuwen_code="not_found")
-    openai = ERROR_CODES.get(info.code) or (SERVER_ERROR if info.code in SERVER_FAULTS or info.retryable
-                                            else INVALID_PROMPT)
+    openai = ERROR_CODES.get(info.code) or (SERVER_ERROR if http_status(info.code) >= 500 else INVALID_PROMPT)
     return ResponseError(code=openai, message=info.message, tuwen_code=info.code)
 
 

@@ -170,17 +170,17 @@ def parse_responses(body: bytes) -> ResponsesRequest:
     ignored: list[str] = []
     for name, value in data.items():
         if name in REFUSED and value is not None and not REFUSED[name][0](value):
-            raise openai_error(400, "unsupported_parameter", f"{name}: {REFUSED[name][1]}", param=name)
+            raise openai_error("unsupported_parameter", f"{name}: {REFUSED[name][1]}", param=name)
         if name not in REFUSED and name not in TOLERATED and name not in ResponsesCreate.model_fields:
             ignored.append(header_name(name))
     if "input" not in data:
-        raise openai_error(400, "invalid_messages", "input is required", param="input")
+        raise openai_error("invalid_messages", "input is required", param="input")
     try:
         params = ResponsesParams.model_validate({k: v for k, v in data.items() if k in ResponsesParams.model_fields})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = param_of(tuple(first["loc"]))
-        raise openai_error(400, "invalid_params", f"{where}: {first['msg']}" if where else str(first["msg"]),
+        raise openai_error("invalid_params", f"{where}: {first['msg']}" if where else str(first["msg"]),
                            param=where) from None
     text_format(data.get("text"), ignored)
     turns = parse_input(data["input"], ignored)
@@ -204,16 +204,16 @@ def text_format(text: Any, ignored: list[str]) -> None:
     if text is None:
         return
     if not isinstance(text, dict):
-        raise openai_error(400, "invalid_params", "text must be an object", param="text")
+        raise openai_error("invalid_params", "text must be an object", param="text")
     ignored += [f"text.{header_name(k)}" for k in text if k != "format"]  # verbosity …
     fmt = text.get("format")
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if fmt is None or kind == "text":
         return
     if kind in ("json_schema", "json_object"):
-        raise openai_error(400, "unsupported_parameter", f"text.format: tuwen answers in plain text only for now; "
+        raise openai_error("unsupported_parameter", f"text.format: tuwen answers in plain text only for now; "
                            f'{kind} is not supported: text.format must be {{"type": "text"}}', param="text.format")
-    raise openai_error(400, "invalid_params", 'text.format must be {"type": "text"}', param="text.format")
+    raise openai_error("invalid_params", 'text.format must be {"type": "text"}', param="text.format")
 
 
 def generation(params: ResponsesParams, truncation: str) -> GenerationParams:
@@ -226,7 +226,7 @@ def generation(params: ResponsesParams, truncation: str) -> GenerationParams:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else ""
         name = "max_output_tokens" if field == "max_new_tokens" else field
-        raise openai_error(400, "invalid_params", f"{name}: {first['msg']}", param=name or None) from None
+        raise openai_error("invalid_params", f"{name}: {first['msg']}", param=name or None) from None
 
 
 def parse_input(raw: Any, ignored: list[str]) -> tuple[ChatTurn, ...]:
@@ -234,31 +234,31 @@ def parse_input(raw: Any, ignored: list[str]) -> tuple[ChatTurn, ...]:
     if isinstance(raw, str):
         return (ChatTurn(Role.user, (raw,)),)
     if not isinstance(raw, list) or not raw:
-        raise openai_error(400, "invalid_messages", "input must be a string or a non-empty list of items",
+        raise openai_error("invalid_messages", "input must be a string or a non-empty list of items",
                            param="input")
     if len(raw) > MAX_MESSAGES:
-        raise openai_error(400, "invalid_messages", f"{len(raw)} input items; the limit is {MAX_MESSAGES}",
+        raise openai_error("invalid_messages", f"{len(raw)} input items; the limit is {MAX_MESSAGES}",
                            param="input")
     return tuple(_item(item, f"input[{i}]", ignored) for i, item in enumerate(raw))
 
 
 def _item(item: Any, where: str, ignored: list[str]) -> ChatTurn:
     if not isinstance(item, dict):
-        raise openai_error(400, "invalid_messages", f"{where} must be an object", param=where)
+        raise openai_error("invalid_messages", f"{where} must be an object", param=where)
     kind = item.get("type", "message")
     if kind != "message":
-        raise openai_error(400, "unsupported_parameter", f"{where}: {printable_name(str(kind))} items are not "
+        raise openai_error("unsupported_parameter", f"{where}: {printable_name(str(kind))} items are not "
                            "supported; send message items", param=f"{where}.type")
     role = item.get("role")
     if not isinstance(role, str) or role not in ROLES:
-        raise openai_error(400, "invalid_messages", f"{where}.role must be one of {', '.join(ROLES)}",
+        raise openai_error("invalid_messages", f"{where}.role must be one of {', '.join(ROLES)}",
                            param=f"{where}.role")
     ignored += [f"{where}.{header_name(k)}" for k in item if k not in ITEM_FIELDS]
     content = item.get("content")
     if isinstance(content, str):
         return ChatTurn(ROLES[role], (content,) if content else ())
     if not isinstance(content, list) or not content:
-        raise openai_error(400, "invalid_messages", f"{where}.content must be a string or a non-empty list of parts",
+        raise openai_error("invalid_messages", f"{where}.content must be a string or a non-empty list of parts",
                            param=f"{where}.content")
     return chat_turn(ROLES[role], tuple(_part(p, f"{where}.content[{j}]", ignored) for j, p in enumerate(content)),
                      where)
@@ -266,26 +266,26 @@ def _item(item: Any, where: str, ignored: list[str]) -> ChatTurn:
 
 def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:
     if not isinstance(part, dict):
-        raise openai_error(400, "invalid_messages", f"{where} must be an object", param=where)
+        raise openai_error("invalid_messages", f"{where} must be an object", param=where)
     kind = part.get("type")
     if isinstance(kind, str) and kind in REFUSED_PARTS:
-        raise openai_error(400, "unsupported_parameter", f"{where}: {REFUSED_PARTS[kind]}; send input_text and "
+        raise openai_error("unsupported_parameter", f"{where}: {REFUSED_PARTS[kind]}; send input_text and "
                            "input_image parts", param=f"{where}.type")
     if kind in ("input_text", "output_text"):
         ignored += [f"{where}.{header_name(k)}" for k in part if k not in ("type", "text", "annotations", "logprobs")]
         if not isinstance(part.get("text"), str):
-            raise openai_error(400, "invalid_messages", f"{where}.text must be a string", param=f"{where}.text")
+            raise openai_error("invalid_messages", f"{where}.text must be a string", param=f"{where}.text")
         return str(part["text"])
     if kind != "input_image":
-        raise openai_error(400, "invalid_messages", f"{where} must be a part of type input_text, output_text or "
+        raise openai_error("invalid_messages", f"{where} must be a part of type input_text, output_text or "
                            "input_image", param=f"{where}.type")
     if part.get("file_id") is not None:
-        raise openai_error(400, "unsupported_parameter", f"{where}.file_id: pictures come as image_url (a data: "
+        raise openai_error("unsupported_parameter", f"{where}.file_id: pictures come as image_url (a data: "
                            "URL, tuwen://images/<sha256> or http(s))", param=f"{where}.file_id")
     ignored += [f"{where}.{header_name(k)}" for k in part if k not in ("type", "image_url", "detail", "file_id")]
     try:
         parsed = InputImage.model_validate({k: v for k, v in part.items() if k in ("type", "image_url", "detail")})
     except ValidationError as exc:
         param = f"{where}.{param_of(tuple(exc.errors()[0]['loc'])) or 'image_url'}"
-        raise openai_error(400, "invalid_messages", f"{param}: {exc.errors()[0]['msg']}", param=param) from None
+        raise openai_error("invalid_messages", f"{param}: {exc.errors()[0]['msg']}", param=param) from None
     return PictureRef(parsed.image_url, f"{where}.image_url")

@@ -60,7 +60,7 @@ class StoredResponse(BaseModel):
 
 def not_found(response_id: str, param: str | None = None) -> OpenAIError:
     """The one refusal for a response that does not exist, expired, was not stored, or is another owner's."""
-    return openai_error(404, "not_found", f"Response with id '{response_id[:80]}' not found.", param=param)
+    return openai_error("not_found", f"Response with id '{response_id[:80]}' not found.", param=param)
 
 
 class ResponseStore:
@@ -111,7 +111,7 @@ class ResponseStore:
         result = stored.result
         if result is None or result.status != JobStatus.succeeded:
             status = "in_progress" if result is None or not result.status.terminal else result.status.value
-            raise openai_error(400, "invalid_params", f"previous_response_id: response {response_id} is {status}; "
+            raise openai_error("invalid_params", f"previous_response_id: response {response_id} is {status}; "
                                "only a response with an answer can be continued", param=CONTINUED)
         answer = (ChatTurn(Role.assistant, (result.answer,)),) if result.answer else ()
         return turns_of(stored.conversation) + answer

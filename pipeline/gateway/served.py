@@ -29,9 +29,9 @@ def served_model(state: GatewayState, requested: str) -> str:
     if requested in live:
         return requested
     if not live:
-        raise openai_error(503, "model_not_served", f"no live worker is consuming {state.settings.interactive_queue}, "
-                           "so no model is served now", headers={"Retry-After": "5"})
+        raise openai_error("model_not_served", f"no live worker is consuming {state.settings.interactive_queue}, "
+                           "so no model is served now", headers={"Retry-After": "5"}, status=503)
     if requested in aliases(state):
         return next(iter(live))
-    raise openai_error(404, "model_not_served", f"The model `{requested}` does not exist: GET /v1/models lists the "
+    raise openai_error("model_not_served", f"The model `{requested}` does not exist: GET /v1/models lists the "
                        "served ones", param="model")

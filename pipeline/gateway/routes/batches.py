@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from tuwen.pipeline.gateway.apikeys import ApiKey
 from tuwen.pipeline.bulk.model import Bulk
 from tuwen.pipeline.errors import NotFound
-from tuwen.pipeline.gateway.batch_keeper import BatchEnded, BatchKeeper, Keeper, idempotency_fingerprint, no_such_batch
+from tuwen.pipeline.gateway.batch_keeper import BatchKeeper, Keeper, idempotency_fingerprint, no_such_batch
 from tuwen.pipeline.gateway.batch_objects import (
     BATCH_ID_PATTERN, EXAMPLE_BATCH_ID, BatchCreate, BatchList, BatchObject, error_responses, listing)
 from tuwen.pipeline.gateway.deps import IdempotencyKey, Reader, State, Submitter, charge
@@ -64,14 +64,14 @@ def parse_create(body: bytes) -> BatchCreate:
     data = json_object(body)
     for name in data:
         if name not in BatchCreate.model_fields:
-            raise openai_error(400, "invalid_params", f"Unrecognized request argument supplied: {printable_name(name)}",
+            raise openai_error("invalid_params", f"Unrecognized request argument supplied: {printable_name(name)}",
                                param=printable_name(name))
     try:
         return BatchCreate.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = param_of(tuple(first["loc"]))
-        raise openai_error(400, "invalid_params", f"{param}: {first['msg']}" if param else str(first["msg"]),
+        raise openai_error("invalid_params", f"{param}: {first['msg']}" if param else str(first["msg"]),
                            param=param) from None
 
 
@@ -140,7 +140,4 @@ def cancel_batch(key: Submitter, state: State, keeper: Keeper, batch_id: BatchId
     """Queued lines are cancelled, running ones finish: `cancelling` until they have, then `cancelled`, its
     output file holding the lines that finished. Again: the same answer. An ended batch: 409 `batch_ended`."""
     owned_batch(state, keeper, key, batch_id)
-    try:
-        return BatchObject.of(keeper.cancel(batch_id, key.owner))
-    except BatchEnded as exc:
-        raise openai_error(409, exc.code, exc.message) from None
+    return BatchObject.of(keeper.cancel(batch_id, key.owner))  # an ended batch: BatchEnded, 409 batch_ended

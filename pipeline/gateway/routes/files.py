@@ -20,12 +20,12 @@ from starlette.datastructures import UploadFile
 
 from tuwen.pipeline.gateway.apikeys import ApiKey
 from tuwen.pipeline.bulk.files import FILE_ID_PATTERN, UPLOAD_PURPOSES, FileTooLarge, StoredFile, no_such_file
+from tuwen.pipeline.envelope import printable
 from tuwen.pipeline.errors import NotFound
 from tuwen.pipeline.gateway.batch_keeper import BatchKeeper, Keeper
 from tuwen.pipeline.gateway.batch_objects import (
     EXAMPLE_FILE_ID, FileDeleted, FileList, FileObject, error_responses, listing)
 from tuwen.pipeline.gateway.deps import Reader, State, Submitter, charge
-from tuwen.pipeline.gateway.errors import printable
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute, openai_error
 from tuwen.pipeline.gateway.openai_request import printable_name
 from tuwen.pipeline.gateway.state import GatewayState
@@ -82,25 +82,25 @@ async def upload_file(key: Submitter, state: State, keeper: Keeper, request: Req
         names = [name for name, _ in form.multi_items()]
         for name in names:
             if name not in UPLOAD_FIELDS:
-                raise openai_error(400, "invalid_params", "Unrecognized request argument supplied: "
+                raise openai_error("invalid_params", "Unrecognized request argument supplied: "
                                    f"{printable(printable_name(name))}", param=printable(printable_name(name)))
             if names.count(name) > 1:
-                raise openai_error(400, "invalid_params", f"{name} was sent more than once", param=name)
+                raise openai_error("invalid_params", f"{name} was sent more than once", param=name)
         purpose, upload = form.get("purpose"), form.get("file")
         if not isinstance(purpose, str) or not purpose:
-            raise openai_error(400, "invalid_params", "purpose is required: batch", param="purpose")
+            raise openai_error("invalid_params", "purpose is required: batch", param="purpose")
         if purpose not in UPLOAD_PURPOSES:
-            raise openai_error(400, "unsupported_purpose", f"purpose {printable(purpose[:64])!r}: tuwen keeps "
+            raise openai_error("unsupported_purpose", f"purpose {printable(purpose[:64])!r}: tuwen keeps "
                                "Batch API files only (purpose batch)", param="purpose")
         if not isinstance(upload, UploadFile):
-            raise openai_error(400, "invalid_params", "file is required: the file part (with a filename)",
+            raise openai_error("invalid_params", "file is required: the file part (with a filename)",
                                param="file")
         filename = printable((upload.filename or "upload.jsonl")[:MAX_FILENAME])
         try:
             stored = await run_in_threadpool(keeper.files.upload, key.owner, filename, purpose, upload.file,
                                              state.gw.max_batch_file_bytes)
         except FileTooLarge as exc:
-            raise openai_error(413, exc.code, exc.message, param="file") from None
+            raise openai_error(exc.code, exc.message, param="file") from None
     finally:
         await form.close()
     return FileObject.of(stored)
@@ -149,7 +149,7 @@ def delete_file(key: Submitter, state: State, keeper: Keeper, file_id: FileId) -
     file = owned_file(state, keeper, key, file_id)
     reading = keeper.file_readers(file)
     if reading:
-        raise openai_error(409, "file_in_use", f"batch {reading[0]} still reads this file; delete it once the "
+        raise openai_error("file_in_use", f"batch {reading[0]} still reads this file; delete it once the "
                            "batch is in progress with every line submitted, or has ended", headers={"Retry-After": "5"})
     keeper.files.delete(file)
     return FileDeleted(id=file.id)

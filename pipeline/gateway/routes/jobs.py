@@ -144,7 +144,7 @@ def cancel_job(key: Submitter, state: State, job_id: JobId, response: Response) 
     current = lookup(state, job_id, key.owner)
     result = current if current.status == JobStatus.cancelled else state.client.cancel(job_id, key.owner)
     if result.status in (JobStatus.succeeded, JobStatus.failed):
-        raise ApiError(409, "already_finished", f"the job already {result.status.value}")
+        raise ApiError("already_finished", f"the job already {result.status.value}")
     if result.status == JobStatus.running:
         response.status_code = 202
         return view(state, job_id, result, cancel_requested=True)

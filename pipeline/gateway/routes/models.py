@@ -27,4 +27,4 @@ async def get_model(_: Reader, state: State, model: str) -> ModelCard:
     for card in await run_in_threadpool(cards, state):
         if card.id == model:
             return card
-    raise openai_error(404, "model_not_served", f"The model `{model}` does not exist", param="model")
+    raise openai_error("model_not_served", f"The model `{model}` does not exist", param="model")
