@@ -56,8 +56,8 @@ class OpenAIError(Exception):
 def openai_error(code: str, message: str, *, param: str | None = None, headers: Mapping[str, str] | None = None,
                  job_id: str | None = None, status: int | None = None) -> OpenAIError:
     """The error to raise (or answer) for ``code``, one of ``errors.ErrorCode``'s, with its status
-    (``errors.http_status``) unless ``status`` says otherwise: an HTTP error not of tuwen's making, or ``model_not_served`` while no
-    worker is live at all (503, not the code's 404)."""
+    (``errors.http_status``) unless ``status`` says otherwise: an HTTP error not of tuwen's making, or
+    ``model_not_served`` while no worker is live at all (503, not the code's 404)."""
     return OpenAIError(status or http_status(code, openai=True), code, message, param=param, headers=headers,
                        job_id=job_id)
 
