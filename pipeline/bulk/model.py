@@ -62,11 +62,18 @@ class InputError(BaseModel):
         return f"line {self.line}: {self.message}" if self.line is not None else self.message
 
 
+ENDPOINT = "/v1/chat/completions"
+RESPONSES_ENDPOINT = "/v1/responses"
+#: The endpoints a batch's lines may go to: each line's body is a request of that endpoint.
+ENDPOINTS = (ENDPOINT, RESPONSES_ENDPOINT)
+
+
 class OpenAIBatch(BaseModel):
     """What a batch created over HTTP adds to its bulk: OpenAI's facts about it."""
 
     model_config = ConfigDict(frozen=True)
     input_file_id: str
+    #: One of ``ENDPOINTS``.
     endpoint: str
     completion_window: str
     #: Where the ``batch.completed`` / ``failed`` / ``expired`` / ``cancelled`` webhook goes (tuwen's extension).

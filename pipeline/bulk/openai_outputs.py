@@ -19,14 +19,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from tuwen.pipeline.bulk.files import OUTPUT_PURPOSE, FileStore, output_file_id
-from tuwen.pipeline.bulk.model import Bulk
+from tuwen.pipeline.bulk.model import RESPONSES_ENDPOINT, Bulk
 from tuwen.pipeline.bulk.outputs import result_line
 from tuwen.pipeline.bulk.records import Entry, Records
 from tuwen.pipeline.envelope import error_body
 from tuwen.pipeline.errors import http_status
-from tuwen.pipeline.gateway.batch_objects import RESPONSES_ENDPOINT
-from tuwen.pipeline.gateway.openai_objects import completion
-from tuwen.pipeline.gateway.responses_objects import ResponseFacts, response_object
+from tuwen.pipeline.openai_objects import completion
+from tuwen.pipeline.responses_objects import ResponseFacts, response_object
 from tuwen.pipeline.schema import JobResult, JobStatus
 
 #: Codes of a line the batch stopped, not the request (``response`` is then null).

@@ -28,12 +28,12 @@ from tuwen.pipeline import keys
 from tuwen.pipeline.bulk.files import UPLOAD_PURPOSES, FileStore, StoredFile, no_such_file
 from tuwen.pipeline.bulk.lock import BulkBusy
 from tuwen.pipeline.bulk.manifest import InvalidManifest
-from tuwen.pipeline.bulk.model import Bulk, BulkState, InputError, OpenAIBatch, batch_id
+from tuwen.pipeline.bulk.model import ENDPOINTS, Bulk, BulkState, InputError, OpenAIBatch, batch_id
 from tuwen.pipeline.bulk.openai_input import BatchInput
 from tuwen.pipeline.bulk.store import BulkStore
 from tuwen.pipeline.errors import InvalidInput, NotFound, Unavailable
 from tuwen.pipeline.gateway.batch_lines import ChatLines
-from tuwen.pipeline.gateway.batch_objects import COMPLETION_WINDOW, ENDPOINTS, WINDOW_S, BatchCreate
+from tuwen.pipeline.gateway.batch_objects import COMPLETION_WINDOW, WINDOW_S, BatchCreate
 from tuwen.pipeline.gateway.batch_webhooks import BatchWebhooks, owed
 from tuwen.pipeline.gateway.bodylimits import chat_limit
 from tuwen.pipeline.gateway.state import GatewayState

@@ -14,11 +14,10 @@ import json
 from typing import Any
 
 from tuwen.pipeline.bulk.manifest import Record
-from tuwen.pipeline.bulk.model import Bulk
+from tuwen.pipeline.bulk.model import RESPONSES_ENDPOINT, Bulk
 from tuwen.pipeline.conversation import prepare_conversation
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.gateway.openai_errors import OpenAIError, openai_error
-from tuwen.pipeline.gateway.batch_objects import RESPONSES_ENDPOINT
 from tuwen.pipeline.gateway.chat_jobs import fetched_turns
 from tuwen.pipeline.gateway.openai_request import ChatRequest, parse_chat
 from tuwen.pipeline.gateway.responses_request import parse_responses

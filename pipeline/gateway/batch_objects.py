@@ -10,15 +10,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuwen.pipeline.bulk.files import FILE_ID_PATTERN, StoredFile
-from tuwen.pipeline.bulk.model import Bulk
-from tuwen.pipeline.gateway.openai_objects import OpenAIErrorBody
+from tuwen.pipeline.bulk.model import ENDPOINT, ENDPOINTS, Bulk
 from tuwen.pipeline.gateway.openai_request import MAX_METADATA, MAX_METADATA_KEY, MAX_METADATA_VALUE
+from tuwen.pipeline.openai_objects import OpenAIErrorBody
 from tuwen.pipeline.schema import MAX_URL_CHARS, WebhookView
 
-ENDPOINT = "/v1/chat/completions"
-RESPONSES_ENDPOINT = "/v1/responses"
-#: The endpoints a batch's lines may go to: each line's body is a request of that endpoint.
-ENDPOINTS = (ENDPOINT, RESPONSES_ENDPOINT)
 COMPLETION_WINDOW = "24h"
 WINDOW_S = 24 * 3600.0
 #: What a batch id or a bulk id looks like (``batch_…`` over HTTP, ``bulk_…`` from ``tuwen bulk submit``).

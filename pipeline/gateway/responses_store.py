@@ -20,8 +20,8 @@ from tuwen.pipeline import keys
 from tuwen.pipeline.gateway.openai_errors import OpenAIError, openai_error
 from tuwen.pipeline.gateway.openai_request import ChatTurn, PictureRef
 from tuwen.pipeline.gateway.pictures import stored_url
-from tuwen.pipeline.gateway.responses_objects import ResponseFacts, job_of
 from tuwen.pipeline.jobs import JobStore, redis_errors
+from tuwen.pipeline.responses_objects import ResponseFacts, job_of
 from tuwen.pipeline.schema import JOB_ID_MAX, JOB_ID_MIN, JOB_ID_PATTERN, JobRequest, JobResult, JobStatus, Role
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from tuwen.pipeline.gateway.openai_errors import openai_error
-from tuwen.pipeline.gateway.openai_objects import ModelCard
 from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.openai_objects import ModelCard
 
 #: Always a name for the served model, whatever its checkpoint.
 ALIAS = "tuwen"

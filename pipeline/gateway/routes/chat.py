@@ -22,11 +22,11 @@ from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.chat_jobs import accept, accepted, failure, job_text, outcome
 from tuwen.pipeline.gateway.deps import IdempotencyKey, State, Submitter
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute
-from tuwen.pipeline.gateway.openai_objects import ChatCompletion, chunk, completion, error_responses, finish_reason
 from tuwen.pipeline.gateway.openai_request import ChatCompletionRequest, parse_chat
 from tuwen.pipeline.gateway.openapi import json_body
 from tuwen.pipeline.gateway.served import served_model
 from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.openai_objects import ChatCompletion, chunk, completion, error_responses, finish_reason
 from tuwen.pipeline.schema import JobStatus
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"], route_class=OpenAIRoute)

@@ -7,8 +7,8 @@ from starlette.concurrency import run_in_threadpool
 
 from tuwen.pipeline.gateway.deps import Reader, State
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute, openai_error
-from tuwen.pipeline.gateway.openai_objects import ModelCard, ModelList, error_responses
 from tuwen.pipeline.gateway.served import cards
+from tuwen.pipeline.openai_objects import ModelCard, ModelList, error_responses
 
 router = APIRouter(prefix="/v1/models", tags=["chat"], route_class=OpenAIRoute)
 

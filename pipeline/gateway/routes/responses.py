@@ -23,14 +23,14 @@ from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.chat_jobs import Ended, accept, accepted, failure, job_text, outcome
 from tuwen.pipeline.gateway.deps import IdempotencyKey, Reader, State, Submitter, charge
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute
-from tuwen.pipeline.gateway.openai_objects import error_responses
-from tuwen.pipeline.gateway.responses_objects import (
-    EXAMPLE_RESPONSE_ID, Events, ResponseDeleted, ResponseFacts, ResponseObject, response_object)
 from tuwen.pipeline.gateway.responses_request import ResponsesCreate, ResponsesRequest, parse_responses
 from tuwen.pipeline.gateway.responses_store import StoredResponse, items_of, not_found
 from tuwen.pipeline.gateway.openapi import json_body
 from tuwen.pipeline.gateway.served import served_model
 from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.openai_objects import error_responses
+from tuwen.pipeline.responses_objects import (
+    EXAMPLE_RESPONSE_ID, Events, ResponseDeleted, ResponseFacts, ResponseObject, response_object)
 from tuwen.pipeline.schema import JobStatus
 
 router = APIRouter(prefix="/v1/responses", tags=["chat"], route_class=OpenAIRoute)

@@ -1,6 +1,7 @@
 """What the OpenAI-compatible routes answer: ``chat.completion`` objects, ``chat.completion.chunk`` events
 for streams, and the ``list`` of models. Built from tuwen's ``JobResult``; the shapes are OpenAI's, so the
-official SDK (and anything written against it) reads them as its own."""
+official SDK (and anything written against it) reads them as its own. Below bulk and the gateway: a
+batch's output file holds the same ``chat.completion`` (``bulk.openai_outputs``), whoever writes it."""
 
 from __future__ import annotations
 

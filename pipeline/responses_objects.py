@@ -1,7 +1,8 @@
 """What the Responses API answers: the ``response`` object and, for streams, OpenAI's events
 (``response.created`` … ``response.completed``). Built from a job's ``JobResult`` and what the request
 said (``ResponseFacts``); the shapes are OpenAI's, so the official SDK reads them as its own
-(``resp.output_text`` is the answer)."""
+(``resp.output_text`` is the answer). Below bulk and the gateway, as ``openai_objects``: a batch of
+``/v1/responses`` holds the same ``response`` in its output file."""
 
 from __future__ import annotations
 
