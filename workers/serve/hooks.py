@@ -26,6 +26,10 @@ class Hooks(TuwenSettings):
     #: Drill: the model raises (a plain ``RuntimeError``, as a bug would) on any join or decode step that
     #: holds a row whose prompt contains this text ("": off).
     fail_rows_with: str = ""
+    #: Drill: the decode loop's thread ends (an error past its ``except Exception``, as a fault nobody caught
+    #: would) on any join or decode step that holds a row whose prompt contains this text ("": off); the
+    #: worker's jobs then fail with ``model_error``.
+    end_loop_with: str = ""
 
     def to_env(self) -> dict[str, str]:
         """These hooks as ``TUWEN_HOOK_*`` variables for a worker subprocess (only those that are set)."""
@@ -54,5 +58,19 @@ def injected_row_failure(text: str) -> Any:
     def before_rows(rows: list[Any]) -> None:
         if any(text in row.prompt for row in rows):
             raise RuntimeError(f"injected model failure on a batch of {len(rows)} holding {text!r} (test hook)")
+
+    return before_rows
+
+
+class LoopEnded(BaseException):
+    """What ``end_loop_with`` raises: past the decode loop's ``except Exception``, so its thread ends."""
+
+
+def injected_loop_end(text: str) -> Any:
+    """A ``Scheduler.before_rows`` hook that ends the decode loop once a row's prompt contains ``text``."""
+
+    def before_rows(rows: list[Any]) -> None:
+        if any(text in row.prompt for row in rows):
+            raise LoopEnded(f"injected end of the decode loop on a batch of {len(rows)} holding {text!r} (test hook)")
 
     return before_rows

@@ -18,7 +18,7 @@ from tuwen.workers.serve.metrics import WorkerMetrics
 from tuwen.workers.serve.poison import Screen
 from tuwen.workers.serve.reaper import INTERVAL_S, Reaper
 from tuwen.workers.engine.model import NullRuntime, Runtime
-from tuwen.workers.serve.hooks import Hooks, injected_oom, injected_row_failure
+from tuwen.workers.serve.hooks import Hooks, injected_loop_end, injected_oom, injected_row_failure
 from tuwen.workers.engine.core import Scheduler
 from tuwen.workers.serve.tasks import make_worker_app
 
@@ -40,6 +40,8 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     scheduler = Scheduler(runtime, settings.max_batch_size, max_tokens=settings.max_batch_tokens)
     if hooks.fail_rows_with:
         scheduler.before_rows = injected_row_failure(hooks.fail_rows_with)
+    if hooks.end_loop_with:
+        scheduler.before_rows = injected_loop_end(hooks.end_loop_with)
     scheduler.start()
     log.info("model %s loaded in %.2fs", runtime.model_id, runtime.load_seconds or 0)
     redis_client = connect(settings.redis_url)
