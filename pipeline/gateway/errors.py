@@ -32,6 +32,10 @@ _FIELD_CODES = {"max_new_tokens": "invalid_params", "priority": "invalid_params"
                 "job_id": "not_found"}
 
 
+#: The code of an HTTP error that is not tuwen's (Starlette's own, which has only a status); any other status
+#: is ``http_error``.
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
+               422: "invalid_request"}
 #: The longest request path an error message quotes.
 _PATH_CHARS = 200
 
@@ -74,6 +78,11 @@ def retry_after(status: int, retryable: bool) -> dict[str, str] | None:
     """The ``Retry-After`` of an error answer: a 503 says when to come back; a 409 that passes (a request
     with the same Idempotency-Key still being handled) says soon."""
     return {"Retry-After": "5"} if status == 503 else {"Retry-After": "1"} if status == 409 and retryable else None
+
+
+def http_code(exc: HTTPException) -> str:
+    """The code of an HTTP error: tuwen's ``ApiError`` has its own; Starlette's is named by its status."""
+    return getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "http_error")
 
 
 def validation_code(exc: RequestValidationError) -> tuple[str, str]:
@@ -137,9 +146,7 @@ def http_error_message(request: Request, exc: HTTPException) -> str:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = getattr(exc, "code", None) or {400: "invalid_request", 404: "not_found", 405: "method_not_allowed",
-                                          413: "request_too_large"}.get(exc.status_code, "http_error")
-    return error_response(code, http_error_message(request, exc), exc.headers, status=exc.status_code)
+    return error_response(http_code(exc), http_error_message(request, exc), exc.headers, status=exc.status_code)
 
 
 def install(app: FastAPI) -> None:

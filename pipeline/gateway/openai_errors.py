@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from tuwen.pipeline.envelope import error_body
 from tuwen.pipeline.errors import TuwenError, http_status
-from tuwen.pipeline.gateway.errors import retry_after, validation_code
+from tuwen.pipeline.gateway.errors import http_code, retry_after, validation_code
 from tuwen.pipeline.gateway.errors import param_of as param_of
 
 log = logging.getLogger("tuwen.gateway")
@@ -74,10 +74,9 @@ def as_openai(exc: Exception) -> OpenAIError:
         code, message = validation_code(exc)
         errors = list(exc.errors())
         return openai_error(code, message, param=param_of(tuple(errors[0]["loc"])) if errors else None)
-    if isinstance(exc, HTTPException):  # tuwen's ApiError has its code; Starlette's own only a status
+    if isinstance(exc, HTTPException):
         status = 400 if exc.status_code == 422 else exc.status_code
-        code = getattr(exc, "code", None) or {400: "invalid_request", 404: "not_found"}.get(status, "http_error")
-        return openai_error(code, str(exc.detail), headers=exc.headers, status=status)
+        return openai_error(http_code(exc), str(exc.detail), headers=exc.headers, status=status)
     if isinstance(exc, redis.RedisError):
         log.warning("Redis error: %s", exc)
         return openai_error("service_unavailable", "Redis is not reachable", headers={"Retry-After": "5"})
