@@ -189,8 +189,8 @@ def error_table() -> str:
 
 
 class TuwenError(Exception):
-    """An error with a code of the catalogue; ``retryable`` and ``status`` are the code's, unless this error
-    knows better whether a retry may help (a remote picture's 404 is no use retrying, its 503 is)."""
+    """An error with a code of the catalogue: its ``status`` is the code's, and so is ``retryable`` unless this
+    error knows better whether a retry may help (a remote picture's 404 is no use retrying, its 503 is)."""
 
     code = "internal_error"
     retryable = False
