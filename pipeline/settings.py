@@ -125,6 +125,11 @@ class Settings(TuwenSettings):
     #: Most tokens the running batch may hold (each row's prompt plus its answer budget): a memory bound
     #: for long conversations. 0: no bound beyond ``max_batch_size``.
     max_batch_tokens: int = Field(32_768, ge=0)
+    #: Most bulk rows decoding beside interactive ones: while interactive jobs run or wait, the other bulk
+    #: rows give way (they leave the batch with their cache and come back where they left off) and no bulk
+    #: job joins, so an interactive job decodes in a small batch. ``max_batch_size`` or more: bulk rows
+    #: never give way (docs/performance.md measures both).
+    bulk_rows_beside_interactive: int = Field(8, ge=0)
     #: How long a job waits for others to join it when the model has room (continuous batching lets later
     #: jobs join between decode steps anyway).
     batch_wait_ms: int = Field(50, ge=0, le=60_000)

@@ -82,6 +82,31 @@ def test_rows_joining_mid_run_answer_as_alone(loaded: Runtime) -> None:
     assert max(f.batch_size for f in finished) >= 3, "rows must have shared decode steps"
 
 
+def test_parked_rows_come_back_where_they_left_off_and_answer_as_alone(loaded: Runtime) -> None:
+    """Rows that give way (``park``) while others join and leave, then come back (``unpark``) into a batch
+    of another width, answer token for token as ``generate`` alone: their cache, positions (M-RoPE offsets
+    included) and last token travel with them."""
+    its = items(24)
+    alone = [generate_alone(loaded, it) for it in its]
+    engine, rows = engine_for(loaded), rows_for(loaded, its)
+    done = engine.add(rows[:4])
+    done += engine.step() + engine.step()
+    parked = engine.park([i for i in (0, 2) if i < engine.size])
+    assert parked.rows and engine.size == 4 - len(done) - len(parked.rows)
+    done += engine.add(rows[4:])  # joins a batch the parked rows are not in
+    for _ in range(3):
+        done += engine.step()
+    back, rest = parked.split(1)
+    engine.unpark(back)
+    done += engine.step()
+    if rest is not None:
+        engine.unpark(rest)
+    while engine.size:
+        done += engine.step()
+    got = {f.row.key: f.tokens for f in done}
+    assert [got[i] for i in range(len(its))] == alone
+
+
 def test_demo_rows_leave_when_done_and_text_streams_whole() -> None:
     rt = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=48))
     rt.load()

@@ -16,6 +16,7 @@ from tuwen.workers.engine.batch import Engine
 from tuwen.workers.demo import bundled_demo_model
 from tuwen.workers.engine.model import Answer, Item, Runtime
 from tuwen.workers.engine.core import Scheduler
+from tuwen.workers.engine.policy import Limits
 
 SAMPLES = bundled_demo_model().parent / "samples"
 
@@ -204,3 +205,44 @@ def test_rows_on_their_way_count_against_free_rows_until_they_arrive(rt: Runtime
         assert all(a.ok for a in group.answers)
     finally:
         scheduler.stop()
+
+
+def test_bulk_rows_give_way_to_an_interactive_job_and_come_back_where_they_left_off(
+        rt: Runtime, samples: list[tuple[bytes, str, str]]) -> None:
+    """With ``beside_interactive=2``, 10 of 12 running bulk rows are parked while the interactive job decodes
+    (it runs in a batch of 3), then come back with their cache: every answer is token-identical to the same
+    row alone, and streamed bulk text is sent once."""
+    bulk_items = [Item(img, q, 48) for img, q, _ in samples[:6]] * 2
+    rt.min_new_tokens = 40
+    try:
+        alone = {i: rt.answer_batch([it])[0].tokens for i, it in enumerate(bulk_items)}
+        streamed: dict[int, list[str]] = {i: [] for i in range(len(bulk_items))}
+        bulk_group = rt.prepare([Item(it.image, it.question, 48, on_text=streamed[i].append)
+                                 for i, it in enumerate(bulk_items)])
+    finally:
+        rt.min_new_tokens = 0
+    steps: list[tuple[int, int]] = []
+    scheduler = Scheduler(rt, 16, limits=Limits(16, beside_interactive=2))
+    scheduler.on_step.append(lambda running, waiting: steps.append((running, scheduler.parked)))
+    scheduler.start()
+    try:
+        bulk, bulk_answers, _ = collect_group(scheduler, bulk_group, interactive=False)
+        deadline = time.monotonic() + 30
+        while len(steps) < 3 and time.monotonic() < deadline:  # the bulk rows are decoding
+            time.sleep(0.001)
+        assert steps and not bulk.done.is_set()
+        img, q, fact = samples[8]
+        quick, quick_answers, _ = collect(scheduler, [Item(img, q, 48)], interactive=True)
+        assert quick.wait(60)
+        during = list(steps)
+        assert not bulk.done.is_set(), "the bulk rows were still out of the batch when the interactive job ended"
+        assert bulk.wait(120)
+    finally:
+        scheduler.stop()
+    assert fact in (quick_answers[0].answer or "")
+    assert quick_answers[0].tokens == rt.answer_batch([Item(img, q, 48)])[0].tokens
+    assert (3, 10) in during, "the interactive job decoded beside 2 bulk rows, 10 parked"
+    assert max(r for r, p in during if p) <= 3
+    assert steps[-1][1] == 0 and max(r for r, _ in steps[len(during):]) == 12, "all 12 came back"
+    assert {i: a.tokens for i, a in bulk_answers.items()} == alone
+    assert all("".join(streamed[i]) == a.answer for i, a in bulk_answers.items()), "streamed once, in order"

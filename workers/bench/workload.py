@@ -11,17 +11,20 @@
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from io import BytesIO
 from typing import Any
 
 from tuwen.workers.demo.scenes import KINDS, draw_training_example
 from tuwen.workers.engine.model import Answer, Item, Runtime
 from tuwen.workers.engine.core import Scheduler
+from tuwen.workers.engine.policy import plan
 
 #: The batch size of the static rows and of the pipeline, and the rows of the continuous batch.
 BATCH = 16
@@ -117,10 +120,9 @@ def _forced(rt: Runtime, data: list[tuple[bytes, str]], sizes: list[int]) -> Any
 
 def mixed_continuous(rt: Runtime, data: list[tuple[bytes, str]],
                      sizes: list[int]) -> tuple[float, list[str], int, dict[str, float]]:
-    """All rows through one ``Scheduler``: a feeder hands over as many rows as are free (as the worker's
-    hand-over does, but counting rows in flight itself), short rows leave when done and waiting rows
-    join between steps. Also returns where
-    the time went: joins (each a prefill, written below the running rows), their rows, steps."""
+    """All rows through one ``Scheduler``: a feeder hands rows over as the batching policy says (as the
+    worker's hand-over does), short rows leave when done and waiting rows join between steps. Also returns
+    where the time went: joins (each a prefill, written below the running rows), their rows, steps."""
     scheduler = Scheduler(rt, max_rows=BATCH)
     changed = threading.Event()
     steps = [0]
@@ -159,15 +161,14 @@ def mixed_continuous(rt: Runtime, data: list[tuple[bytes, str]],
         t0 = time.perf_counter()
         nxt = 0
         while len(answers) < len(data):
-            # Rows in flight counted here: Scheduler.free_rows counts a group neither as waiting nor as
-            # running while it joins, so a feeder trusting it sends a second full group that then waits
-            # for the whole batch to drain (measured: 4 joins of 16 rows, i.e. static batches).
-            free = BATCH - (nxt - len(answers))
-            if free > 0 and nxt < len(data):
-                take = list(range(nxt, min(len(data), nxt + free)))
-                nxt = take[-1] + 1
-                group = _forced(rt, [data[i] for i in take], [sizes[i] for i in take])
-                scheduler.submit(group, interactive=False, on_answer=answered(take))
+            # The worker's hand-over, with every input already buffered: the policy says how many go now.
+            todo = plan(scheduler.limits, replace(scheduler.view(), buffered=len(data) - nxt, waited_s=math.inf))
+            if todo.hand_over:
+                for start in range(nxt, nxt + todo.hand_over, todo.group):
+                    take = list(range(start, min(nxt + todo.hand_over, start + todo.group)))
+                    group = _forced(rt, [data[i] for i in take], [sizes[i] for i in take])
+                    scheduler.submit(group, interactive=False, on_answer=answered(take))
+                nxt += todo.hand_over
                 continue
             if not scheduler.alive:
                 raise RuntimeError("the decode loop stopped")

@@ -15,6 +15,8 @@ On plain Hugging Face models, in the manner of TGI's ``CausalLMBatch`` (``concat
   values into room already there, and rows that join are written below the running ones, instead of
   copying the whole cache (``DynamicLayer`` concatenates on every step, and joins and leaves used to copy
   the cache twice each: a quarter of a decode step at 64 rows, measured).
+* A row may give way (``park``): it leaves with its part of the cache and comes back later where it
+  left off (``unpark``, one copy of its cache, no prefill), so interactive rows decode in a small batch.
 * Each row picks its token on its own: greedy (the default) or temperature / top-p sampling with the
   row's own seeded generator, so a seeded job gets the same answer whatever batch it lands in.
 * Text is detokenized incrementally per row and handed to the row's ``on_text`` callback; a delta never
@@ -26,6 +28,7 @@ family in tests/workers/test_engine.py).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -150,6 +153,38 @@ class _Live:
         if upto > self.sent:
             self.row.on_text(self.text[self.sent:upto])
             self.sent = upto
+
+
+@dataclass
+class Parked:
+    """Rows out of the batch with their cache (``Engine.park``), to come back where they left off."""
+
+    rows: list[_Live]
+    cache: Any
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    last: torch.Tensor
+
+    def take(self, chosen: list[int]) -> Parked:
+        """Rows ``chosen`` (indexes), with copies of their part of the cache."""
+        index = torch.tensor(chosen, dtype=torch.long, device=self.mask.device)
+        cache = copy.copy(self.cache)
+        cache.layers = []
+        for layer in self.cache.layers:
+            part = copy.copy(layer)
+            keys, values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            if isinstance(part, RoomyLayer):
+                part.hold(keys, values, keys.shape[-2])
+            else:
+                part.keys, part.values = keys, values
+            cache.layers.append(part)
+        return Parked([self.rows[i] for i in chosen], cache, self.mask[index], self.next_pos[index], self.last[index])
+
+    def split(self, count: int) -> tuple[Parked, Parked | None]:
+        """The first ``count`` rows, and the rest (None if none is left)."""
+        if count >= len(self.rows):
+            return self, None
+        return self.take(list(range(count))), self.take(list(range(count, len(self.rows))))
 
 
 class Engine:
@@ -294,11 +329,15 @@ class Engine:
                 prompt_tokens=live.prompt_tokens, batch_size=live.batch_size,
                 timings={"first_token_ms": round(((live.first_token_at or now) - live.joined) * 1000, 2),
                          "generate_ms": round((now - live.joined) * 1000, 2)}))
-        gone = {i for i, _ in done}
+        self._remove({i for i, _ in done})
+        return finished
+
+    def _remove(self, gone: set[int]) -> None:
+        """Take rows ``gone`` out of the batch: the last rows move into their holes."""
         left = self.size - len(gone)
         if not left:
             self.rows, self._cache, self._mask, self._next_pos, self._last = [], None, None, None, None
-            return finished
+            return
         assert self._mask is not None and self._next_pos is not None and self._last is not None
         # The last rows fill the holes below ``left``: ``order[i]`` is the row that row i is now.
         holes = [i for i in sorted(gone) if i < left]
@@ -317,7 +356,23 @@ class Engine:
             self._mask = self._mask[:, unused:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
-        return finished
+
+    # -- giving way -------------------------------------------------------------------------------
+    def park(self, chosen: list[int]) -> Parked:
+        """Take rows ``chosen`` (indexes) out of the batch, keeping their cache, mask, positions and last
+        token: ``unpark`` brings them back where they left off (vLLM's preemption by swapping, here for
+        latency, not memory: the cache stays where it is)."""
+        assert self._mask is not None and self._next_pos is not None and self._last is not None
+        chosen = sorted(chosen)
+        parked = Parked(self.rows, self._cache, self._mask, self._next_pos, self._last).take(chosen)
+        self._remove(set(chosen))
+        return parked
+
+    def unpark(self, parked: Parked) -> None:
+        """Bring parked rows back into the batch (a copy of their cache; no prefill)."""
+        self._join(parked.rows, parked.cache, parked.mask, parked.next_pos)
+        assert self._last is not None
+        self._last[self.size - len(parked.rows):] = parked.last
 
     def run(self, rows: Sequence[Row], enc: Any | None = None) -> list[Finished]:
         """Answer ``rows`` (a static batch): add them, step until all have finished."""

@@ -35,7 +35,9 @@ from typing import Any
 import torch
 
 from tuwen.pipeline.errors import InvalidInput, ModelError, OutOfMemory
+from tuwen.workers.engine.batch import Parked
 from tuwen.workers.engine.model import Answer, Group, Runtime
+from tuwen.workers.engine.policy import Head, Limits, View, free_rows, plan
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +58,15 @@ class Ticket:
 
 
 class Scheduler:
-    """Owns the runtime's engine; ``submit`` from any thread, ``start`` runs the loop on its own thread."""
+    """Owns the runtime's engine; ``submit`` from any thread, ``start`` runs the loop on its own thread.
+    What joins, parks and comes back is ``engine.policy.plan``'s to say (``limits`` tunes it)."""
 
     def __init__(self, runtime: Runtime, max_rows: int, *, max_tokens: int = 0, idle_wait_s: float = 0.05,
-                 interactive_extra: int | None = None) -> None:
+                 interactive_extra: int | None = None, limits: Limits | None = None) -> None:
         self.runtime = runtime
-        self.max_rows = max_rows
-        #: Rows interactive groups may take beyond ``max_rows`` (default: an eighth of it, at least 1).
-        self.interactive_extra = max(1, max_rows // 8) if interactive_extra is None else interactive_extra
-        #: Token budget of the running batch: each row's prompt plus its answer budget (0: none).
-        self.max_tokens = max_tokens
-        self._cost: dict[int, int] = {}  #: id(row) -> tokens it may hold
+        self.limits = limits or Limits(max_rows, -1 if interactive_extra is None else interactive_extra,
+                                       max_tokens=max_tokens)
+        self._cost: dict[int, int] = {}  #: id(row) -> tokens it may hold (its prompt plus its answer budget)
         self.idle_wait_s = idle_wait_s
         self.engine = runtime.engine()
         self._lanes: tuple[deque[tuple[Ticket, list[Any]]], deque[tuple[Ticket, list[Any]]]] = (deque(), deque())
@@ -78,14 +78,25 @@ class Scheduler:
         self._blocked = False
         #: Rows taken from a lane and being prefilled right now (neither waiting nor running yet).
         self._joining = 0
-        #: Rows handed over from the queue and still being prepared (``expect``).
-        self._coming = 0
+        self._joining_interactive = 0
+        #: Rows handed over from the queue and still being prepared (``expect``), all and interactive.
+        self._coming = [0, 0]
+        #: Bulk rows that gave way to interactive ones, oldest first (``Engine.park``).
+        self._parked: deque[Parked] = deque()
         #: Rows under suspicion (``id(row)``): they run apart from all other rows until they finish.
         self._suspects: set[int] = set()
         #: Drill hook, called with the rows about to run (a join's, or the running batch before a step).
         self.before_rows: Callable[[list[Any]], None] | None = None
         #: Observers: called with (rows running, rows waiting) after every step and join (metrics, streams).
         self.on_step: list[Callable[[int, int], None]] = []
+
+    @property
+    def max_rows(self) -> int:
+        return self.limits.max_rows
+
+    @property
+    def interactive_extra(self) -> int:
+        return self.limits.interactive_extra
 
     # -- producer side (any thread) ------------------------------------------------------------------
     def submit(self, group: Group, *, interactive: bool = True,
@@ -119,29 +130,54 @@ class Scheduler:
     @property
     def ahead(self) -> int:
         """Rows waiting to join or on their way (``expect``)."""
-        return self.waiting + self._coming
+        return self.waiting + self._coming[0]
+
+    @property
+    def parked(self) -> int:
+        return sum(len(p.rows) for p in self._parked)
 
     @property
     def free_rows(self) -> int:
-        """Rows that could join now (what the consumer should hand over next): neither running, nor
-        waiting, nor joining, nor on their way (``expect``)."""
-        return max(0, self.max_rows - self.engine.size - self.waiting - self._joining - self._coming)
+        """Rows that could join now (what the consumer should hand over next): neither running, parked,
+        waiting, joining, nor on their way (``expect``)."""
+        return free_rows(self.limits, self.view())
 
-    def expect(self, rows: int) -> Callable[[], None]:
+    def view(self) -> View:
+        """What the policy needs to know about the loop now."""
+        with self._lock:
+            heads = [Head(len(lane[0][1]), self._tokens(lane[0][1]), self._suspect(lane[0][1])) if lane else None
+                     for lane in self._lanes]
+            waiting = [sum(len(rows) for _, rows in lane) for lane in self._lanes]
+            # Read from the hand-over's thread too, while the loop steps: a row that just left has no owner.
+            running = [(lv.row, self._owner.get(id(lv.row))) for lv in self.engine.rows]
+            parked = [lv.row for p in self._parked for lv in p.rows]
+            return View(
+                running=len(running), running_bulk=sum(t is not None and not t.interactive for _, t in running),
+                parked=len(parked), held_tokens=self._tokens([r for r, _ in running] + parked),
+                heads=(heads[0], heads[1]), waiting=sum(waiting),
+                interactive_waiting=waiting[0] + self._joining_interactive, joining=self._joining,
+                coming=self._coming[0], coming_interactive=self._coming[1], blocked=self._blocked,
+                isolating=self._isolating)
+
+    def _tokens(self, rows: list[Any]) -> int:
+        return sum(self._cost.get(id(r), 0) for r in rows)
+
+    def expect(self, rows: int, interactive: bool = False) -> Callable[[], None]:
         """``rows`` were handed over and are being prepared for this loop; they count against free rows
         until the returned call says they were submitted (or never will be; calling it again does
         nothing). Without it a hand-over every few milliseconds saw the same free rows while the last one
         was still fetching pictures: 72 rows waited behind a 64-row batch at a backlog's start, nine
-        groups preparing at once (measured)."""
+        groups preparing at once (measured). Interactive rows on their way already make bulk rows give way."""
+        counts = (rows, rows if interactive else 0)
         with self._lock:
-            self._coming += rows
+            self._coming = [a + b for a, b in zip(self._coming, counts)]
         done = threading.Event()
 
         def arrived() -> None:
             if not done.is_set():
                 done.set()
                 with self._lock:
-                    self._coming -= rows
+                    self._coming = [a - b for a, b in zip(self._coming, counts)]
         return arrived
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -169,17 +205,27 @@ class Scheduler:
                 log.exception("decode loop error")
 
     def tick(self) -> None:
-        """Admit waiting groups into free rows, then one decode step (or wait for work)."""
-        joining = self._admit()
-        if joining is not None:
+        """Do what the policy says (give way, come back, or admit a waiting group), then one decode step
+        (or wait for work)."""
+        with self._lock:
+            todo = plan(self.limits, self.view())
+            joining = self._lanes[todo.join].popleft() if todo.join is not None else None
+            if joining is not None:
+                self._joining = len(joining[1])
+                self._joining_interactive = self._joining if joining[0].interactive else 0
+        if todo.park:
+            self._park(todo.park)
+        elif todo.unpark:
+            self._unpark(todo.unpark)
+        elif joining is not None:
             try:
                 self._join(*joining)
             finally:
-                self._joining = 0
+                self._joining = self._joining_interactive = 0
             self._observe()  # a join's prefill gave its rows their first token: stream it now, not a step later
         if not self.engine.size:
             with self._lock:
-                if not any(self._lanes) and not self._stop.is_set():
+                if not any(self._lanes) and not self._parked and not self._stop.is_set():
                     self._lock.wait(self.idle_wait_s)
             return
         try:
@@ -192,28 +238,25 @@ class Scheduler:
         self._report(finished)
         self._observe()
 
+    def _park(self, count: int) -> None:
+        """``count`` bulk rows give way: those with the most answer budget left (the rest leave soon)."""
+        rows = self.engine.rows
+        bulk = [i for i, lv in enumerate(rows) if not self._owner[id(lv.row)].interactive]
+        bulk.sort(key=lambda i: len(rows[i].tokens) - rows[i].row.max_new_tokens)
+        self._parked.append(self.engine.park(bulk[:count]))
+        log.debug("%d bulk rows gave way to interactive ones", count)
+
+    def _unpark(self, count: int) -> None:
+        while count and self._parked:
+            back, rest = self._parked.popleft().split(count)
+            if rest is not None:
+                self._parked.appendleft(rest)
+            self.engine.unpark(back)
+            count -= len(back.rows)
+
     def _observe(self) -> None:
         for observe in self.on_step:
             observe(self.engine.size, self.waiting)
-
-    def _admit(self) -> tuple[Ticket, list[Any]] | None:
-        if self._blocked:
-            return None
-        with self._lock:
-            if self._isolating:
-                return None  # suspects run apart
-            for interactive, lane in zip((True, False), self._lanes):
-                if lane and self._suspect(lane[0][1]):
-                    if self.engine.size:
-                        return None  # a suspect group waits for an empty batch
-                    self._joining = len(lane[0][1])
-                    return lane.popleft()
-                if lane and self._fits(lane[0][1], interactive):
-                    self._joining = len(lane[0][1])
-                    return lane.popleft()
-                if lane:
-                    return None  # first come first served within a lane: wait for rows to free up
-        return None
 
     @property
     def _isolating(self) -> bool:
@@ -221,16 +264,6 @@ class Scheduler:
 
     def _suspect(self, rows: list[Any]) -> bool:
         return any(id(r) in self._suspects for r in rows)
-
-    def _fits(self, rows: list[Any], interactive: bool = False) -> bool:
-        if not self.engine.size:
-            return True  # an empty batch takes any group (a group is never larger than max_rows)
-        if self.engine.size + len(rows) > self.max_rows + (self.interactive_extra if interactive else 0):
-            return False
-        if not self.max_tokens:
-            return True
-        held = sum(self._cost.get(id(live.row), 0) for live in self.engine.rows)
-        return held + sum(self._cost.get(id(r), 0) for r in rows) <= self.max_tokens
 
     def _join(self, ticket: Ticket, rows: list[Any]) -> None:
         try:

@@ -20,9 +20,18 @@ from tuwen.workers.serve.reaper import INTERVAL_S, Reaper
 from tuwen.workers.engine.model import NullRuntime, Runtime
 from tuwen.workers.serve.hooks import Hooks, injected_loop_end, injected_oom, injected_row_failure
 from tuwen.workers.engine.core import Scheduler
+from tuwen.workers.engine.policy import HANDOVER_ROWS, Limits
 from tuwen.workers.serve.tasks import make_worker_app
 
 log = logging.getLogger(__name__)
+
+
+def limits_of(settings: Settings) -> Limits:
+    """The batching policy's limits from the worker's settings."""
+    return Limits(settings.max_batch_size, max_tokens=settings.max_batch_tokens,
+                  beside_interactive=settings.bulk_rows_beside_interactive,
+                  handover_rows=min(settings.max_batch_size, HANDOVER_ROWS),
+                  batch_wait_s=max(settings.batch_wait_ms, 4) / 1000)
 
 
 def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname: str | None = None,
@@ -37,7 +46,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     runtime.load()
     if hooks.oom_min_batch:
         runtime.before_generate = injected_oom(hooks.oom_min_batch)
-    scheduler = Scheduler(runtime, settings.max_batch_size, max_tokens=settings.max_batch_tokens)
+    scheduler = Scheduler(runtime, settings.max_batch_size, limits=limits_of(settings))
     if hooks.fail_rows_with:
         scheduler.before_rows = injected_row_failure(hooks.fail_rows_with)
     if hooks.end_loop_with:
