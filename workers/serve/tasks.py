@@ -1,12 +1,13 @@
 """The consumer side of a worker: the Celery app and the batch task ``tuwen.answer`` that hands jobs
 from the queue to the decode loop.
 
-celery-batches buffers the messages a worker prefetched; ``Handover`` decides when and how many of them
-go to the decode loop (``scheduler``): while rows decode, as many as there are free rows (they join at
-the next step); when idle, a group that fills within ``TUWEN_BATCH_WAIT_MS``; when the loop is full,
-one group prepared ahead (pictures fetched and preprocessed while the model decodes). Interactive jobs
-go first. Each hand-over runs on one of ``TUWEN_WORKER_GROUPS`` pool threads and returns (so its
-messages are acknowledged) only when all its results are written.
+celery-batches buffers the messages a worker prefetched; ``Handover`` passes them on to the decode loop
+(``scheduler``) when and as many as the batching policy says (``engine.policy.plan``, which the loop
+also follows): while rows decode, as many as there are free rows (they join at the next step); when idle,
+a group that fills within ``TUWEN_BATCH_WAIT_MS``; when the loop is full, one group prepared ahead
+(pictures fetched and preprocessed while the model decodes). Interactive jobs go first. Each hand-over
+runs on one of ``TUWEN_WORKER_GROUPS`` pool threads and returns (so its messages are acknowledged) only
+when all its results are written.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from celery import Celery, signals
@@ -32,55 +34,52 @@ from tuwen.workers.serve.metrics import WorkerMetrics
 from tuwen.workers.serve.poison import Screen
 from tuwen.workers.engine.model import Runtime
 from tuwen.workers.engine.core import Scheduler
+from tuwen.workers.engine.policy import HANDOVER_ROWS, Limits, Plan, plan
 
 log = logging.getLogger(__name__)
 
-#: Most jobs in one hand-over, and so in one join of the decode loop: a join's prefill holds up every
-#: running row, and an interactive job waiting for a row, so a wide batch fills in several joins.
-HANDOVER_ROWS = 8
-#: Bulk hand-overs while interactive jobs are about (one arrived within ``MIXED_S``): half the join an
-#: interactive job may find in progress (first token p50 0.55 -> 0.38 static batches during a
-#: backlog), for a slower drain than with 8 (0.75 against 0.88 of row c): measured in full bench runs.
-MIXED_HANDOVER_ROWS = 4
-MIXED_S = 30.0
-#: Most bulk hand-overs on their way to the decode loop or waiting in it. Each prepares on its own pool
-#: thread, under the GIL the decode loop needs: at a backlog's start seven groups preparing at once made
-#: the first join take 151 ms instead of 57, and an interactive job wait for it (measured).
-AHEAD_GROUPS = 2
-
-
 class Handover(Batches):
-    """celery-batches, flushing by the decode loop's room instead of by a timer alone.
+    """celery-batches through its public interface only: with ``flush_every = 1`` it calls ``flush`` with
+    each message as it arrives, and ``flush`` keeps them in tuwen's own buffer (celery-batches' own buffer
+    and its flush timer stay private to it; its timer still releases messages whose ETA has come, a
+    countdown retry's). The policy (``engine.policy.plan``) says when and how many go on: the parent's
+    ``flush`` then runs them as one call of the task on a pool thread and acknowledges them after.
 
     Stock celery-batches hands over whatever is buffered on every tick; with a static batch that made
-    a backlog run as batches of 2–5 out of 8 (measured). Here the decode loop decides: see the module
-    docstring. A hand-over never holds more than ``flush_every`` jobs.
+    a backlog run as batches of 2–5 out of 8 (measured). Here the decode loop's room decides.
     """
 
     abstract = True
-    #: Longest a job waits in the buffer for others when the model is idle (``TUWEN_BATCH_WAIT_MS``).
-    max_wait_s = 0.05
+    flush_every = 1  #: every message straight to ``flush``: the buffering is tuwen's
+    flush_interval = 0.1  #: celery-batches' timer, which only messages with an ETA still wait for
+    #: How often the hand-over thread looks at the buffer without being woken (``kick``).
+    look_s = 0.01
     interactive_queue = "interactive"
     scheduler: Scheduler | None = None
 
     def __init__(self) -> None:
         super().__init__()
-        self._oldest: float | None = None
+        self._held: list[Any] = []  #: messages received and not handed over yet
+        self._oldest: float | None = None  #: when the oldest of them arrived (monotonic)
+        self._held_lock = threading.Lock()
         self._flushing = threading.RLock()
         self._kick = threading.Event()
-        self._flusher: threading.Thread | None = None
-        self._interactive_at = -MIXED_S  #: when the last interactive message arrived (monotonic)
+        self._looker: threading.Thread | None = None
+        self._interactive_at = -float("inf")  #: when the last interactive message arrived (monotonic)
+        self._group = self.limits.handover_rows  #: jobs per bulk hand-over, as the policy said last
         #: A hand-over's job ids -> its ``Scheduler.expect`` calls, for the pool thread that answers it.
         self._coming: dict[tuple[str, ...], list[Callable[[], None]]] = {}
-        self._coming_lock = threading.Lock()  #: the flusher adds, pool threads take
+        self._coming_lock = threading.Lock()  #: the hand-over adds, pool threads take
+
+    @property
+    def limits(self) -> Limits:
+        return self.scheduler.limits if self.scheduler is not None else Limits(HANDOVER_ROWS)
 
     def note_arrival(self, request: Any) -> None:
-        """A message is in the buffer. An interactive one is looked at now, not at the next tick."""
-        if self._oldest is None:
-            self._oldest = time.monotonic()
-        if self._flusher is None:
-            self._flusher = threading.Thread(target=self._flush_loop, name="tuwen-handover", daemon=True)
-            self._flusher.start()
+        """A message arrived (``task_received``). An interactive one is looked at now, not at the next look."""
+        if self._looker is None:
+            self._looker = threading.Thread(target=self._look_loop, name="tuwen-handover", daemon=True)
+            self._looker.start()
         if self._lane(request) == 0:
             self._interactive_at = time.monotonic()
             self.kick()
@@ -89,105 +88,75 @@ class Handover(Batches):
         """Look at the buffer now (the decode loop has room)."""
         self._kick.set()
 
-    def _flush_loop(self) -> None:
-        """celery-batches flushes on a timer of the consumer's event loop, and a consumer that reconnects
-        to the broker keeps the old, dead timer (seen: a worker holding 14 jobs in its buffer for good
-        after a Redis restart). This thread looks at the buffer every ``flush_interval`` and whenever
-        the decode loop frees rows."""
-        while True:
-            self._kick.wait(self.flush_interval)
-            self._kick.clear()
-            if self._buffer.qsize():
-                try:
-                    self._do_flush()
-                except Exception:  # noqa: BLE001 - the next look tries again
-                    log.exception("handing jobs over failed")
+    def flush(self, requests: Any) -> None:
+        """celery-batches' call with the messages ready to run: buffer them, and pass on what the policy says."""
+        with self._held_lock:
+            if not self._held:
+                self._oldest = time.monotonic()
+            self._held.extend(requests)
+        self.pass_on()
 
-    def how_many(self, buffered: int) -> int:
-        """How many buffered jobs to hand over now (0: keep them buffered)."""
+    def _look_loop(self) -> None:
+        """Looks at the buffer every ``look_s`` and whenever the decode loop frees rows: a timer of the
+        consumer's event loop is no good for this, since a consumer that reconnects to the broker keeps
+        the old, dead one (seen: a worker holding 14 jobs in its buffer for good after a Redis restart)."""
+        while True:
+            self._kick.wait(self.look_s)
+            self._kick.clear()
+            try:
+                self.pass_on()
+            except Exception:  # noqa: BLE001 - the next look tries again
+                log.exception("handing jobs over failed")
+
+    def plan(self, buffered: int, interactive: int) -> Plan:
+        """The policy's word on the buffer: how many jobs go over now, in groups of how many."""
         scheduler = self.scheduler
         assert scheduler is not None
-        waited = time.monotonic() - self._oldest if self._oldest is not None else 0.0
-        running, ahead, group = scheduler.engine.size, scheduler.ahead, self.group_rows()
-        room = max(0, AHEAD_GROUPS * group - ahead)
-        if not running and not ahead:
-            return min(room, buffered if buffered >= group or waited >= self.max_wait_s else 0)
-        free, join = scheduler.free_rows, self.join_rows(group, scheduler.max_rows)
-        if not ahead and free < join and buffered >= group:
-            return group  # one group prepared ahead of a full batch; it joins as rows leave
-        n = min(buffered, free, room)
-        if n > group:
-            n -= n % group  # whole hand-overs: 12 would go as 8 and a join of 4
-        # A smaller group goes once it waited the batch window, or at once if it is all there is and the
-        # loop has nothing else to join next (a backlog's last jobs waited 50 ms for nobody).
-        return n if n >= join or (n and (waited >= self.max_wait_s or (not ahead and buffered < join))) else 0
+        now = time.monotonic()
+        waited = now - self._oldest if self._oldest is not None else 0.0
+        view = replace(scheduler.view(), buffered=buffered, buffered_interactive=interactive, waited_s=waited,
+                       interactive_recent=now - self._interactive_at < scheduler.limits.mixed_s)
+        return plan(scheduler.limits, view)
 
-    def group_rows(self) -> int:
-        """Rows in a bulk hand-over now: fewer while interactive jobs are about (``MIXED_HANDOVER_ROWS``)."""
-        if time.monotonic() - self._interactive_at < MIXED_S:
-            return min(self.flush_every, MIXED_HANDOVER_ROWS)
-        return self.flush_every
-
-    @staticmethod
-    def join_rows(group: int, max_rows: int) -> int:
-        """Fewest rows a hand-over brings to a running batch, unless its oldest job waited the batch window.
-        Every join prefills and copies the whole cache once, whatever its size: handing over each row as
-        it freed up made joins of three rows on average, and a 64-row backlog spent 78% of its decode
-        thread in joins (measured). TGI waits for waiting requests in proportion to the batch likewise
-        (``waiting_served_ratio``)."""
-        return max(1, min(group, max_rows // 4))
-
-    def _do_flush(self) -> None:
+    def pass_on(self) -> None:
+        """Hand over what the policy says, interactive jobs first; the rest stays buffered, the oldest
+        keeping its arrival time (the batch window runs from there)."""
         with self._flushing:
-            self._flush_some()
-
-    def _flush_some(self) -> None:
-        buffered = self._buffer.qsize()
-        if not buffered:
-            super()._do_flush()  # the ETA-pending requests, and stopping the timer when all is empty
-            return
-        held = sorted(_drain(self._buffer), key=self._lane)
-        interactive = sum(1 for req in held if self._lane(req) == 0)
-        # While the model is busy, interactive jobs go over at once: they wait in the decode loop's
-        # interactive lane, ahead of every bulk row, instead of behind bulk jobs in this buffer.
-        assert self.scheduler is not None
-        busy = self.scheduler.engine.size or self.scheduler.waiting
-        n = max(self.how_many(len(held)), min(interactive, self.flush_every) if busy else 0)
-        if not n:
-            for req in held:
-                self._buffer.put(req)
-            return  # the oldest keeps its arrival time: the wait window runs from there
-        keep = held[n:]
-        for req in held[:n]:
-            self._buffer.put(req)
-        self._oldest = time.monotonic() if keep else None
-        super()._do_flush()
-        for req in keep:
-            self._buffer.put(req)
+            with self._held_lock:
+                held = sorted(self._held, key=self._lane)
+            if not held:
+                return
+            todo = self.plan(len(held), sum(1 for req in held if self._lane(req) == 0))
+            if not todo.hand_over:
+                return
+            going = {id(r) for r in held[:todo.hand_over]}
+            with self._held_lock:
+                self._held = [r for r in self._held if id(r) not in going]
+                self._oldest = time.monotonic() if self._held else None
+            self._group = todo.group
+            self._hand_over(held[:todo.hand_over])
 
     def _lane(self, request: Any) -> int:
         info = getattr(request, "delivery_info", None) or {}
         return 0 if info.get("routing_key") == self.interactive_queue else 1
 
-    def flush(self, requests: Any) -> Any:
+    def _hand_over(self, requests: list[Any]) -> None:
         """Interactive jobs and bulk jobs go over in separate hand-overs: a group joins the decode loop's
         interactive lane only if all its jobs are interactive (one bulk job in it used to send an
         interactive job to the back of the bulk lane)."""
-        result = None
-        for lane, size in ((0, self.flush_every), (1, self.group_rows())):
+        for lane, size in ((0, self.limits.handover_rows), (1, self._group)):
             same = [r for r in requests if self._lane(r) == lane]
             for start in range(0, len(same), size):
                 chunk = same[start:start + size]
                 if self.scheduler is not None:
-                    arrived = self.scheduler.expect(len(chunk))
+                    arrived = self.scheduler.expect(len(chunk), interactive=lane == 0)
                     with self._coming_lock:
                         self._coming.setdefault(_ids(chunk), []).append(arrived)
                 try:
-                    result = super().flush(chunk)
+                    super().flush(chunk)
                 except BaseException:
                     self.arrival(chunk)()  # it never reached a pool thread: its rows are not on their way
                     raise
-        return result
 
     def arrival(self, requests: Sequence[Any]) -> Callable[[], None]:
         """The call that tells the decode loop this hand-over's rows are no longer on their way."""
@@ -207,15 +176,6 @@ def _nothing() -> None:
 
 def _ids(requests: Sequence[Any]) -> tuple[str, ...]:
     return tuple(r.id for r in requests)
-
-
-def _drain(buffer: Any) -> list[Any]:
-    out = []
-    while True:
-        try:
-            out.append(buffer.get_nowait())
-        except Exception:  # noqa: BLE001 - queue.Empty
-            return out
 
 
 def parse(requests: Sequence[Any]) -> list[JobRequest]:
@@ -245,12 +205,9 @@ def make_worker_app(settings: Settings, runtime: Runtime, scheduler: Scheduler, 
     producer = Client(settings)  # the one way to publish a job (here: giving jobs back to the queue)
     answerer = Answerer(settings, runtime, scheduler, jobs, images, metrics, events,
                         publish=lambda job, countdown: producer.publish(job, countdown=countdown))
-    wait_s = max(settings.batch_wait_ms, 4) / 1000
-
-    @app.task(name=queue.TASK_NAME, base=Handover, bind=True, acks_late=True, max_wait_s=wait_s,
-              flush_every=min(settings.max_batch_size, HANDOVER_ROWS), flush_interval=min(wait_s / 4, 0.01),
-              scheduler=scheduler,
-              interactive_queue=settings.interactive_queue)
+    limits = scheduler.limits
+    @app.task(name=queue.TASK_NAME, base=Handover, bind=True, acks_late=True, scheduler=scheduler,
+              look_s=min(limits.batch_wait_s / 4, 0.01), interactive_queue=settings.interactive_queue)
     def answer(self: Handover, requests: Sequence[Any]) -> None:
         worker = requests[0].hostname if requests else "?"
         answerer.run(parse(requests), worker=worker or "?", arrived=self.arrival(requests))
