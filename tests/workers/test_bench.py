@@ -17,7 +17,7 @@ from tuwen.workers.bench.fleet import noise_pictures
 from tuwen.workers.bench.roofline import Machine, roofline
 
 ROWS = ["L1", "L2", "r1", "hf1", "k1", "r16", "hf16", "k16", "r64", "hf64", "k64", "a", "b", "c", "m", "mb", "mc",
-        "d", "e", "e0", "f", "g1", "g2", "h50", "h95"]
+        "d", "e", "e0", "f", "g1", "g2", "h50", "h95", "i50", "i95", "ib", "n50", "n95", "nb"]
 LINE = re.compile(r"^\| (?P<key>[\w]+) \| (?P<what>[^|]+) \| (?P<median>[\d.]+) (?P<unit>[^|]+) \| "
                   r"(?P<low>[\d.]+)–(?P<high>[\d.]+) \| (?P<ok>\d+)/(?P<total>\d+) \| (?P<note>.*) \|$")
 
@@ -73,7 +73,10 @@ def test_bench_quick_prints_every_row_from_three_repeats_with_all_jobs_succeeded
     assert re.search(r"roofline [\d.]+ tok/s \((bandwidth|compute)-bound\): \*\*\d+%\*\*", rows["r16"]["note"])
     assert re.search(r"× pipeline\*\*.*same answers as pipeline (\d+)/\1", rows["m"]["note"])
     assert "2 workers answered; 0 jobs ran twice" in rows["g2"]["note"]
+    # Interactive latency over HTTP stands beside the same without giving way, and beside its own idle
+    assert re.search(r"\*\*[\d.]+× faster than n50\*\*; last repeat: idle p50 \d+ ms", rows["i50"]["note"])
+    assert "what giving way costs the backlog" in rows["ib"]["note"]
     # What limits decode: skinny GEMM at 1/16/64 rows and a profile of one step
     assert "| weight (out × in) | 1 row | 16 rows | 64 rows |" in text
     assert "One decode step at batch 16 (torch.profiler" in text and "| GEMM (linear) |" in text
-    assert len(re.findall(r"^- .*: (met|missed)", text, re.M)) == 7
+    assert len(re.findall(r"^- .*: (met|missed)", text, re.M)) == 8

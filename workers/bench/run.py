@@ -10,6 +10,8 @@ of every row, then repeat 2 of every row, ...), shown with its min–max, and co
 * Through Redis and real worker processes (``workers.fleet``): (d) end to end; (e) transport alone with
   the null model; (f) one job on an idle system; (g) equal thread budgets; (h) an interactive job's first
   token during a bulk backlog.
+* Over HTTP, real gateway and worker processes (``workers.http``): (i) an interactive chat completion
+  during a bulk backlog against the same idle, bulk rows giving way; (n) the same where they never do.
 
 torch runs at one thread everywhere; this 2-core machine is shared and noisy, so compare ratios from one
 run, not absolute numbers.
@@ -30,6 +32,7 @@ from typing import Any
 from tuwen.pipeline.settings import CpuLinear, Settings
 from tuwen.workers.bench import roofline, workload
 from tuwen.workers.bench.fleet import Fleet
+from tuwen.workers.bench.http import HttpSetups
 from tuwen.workers.bench.workload import BATCH
 from tuwen.workers.demo import bundled_demo_model
 from tuwen.workers.engine.model import Runtime
@@ -49,6 +52,8 @@ class Options:
     idle_rounds: int = 10  #: row f, per repeat
     interactive_jobs: int = 10  #: row h, per repeat
     backlog: int = 240  #: row h: bulk jobs queued before the interactive ones
+    http_samples: int = 20  #: row i: chat completions idle and during the backlog, per repeat and set-up
+    http_backlog: int = 2400  #: row i: bulk jobs queued before them
     shape: roofline.BenchShape = roofline.BenchShape()
     cache_dir: Path = Path("build")
     model_path: Path | None = None  #: the demo model for rows a–h (default: the bundled one)
@@ -57,7 +62,8 @@ class Options:
     def quick(cls, **overrides: Any) -> Options:
         """Small sizes for the smoke test: every row, in seconds."""
         small = dict(inputs=8, max_new_tokens=8, transport_jobs=48, decode_steps=3, short_tokens=3, long_tokens=10,
-                     idle_rounds=3, interactive_jobs=2, backlog=48, shape=roofline.QUICK_SHAPE)
+                     idle_rounds=3, interactive_jobs=2, backlog=48, http_samples=2, http_backlog=200,
+                     shape=roofline.QUICK_SHAPE)
         return cls(**{**small, **overrides})
 
 
@@ -143,8 +149,10 @@ def run(opts: Options, log: Callable[[str], None] = print) -> Report:
     answers_match: list[tuple[int, int]] = []
     batch_s: list[float] = []
     with tempfile.TemporaryDirectory(prefix="tuwen-bench-") as tmp, \
-            Fleet(Path(tmp), opts.model_path, opts.max_batch_size, opts.max_new_tokens) as fleet:
+            Fleet(Path(tmp), opts.model_path, opts.max_batch_size, opts.max_new_tokens) as fleet, \
+            HttpSetups(Path(tmp), opts.model_path, opts.max_batch_size, opts.max_new_tokens) as http:
         fleet.warm_up(data, opts.max_new_tokens)
+        http.warm_up(data)
         log(f"workers ready and warm after {time.perf_counter() - t_start:.0f}s")
         for rep in range(opts.repeats):
             machine = roofline.measure_machine()
@@ -187,6 +195,8 @@ def run(opts: Options, log: Callable[[str], None] = print) -> Report:
             log(f"[{rep + 1}] in-process rows done at {time.perf_counter() - t_start:.0f}s")
             fleet.measure(table, rep, data, opts, statistics.median(batch_s))
             log(f"[{rep + 1}] queue rows done at {time.perf_counter() - t_start:.0f}s")
+            http.measure(table, data, opts)
+            log(f"[{rep + 1}] HTTP rows done at {time.perf_counter() - t_start:.0f}s")
     _notes(table, batches, machine_median(table), params, weight_bytes, answers_match, len(data))
     limits = roofline.explain(big, BATCH)
     header = (f"tuwen bench — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
@@ -218,6 +228,10 @@ def _notes(table: Table, batches: list[int], machine: roofline.Machine, params: 
     table["d"].note = f"**{table['d'].median / table['c'].median:.2f}× c**"
     g1, g2 = table["g1"], table["g2"]
     g2.note = f"**{g2.median / g1.median:.2f}× g1**; " + g2.note
+    for q in (50, 95):
+        table[f"i{q}"].note = (f"**{table[f'n{q}'].median / table[f'i{q}'].median:.2f}× faster than n{q}**; "
+                               + table[f"i{q}"].note)
+    table["ib"].note = f"{table['ib'].median / table['nb'].median:.2f}× nb: what giving way costs the backlog"
 
 
 def targets(table: Table, batches: list[int], params: int, weight_bytes: int) -> list[str]:
@@ -233,6 +247,7 @@ def targets(table: Table, batches: list[int], params: int, weight_bytes: int) ->
     top = max(batches)
     m = table["m"].median / table["mb"].median
     h50, h95 = table["h50"].median, table["h95"].median
+    i50, i95 = table["i50"].median, table["i95"].median
     d = table["d"].median / table["c"].median
     e = table["e"].median
     return [f"decode at batch 16 ≥ 50% of roofline: {verdict(eff(16) >= 0.5)} ({100 * eff(16):.1f}%)",
@@ -240,6 +255,9 @@ def targets(table: Table, batches: list[int], params: int, weight_bytes: int) ->
             f"mixed workload ≥ 1.5× pipeline: {verdict(m >= 1.5)} ({m:.2f}×)",
             f"interactive first token p50 ≤ 0.5 batch: {verdict(h50 <= 0.5)} ({h50:.2f}); "
             f"p95 ≤ 1: {verdict(h95 <= 1)} ({h95:.2f})",
+            f"interactive chat over HTTP during a bulk backlog ≤ 2× idle at p50: {verdict(i50 <= 2)} ({i50:.2f}×; "
+            f"{table['n50'].median:.2f}× when bulk rows never give way); ≤ 3× at p95: {verdict(i95 <= 3)} "
+            f"({i95:.2f}×; {table['n95'].median:.2f}×)",
             f"d ≥ 0.9× c: {verdict(d >= 0.9)} ({d:.2f}×)",
             f"e (null-model drain, distinct pictures) ≥ 300 jobs/s: {verdict(e >= 300)} ({e:.0f})",
             "every row's jobs succeeded: " + verdict(all(r.all_ok for r in table.rows.values()))]
