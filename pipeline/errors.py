@@ -56,6 +56,8 @@ class ErrorCode(str, Enum):
     unprocessable_input = ("unprocessable_input", 422, "This job alone could not be answered: its prompt would hold "
                            "special tokens its chat template did not write, or the processor or the model failed on it "
                            "with no other job beside it; the message says why. Its batch-mates are answered.")
+    invalid_schema = ("invalid_schema", 400, "A response_format's JSON schema cannot be enforced: it does not "
+                      "compile, or uses a feature the grammar library lacks (the message names it).")
     request_too_large = ("request_too_large", 413, "The request body is larger than the gateway accepts.")
     unsupported_parameter = ("unsupported_parameter", 422, "A chat completions or Responses parameter tuwen does not "
                              "support (n > 1, tools, a non-text response_format or text.format, reasoning, background, "
@@ -167,6 +169,8 @@ class ErrorCode(str, Enum):
     timeout = ("timeout", 504, "The answer did not come within the wait; the job goes on (poll it by id).", True)
     out_of_memory = ("out_of_memory", 500, "The model ran out of memory on this job alone.")
     model_error = ("model_error", 503, "The model failed on this job or batch.", True)
+    constraint_failed = ("constraint_failed", 500, "The grammar that constrains this job's answer "
+                         "(response_format) failed on it; its batch-mates are answered.")
     model_not_found = ("model_not_found", 500, "The worker's checkpoint directory has no config.json.")
     internal_error = ("internal_error", 500, "A fault in tuwen, not in the request (the message says where): jobs that "
                       "failed beside a bad one, or a bug; the same request may succeed when sent again.", True)

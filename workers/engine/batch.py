@@ -84,6 +84,8 @@ class Row:
     min_new_tokens: int = 0
     #: Called with each new piece of text as it is generated (streaming); never with an empty string.
     on_text: Callable[[str], None] | None = None
+    #: Makes the row's grammar constraint (``engine.grammar``), fresh each time the row starts; None: free.
+    grammar: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -98,6 +100,8 @@ class Finished:
     #: Most rows that shared a decode step with this one.
     batch_size: int
     timings: dict[str, float]
+    #: Why the row failed alone (its grammar constraint refused a step); ``finish_reason`` is then ``error``.
+    error: str | None = None
 
 
 class _Live:
@@ -126,6 +130,8 @@ class _Live:
             else:
                 self.generator.manual_seed(row.sampling.seed)
         self.hold = max((len(s) for s in row.stop), default=1) - 1
+        self.constraint = row.grammar() if row.grammar is not None else None
+        self.error: str | None = None
 
     def push(self, token: int) -> str | None:
         """Take one generated token; returns the finish reason if the row is done."""
@@ -294,7 +300,9 @@ class Engine:
         done: list[tuple[int, str]] = []
         for i, (row, token) in enumerate(zip(rows, tokens)):
             row.batch_size = max(row.batch_size, self.size)
-            reason = "stop" if token in self.eos else row.push(token)
+            if row.constraint is not None and row.error is None and token not in self.eos:
+                _guarded(row, row.constraint.accept, token)
+            reason = "error" if row.error else "stop" if token in self.eos else row.push(token)
             if reason is None and len(row.tokens) >= row.row.max_new_tokens:
                 reason = "length"
             row.flush(final=reason is not None)
@@ -305,12 +313,15 @@ class Engine:
     def _pick(self, logits: torch.Tensor, rows: list[_Live]) -> list[int]:
         early = [i for i, row in enumerate(rows) if len(row.tokens) < row.row.min_new_tokens]
         penalized = [i for i, row in enumerate(rows) if row.row.sampling.penalized]
-        if early or penalized:
+        constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
+        if early or penalized or constrained:
             logits = logits.clone()
         if early:
             logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.eos))[None, :]] = float("-inf")
         for i in penalized:
             _penalize(logits[i], rows[i])
+        for i in constrained:  # after the penalties: the grammar has the last word
+            _guarded(rows[i], rows[i].constraint.mask, logits[i])
         picked = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             if row.generator is not None:
@@ -326,7 +337,7 @@ class Engine:
             live = self.rows[index]
             finished.append(Finished(
                 row=live.row, text=live.text, tokens=live.tokens, finish_reason=reason,
-                prompt_tokens=live.prompt_tokens, batch_size=live.batch_size,
+                prompt_tokens=live.prompt_tokens, batch_size=live.batch_size, error=live.error,
                 timings={"first_token_ms": round(((live.first_token_at or now) - live.joined) * 1000, 2),
                          "generate_ms": round((now - live.joined) * 1000, 2)}))
         self._remove({i for i, _ in done})
@@ -381,6 +392,16 @@ class Engine:
             finished += self.step()
         order = {id(r): i for i, r in enumerate(rows)}
         return sorted(finished, key=lambda f: order[id(f.row)])
+
+
+def _guarded(row: _Live, step: Callable[[Any], None], arg: Any) -> None:
+    """Run one grammar step of ``row``; a failure fails this row alone (it leaves at this step)."""
+    if row.error is not None:
+        return
+    try:
+        step(arg)
+    except Exception as exc:  # noqa: BLE001 - whatever the library raised, the row's batch-mates go on
+        row.error = f"{type(exc).__name__}: {exc}"
 
 
 def _penalize(logits: torch.Tensor, row: _Live) -> None:

@@ -55,6 +55,8 @@ class Runtime:
         self.before_generate: Callable[[int], None] | None = None
         #: Benchmarks only: force this many new tokens (decode-bound measurements).
         self.min_new_tokens = 0
+        #: The grammar compiler for constrained answers (``engine.grammar``), made on the first one.
+        self.grammars: Any = None
 
     # -- loading ---------------------------------------------------------------------------------
     @property
@@ -155,6 +157,10 @@ class Runtime:
     def finish(self, group: Group, f: Any) -> Answer:
         """Fill in (and return) the answer of a finished engine row."""
         answer = group.answers[f.row.key]
+        if f.error is not None:
+            answer.error = TuwenError(f"the grammar of this job's response_format failed on it: {f.error}",
+                                      code="constraint_failed").as_error()
+            return answer
         answer.answer, answer.tokens, answer.finish_reason = f.text, f.tokens, f.finish_reason
         answer.prompt_tokens, answer.generated_tokens, answer.batch_size = f.prompt_tokens, len(f.tokens), f.batch_size
         answer.timings.update(f.timings)
@@ -226,8 +232,22 @@ class Runtime:
         prompt = self.prompts.render(p.messages, continue_final=p.item.continue_final)
         self.prompts.check(prompt, len(p.images))
         row = Row(key=p.index, prompt=prompt.text, images=p.images, max_new_tokens=p.max_new_tokens or 1,
-                  sampling=p.item.sampling or Sampling(), stop=p.item.stop, on_text=p.item.on_text)
+                  sampling=p.item.sampling or Sampling(), stop=p.item.stop, on_text=p.item.on_text,
+                  grammar=self._grammar(p.item.response_format))
         return row, prompt
+
+    def _grammar(self, response_format: dict[str, Any] | None) -> Any:
+        """The row's grammar (``engine.grammar``), compiled once per format and model; None for free text."""
+        if response_format is None or response_format.get("type", "text") == "text":
+            return None
+        if self.grammars is None:
+            from tuwen.workers.engine.grammar import Grammars
+
+            self.grammars = Grammars(self.processor.tokenizer, self.model.get_output_embeddings().weight.shape[0])
+        try:
+            return self.grammars.factory(response_format)
+        except ValueError as exc:
+            raise InvalidInput(f"the response_format's schema cannot be enforced: {exc}", code="invalid_schema") from None
 
     def _budget(self, p: Prepared, prompt_tokens: int) -> int:
         """The row's answer budget: as asked, or what is left of the context up to the server's cap (0: no

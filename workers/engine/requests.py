@@ -33,6 +33,9 @@ class Item:
     on_text: Callable[[str], None] | None = None
     #: The conversation ends with an assistant message that the answer continues (a prefill).
     continue_final: bool = False
+    #: OpenAI's ``response_format``: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+    #: {"schema": ...}}`` constrain the answer (``engine.grammar``); None or ``text``: free text.
+    response_format: dict[str, Any] | None = None
 
     def conversation(self) -> tuple[list[dict[str, Any]], list[bytes | Image.Image]]:
         if self.messages:
