@@ -20,7 +20,8 @@ import redis
 import yaml
 
 from tuwen.pipeline.keys import DONE as DONE_CHANNEL
-from tuwen.pipeline.localredis import LocalRedis, free_port
+from tuwen.pipeline.localredis import LocalRedis
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DRILL_REPORT = Path(os.environ.get("TUWEN_DRILL_REPORT", ROOT / "build" / "drills.jsonl"))
@@ -111,7 +112,7 @@ class ComposeRedis(LocalRedis):
     and data directory, as a restarted container does."""
 
     def __init__(self) -> None:
-        super().__init__(appendonly=True)
+        super().__init__(appendonly=True, port=free_port())
         self.flags = compose_redis_flags()
 
     def start(self) -> ComposeRedis:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kombu import Connection
 
-from tuwen.pipeline.localredis import free_port
+from tests.ports import free_port
 
 #: Debian's server script. /usr/sbin/rabbitmq-server wraps it to run as the ``rabbitmq`` user in
 #: /var/lib/rabbitmq, the system node's home: not for a private node.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 from urllib.parse import quote
+
+from tests.ports import free_port
 
 S3RVER_DIR = Path(__file__).parent / "s3rver"
 S3RVER_INSTALL = "npm ci --prefix tests/s3rver --no-audit --no-fund"
@@ -45,13 +46,6 @@ class S3Endpoint:
     def object_url(self, bucket: str, key: str) -> str:
         """The plain (unsigned) path-style URL of an object."""
         return f"{self.base_url}/{bucket}/{quote(key)}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager

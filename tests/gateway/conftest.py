@@ -29,7 +29,7 @@ from tuwen.pipeline.gateway.app import create_app
 from tuwen.pipeline.gateway.server import server_options
 from tuwen.pipeline.gateway.settings import GatewaySettings
 from tuwen.pipeline.jobs import connect
-from tuwen.pipeline.localredis import free_port
+from tests.ports import free_port
 from tuwen.pipeline.settings import Settings
 
 SECRET = "whsec-test-0123456789"

@@ -20,7 +20,7 @@ import pytest
 from tuwen.pipeline.bulk.records import PREFIX as BULK_PREFIX
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import connect
-from tuwen.pipeline.localredis import free_port
+from tests.ports import free_port
 from tuwen.pipeline.settings import Settings
 from tests.gateway.test_batches import (
     TERMINAL, URL, ask, jsonl, line, png, read_lines, sdk, upload, wait_for, worksheets)

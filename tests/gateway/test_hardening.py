@@ -20,7 +20,7 @@ from tuwen.pipeline.gateway.apikeys import KeyStore
 from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.keys import BULK, JOB
-from tuwen.pipeline.localredis import free_port
+from tests.ports import free_port
 from tuwen.pipeline.settings import Settings
 from tests.gateway.conftest import UPLOAD_LIMIT, Gateway, gateway_settings, start_gateway
 from tests.gateway.test_batches_restart import GatewayProcess

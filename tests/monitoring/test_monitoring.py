@@ -25,7 +25,8 @@ import pytest
 
 from tuwen.pipeline import app as queue
 from tuwen.pipeline.client import Client
-from tuwen.pipeline.localredis import LocalRedis, free_port
+from tuwen.pipeline.localredis import LocalRedis
+from tests.ports import free_port
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings, need
@@ -53,7 +54,7 @@ def http_get(url: str, auth: tuple[str, str] | None = None, timeout: float = 10)
 
 @pytest.fixture(scope="module")
 def own_redis() -> Iterator[LocalRedis]:
-    with LocalRedis() as server:
+    with LocalRedis(port=free_port()) as server:
         yield server
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tuwen.pipeline.client import Client
-from tuwen.pipeline.localredis import free_port
+from tests.ports import free_port
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
 from tuwen.workers.demo.samples import load_samples

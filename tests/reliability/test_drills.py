@@ -24,6 +24,7 @@ from tuwen.pipeline.client import Client
 from tuwen.pipeline.errors import Unavailable
 from tuwen.pipeline.jobs import JobStore, connect
 from tuwen.pipeline.localredis import LocalRedis
+from tests.ports import free_port
 from tuwen.pipeline.schema import JobRequest, JobStatus
 from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings
@@ -45,7 +46,7 @@ DEFAULT_VISIBILITY_TIMEOUT_S = Settings.model_fields["visibility_timeout_s"].def
 
 @pytest.fixture
 def drill_redis() -> Iterator[LocalRedis]:
-    with LocalRedis(appendonly=True) as server:
+    with LocalRedis(appendonly=True, port=free_port()) as server:
         yield server
 
 

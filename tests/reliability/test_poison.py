@@ -22,7 +22,8 @@ from tuwen.pipeline import deadletter
 from tuwen.pipeline import app as queue
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import connect
-from tuwen.pipeline.localredis import LocalRedis, free_port
+from tuwen.pipeline.localredis import LocalRedis
+from tests.ports import free_port
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings
@@ -36,7 +37,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module")
 def poison_run(s3: S3Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    with LocalRedis() as server:
+    with LocalRedis(port=free_port()) as server:
         settings = make_settings(server.url, s3, metrics_port=free_port(), answer_cache=False)
         worker = WorkerProcess(settings, "poison@tests", tmp_path_factory.mktemp("poison") / "worker.log").start()
         try:

@@ -17,6 +17,7 @@ import pytest
 from tuwen.pipeline.app import make_celery
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
+from tests.ports import free_port
 from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings
 from tests.drills import Lives, assert_kills_landed, check, kill_log, kill_repeatedly, outcome, submit_samples, wrong_answers
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 @pytest.fixture
 def rabbit_settings(rabbitmq_server: LocalRabbit, s3: S3Endpoint) -> Iterator[Settings]:
     tag = uuid.uuid4().hex[:8]
-    with LocalRedis() as redis_server:
+    with LocalRedis(port=free_port()) as redis_server:
         yield make_settings(redis_server.url, s3, broker_url=rabbitmq_server.url, interactive_queue=f"tuwen-i-{tag}",
                             bulk_queue=f"tuwen-b-{tag}", answer_cache=False)
 

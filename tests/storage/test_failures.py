@@ -15,7 +15,8 @@ import pytest
 
 from tuwen.storage.errors import StorageAuthError, StorageError, StorageUnavailable
 from tuwen.storage.s3 import S3ObjectStore
-from tests.s3servers import S3Endpoint, free_port
+from tests.ports import free_port
+from tests.s3servers import S3Endpoint
 from tests.storage.conftest import WITH_MINIO, integration, new_bucket_name, s3_backend
 
 pytestmark = [pytest.mark.timeout(60)]
