@@ -7,12 +7,13 @@ llava and qwen2_vl checkpoints show that multi-turn, multi-picture rows answer t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.workers.test_families import FAMILIES, items, picture
+from tests.workers.test_families import items, picture
 from tuwen.pipeline.settings import Settings
 from tuwen.workers.demo import bundled_demo_model
 from tuwen.workers.engine.model import Item, Runtime
@@ -97,10 +98,9 @@ def test_oldest_turns_truncation_keeps_system_and_last_turn(demo: Runtime) -> No
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_multi_turn_multi_picture_batched_equals_alone(family: str, tmp_path: Path) -> None:
-    spec = next(f for f in FAMILIES if f.name == family)
-    spec.build(tmp_path)
-    rt = Runtime(Settings(model_path=tmp_path, torch_threads=1, max_new_tokens=8))
+def test_multi_turn_multi_picture_batched_equals_alone(family: str,
+                                                       tiny_checkpoint: Callable[[str], Path]) -> None:
+    rt = Runtime(Settings(model_path=tiny_checkpoint(family), torch_threads=1, max_new_tokens=8))
     rt.load()
     pics = [picture(40 + 13 * i, 32 + 7 * i, seed=i) for i in range(4)]
     jobs = [

@@ -6,12 +6,13 @@ rows really leave mid-run), fp32 and greedy, against ``model.generate`` on each 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.workers.test_families import FAMILIES, Family, _have, items
+from tests.workers.test_families import FAMILIES, items
 from tuwen.pipeline.settings import Settings
 from tuwen.workers.engine.batch import Engine, Finished, Row, Sampling
 from tuwen.workers.demo import bundled_demo_model
@@ -19,14 +20,8 @@ from tuwen.workers.engine.model import Item, Runtime
 
 
 @pytest.fixture(scope="module", params=["demo", *[f.name for f in FAMILIES]])
-def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Runtime:
-    if request.param == "demo":
-        path = bundled_demo_model()
-    else:
-        family: Family = next(f for f in FAMILIES if f.name == request.param)
-        assert _have(family.name), f"this transformers has no {family.name}"
-        path = tmp_path_factory.mktemp(family.name)
-        family.build(path)
+def loaded(request: pytest.FixtureRequest, tiny_checkpoint: Callable[[str], Path]) -> Runtime:
+    path = bundled_demo_model() if request.param == "demo" else tiny_checkpoint(request.param)
     rt = Runtime(Settings(model_path=path, torch_threads=1, max_new_tokens=24))
     rt.load()
     return rt

@@ -222,13 +222,11 @@ class Checkpoint:
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f.name)
-def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+def checkpoint(request: pytest.FixtureRequest, tiny_checkpoint: Callable[[str], Path]) -> Checkpoint:
     family: Family = request.param
     if not _have(family.name):
         pytest.skip(f"this transformers has no {family.name}")
-    path = tmp_path_factory.mktemp(family.name)
-    family.build(path)
-    return Checkpoint(family, path)
+    return Checkpoint(family, tiny_checkpoint(family.name))
 
 
 @pytest.fixture(scope="module")
@@ -368,12 +366,10 @@ def test_limits_also_reach_the_attributes_older_transformers_read() -> None:
 
 # -- a real worker on a non-LLaVA family ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def qwen_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def qwen_checkpoint(tiny_checkpoint: Callable[[str], Path]) -> Path:
     if not _have("qwen2_vl"):
         pytest.skip("this transformers has no qwen2_vl")
-    path = tmp_path_factory.mktemp("qwen2_vl-worker")
-    build_qwen(path, v25=False)
-    return path
+    return tiny_checkpoint("qwen2_vl")
 
 
 @pytest.fixture
