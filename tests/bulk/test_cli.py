@@ -1,5 +1,6 @@
-"""``tuwen bulk …`` as a user runs it (a real subprocess): user data printed as text, never as markup;
-exit codes that say when nothing worked; one Ctrl-C while waiting is enough."""
+"""``tuwen bulk …`` as a user runs it: user data printed as text, never as markup; exit codes that say when
+nothing worked; one Ctrl-C while waiting is enough. The matrices run the command in this process
+(``tests.cli``); the Ctrl-C tests and one refusal run it as a real subprocess."""
 
 from __future__ import annotations
 
@@ -17,16 +18,15 @@ from tuwen.pipeline.bulk.records import PREFIX
 from tuwen.pipeline.bulk.store import BulkStore
 from tuwen.pipeline.settings import Settings
 from tests.bulk.conftest import draw_pictures, write_jsonl
+from tests.cli import tuwen_here, tuwen_process
 
 pytestmark = [pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tuwen(settings: Settings, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **settings.to_env()}
-    return subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+def tuwen(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return tuwen_here(*args, env=settings.to_env())
 
 
 def bulk_of(store: BulkStore, manifest: Path) -> str:
@@ -43,8 +43,9 @@ def test_custom_ids_and_ids_with_markup_are_printed_as_written(idle_settings: Se
         {"custom_id": "[/x]", "image": "b.png", "question": "q"},
         {"custom_id": "[bold red]y", "image": "c.png", "question": "q"},
         {"custom_id": "[bold red]y", "image": "d.png", "question": "q"}])
-    # When it is submitted, then the refusal lists them literally, without a traceback
-    submitted = tuwen(idle_settings, "bulk", "submit", str(manifest), "--no-wait")
+    # When it is submitted (by the installed command, a real process), then the refusal lists them literally,
+    # without a traceback
+    submitted = tuwen_process("bulk", "submit", str(manifest), "--no-wait", env=idle_settings.to_env(), timeout=90)
     assert submitted.returncode == 2, submitted.stderr
     assert "Traceback" not in submitted.stderr and "MarkupError" not in submitted.stderr
     assert "line 2: custom_id '[/x]' repeats line 1" in submitted.stderr

@@ -1,5 +1,7 @@
 """``tuwen status`` / ``submit`` against missing or misconfigured services: a line and an exit code, fast.
 
+The command runs in this process (``tests.cli``); one ``tuwen status`` runs as a real process.
+
 Exit codes (pipeline/cli.py): 2 input or a setting refused · 3 a service is unavailable · 4 not finished.
 """
 
@@ -11,11 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tuwen.pipeline.localredis import LocalRedis, free_port
+from tuwen.pipeline.localredis import LocalRedis
+from tests.ports import free_port
 from tuwen.pipeline.settings import Settings
+from tests.cli import tuwen_here
 from tests.conftest import make_settings, need
 from tests.s3servers import S3Endpoint
 from tuwen.workers.demo.samples import load_samples
@@ -24,17 +29,17 @@ pytestmark = [pytest.mark.timeout(120)]
 
 
 def tuwen(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
-    """Run the whole ``tuwen`` command (producer and worker commands) with only ``env`` set."""
+    """Run the whole ``tuwen`` command (producer and worker commands), in this process, with only the ``TUWEN_*``
+    variables of ``env`` set; and how long it took."""
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "tuwen.workers.cli", *args], capture_output=True, text=True,
-                         timeout=60, env={"PATH": os.environ["PATH"], "COLUMNS": "200", **env})
+    out = tuwen_here(*args, env={"COLUMNS": "200", **env})
     return out, time.monotonic() - t0
 
 
 @pytest.fixture
 def empty_redis() -> Iterator[LocalRedis]:
     need(shutil.which("redis-server") is not None, "redis-server is not installed")
-    with LocalRedis() as server:
+    with LocalRedis(port=free_port()) as server:
         yield server
 
 
@@ -48,10 +53,10 @@ def test_status_with_a_wrong_redis_port_says_unavailable() -> None:
     assert as_json.returncode == 3 and '"code": "service_unavailable"' in as_json.stdout
 
 
-def test_submit_to_an_unreachable_redis_fails_within_two_seconds_or_so() -> None:
+def test_submit_to_an_unreachable_redis_fails_within_two_seconds_or_so(tmp_path: Path) -> None:
     picture = load_samples()[0].path
     out, took = tuwen("submit", str(picture), "图中是什么形状？", env={
-        "TUWEN_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "TUWEN_STORAGE_DIR": "/tmp/tuwen-status-cli"})
+        "TUWEN_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "TUWEN_STORAGE_DIR": str(tmp_path)})
     assert out.returncode == 3, out.stderr
     assert "Traceback" not in out.stderr
     assert took < 4, took  # it took 7-8 s: six retries with backoff
@@ -66,7 +71,10 @@ def test_a_url_without_a_scheme_is_a_refused_setting(variable: str) -> None:
 
 
 def test_example_secrets_are_refused_at_start() -> None:
-    out, _ = tuwen("status", env={"TUWEN_REDIS_URL": "redis://:change-me-redis@127.0.0.1:6379/0"})
+    # (status as the installed command, a real process with only PATH and this variable set)
+    out = subprocess.run([sys.executable, "-m", "tuwen.workers.cli", "status"], capture_output=True, text=True,
+                         timeout=60, env={"PATH": os.environ["PATH"], "COLUMNS": "200",
+                                          "TUWEN_REDIS_URL": "redis://:change-me-redis@127.0.0.1:6379/0"})
     assert out.returncode == 2 and "the password in TUWEN_REDIS_URL still has an example value" in out.stderr
     out, _ = tuwen("worker", env={"TUWEN_MINIO_ENDPOINT": "127.0.0.1:9000",
                                   "TUWEN_MINIO_SECRET_KEY": "change-me-to-a-long-random-string"})

@@ -1,15 +1,13 @@
-"""``tuwen result / cancel / delete`` as a user runs them (a real subprocess): ids printed as text, never
-as markup; no such job and another owner's job read exactly alike; documented exit codes."""
+"""``tuwen result / cancel / delete`` as a user runs them: ids printed as text, never as markup; no such job
+and another owner's job read exactly alike; documented exit codes. The matrices run the command in this
+process (``tests.cli``); one test runs it as a real subprocess."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,11 +16,11 @@ from tuwen.pipeline.errors import Forbidden
 from tuwen.pipeline.jobs import no_such_job
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
+from tests.cli import tuwen_here, tuwen_process
 from tuwen.workers.demo.samples import load_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-REPO = Path(__file__).resolve().parents[2]
 JOB_COMMANDS = (["result"], ["result", "--json"], ["result", "--wait", "1"], ["cancel"], ["cancel", "--json"],
                 ["delete"])
 
@@ -38,9 +36,15 @@ def idle_client(pipeline_settings: Settings) -> Iterator[Client]:
 
 
 def tuwen(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **settings.to_env()}
-    return subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return tuwen_here(*args, env=settings.to_env())
+
+
+def test_the_command_prints_an_id_with_markup_as_typed(pipeline_settings: Settings) -> None:
+    """The smoke test of the matrices below: the installed command, a real process."""
+    out = tuwen_process("result", "[bold red]x", env=pipeline_settings.to_env())
+    assert out.returncode == 1 and out.stderr.strip() == "error not_found: no job [bold red]x", out.stderr
+    as_json = tuwen_process("cancel", "[/x]", "--json", env=pipeline_settings.to_env())
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["error"]["message"] == "no job [/x]"
 
 
 def test_job_ids_with_markup_are_printed_as_typed(pipeline_settings: Settings) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.jobs import PREFIX
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
+from tests.cli import tuwen_here, tuwen_process
 from tests.faults import report
 from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.bench.process import WorkerProcess
@@ -141,18 +141,20 @@ def test_corpus_is_refused_with_codes_and_nothing_stored(pipeline_settings: Sett
         assert info.value.message and not info.value.retryable
         rows.append((name, info.value.code))
     assert state(client, "corpus-probe") == before
-    # The same corpus through the command line: exit code 2 and the same codes.
-    env = {"PATH": "/usr/bin:/bin", **settings.to_env()}
+    # The same corpus through the command line: exit code 2 and the same codes (in this process, and the first
+    # case through the installed command as a real process too).
+    runs: list[Callable[..., subprocess.CompletedProcess[str]]] = [tuwen_here, tuwen_process]
     for name, (image, question, kwargs, code) in REFUSED.items():
         if not isinstance(question, str) or "\x00" in question or len(question.encode()) > 100_000:
             continue  # argv cannot carry non-text, NUL or one argument over 128 KiB; covered by Client.submit above
         path = tmp_path / "upload.jpg"
         path.write_bytes(image)
         extra = [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()]
-        out = subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", "submit", str(path), question, "--json", *extra],
-                             env=env, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2, (name, out.stdout, out.stderr)
-        assert json.loads(out.stdout)["error"]["code"] == code, name
+        for run in runs:
+            out = run("submit", str(path), question, "--json", *extra, env=settings.to_env())
+            assert out.returncode == 2, (name, run.__name__, out.stdout, out.stderr)
+            assert json.loads(out.stdout)["error"]["code"] == code, (name, run.__name__)
+        runs = [tuwen_here]
     assert state(client, "corpus-probe") == before
     report("bad-input corpus", cases=len(REFUSED), refused_with_code=len(rows), stored=0, queued=0,
            table=dict(rows))
