@@ -8,8 +8,11 @@ PIP := $(PY) -m pip
 demo: setup system-deps
 	$(VENV)/bin/tuwen demo
 
+# Two pytest-xdist workers (this machine has two cores). Each xdist_group runs on one worker (--dist loadgroup):
+# tests/conftest.py puts the timing-sensitive tests in one group and every other module in its own, and orders
+# them longest first (--no-loadscope-reorder keeps that order).
 test: setup system-deps test-services
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 setup: $(VENV)/.installed
 

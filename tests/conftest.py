@@ -23,6 +23,7 @@ import pytest
 
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
+from tests.ports import free_port
 from tuwen.pipeline.settings import Settings
 from tests import rabbit
 from tests.drills import Lives
@@ -41,6 +42,34 @@ def need(condition: bool, reason: str) -> None:
         pytest.skip(reason)
 
 
+#: The group of tests that check wall-clock bounds, latencies or a window a join must land in
+#: (``@pytest.mark.xdist_group(TIMING)``): under pytest-xdist they run on one worker, one after another.
+TIMING = "timing"
+#: Groups handed out first, longest first (as ``--durations`` measured them): a long group handed out last
+#: would run alone at the end while the other worker idles.
+LONGEST = (TIMING, "tests.reliability.test_drills", "tests.workers.test_bench", "tests.reliability.test_rabbitmq",
+           "tests.workers.test_demo", "tests.gateway.test_schemathesis", "tests.gateway.test_batches_restart",
+           "tests.bulk.test_bulk", "tests.monitoring.test_monitoring", "tests.gateway.test_clients",
+           "tests.workers.test_train_demo")
+
+
+def group_of(item: pytest.Item) -> str:
+    marker = item.get_closest_marker("xdist_group")
+    assert marker is not None
+    return str(marker.args[0])
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``make test`` runs pytest-xdist with ``--dist loadgroup``: each xdist_group runs on one worker. A test
+    outside the timing group is grouped with its module, so that a module's fixtures (a worker process, a
+    gateway, a built wheel) are made once; and the longest groups are handed out first."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
+    items.sort(key=lambda item: LONGEST.index(group_of(item)) if group_of(item) in LONGEST else len(LONGEST))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """In CI a skipped test is a failed one, whoever skipped it: CI passes only with 0 skipped."""
@@ -54,7 +83,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[LocalRedis]:
     need(shutil.which("redis-server") is not None, "redis-server is not installed")
-    with LocalRedis(appendonly=True) as server:
+    with LocalRedis(appendonly=True, port=free_port()) as server:
         yield server
 
 

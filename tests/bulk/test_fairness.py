@@ -16,11 +16,11 @@ from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
 from tuwen.pipeline.schema import JobStatus
 from tests.bulk.conftest import draw_pictures, write_jsonl
-from tests.conftest import make_settings
+from tests.conftest import TIMING, make_settings
 from tests.s3servers import S3Endpoint
 from tuwen.workers.bench.process import WorkerProcess
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.xdist_group(TIMING)]
 
 BULK_JOBS = 300
 

@@ -33,6 +33,7 @@ from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.gateway.webhooks import verify
 from tests.bulk.conftest import cli
+from tests.conftest import TIMING
 from tests.bulk.test_fairness import percentile
 from tests.gateway.conftest import SECRET, Gateway, Receiver, gateway_settings, start_gateway
 from tuwen.workers.demo.scenes import KINDS, Example, draw_worksheet_example
@@ -433,6 +434,7 @@ def test_an_expired_batch_keeps_what_finished_and_says_so(
 
 
 # -- fairness -----------------------------------------------------------------------------------------------
+@pytest.mark.xdist_group(TIMING)
 def test_interactive_chat_stays_fast_during_a_300_line_http_batch(
         batch_gateway: Gateway, pipeline_settings: Settings, new_key: Keys) -> None:
     lines, _ = worksheets(300, seed=31_337, prefix="fair")

@@ -14,11 +14,12 @@ import httpx
 import pytest
 
 from tuwen.pipeline.settings import Settings
+from tests.conftest import TIMING
 from tests.faults import report
 from tests.gateway.conftest import Gateway, gateway_settings, start_gateway
 from tuwen.workers.demo.samples import load_samples
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120), pytest.mark.xdist_group(TIMING)]
 
 Keys = Callable[..., str]
 HEAD_S, BODY_S = 1.5, 2.5

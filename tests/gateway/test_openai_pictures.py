@@ -19,10 +19,11 @@ import pytest
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.jobs import PREFIX
-from tuwen.pipeline.localredis import free_port
+from tests.ports import free_port
 from tuwen.pipeline.gateway.remote import RemotePictures
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.gateway.ssrf import UrlGuard
+from tests.conftest import TIMING
 from tests.gateway.conftest import Gateway, gateway_settings, start_gateway
 from tests.gateway.test_openai import chat_gateway, knows, sdk  # noqa: F401 - chat_gateway: fixture
 from tuwen.workers.demo.samples import load_samples
@@ -210,6 +211,7 @@ def test_a_public_picture_is_answered_also_through_redirects_within_the_limit(pi
     assert moved.choices[0].message.content == direct.choices[0].message.content
 
 
+@pytest.mark.xdist_group(TIMING)
 def test_the_limits_of_a_fetch_each_have_their_code(picky_gateway: Gateway, pictures: str, new_key: Keys) -> None:
     cases = {f"/hops/{HOPS + 1}": "image_url_too_many_redirects",
              "/big": "image_too_large",  # with a Content-Length

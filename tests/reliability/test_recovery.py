@@ -16,16 +16,17 @@ import pytest
 from tuwen.pipeline import registry
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
+from tests.ports import free_port
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import TIMING, make_settings
 from tests.faults import ResultWrites, report
 from tests.s3servers import S3Endpoint
 from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.bench.process import WorkerProcess
 from tuwen.workers.engine.model import Item, Runtime
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420), pytest.mark.xdist_group(TIMING)]
 
 JOBS = 30
 DEFAULT_VISIBILITY_TIMEOUT_S = Settings.model_fields["visibility_timeout_s"].default
@@ -33,7 +34,7 @@ DEFAULT_VISIBILITY_TIMEOUT_S = Settings.model_fields["visibility_timeout_s"].def
 
 @pytest.fixture
 def recovery_redis() -> Iterator[LocalRedis]:
-    with LocalRedis(appendonly=True) as server:
+    with LocalRedis(appendonly=True, port=free_port()) as server:
         yield server
 
 
