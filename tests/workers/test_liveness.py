@@ -17,9 +17,10 @@ from tuwen.pipeline import registry
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.localredis import LocalRedis
+from tests.ports import free_port
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import TIMING, make_settings
 from tests.faults import TcpProxy, report
 from tests.s3servers import S3Endpoint
 from tuwen.workers.demo.samples import load_samples
@@ -29,12 +30,12 @@ from tuwen.workers.bench.process import WorkerProcess
 
 NULL = Hooks(null_model=True)
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), pytest.mark.xdist_group(TIMING)]
 
 
 @pytest.fixture
 def redis_aof() -> Iterator[LocalRedis]:
-    with LocalRedis(appendonly=True) as server:
+    with LocalRedis(appendonly=True, port=free_port()) as server:
         yield server
 
 
@@ -101,8 +102,12 @@ def test_a_worker_paused_across_a_redis_restart_consumes_again(redis_aof: LocalR
 
 def test_a_stalled_worker_drops_out_and_exits_for_its_supervisor(redis_aof: LocalRedis, s3: S3Endpoint,
                                                                  tmp_path: Path, started: list[WorkerProcess]) -> None:
-    # Given a worker whose consuming loop blocks for good at its first message (a wedged Redis read)
-    settings = make_settings(redis_aof.url, s3, stall_timeout_s=40)
+    # Given a worker whose consuming loop blocks for good at its first message (a wedged Redis read), and a
+    # stall timeout (no production default: that is 60 s) just long enough for it to drop out first: its last
+    # announcement lapses within FRESH_S + TTL_S = 30 s of its loop's last beat, at most 25 s after the relay
+    # first sees jobs waiting, and the watchdog counts its 30 s from that same relay tick
+    settings = make_settings(redis_aof.url, s3, stall_timeout_s=30)
+    assert settings.stall_timeout_s >= registry.TTL_S + 2 * registry.PERIOD_S, "it would exit before it drops out"
     client = Client(settings)
     worker = WorkerProcess(settings, "stalled@tests", tmp_path / "w.log",
                            hooks=Hooks(null_model=True, stall_after_jobs=1)).start()
@@ -134,11 +139,12 @@ def test_a_stalled_worker_drops_out_and_exits_for_its_supervisor(redis_aof: Loca
 
 def test_sigterm_ends_a_worker_whose_redis_is_gone(redis_aof: LocalRedis, s3: S3Endpoint, tmp_path: Path,
                                                    started: list[WorkerProcess]) -> None:
-    # Given a worker in the middle of a batch it cannot finish: storage is away (it retries) ...
+    # Given a worker in the middle of a batch it cannot finish: storage is away (it retries) ... (its shutdown
+    # timeout short: the production default, 90 s, is a supervisor's grace period, not what this checks)
     host, port = s3.endpoint.split(":")
     proxy = TcpProxy(host, int(port)).up()
     settings = make_settings(redis_aof.url, s3, minio_endpoint=proxy.endpoint, storage_wait_s=120,
-                             shutdown_timeout_s=10)
+                             shutdown_timeout_s=3)
     client = Client(settings)
     worker = WorkerProcess(settings, "term@tests", tmp_path / "w.log", hooks=NULL).start()
     started.append(worker)

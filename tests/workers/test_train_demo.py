@@ -15,7 +15,7 @@ def test_train_demo_smoke_saves_a_plain_llava_checkpoint(tmp_path: Path) -> None
 
     from tuwen.workers.demo.train import train
 
-    out = train(tmp_path / "ck", vision_steps=2, steps=3, batch_size=4, threads=1, eval_every=100, log=lambda _: None)
+    out = train(tmp_path / "ck", vision_steps=1, steps=3, batch_size=4, threads=1, eval_every=100, log=lambda _: None)
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
