@@ -23,6 +23,7 @@ from tuwen.pipeline.errors import InvalidImage, InvalidInput, InvalidParams, Una
 from tuwen.pipeline.inputs import check_question, decode_image
 from tuwen.pipeline.jobs import JobStore, cache_prefix, connect, outage
 from tuwen.pipeline.schema import GenerationParams, JobRequest, JobResult, JobStatus, Priority
+from tuwen.pipeline.structured import schema_error
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.stores import open_images
 from tuwen.pipeline.streams import Delta, read
@@ -115,7 +116,9 @@ class Client:
             generation = GenerationParams.model_validate(raw or {})
             priority = Priority(priority)
         except (ValidationError, ValueError, TypeError) as exc:
-            raise InvalidParams(f"invalid generation parameters: {first_error(exc)}", code="invalid_params") from exc
+            code = "invalid_schema" if isinstance(exc, ValidationError) and schema_error(exc.errors()) else None
+            raise InvalidParams(f"invalid generation parameters: {first_error(exc)}",
+                                code=code or "invalid_params") from exc
         check_budget(generation, self.settings)
         fields: dict[str, Any] = {"image_key": self.image_key(image, owner), "question": text, "params": generation,
                                   "priority": priority, "owner": owner, "bulk_id": bulk_id, "stream": stream}

@@ -7,8 +7,10 @@ import uuid
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
+
+from tuwen.pipeline import structured
 
 # -- limits, defined once (the gateway, the CLI and the workers import them) -------------------------
 #: Most tokens one answer may ask for anywhere; a server's own cap is ``TUWEN_MAX_NEW_TOKENS`` (1024 unless
@@ -83,6 +85,14 @@ class GenerationParams(BaseModel):
     #: The answer ends before the first of these strings (which is not part of it).
     stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = Field((), max_length=MAX_STOP)
     truncation: Truncation = Truncation.none
+    #: OpenAI's ``response_format``: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+    #: {"name", "schema", "strict"}}`` constrain the answer to JSON (docs/structured.md); None is free text.
+    response_format: dict[str, Any] | None = Field(None, examples=[{"type": "json_object"}])
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format(cls, value: Any) -> dict[str, Any] | None:
+        return structured.checked(value)
 
 
 class TextPart(BaseModel):

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse
 
 from tuwen.pipeline.envelope import error_body
 from tuwen.pipeline.errors import TuwenError, http_status
+from tuwen.pipeline.structured import schema_error
 
 log = logging.getLogger("tuwen.gateway")
 
@@ -94,6 +95,8 @@ def validation_code(exc: RequestValidationError) -> tuple[str, str]:
     codes = {**_FIELD_CODES, "question": "empty_question" if missing else "invalid_question",
              "image": "empty_image" if missing else "invalid_image"}
     message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}" for e in errors)
+    if schema_error(errors):
+        return "invalid_schema", message
     return codes.get(field, "invalid_request"), message or "invalid request"
 
 

@@ -17,8 +17,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "n": ((1,), "tuwen answers with one choice: n must be 1"),
     "tools": (([],), NO_TOOLS), "tool_choice": (("none", "auto"), NO_TOOLS),
     "functions": (([],), NO_TOOLS), "function_call": (("none", "auto"), NO_TOOLS),
-    "response_format": (({"type": "text"},), "tuwen answers in plain text only: response_format must be "
-                                             '{"type": "text"}'),
     "logprobs": ((False,), "log probabilities are not returned"),
     "top_logprobs": ((0,), "log probabilities are not returned"),
     "logit_bias": (({},), "logit_bias is not supported"),

@@ -4,10 +4,10 @@
 fetched later), ``GenerationParams`` and the streaming options. Parameters follow vLLM's rule:
 
 * what tuwen implements is honoured (sampling, penalties, ``top_k``, ``min_p``, ``repetition_penalty``,
-  stop strings, seeds, streaming);
+  stop strings, seeds, streaming, ``response_format``);
 * a parameter whose effect a client relies on and tuwen cannot give is refused with a 400 whose
-  ``param`` names it (``unsupported_parameter``: ``n`` > 1, tools, a non-text ``response_format``,
-  logprobs, ``logit_bias``, audio out), unless it has its neutral value;
+  ``param`` names it (``unsupported_parameter``: ``n`` > 1, tools, logprobs, ``logit_bias``, audio
+  out), unless it has its neutral value;
 * anything else is ignored, and its name goes back in the ``tuwen-ignored-params`` header
   (``ChatRequest.ignored``) and, once per key and name, to the gateway's log.
 
@@ -27,6 +27,7 @@ from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
 from tuwen.pipeline.gateway.openai_params import NO_TOOLS, REFUSED, REFUSED_IN_MESSAGES, ROLES, SAMPLING, neutral
 from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role
+from tuwen.pipeline.structured import schema_error
 
 #: OpenAI's limits on ``metadata``: 16 pairs, keys up to 64 characters, values up to 512.
 MAX_METADATA = 16
@@ -70,6 +71,8 @@ class ChatParams(BaseModel):
     #: tuwen's extension: ``oldest_turns`` drops the oldest turns of a conversation too long for the
     #: model (never the system prompt, nor the last user turn and its pictures); ``none`` refuses it.
     truncation: Literal["none", "oldest_turns"] | None = None
+    #: ``{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`` (``pipeline.structured``).
+    response_format: dict[str, Any] | None = None
 
 
 class TextContent(BaseModel):
@@ -203,14 +206,15 @@ def generation(params: ChatParams) -> GenerationParams:
                            param="max_completion_tokens")
     stop = (params.stop,) if isinstance(params.stop, str) else tuple(params.stop or ())
     values = {"max_new_tokens": next(iter(given.values()), None), "stop": stop or None,
-              **{name: getattr(params, name) for name in SAMPLING}}
+              **{name: getattr(params, name) for name in SAMPLING}, "response_format": params.response_format}
     try:
         return GenerationParams.model_validate({k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else ""
         name = next(iter(given), "max_tokens") if field == "max_new_tokens" else field
-        raise openai_error("invalid_params", f"{name}: {first['msg']}", param=name or None) from None
+        code = "invalid_schema" if schema_error(exc.errors()) else "invalid_params"
+        raise openai_error(code, f"{name}: {first['msg']}", param=name or None) from None
 
 
 def parse_messages(raw: Any, ignored: list[str] | None = None) -> tuple[ChatTurn, ...]:

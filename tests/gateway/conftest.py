@@ -180,5 +180,5 @@ def run_doc_snippet(code: str, gateway: Gateway, token: str, picture: bytes, wor
     monkeypatch.chdir(workdir)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(code, "docs/openai.md", "exec"), {})  # noqa: S102 - the documentation's own code
+        exec(compile(code, "docs", "exec", dont_inherit=True), {})  # noqa: S102 - the documentation's own code
     return printed.getvalue()

@@ -44,7 +44,6 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
               "tools"),
     "tool_choice": ({"tool_choice": "required"}, "unsupported_parameter", "tool_choice"),
     "functions": ({"functions": [{"name": "f", "parameters": {}}]}, "unsupported_parameter", "functions"),
-    "response_format json": ({"response_format": {"type": "json_object"}}, "unsupported_parameter", "response_format"),
     "logprobs": ({"logprobs": True}, "unsupported_parameter", "logprobs"),
     "top_logprobs": ({"top_logprobs": 2}, "unsupported_parameter", "top_logprobs"),
     "logit_bias": ({"logit_bias": {"1": 5}}, "unsupported_parameter", "logit_bias"),

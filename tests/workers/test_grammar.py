@@ -105,3 +105,18 @@ def test_a_grammar_that_fails_mid_answer_fails_its_row_alone(rt: Runtime, pictur
     assert answers[0].error is not None and answers[0].error["code"] == "constraint_failed"
     assert "injected grammar fault" in answers[0].error["message"]
     assert answers[1].ok and answers[1].tokens == rt.answer_batch([Item(img2, q2, 16)])[0].tokens
+
+
+def test_compiles_and_cache_hits_reach_the_metrics(rt: Runtime, pictures: list[tuple[bytes, str]]) -> None:
+    from prometheus_client import generate_latest
+
+    from tuwen.workers.serve.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    metrics.watch_grammars(rt)
+    img, q = pictures[0]
+    before = rt.grammars.hits if rt.grammars else 0
+    rt.answer_batch([Item(img, q, 4, response_format=SCHEMA)] * 2)
+    text = generate_latest(metrics.registry).decode()
+    assert f"tuwen_grammar_cache_hits_total {float(rt.grammars.hits)}" in text and rt.grammars.hits >= before + 2
+    assert "tuwen_grammar_compiles_total" in text and "tuwen_grammar_compile_seconds_total" in text

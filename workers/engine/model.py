@@ -247,7 +247,8 @@ class Runtime:
         try:
             return self.grammars.factory(response_format)
         except ValueError as exc:
-            raise InvalidInput(f"the response_format's schema cannot be enforced: {exc}", code="invalid_schema") from None
+            raise InvalidInput(f"the response_format's schema cannot be enforced: {exc}",
+                               code="invalid_schema") from None
 
     def _budget(self, p: Prepared, prompt_tokens: int) -> int:
         """The row's answer budget: as asked, or what is left of the context up to the server's cap (0: no

@@ -71,6 +71,7 @@ class Answerer:
         self._fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tuwen-fetch")
         scheduler.on_step.append(lambda running, waiting: self.streams.flush())
         scheduler.on_step.append(lambda running, waiting: metrics.running_rows.set(running))
+        scheduler.on_step.append(lambda running, waiting: metrics.parked_rows.set(scheduler.parked))
 
     # -- entry point ---------------------------------------------------------------------------------
     def run(self, jobs: Sequence[JobRequest], worker: str, arrived: Callable[[], None] = lambda: None) -> None:
@@ -204,7 +205,7 @@ class Answerer:
             on_text = lambda piece: self.streams.text(job_id, piece)  # noqa: E731 - runs on the decode thread
         return Item(messages=tuple(messages), images=tuple(images), max_new_tokens=p.max_new_tokens,
                     sampling=Sampling.of(p), stop=tuple(p.stop), truncation=p.truncation.value, on_text=on_text,
-                    continue_final=run.job.continues)
+                    continue_final=run.job.continues, response_format=p.response_format)
 
     @staticmethod
     def _cacheable(job: JobRequest) -> bool:

@@ -58,6 +58,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     broker = connect(settings.broker) if transport.applies_to(settings.broker) else None
     metrics = WorkerMetrics()
     metrics.model_load.set(runtime.load_seconds or 0)
+    metrics.watch_grammars(runtime)
     if broker is not None:
         metrics.watch_queues(broker, queues)
     if settings.metrics_port:

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -29,6 +29,22 @@ class QueueDepth(Collector):
         yield family
 
 
+class GrammarStats(Collector):
+    """Constrained answers' grammar compiles, read from the runtime's compiler at scrape time."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        grammars = self.runtime.grammars
+        for name, what, attr in (("compiles", "Grammars compiled for response_format (per format and model)",
+                                  "compiles"),
+                                 ("cache_hits", "response_format grammars found compiled", "hits"),
+                                 ("compile_seconds", "Time spent compiling response_format grammars", "compile_s")):
+            value = getattr(grammars, attr) if grammars is not None else 0
+            yield CounterMetricFamily(f"tuwen_grammar_{name}", what, value=value)
+
+
 class WorkerMetrics:
     """All metrics in one private registry (so tests can build several)."""
 
@@ -38,6 +54,8 @@ class WorkerMetrics:
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.running_rows = Gauge("tuwen_running_rows", "Jobs decoding together right now (continuous batching)",
                                   registry=r)
+        self.parked_rows = Gauge("tuwen_parked_rows", "Bulk jobs out of the batch, giving way to interactive ones",
+                                 registry=r)
         self.rows_per_answer = Histogram("tuwen_model_batch_rows", "Most rows that decoded alongside a job",
                                          buckets=_BATCH_BUCKETS, registry=r)
         self.first_token = Histogram("tuwen_time_to_first_token_seconds",
@@ -62,6 +80,9 @@ class WorkerMetrics:
 
     def watch_queues(self, redis: Any, queues: Iterable[str]) -> None:
         self.registry.register(QueueDepth(redis, queues))
+
+    def watch_grammars(self, runtime: Any) -> None:
+        self.registry.register(GrammarStats(runtime))
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         """Serve ``/metrics`` on ``address:port`` (``TUWEN_METRICS_ADDRESS``; this host only by default)."""
