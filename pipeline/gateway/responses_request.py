@@ -5,10 +5,10 @@ string, or message items whose parts are ``input_text`` / ``output_text`` and ``
 still URLs), ``GenerationParams`` and the options of the response (``stream``, ``store``,
 ``previous_response_id``). The rules are the chat API's:
 
-* what tuwen implements is honoured (``max_output_tokens``, ``temperature``, ``top_p``, ``truncation``);
+* what tuwen implements is honoured (``max_output_tokens``, ``temperature``, ``top_p``, ``truncation``, text.format);
 * a parameter whose effect a client relies on and tuwen cannot give is refused with a 400
   ``unsupported_parameter`` whose ``param`` names it (tools, ``n`` > 1, ``reasoning``, ``background``,
-  a ``json_schema`` ``text.format`` …), unless it has its neutral value;
+  …), unless it has its neutral value;
 * anything else is ignored, its name listed in ``ResponsesRequest.ignored`` (the ``tuwen-ignored-params``
   header).
 """
@@ -29,6 +29,7 @@ from tuwen.pipeline.gateway.openai_request import (
     chat_turn, json_object, printable_name)
 from tuwen.pipeline.gateway.openai_params import ROLES
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role, Truncation
+from tuwen.pipeline.structured import schema_error
 
 #: OpenAI's ``truncation`` → tuwen's: ``auto`` drops the oldest turns of a conversation too long for the model.
 TRUNCATION = {"disabled": Truncation.none, "auto": Truncation.oldest_turns}
@@ -78,7 +79,10 @@ class InputMessage(BaseModel):
 
 
 class TextFormat(BaseModel):
-    type: Literal["text"]
+    """``text``, ``json_object`` or ``json_schema`` with ``name``, ``schema``, ``strict`` (docs/structured.md)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
 
 
 class TextConfig(BaseModel):
@@ -182,13 +186,14 @@ def parse_responses(body: bytes) -> ResponsesRequest:
         where = param_of(tuple(first["loc"]))
         raise openai_error("invalid_params", f"{where}: {first['msg']}" if where else str(first["msg"]),
                            param=where) from None
-    text_format(data.get("text"), ignored)
+    response_format = text_format(data.get("text"), ignored)
     turns = parse_input(data["input"], ignored)
     truncation = params.truncation or "disabled"
     return ResponsesRequest(
         model=params.model, instructions=params.instructions or None, turns=turns,
-        params=generation(params, truncation), stream=bool(params.stream), store=params.store is not False,
-        previous_response_id=params.previous_response_id, max_output_tokens=params.max_output_tokens,
+        params=generation(params, truncation, response_format), stream=bool(params.stream),
+        store=params.store is not False, previous_response_id=params.previous_response_id,
+        max_output_tokens=params.max_output_tokens,
         truncation=truncation, user=params.user or params.safety_identifier, metadata=params.metadata,
         fingerprint=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(), ignored=tuple(ignored))
 
@@ -199,34 +204,38 @@ def header_name(name: str) -> str:
     return "".join(c if c.isprintable() and c != "," else "?" for c in text)
 
 
-def text_format(text: Any, ignored: list[str]) -> None:
-    """``text.format`` must be plain text: structured answers (``json_schema``, ``json_object``) come later."""
+def text_format(text: Any, ignored: list[str]) -> dict[str, Any] | None:
+    """``text.format`` as the chat API's ``response_format`` (checked with the job's parameters): its
+    ``json_schema`` carries ``name``, ``schema``, ``strict`` beside its type, not nested under ``json_schema``."""
     if text is None:
-        return
+        return None
     if not isinstance(text, dict):
         raise openai_error("invalid_params", "text must be an object", param="text")
     ignored += [f"text.{header_name(k)}" for k in text if k != "format"]  # verbosity …
     fmt = text.get("format")
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if fmt is None or kind == "text":
-        return
-    if kind in ("json_schema", "json_object"):
-        raise openai_error("unsupported_parameter", f"text.format: tuwen answers in plain text only for now; "
-                           f'{kind} is not supported: text.format must be {{"type": "text"}}', param="text.format")
-    raise openai_error("invalid_params", 'text.format must be {"type": "text"}', param="text.format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise openai_error("invalid_params", "text.format must be an object", param="text.format")
+    if fmt.get("type") != "json_schema":
+        return fmt
+    return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
 
 
-def generation(params: ResponsesParams, truncation: str) -> GenerationParams:
+def generation(params: ResponsesParams, truncation: str, response_format: dict[str, Any] | None = None
+               ) -> GenerationParams:
     """The job's ``GenerationParams``; their limits (``schema``) name the Responses parameter when broken."""
     values = {"max_new_tokens": params.max_output_tokens, "temperature": params.temperature, "top_p": params.top_p,
-              "truncation": TRUNCATION[truncation]}
+              "truncation": TRUNCATION[truncation], "response_format": response_format}
     try:
         return GenerationParams.model_validate({k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else ""
-        name = "max_output_tokens" if field == "max_new_tokens" else field
-        raise openai_error("invalid_params", f"{name}: {first['msg']}", param=name or None) from None
+        name = {"max_new_tokens": "max_output_tokens", "response_format": "text.format"}.get(field, field)
+        code = "invalid_schema" if schema_error(exc.errors()) else "invalid_params"
+        message = str(first["msg"]).replace("response_format", "text.format")
+        raise openai_error(code, f"{name}: {message}", param=name or None) from None
 
 
 def parse_input(raw: Any, ignored: list[str]) -> tuple[ChatTurn, ...]:

@@ -20,12 +20,14 @@ from openai import AsyncOpenAI, OpenAI
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import JobStore, connect
 from tuwen.pipeline.schema import JobRequest, Role
 from tuwen.pipeline.settings import Settings
 from tests.gateway.conftest import Gateway, gateway_settings, run_doc_snippet, start_gateway
 from tests.gateway.test_batches import jsonl, png, read_lines, upload, wait_for
 from tests.gateway.test_openai import data_url, knows, sdk
+from tests.gateway.test_openai_errors import stored
 from tuwen.workers.demo.samples import Sample, load_samples
 from tuwen.workers.demo.scenes import KINDS, draw_worksheet_example
 from tuwen.workers.bench.process import WorkerProcess
@@ -238,11 +240,8 @@ def test_unknown_parameters_are_ignored_and_named_and_unsupported_ones_refused(r
                                                         extra_body={"frobnicate": True, "prompt_cache_key": "k"})
         assert raw.status_code == 200 and raw.parse().status in ("completed", "incomplete")
         assert set(raw.headers["tuwen-ignored-params"].split(", ")) == {"frobnicate", "prompt_cache_key"}
-        # A structured answer is not given yet: 400 naming text.format
-        schema = {"type": "json_schema", "name": "count", "schema": {"type": "object", "properties": {}}}
         refused = {}
-        for name, params in (("text.format", {"text": {"format": schema}}),
-                             ("tools", {"tools": [{"type": "function", "name": "f", "parameters": {}}]}),
+        for name, params in (("tools", {"tools": [{"type": "function", "name": "f", "parameters": {}}]}),
                              ("reasoning", {"reasoning": {"effort": "high"}}),
                              ("background", {"background": True})):
             with pytest.raises(openai.BadRequestError) as err:
@@ -316,3 +315,25 @@ def test_the_documented_snippet_runs_as_written(responses_gateway: Gateway, new_
     lines = printed.splitlines()
     assert knows(lines[0], sample) and knows(lines[1], sample), lines
     assert lines[-1].startswith("(") and "tokens" in lines[-1], lines
+
+
+def test_text_format_constrains_the_answer_or_is_refused_before_anything_is_stored(
+        responses_gateway: Gateway, new_key: Keys) -> None:
+    """The Responses API's ``text.format`` is the chat API's ``response_format``, its schema beside its type."""
+    sample = load_samples()[0]
+    schema = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "correct": {"type": "boolean"}},
+              "required": ["count", "correct"], "additionalProperties": False}
+    with sdk(responses_gateway, new_key()) as client:
+        answer = client.responses.create(model="tuwen", input=asks(sample), max_output_tokens=32, text={
+            "format": {"type": "json_schema", "name": "count", "schema": schema, "strict": True}})
+        assert answer.status == "completed", answer
+        value = json.loads(answer.output_text)
+        assert set(value) == {"count", "correct"} and 0 <= value["count"] <= 9 and isinstance(value["correct"], bool)
+        before = stored(Client(responses_gateway.settings))
+        bad = {"type": "json_schema", "name": "count", "schema": {"type": "object", "properties": {
+            "a": {"type": "string", "pattern": "(?<=x)a"}}}}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="tuwen", input=asks(sample), text={"format": bad})
+    assert (err.value.code, err.value.param) == ("invalid_schema", "text.format")
+    assert "Lookbehind" in str(err.value) and stored(Client(responses_gateway.settings)) == before
