@@ -16,8 +16,8 @@ from tuwen.workers.bench.workload import lengths
 from tuwen.workers.bench.fleet import noise_pictures
 from tuwen.workers.bench.roofline import Machine, roofline
 
-ROWS = ["L1", "L2", "r1", "hf1", "k1", "r16", "hf16", "k16", "r64", "hf64", "k64", "a", "b", "c", "m", "mb", "mc",
-        "d", "e", "e0", "f", "g1", "g2", "h50", "h95", "i50", "i95", "ib", "n50", "n95", "nb"]
+ROWS = ["L1", "L2", "r1", "hf1", "k1", "r16", "hf16", "k16", "s16", "r64", "hf64", "k64", "s64", "a", "b", "c", "m",
+        "mb", "mc", "d", "e", "e0", "f", "g1", "g2", "h50", "h95", "i50", "i95", "ib", "n50", "n95", "nb"]
 LINE = re.compile(r"^\| (?P<key>[\w]+) \| (?P<what>[^|]+) \| (?P<median>[\d.]+) (?P<unit>[^|]+) \| "
                   r"(?P<low>[\d.]+)–(?P<high>[\d.]+) \| (?P<ok>\d+)/(?P<total>\d+) \| (?P<note>.*) \|$")
 
@@ -79,4 +79,5 @@ def test_bench_quick_prints_every_row_from_three_repeats_with_all_jobs_succeeded
     # What limits decode: skinny GEMM at 1/16/64 rows and a profile of one step
     assert "| weight (out × in) | 1 row | 16 rows | 64 rows |" in text
     assert "One decode step at batch 16 (torch.profiler" in text and "| GEMM (linear) |" in text
-    assert len(re.findall(r"^- .*: (met|missed)", text, re.M)) == 8
+    assert re.search(r"\*\*[\d.]+× free rows \(r16\)\*\*; masks of all 16 rows [\d.]+ ms", rows["s16"]["note"])
+    assert len(re.findall(r"^- .*: (met|missed)", text, re.M)) == 9

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,12 +155,21 @@ def _items(batch: int) -> list[Item]:
     return [Item(None, QUESTIONS[i % len(QUESTIONS)]) for i in range(batch)]
 
 
-def engine_decode(rt: Runtime, batch: int, steps: int) -> tuple[float, bool, float]:
+#: The constrained decode rows' schema: six string fields that cannot close within the timed steps.
+SIX_FIELDS = {"type": "json_schema", "json_schema": {"name": "six", "schema": {
+    "type": "object", "properties": {f"f{i}": {"type": "string", "minLength": 40} for i in range(6)},
+    "required": [f"f{i}" for i in range(6)], "additionalProperties": False}}}
+
+
+def engine_decode(rt: Runtime, batch: int, steps: int,
+                  response_format: dict[str, Any] | None = None) -> tuple[float, bool, float]:
     """tuwen's engine: prefill ``batch`` rows (not timed), then time ``steps`` decode steps. Returns
-    (tokens/s, every row produced its forced tokens, padding share of the attention columns)."""
+    (tokens/s, every row produced its forced tokens, padding share of the attention columns; or, with a
+    ``response_format`` constraining every row, the median seconds of one step's masks for all rows)."""
     group = rt.prepare(_items(batch))
     for row in group.rows:
         row.min_new_tokens = row.max_new_tokens = steps + 2
+        row.grammar = rt.grammar(response_format)
     engine = rt.engine()
     engine.add(group.rows, group.enc)
     mask = engine._mask
@@ -168,10 +178,27 @@ def engine_decode(rt: Runtime, batch: int, steps: int) -> tuple[float, bool, flo
     for _ in range(steps):
         engine.step()
     seconds = time.perf_counter() - t0
+    if response_format is not None:
+        padding = _mask_seconds(engine)
     running = engine.size
     done = engine.step()
-    ok = running == batch and len(done) == batch and all(len(f.tokens) == steps + 2 for f in done)
+    ok = running == batch and len(done) == batch and all(len(f.tokens) == steps + 2 and f.error is None
+                                                        for f in done)
     return batch * steps / seconds, ok, padding
+
+
+def _mask_seconds(engine: Any) -> float:
+    """One step's grammar masks for every running row (fill and apply), median of 5, on fresh logits."""
+    import torch
+
+    logits = torch.randn(engine.size, engine.model.get_output_embeddings().weight.shape[0])
+    times = []
+    for _ in range(5):
+        rows = {i: live.constraint for i, live in enumerate(engine.rows)}
+        t0 = time.perf_counter()
+        next(iter(rows.values())).mask_batch(logits, rows)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 class _Clock:

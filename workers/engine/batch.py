@@ -320,8 +320,10 @@ class Engine:
             logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.eos))[None, :]] = float("-inf")
         for i in penalized:
             _penalize(logits[i], rows[i])
-        for i in constrained:  # after the penalties: the grammar has the last word
-            _guarded(rows[i], rows[i].constraint.mask, logits[i])
+        live = {i: rows[i].constraint for i in constrained if rows[i].error is None}
+        if live:  # after the penalties: the grammar has the last word
+            for i, exc in next(iter(live.values())).mask_batch(logits, live).items():
+                rows[i].error = f"{type(exc).__name__}: {exc}"
         picked = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             if row.generator is not None:

@@ -233,10 +233,10 @@ class Runtime:
         self.prompts.check(prompt, len(p.images))
         row = Row(key=p.index, prompt=prompt.text, images=p.images, max_new_tokens=p.max_new_tokens or 1,
                   sampling=p.item.sampling or Sampling(), stop=p.item.stop, on_text=p.item.on_text,
-                  grammar=self._grammar(p.item.response_format))
+                  grammar=self.grammar(p.item.response_format))
         return row, prompt
 
-    def _grammar(self, response_format: dict[str, Any] | None) -> Any:
+    def grammar(self, response_format: dict[str, Any] | None) -> Any:
         """The row's grammar (``engine.grammar``), compiled once per format and model; None for free text."""
         if response_format is None or response_format.get("type", "text") == "text":
             return None
