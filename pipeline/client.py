@@ -109,22 +109,31 @@ class Client:
         ``max_new_tokens``, if given, overrides theirs. Nothing is stored unless everything else is valid.
         """
         text = check_question(question, max_chars=self.settings.max_conversation_chars)
+        raw: Any = params.model_dump(exclude_unset=True) if isinstance(params, GenerationParams) else params
+        if max_new_tokens is not None:
+            raw = {**(raw or {}), "max_new_tokens": max_new_tokens}
+        generation = self.check_params(raw)
         try:
-            raw: Any = params.model_dump(exclude_unset=True) if isinstance(params, GenerationParams) else params
-            if max_new_tokens is not None:
-                raw = {**(raw or {}), "max_new_tokens": max_new_tokens}
-            generation = GenerationParams.model_validate(raw or {})
             priority = Priority(priority)
-        except (ValidationError, ValueError, TypeError) as exc:
-            code = "invalid_schema" if isinstance(exc, ValidationError) and schema_error(exc.errors()) else None
-            raise InvalidParams(f"invalid generation parameters: {first_error(exc)}",
-                                code=code or "invalid_params") from exc
+        except ValueError as exc:
+            raise InvalidParams(f"invalid priority: {exc}", code="invalid_params") from exc
         check_budget(generation, self.settings)
         fields: dict[str, Any] = {"image_key": self.image_key(image, owner), "question": text, "params": generation,
                                   "priority": priority, "owner": owner, "bulk_id": bulk_id, "stream": stream}
         if job_id:
             fields["id"] = job_id
         return JobRequest(**fields)
+
+    @staticmethod
+    def check_params(raw: Any) -> GenerationParams:
+        """Generation parameters, validated: ``invalid_params``, or ``invalid_schema`` for a response_format
+        whose schema cannot be enforced."""
+        try:
+            return GenerationParams.model_validate(raw or {})
+        except (ValidationError, ValueError, TypeError) as exc:
+            code = "invalid_schema" if isinstance(exc, ValidationError) and schema_error(exc.errors()) else None
+            raise InvalidParams(f"invalid generation parameters: {first_error(exc)}",
+                                code=code or "invalid_params") from exc
 
     def image_key(self, image: ImageInput | StoredImage, owner: str = "default") -> str:
         """The key a job names ``image`` by: a ``StoredImage``'s, if ``owner`` may name it (else

@@ -164,13 +164,21 @@ def submit(
     new: Annotated[bool, typer.Option("--new", help="a new bulk even if this input was submitted before")] = False,
     window_hours: Annotated[float, typer.Option(help="completion window; unfinished lines then expire")] = 24.0,
     as_json: Annotated[bool, typer.Option("--json", help="print the bulk as JSON")] = False,
+    schema: Annotated[Path | None, typer.Option(
+        help="a JSON Schema file: every answer is a JSON object valid against it (a line's params may override)")
+    ] = None,
 ) -> None:
     """Submit a file of questions as one bulk (on the bulk queue); the same command again resumes it."""
-    from tuwen.pipeline.bulk.manifest import open_source
+    from tuwen.pipeline.bulk.manifest import WithParams, open_source, schema_params
+    from tuwen.pipeline.client import Client
 
     store = _store()
     with _errors():
         source = open_source(file, images_dir=images_dir, question=question)
+        if schema is not None:
+            defaults = schema_params(schema)
+            Client.check_params(defaults)  # a schema that cannot be enforced refuses the whole file, up front
+            source = WithParams(source, defaults)
     queued: str | None = None  # the bulk id once every line is enqueued
     try:
         with BulkBar(0, "validating") as bar:

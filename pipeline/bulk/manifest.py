@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,36 @@ class RecordSource(Source):
 
     def records(self) -> Iterator[Record]:
         yield from self._make()
+
+
+class WithParams(Source):
+    """Another source's lines with default generation params (``tuwen bulk submit --schema``): a line's own
+    params override them key by key; the defaults are part of the digest (another schema, another bulk)."""
+
+    def __init__(self, inner: Source, defaults: dict[str, Any]) -> None:
+        self.inner, self.defaults = inner, defaults
+        self.name, self.base = inner.name, inner.base
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps([self.inner.digest(), self.defaults], sort_keys=True,
+                                         ensure_ascii=False).encode()).hexdigest()
+
+    def records(self) -> Iterator[Record]:
+        for rec in self.inner.records():
+            own = rec.params if isinstance(rec.params, dict) else {} if rec.params is None else None
+            yield rec if own is None else replace(rec, params={**self.defaults, **own})  # text: fails as it is
+
+
+def schema_params(path: Path) -> dict[str, Any]:
+    """The params of ``--schema FILE``: a JSON Schema file, as the answer's ``json_schema`` response_format."""
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInput(f"no such file: {path}", code="file_not_found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"{path} is not a JSON file: {exc}", code="invalid_schema") from None
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:64] or "schema"
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}}
 
 
 def open_source(path: Path, *, images_dir: Path | None = None, question: str | None = None) -> Source:
