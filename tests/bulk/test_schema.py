@@ -50,5 +50,5 @@ def test_a_schema_that_cannot_be_enforced_refuses_the_file(pipeline_settings: Se
     schema = tmp_path / "bad.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)"}}}))
     out = tuwen_here("bulk", "submit", str(manifest), "--schema", str(schema), env=pipeline_settings.to_env())
-    assert out.returncode != 0 and "invalid_schema" in out.stderr and "Lookbehind" in out.stderr, out.stderr
+    assert out.returncode == 2 and "invalid_schema" in out.stderr and "Lookbehind" in out.stderr, out.stderr
     assert not [b for b in store.recent(50) if b.input == str(manifest)], "no bulk was made"
