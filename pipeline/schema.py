@@ -24,6 +24,7 @@ JOB_ID_MAX = 64
 MAX_URL_CHARS = 2048
 #: Most stop strings per job, and the longest one.
 MAX_STOP = 4
+MAX_LOGIT_BIAS = 300  #: OpenAI's limit on logit_bias entries
 MAX_STOP_CHARS = 64
 #: Most turns in one conversation.
 MAX_MESSAGES = 64
@@ -80,6 +81,10 @@ class GenerationParams(BaseModel):
     #: generated, minus ``presence_penalty`` once if it was (0: off).
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    #: OpenAI's ``logit_bias``: token id -> a bias from -100 to 100 added to its logit at every step, before
+    #: the penalties and any ``response_format`` (at most 300 tokens; ids past the model's vocabulary fail).
+    logit_bias: dict[Annotated[int, Field(ge=0, lt=2**31)], Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS)
     #: With sampling, the same seed gives the same answer whatever batch the job lands in.
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     #: The answer ends before the first of these strings (which is not part of it).

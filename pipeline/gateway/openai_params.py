@@ -19,7 +19,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "functions": (([],), NO_TOOLS), "function_call": (("none", "auto"), NO_TOOLS),
     "logprobs": ((False,), "log probabilities are not returned"),
     "top_logprobs": ((0,), "log probabilities are not returned"),
-    "logit_bias": (({},), "logit_bias is not supported"),
     "modalities": ((["text"],), "tuwen answers in text only"),
     "audio": ((), "tuwen answers in text only"),
     "web_search_options": ((), "tuwen does not search the web"),
@@ -36,4 +35,4 @@ def neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
 
 #: ``ChatParams`` that go to ``GenerationParams`` under the same name.
 SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
-            "presence_penalty", "truncation")
+            "presence_penalty", "truncation", "logit_bias")

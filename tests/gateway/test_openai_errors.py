@@ -46,7 +46,7 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
     "functions": ({"functions": [{"name": "f", "parameters": {}}]}, "unsupported_parameter", "functions"),
     "logprobs": ({"logprobs": True}, "unsupported_parameter", "logprobs"),
     "top_logprobs": ({"top_logprobs": 2}, "unsupported_parameter", "top_logprobs"),
-    "logit_bias": ({"logit_bias": {"1": 5}}, "unsupported_parameter", "logit_bias"),
+    "logit_bias out of range": ({"logit_bias": {"1": 500}}, "invalid_params", "logit_bias"),
     "frequency_penalty out of range": ({"frequency_penalty": 2.5}, "invalid_params", "frequency_penalty"),
     "top_k below -1": ({"extra_body": {"top_k": -2}}, "invalid_params", "top_k"),
     "max_tokens above the server's cap": ({"max_tokens": 49}, "invalid_params", None),

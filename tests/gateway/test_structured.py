@@ -1,6 +1,6 @@
-"""response_format through the real gateway, worker, Redis and S3 (issue 24): the SDK's ``parse`` gets a
-parsed object, checked again with ``jsonschema``; a schema that cannot be enforced is a 400
-``invalid_schema`` at the gateway and in the client, and nothing is stored."""
+"""Answers programs can read, through the real gateway, worker, Redis and S3 (issue 24): the SDK's ``parse``
+gets a parsed object, checked again with ``jsonschema``; a schema that cannot be enforced is a 400
+``invalid_schema`` at the gateway and in the client, and nothing is stored; ``logit_bias`` moves the answer."""
 
 from __future__ import annotations
 
@@ -106,3 +106,29 @@ def test_the_documented_worksheet_grading_runs_as_written(chat_gateway: Gateway,
     reason, parsed = printed.strip().split(" ", 1)
     assert reason == "stop", printed
     Worksheet.model_validate_json(parsed)
+
+
+def test_logit_bias_through_the_sdk(chat_gateway: Gateway, new_key: Keys) -> None:
+    import openai
+
+    sample = load_samples()[2]
+    with sdk(chat_gateway, new_key()) as client:
+        plain = client.chat.completions.create(model="tuwen", messages=[ask(sample)], max_tokens=8)
+        text = plain.choices[0].message.content or ""
+        banned = client.chat.completions.create(model="tuwen", messages=[ask(sample)], max_tokens=8,
+                                                logit_bias={str(t): -100 for t in tokens_of(text)})
+        assert (banned.choices[0].message.content or "") != text, "banning the answer's tokens changes it"
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tuwen", messages=[ask(sample)], max_tokens=8,
+                                           logit_bias={"9999999": 5})
+    assert err.value.code == "invalid_params" and "vocabulary" in str(err.value)
+
+
+def tokens_of(text: str) -> list[int]:
+    """The demo tokenizer's ids for ``text`` (the bundled demo model's processor)."""
+    from transformers import AutoProcessor
+
+    from tuwen.workers.demo import bundled_demo_model
+
+    return list(set(AutoProcessor.from_pretrained(bundled_demo_model()).tokenizer.encode(text,
+                                                                                      add_special_tokens=False)))

@@ -157,3 +157,21 @@ def test_seeded_sampling_is_the_same_alone_and_in_any_batch() -> None:
     other_seed = engine_for(rt).run([Row(key=0, prompt=target.prompt, images=target.images, max_new_tokens=24,
                                          sampling=Sampling(temperature=1.5, top_p=0.95, seed=99))])[0]
     assert alone.tokens != greedy.tokens or other_seed.tokens != alone.tokens, "sampling must change something"
+
+
+def test_logit_bias_moves_its_row_alone() -> None:
+    """OpenAI's ``logit_bias`` per row: -100 bans the greedy first token, +100 forces a token; the free row in
+    the same batch answers as alone."""
+    rt = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=8))
+    rt.load()
+    its = items(8)
+    free, plain = engine_for(rt).run(rows_for(rt, its[:2]))
+    first, forced = plain.tokens[0], 42 if plain.tokens[0] != 42 else 43
+    rows = rows_for(rt, its[:2])
+    banned = Row(key="ban", prompt=rows[1].prompt, images=rows[1].images, max_new_tokens=8,
+                 sampling=Sampling(logit_bias=((first, -100.0),)))
+    pushed = Row(key="push", prompt=rows[1].prompt, images=rows[1].images, max_new_tokens=8,
+                 sampling=Sampling(logit_bias=((forced, 100.0),)))
+    got = {f.row.key: f.tokens for f in engine_for(rt).run([rows[0], banned, pushed])}
+    assert got[0] == free.tokens, "the free row is untouched"
+    assert got["ban"][0] != first and got["push"][0] == forced

@@ -55,11 +55,15 @@ class Sampling:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    #: (token id, bias) pairs added to the row's logits at every step (OpenAI's ``logit_bias``).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def of(cls, params: Any) -> Sampling:
         """A job's sampling, every knob of its ``GenerationParams`` as it is."""
-        return cls(**{name: getattr(params, name) for name in cls.__dataclass_fields__})
+        knobs = {name: getattr(params, name) for name in cls.__dataclass_fields__}
+        knobs["logit_bias"] = tuple(sorted((knobs["logit_bias"] or {}).items()))
+        return cls(**knobs)
 
     @property
     def greedy(self) -> bool:
@@ -67,7 +71,8 @@ class Sampling:
 
     @property
     def penalized(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or bool(self.logit_bias))
 
 
 @dataclass(eq=False)
@@ -407,9 +412,13 @@ def _guarded(row: _Live, step: Callable[[Any], None], arg: Any) -> None:
 
 
 def _penalize(logits: torch.Tensor, row: _Live) -> None:
-    """A row's penalties, in place on its logits: repetition (Hugging Face's, over the prompt and the answer),
-    then OpenAI's frequency and presence penalties over the answer."""
+    """A row's biases and penalties, in place on its logits: OpenAI's ``logit_bias``, repetition (Hugging
+    Face's, over the prompt and the answer), then OpenAI's frequency and presence penalties over the answer."""
     s = row.row.sampling
+    if s.logit_bias:
+        ids, biases = zip(*s.logit_bias)
+        logits[torch.tensor(ids, device=logits.device)] += torch.tensor(biases, dtype=logits.dtype,
+                                                                        device=logits.device)
     if s.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.tokens)), dtype=torch.long, device=logits.device)
         picked = logits[seen]

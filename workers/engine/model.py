@@ -229,6 +229,11 @@ class Runtime:
         return Engine(model, self.processor, set(eos if isinstance(eos, list) else [eos]), tok.pad_token_id)
 
     def _row(self, p: Prepared) -> tuple[Any, Prompt]:
+        biased = [token for token, _ in (p.item.sampling.logit_bias if p.item.sampling else ())]
+        vocabulary = self.model.get_output_embeddings().weight.shape[0]
+        if biased and max(biased) >= vocabulary:
+            raise InvalidInput(f"logit_bias names token {max(biased)}; this model's vocabulary has {vocabulary} "
+                               "tokens", code="invalid_params")
         prompt = self.prompts.render(p.messages, continue_final=p.item.continue_final)
         self.prompts.check(prompt, len(p.images))
         row = Row(key=p.index, prompt=prompt.text, images=p.images, max_new_tokens=p.max_new_tokens or 1,
