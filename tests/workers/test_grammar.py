@@ -11,9 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from tests.workers.test_scheduler import SAMPLES
-from tuwen.pipeline.settings import Settings
-from tuwen.workers.demo import bundled_demo_model
+from tests.workers.test_scheduler import rt, samples  # noqa: F401 - fixtures: the demo runtime, its samples
 from tuwen.workers.engine.model import Item, Runtime
 
 #: Every field closes in a few tokens (enums, a boolean, a small integer), so even an untrained model ends.
@@ -26,16 +24,8 @@ OBJECT = {"type": "json_object"}
 
 
 @pytest.fixture(scope="module")
-def rt() -> Runtime:
-    runtime = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=48))
-    runtime.load()
-    return runtime
-
-
-@pytest.fixture(scope="module")
-def pictures() -> list[tuple[bytes, str]]:
-    entries = json.loads((SAMPLES / "samples.json").read_text("utf-8"))
-    return [((SAMPLES / e["file"]).read_bytes(), e["question"]) for e in entries]
+def pictures(samples: list[tuple[bytes, str, str]]) -> list[tuple[bytes, str]]:
+    return [(picture, question) for picture, question, _ in samples]
 
 
 def test_constrained_and_free_rows_share_a_batch(rt: Runtime, pictures: list[tuple[bytes, str]]) -> None:
