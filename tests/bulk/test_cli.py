@@ -29,6 +29,13 @@ def tuwen(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return tuwen_here(*args, env=settings.to_env())
 
 
+def at_a_terminal() -> None:
+    """Ctrl-C as at a terminal: a test run started in the background (bash ignores SIGINT in asynchronous
+    commands, and children inherit that) would otherwise start the command with SIGINT ignored, and Python
+    then installs no KeyboardInterrupt at all (seen: the waiting command sat out SIGINT for 20 s)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def bulk_of(store: BulkStore, manifest: Path) -> str:
     (bulk,) = [b for b in store.recent(50) if b.input == str(manifest)]
     return bulk.id
@@ -92,7 +99,8 @@ def test_one_ctrl_c_while_waiting_stops_and_names_the_bulk(idle_settings: Settin
                                                    for p, q in pics])
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **idle_settings.to_env()}
     proc = subprocess.Popen([sys.executable, "-m", "tuwen.pipeline.cli", "bulk", "submit", str(manifest)], env=env,
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=at_a_terminal)
     try:
         deadline, bulk_id = time.monotonic() + 90, None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -124,7 +132,8 @@ def test_one_ctrl_c_while_eval_waits_stops_it(idle_settings: Settings, idle_stor
     tsv = write_tsv(tmp_path / "demo.tsv", per_kind=1)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **idle_settings.to_env()}
     proc = subprocess.Popen([sys.executable, "-m", "tuwen.pipeline.cli", "eval", str(tsv), "--prompt", "plain"],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=at_a_terminal)
     try:
         # Given an evaluation waiting for answers (no worker reads these queues)
         assert proc.stderr is not None
