@@ -188,6 +188,11 @@ class Runtime:
         return min(family_max_images(self.model.config), self.settings.max_images_per_job)
 
     @cached_property
+    def vocab_size(self) -> int:
+        """Rows of the model's output head: the token ids its logits cover."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @cached_property
     def context_length(self) -> int:
         """The language model's context, in tokens."""
         config = self.model.config
@@ -230,9 +235,8 @@ class Runtime:
 
     def _row(self, p: Prepared) -> tuple[Any, Prompt]:
         biased = [token for token, _ in (p.item.sampling.logit_bias if p.item.sampling else ())]
-        vocabulary = self.model.get_output_embeddings().weight.shape[0]
-        if biased and max(biased) >= vocabulary:
-            raise InvalidInput(f"logit_bias names token {max(biased)}; this model's vocabulary has {vocabulary} "
+        if biased and max(biased) >= self.vocab_size:
+            raise InvalidInput(f"logit_bias names token {max(biased)}; this model's vocabulary has {self.vocab_size} "
                                "tokens", code="invalid_params")
         prompt = self.prompts.render(p.messages, continue_final=p.item.continue_final)
         self.prompts.check(prompt, len(p.images))
@@ -248,7 +252,7 @@ class Runtime:
         if self.grammars is None:
             from tuwen.workers.engine.grammar import Grammars
 
-            self.grammars = Grammars(self.processor.tokenizer, self.model.get_output_embeddings().weight.shape[0])
+            self.grammars = Grammars(self.processor.tokenizer, self.vocab_size)
         try:
             return self.grammars.factory(response_format)
         except ValueError as exc:
