@@ -205,6 +205,8 @@ class Client:
             queue.enqueue(self.celery, self.settings, request, countdown=countdown)
         except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
             raise outage("the job queue is not reachable", exc) from exc
+        if queue.reads_wake_lists(self.settings.broker):
+            self.jobs.wake(queue.queue_for(self.settings, request.priority))
 
     def get(self, job_id: str, owner: str | None = None) -> JobResult:
         """The job's state now (``unknown`` if there is no such job). Never blocks."""

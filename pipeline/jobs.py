@@ -216,6 +216,15 @@ class JobStore:
             pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
             self._replicated(pipe.execute()[-1], f"job {job_id}")
 
+    def wake(self, queue: str) -> None:
+        """Push a wake token for an idle worker of ``queue`` (``keys.WAKE``). A token that cannot be pushed
+        costs that worker at most a second (its wait's timeout), so failing here fails nothing."""
+        try:
+            self.redis.pipeline(transaction=False).lpush(keys.WAKE + queue, 1).ltrim(
+                keys.WAKE + queue, 0, keys.WAKE_CAP - 1).execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.debug("no wake token for %s: %s", queue, exc)
+
     def _replicated(self, acked: Any, what: str) -> None:
         """A ``WAIT``'s reply: fewer replicas than asked within the timeout is logged and counted, not refused
         (the write is on the primary; refusing it would fail the client without undoing it)."""
