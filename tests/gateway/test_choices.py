@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def test_n_with_a_seed_gives_the_same_answers_twice(chat_gateway: Gateway, new_key: Keys) -> None:
-    sample = load_samples()[3]
-    asked: dict[str, Any] = dict(model="tuwen", messages=[ask(sample)], max_tokens=24, n=3, seed=1234, temperature=1.3,
+    sample = load_samples()[9]  # the demo model is sure of most samples' answers even at temperature 2: not this one
+    asked: dict[str, Any] = dict(model="tuwen", messages=[ask(sample)], max_tokens=24, n=3, seed=1234, temperature=2.0,
                                  logprobs=True)
     answers = []
     for token in (new_key(), new_key()):  # two owners: no answer comes from the other's cache
@@ -88,7 +88,7 @@ def test_a_streamed_n_reassembles_per_index_to_the_whole_answers(chat_gateway: G
         for chunk in client.chat.completions.create(**asked, stream=True):
             for c in chunk.choices:
                 texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
-                tokens.setdefault(c.index, []).extend(e.token for e in (c.logprobs.content or []) if c.logprobs)
+                tokens.setdefault(c.index, []).extend(e.token for e in (c.logprobs.content or [] if c.logprobs else []))
                 if c.finish_reason is not None:
                     finish[c.index] = c.finish_reason
     assert sorted(texts) == [0, 1]
