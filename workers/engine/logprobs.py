@@ -33,12 +33,14 @@ def measure(logits: torch.Tensor, temperatures: Sequence[float], picked: Sequenc
             tops: Sequence[int]) -> list[Step]:
     """The steps of the rows whose processed logits are ``logits`` (one line each): their picked tokens'
     log probabilities and their ``tops[i]`` likeliest alternatives (forbidden tokens left out)."""
-    scale = torch.tensor(temperatures, dtype=logits.dtype, device=logits.device)[:, None]
-    logp = torch.log_softmax(logits / scale, dim=-1)
-    chosen = logp.gather(1, torch.tensor(picked, device=logits.device)[:, None])[:, 0].tolist()
+    if any(t != 1.0 for t in temperatures):
+        logits = logits / torch.tensor(temperatures, dtype=logits.dtype, device=logits.device)[:, None]
+    # log p = logit - logsumexp: the numbers asked for, without a log-softmax of the whole vocabulary
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    chosen = (logits.gather(1, torch.tensor(picked, device=logits.device)[:, None]) - norm)[:, 0].tolist()
     k = max(tops)
-    values, ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-    values_l, ids_l = values.tolist(), ids.tolist()
+    values, ids = logits.topk(k, dim=-1) if k else (logits[:, :0], logits[:, :0].long())
+    values_l, ids_l = (values - norm).tolist(), ids.tolist()
     steps = []
     for i, token in enumerate(picked):
         top = tuple((t, v) for t, v in zip(ids_l[i][:tops[i]], values_l[i][:tops[i]]) if v != float("-inf"))
