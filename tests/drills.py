@@ -229,6 +229,18 @@ class Producer(threading.Thread):
         self._done = threading.Event()
         self._lock = threading.Lock()
 
+    @classmethod
+    def mid_run(cls, client: Client, worker: Lives) -> Producer:
+        """A producer started and running: 10 of its jobs answered, one running on ``worker``'s own process,
+        and an id handed out within the last quarter second (the moment a drill strikes)."""
+        producer = cls(client)
+        producer.start()
+        wait_until(lambda: sum(r.status == JobStatus.succeeded for r in client.jobs.get_many(producer.ids())
+                               .values()) >= 10 and worker.own_running(client, producer.ids())
+                   and time.monotonic() - producer.handed_out_at[-1] < 0.25, 120,
+                   "10 jobs answered, one running, and an id just handed out")
+        return producer
+
     def ids(self) -> list[str]:
         with self._lock:
             return list(self.jobs)

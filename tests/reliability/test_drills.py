@@ -31,7 +31,7 @@ from tests.drills import (Lives, Producer, assert_kills_landed, check, execution
                           outcome, submit_samples, wait_until)
 from tests.faults import ComposeRedis, ResultWrites, TcpProxy, report
 from tests.s3servers import S3Endpoint
-from tuwen.workers.demo.samples import Sample, load_samples
+from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.demo.scenes import has_facts
 from tuwen.workers.serve.hooks import Hooks, injected_oom
 from tuwen.workers.bench.process import WorkerProcess
@@ -90,12 +90,7 @@ def test_redis_sigkilled_mid_run_with_the_compose_persistence(s3: S3Endpoint, tm
         lives.append(worker)
         pid = worker.start().proc.pid  # type: ignore[union-attr]
         # ... a producer submitting without pause, and the worker answering
-        producer = Producer(client)
-        producer.start()
-        wait_until(lambda: sum(r.status == JobStatus.succeeded for r in client.jobs.get_many(producer.ids())
-                               .values()) >= 10 and worker.own_running(client, producer.ids())
-                   and time.monotonic() - producer.handed_out_at[-1] < 0.25, 120,
-                   "10 jobs answered, one running, and an id just handed out")
+        producer = Producer.mid_run(client, worker)
         # When Redis is killed with SIGKILL mid-run and its supervisor starts it again on the same data
         server.crash()
         crashed = time.monotonic()

@@ -78,12 +78,7 @@ def test_primary_sigkilled_mid_run_fails_over_and_nothing_is_lost(s3: S3Endpoint
         lives.append(worker)
         pid = worker.start().proc.pid  # type: ignore[union-attr]
         # ... a producer submitting without pause, and the worker answering
-        producer = Producer(client)
-        producer.start()
-        wait_until(lambda: sum(r.status == JobStatus.succeeded for r in client.jobs.get_many(producer.ids())
-                               .values()) >= 10 and worker.own_running(client, producer.ids())
-                   and time.monotonic() - producer.handed_out_at[-1] < 0.25, 120,
-                   "10 jobs answered, one running, and an id just handed out")
+        producer = Producer.mid_run(client, worker)
         # When the primary is killed with SIGKILL while the worker runs a job it claimed
         old = deployment.kill_primary()
         crashed = time.monotonic()
