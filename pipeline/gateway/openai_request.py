@@ -4,10 +4,9 @@
 fetched later), ``GenerationParams`` and the streaming options. Parameters follow vLLM's rule:
 
 * what tuwen implements is honoured (sampling, penalties, ``top_k``, ``min_p``, ``repetition_penalty``,
-  stop strings, seeds, streaming, ``response_format``, ``logit_bias``);
+  stop strings, seeds, streaming, ``response_format``, ``logit_bias``, ``n``, ``logprobs``, ``top_logprobs``);
 * a parameter whose effect a client relies on and tuwen cannot give is refused with a 400 whose
-  ``param`` names it (``unsupported_parameter``: ``n`` > 1, tools, logprobs, audio out), unless it has
-  its neutral value;
+  ``param`` names it (``unsupported_parameter``: tools, audio out), unless it has its neutral value;
 * anything else is ignored, and its name goes back in the ``tuwen-ignored-params`` header
   (``ChatRequest.ignored``) and, once per key and name, to the gateway's log.
 
@@ -75,6 +74,10 @@ class ChatParams(BaseModel):
     response_format: dict[str, Any] | None = None
     #: Token id (as a string) -> bias from -100 to 100.
     logit_bias: dict[str, float] | None = None
+    #: Choices, up to ``schema.MAX_CHOICES``; each token's log probability, and up to 20 alternatives.
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class TextContent(BaseModel):

@@ -158,8 +158,8 @@ class Answerer:
                     self.streams.end(run.job.id, answer.finish_reason or "error")
                 results.append(self._result(run, answer, worker, started, fetch_ms))
                 if answer.ok and self._cacheable(run.job):
-                    fresh.append((run.job, {k: getattr(results[-1], k) for k in
-                                            ("answer", "prompt_tokens", "generated_tokens", "finish_reason")}))
+                    fresh.append((run.job, results[-1].model_dump(mode="json", exclude_none=True, include={
+                        "answer", "prompt_tokens", "generated_tokens", "finish_reason", "choices"})))
             self.streams.flush()
             self._write(results, written)
         ticket.wait()
@@ -202,7 +202,8 @@ class Answerer:
         on_text = None
         if run.job.stream:
             job_id = run.job.id
-            on_text = lambda piece: self.streams.text(job_id, piece)  # noqa: E731 - runs on the decode thread
+            on_text = lambda piece, choice=0, logprobs=None: self.streams.text(  # noqa: E731 - on the decode thread
+                job_id, piece, choice, logprobs)
         return Item(messages=tuple(messages), images=tuple(images), max_new_tokens=p.max_new_tokens,
                     sampling=Sampling.of(p), stop=tuple(p.stop), truncation=p.truncation.value, on_text=on_text,
                     continue_final=run.job.continues, response_format=p.response_format)
@@ -221,7 +222,7 @@ class Answerer:
         self.metrics.observe_answer(answer)
         return self._succeeded(run, worker, started, {
             "answer": answer.answer, "prompt_tokens": answer.prompt_tokens, "generated_tokens": answer.generated_tokens,
-            "finish_reason": answer.finish_reason, "batch_size": answer.batch_size,
+            "finish_reason": answer.finish_reason, "batch_size": answer.batch_size, "choices": answer.choices,
             "timings": {"fetch_ms": round(fetch_ms, 1), **answer.timings}})
 
     def _succeeded(self, run: Run, worker: str, started: float, fields: dict[str, Any]) -> JobResult:
