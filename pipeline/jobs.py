@@ -28,6 +28,20 @@ log = logging.getLogger(__name__)
 PREFIX = keys.JOB
 TERMINAL = ("succeeded", "failed", "cancelled")
 
+# KEYS[1]=job, then its pictures' reference sets; ARGV: ttl, job id, then the record's field/value pairs.
+# Writes a record only where there is none (a retry queueing a job again under its reserved id keeps
+# the first one, whatever became of it). Returns 1 if written, 0 if a record was there.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+for i = 2, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[2])
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+end
+return 1
+"""
+
 # KEYS[1]=job; ARGV: now, worker, max_attempts, ttl. Returns {state, attempts}.
 _CLAIM = """
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -179,6 +193,7 @@ class JobStore:
         self.ttl_s = ttl_s
         #: Replicas that must hold a job's record and its result before anyone is told (``WAIT``; 0: off).
         self.replicas, self.replicas_timeout_ms = replicas, replicas_timeout_ms
+        self._create = client.register_script(_CREATE)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
@@ -186,35 +201,42 @@ class JobStore:
         self._delete = client.register_script(_DELETE)
 
     # -- producer side -------------------------------------------------------------------------------
-    def create(self, request: JobRequest) -> None:
+    def create(self, request: JobRequest) -> bool:
+        """Record a new job (False, and nothing changed, if a record with its id is there already)."""
         images = list(dict.fromkeys(request.image_keys))
+        fields = {
+            "status": JobStatus.queued.value,
+            "request": request.model_dump_json(),
+            "owner": request.owner,
+            "image_key": request.image_key or "",
+            "image_keys": "\n".join(images),
+            "created_at": repr(request.created_at),
+            "attempts": 0,
+        }
         with redis_errors():
-            pipe = self.redis.pipeline()
-            pipe.hset(_key(request.id), mapping={
-                "status": JobStatus.queued.value,
-                "request": request.model_dump_json(),
-                "owner": request.owner,
-                "image_key": request.image_key or "",
-                "image_keys": "\n".join(images),
-                "created_at": repr(request.created_at),
-                "attempts": 0,
-            })
-            pipe.expire(_key(request.id), self.ttl_s)
-            for image in images:
-                pipe.sadd(IMAGE_REFS + image, request.id)
-                pipe.expire(IMAGE_REFS + image, self.ttl_s)
-            pipe.execute()
+            return bool(self._create(keys=[_key(request.id), *(IMAGE_REFS + image for image in images)],
+                                     args=[self.ttl_s, request.id, *(x for kv in fields.items() for x in kv)]))
 
-    def queued(self, job_id: str) -> None:
-        """Note that the job's message is on the queue, and with replicas to wait for, wait until they hold
-        the record and the message (``WAIT`` covers every write before this one: replication is one stream)."""
-        if not self.replicas:
-            return
+    def queued(self, job_id: str, wake: str | None = None) -> None:
+        """Note that the job's message is on its queue (``queued_at``: a retry of its request then does not
+        publish it again), push a wake token for an idle worker of the queue ``wake``, and with replicas to
+        wait for, wait until they hold the record and the message (``WAIT`` covers every write before this
+        one: replication is one stream). One round trip."""
         with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(_key(job_id), "queued_at", repr(time.time()))
-            pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
-            self._replicated(pipe.execute()[-1], f"job {job_id}")
+            if wake is not None:
+                pipe.lpush(keys.WAKE + wake, 1).ltrim(keys.WAKE + wake, 0, keys.WAKE_CAP - 1)
+            if self.replicas:
+                pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
+            replies = pipe.execute()
+        if self.replicas:
+            self._replicated(replies[-1], f"job {job_id}")
+
+    def was_queued(self, job_id: str) -> bool:
+        """Whether the job's message was published (``queued``), as far as the record says."""
+        with redis_errors():
+            return bool(self.redis.hexists(_key(job_id), "queued_at"))
 
     def wake(self, queue: str) -> None:
         """Push a wake token for an idle worker of ``queue`` (``keys.WAKE``). A token that cannot be pushed

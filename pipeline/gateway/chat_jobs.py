@@ -13,7 +13,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from tuwen.pipeline.gateway.apikeys import ApiKey
+from tuwen.pipeline.gateway.apikeys import ApiKey, job_made
 from tuwen.pipeline.conversation import Turn, prepare_conversation
 from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.openai_errors import NO_RETRY, OpenAIError, as_openai, openai_error
@@ -42,11 +42,12 @@ def fetched_turns(state: GatewayState, chat: ChatRequest, queue: str) -> list[Tu
                                 if isinstance(p, PictureRef) else p for p in t.parts]) for t in chat.turns]
 
 
-def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest) -> str:
-    """Get the pictures, store them for the key's owner and queue the job; returns its id."""
+def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest, job_id: str | None = None) -> str:
+    """Get the pictures, store them for the key's owner and queue the job (under ``job_id`` if given);
+    returns its id."""
     turns = fetched_turns(state, chat, state.settings.interactive_queue)
     job = prepare_conversation(state.client, turns, chat.params, owner=key.owner, priority=Priority.interactive,
-                               stream=chat.stream)
+                               stream=chat.stream, job_id=job_id)
     state.client.enqueue(job)
     state.metrics.submitted.labels(Priority.interactive.value).inc()
     return job.id
@@ -54,18 +55,9 @@ def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest) -> str:
 
 def accept(state: GatewayState, key: ApiKey, chat: ChatRequest, idempotency_key: str | None) -> tuple[str, bool]:
     """The job of this request, queued once per ``Idempotency-Key``: ``(job id, replayed)``."""
-    if idempotency_key is None:
-        return queue_job(state, key, chat), False
-    first = state.idempotency.begin(key.owner, idempotency_key, chat.fingerprint)
-    if first is not None:
-        return first, True
-    try:
-        job_id = queue_job(state, key, chat)
-    except BaseException:
-        state.idempotency.release(key.owner, idempotency_key)
-        raise
-    state.idempotency.complete(key.owner, idempotency_key, chat.fingerprint, job_id)
-    return job_id, False
+    return state.idempotency.once(key.owner, idempotency_key, chat.fingerprint,
+                                  lambda job_id: queue_job(state, key, chat, job_id),
+                                  lambda job_id: job_made(state.client, job_id))
 
 
 def accepted(state: GatewayState, key: ApiKey, what: str, job_id: str, replayed: bool, user: str | None,
