@@ -10,9 +10,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from tuwen.pipeline.schema import JobResult
+from tuwen.pipeline.tool_format import ToolCall, tool_calls
 
-#: An answer ends with ``stop`` (the model ended it, or a stop string) or ``length`` (out of tokens).
-FINISH_REASONS = ("stop", "length")
+#: An answer ends with ``stop`` (the model ended it, or a stop string), ``length`` (out of tokens) or
+#: ``tool_calls`` (a forced tool call, whole: ``tool_format``).
+FINISH_REASONS = ("stop", "length", "tool_calls")
 
 
 class Usage(BaseModel):
@@ -23,14 +25,16 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str = Field(examples=["图中有3个圆形。"])
+    #: null when the answer is a tool call.
+    content: str | None = Field(examples=["图中有3个圆形。"])
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
 
 
@@ -95,10 +99,12 @@ def usage(result: JobResult) -> Usage:
 
 
 def completion(result: JobResult, model: str, created: int) -> ChatCompletion:
-    """A succeeded job as a ``chat.completion``."""
+    """A succeeded job as a ``chat.completion``: its text, or its tool call (``content`` null)."""
+    calls = tool_calls(result.id, result.answer or "") if finish_reason(result) == "tool_calls" else None
+    message = (AssistantMessage(content=None, tool_calls=calls) if calls
+               else AssistantMessage(content=result.answer or ""))
     return ChatCompletion(id=completion_id(result.id), created=created, model=model, usage=usage(result),
-                          choices=[Choice(message=AssistantMessage(content=result.answer or ""),
-                                          finish_reason=finish_reason(result))])
+                          choices=[Choice(message=message, finish_reason=finish_reason(result))])
 
 
 def chunk(job_id: str, model: str, created: int, delta: dict[str, Any] | None = None, *,

@@ -54,18 +54,19 @@ def checked(value: Any) -> dict[str, Any] | None:
     return {"type": kind, "json_schema": dict(spec)}
 
 
-def check_schema(schema: dict[str, Any]) -> None:
-    """Raise an ``invalid_schema`` error unless ``schema`` is a JSON Schema the grammar library enforces."""
+def check_schema(schema: dict[str, Any], where: str = "response_format") -> None:
+    """Raise an ``invalid_schema`` error unless ``schema`` is a JSON Schema the grammar library enforces; its
+    message starts with ``where`` (the request field the schema came from)."""
     import jsonschema
 
     text = json.dumps(schema, ensure_ascii=False)
     if len(text) > MAX_SCHEMA_CHARS:
-        raise _invalid(f"the schema is {len(text)} characters as JSON; the limit is {MAX_SCHEMA_CHARS}")
+        raise _invalid(where, f"the schema is {len(text)} characters as JSON; the limit is {MAX_SCHEMA_CHARS}")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "the schema"
-        raise _invalid(f"not a valid JSON Schema at {where}: {exc.message}") from None
+        at = "/".join(str(p) for p in exc.absolute_path) or "the schema"
+        raise _invalid(where, f"not a valid JSON Schema at {at}: {exc.message}") from None
     try:
         import xgrammar
     except ImportError:  # a producer without the grammar library: the worker checks the rest
@@ -73,7 +74,8 @@ def check_schema(schema: dict[str, Any]) -> None:
     try:
         xgrammar.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
     except RuntimeError as exc:  # its C++ errors end with what it lacks ("Lookbehind is not supported yet.")
-        raise _invalid(f"the grammar library cannot enforce it: {str(exc).strip().rsplit(': ', 1)[-1]}") from None
+        lacks = str(exc).strip().rsplit(": ", 1)[-1]
+        raise _invalid(where, f"the grammar library cannot enforce it: {lacks}") from None
 
 
 def _only(value: dict[str, Any], allowed: set[str]) -> None:
@@ -82,8 +84,8 @@ def _only(value: dict[str, Any], allowed: set[str]) -> None:
         raise ValueError(f"response_format of type {value['type']} takes no {', '.join(sorted(extra))}")
 
 
-def _invalid(message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_schema", "response_format: {detail}", {"detail": message})
+def _invalid(where: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_schema", "{where}: {detail}", {"where": where, "detail": message})
 
 
 def schema_error(errors: list[Any]) -> bool:

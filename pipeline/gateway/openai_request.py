@@ -6,8 +6,8 @@ fetched later), ``GenerationParams`` and the streaming options. Parameters follo
 * what tuwen implements is honoured (sampling, penalties, ``top_k``, ``min_p``, ``repetition_penalty``,
   stop strings, seeds, streaming, ``response_format``, ``logit_bias``);
 * a parameter whose effect a client relies on and tuwen cannot give is refused with a 400 whose
-  ``param`` names it (``unsupported_parameter``: ``n`` > 1, tools, logprobs, audio out), unless it has
-  its neutral value;
+  ``param`` names it (``unsupported_parameter``: ``n`` > 1, ``tool_choice: "auto"``, logprobs, audio out),
+  unless it has its neutral value; ``tools`` with a forced ``tool_choice`` are a forced call (``tool_calls``);
 * anything else is ignored, and its name goes back in the ``tuwen-ignored-params`` header
   (``ChatRequest.ignored``) and, once per key and name, to the gateway's log.
 
@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
+from tuwen.pipeline.gateway import tool_calls
 from tuwen.pipeline.gateway.openai_params import NO_TOOLS, REFUSED, REFUSED_IN_MESSAGES, ROLES, SAMPLING, neutral
 from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role
@@ -75,6 +76,13 @@ class ChatParams(BaseModel):
     response_format: dict[str, Any] | None = None
     #: Token id (as a string) -> bias from -100 to 100.
     logit_bias: dict[str, float] | None = None
+    #: ``{"type": "function", "function": {"name", "description", "parameters", "strict"}}``, at most 128.
+    tools: list[dict[str, Any]] | None = None
+    #: ``"required"`` or ``{"type": "function", "function": {"name"}}``: the answer is one call; ``"none"``:
+    #: plain text; ``"auto"`` (the default with tools) is refused for checkpoints whose template renders no tools.
+    tool_choice: str | dict[str, Any] | None = None
+    #: Accepted either way: a forced answer is one call.
+    parallel_tool_calls: bool | None = None
 
 
 class TextContent(BaseModel):
@@ -141,6 +149,8 @@ class ChatRequest:
     fingerprint: str
     #: Parameters tuwen ignored (``messages[0].content[1].cache_control`` for those inside the conversation).
     ignored: tuple[str, ...] = ()
+    #: Tools with ``tool_choice: "auto"``: refused once the served model is known (``tool_calls.refuse_auto``).
+    auto_tools: bool = False
 
     @property
     def pictures(self) -> int:
@@ -187,7 +197,8 @@ def parse_chat(body: bytes) -> ChatRequest:
         model=params.model, turns=turns, params=generation(params),
         stream=bool(params.stream), include_usage=bool(params.stream_options and params.stream_options.include_usage),
         user=params.user or params.safety_identifier, metadata=params.metadata,
-        fingerprint=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(), ignored=tuple(ignored))
+        fingerprint=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(), ignored=tuple(ignored),
+        auto_tools=tool_calls.auto(params.tools, params.tool_choice))
 
 
 def printable_name(name: str) -> str:
@@ -208,7 +219,8 @@ def generation(params: ChatParams) -> GenerationParams:
                            param="max_completion_tokens")
     stop = (params.stop,) if isinstance(params.stop, str) else tuple(params.stop or ())
     values = {"max_new_tokens": next(iter(given.values()), None), "stop": stop or None,
-              **{name: getattr(params, name) for name in SAMPLING}, "response_format": params.response_format}
+              **{name: getattr(params, name) for name in SAMPLING}, "response_format": params.response_format,
+              "tool_call": tool_calls.forced(params.tools, params.tool_choice)}
     try:
         return GenerationParams.model_validate({k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
@@ -228,15 +240,19 @@ def parse_messages(raw: Any, ignored: list[str] | None = None) -> tuple[ChatTurn
         raise openai_error("invalid_messages", f"{len(raw)} messages; the limit is {MAX_MESSAGES}",
                            param="messages")
     skipped = ignored if ignored is not None else []
-    return tuple(_turn(m, f"messages[{i}]", skipped) for i, m in enumerate(raw))
+    tool_calls.answered(raw)
+    return tool_calls.merged(raw, [_turn(m, f"messages[{i}]", skipped) for i, m in enumerate(raw)])
 
 
 def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
     if not isinstance(message, dict):
         raise openai_error("invalid_messages", f"{where} must be an object", param=where)
     role = message.get("role")
-    if role in ("tool", "function"):
+    if role == "function":
         raise openai_error("unsupported_parameter", f"{where}.role: {NO_TOOLS}", param=f"{where}.role")
+    if role == "tool":
+        ignored += [f"{where}.{printable_name(k)}" for k in message if k not in ("role", "content", "tool_call_id")]
+        return ChatTurn(Role.user, (tool_calls.result_text(message, where),))
     if not isinstance(role, str) or role not in ROLES:
         raise openai_error("invalid_messages", f"{where}.role must be one of {', '.join(ROLES)}",
                            param=f"{where}.role")
@@ -244,8 +260,17 @@ def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
         if key in REFUSED_IN_MESSAGES and message[key] not in (None, []):
             raise openai_error("unsupported_parameter", f"{where}.{key}: {REFUSED_IN_MESSAGES[key]}",
                                param=f"{where}.{key}")
-        if key not in ("role", "content", "name") and key not in REFUSED_IN_MESSAGES:
+        if key not in ("role", "content", "name") and key not in REFUSED_IN_MESSAGES and (
+                key, role) != ("tool_calls", "assistant"):
             ignored.append(f"{where}.{printable_name(key)}")
+    turn = _content_turn(message, role, where, ignored)
+    if role == "assistant" and message.get("tool_calls"):  # the calls as text of the turn (tool_calls)
+        return ChatTurn(turn.role, (*turn.parts, ("\n" if turn.parts else "") + tool_calls.calls_text(
+            message["tool_calls"], where)))
+    return turn
+
+
+def _content_turn(message: dict[str, Any], role: str, where: str, ignored: list[str]) -> ChatTurn:
     content = message.get("content")
     if content is None or isinstance(content, str):
         return ChatTurn(ROLES[role], (content,) if content else ())

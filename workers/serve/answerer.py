@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuwen.pipeline import stats
+from tuwen.pipeline import stats, tool_format
 from tuwen.pipeline.errors import ErrorCode, ModelError, TuwenError, Unavailable
 from tuwen.pipeline.jobs import JobStore
 from tuwen.pipeline.schema import ErrorInfo, ImagePart, JobRequest, JobResult, JobStatus, Priority, TextPart
@@ -205,7 +205,8 @@ class Answerer:
             on_text = lambda piece: self.streams.text(job_id, piece)  # noqa: E731 - runs on the decode thread
         return Item(messages=tuple(messages), images=tuple(images), max_new_tokens=p.max_new_tokens,
                     sampling=Sampling.of(p), stop=tuple(p.stop), truncation=p.truncation.value, on_text=on_text,
-                    continue_final=run.job.continues, response_format=p.response_format)
+                    continue_final=run.job.continues,
+                    response_format=p.tool_call.response_format() if p.tool_call else p.response_format)
 
     @staticmethod
     def _cacheable(job: JobRequest) -> bool:
@@ -221,7 +222,8 @@ class Answerer:
         self.metrics.observe_answer(answer)
         return self._succeeded(run, worker, started, {
             "answer": answer.answer, "prompt_tokens": answer.prompt_tokens, "generated_tokens": answer.generated_tokens,
-            "finish_reason": answer.finish_reason, "batch_size": answer.batch_size,
+            "finish_reason": tool_format.finish_reason(run.job.params.tool_call, answer.answer, answer.finish_reason),
+            "batch_size": answer.batch_size,
             "timings": {"fetch_ms": round(fetch_ms, 1), **answer.timings}})
 
     def _succeeded(self, run: Run, worker: str, started: float, fields: dict[str, Any]) -> JobResult:

@@ -26,6 +26,7 @@ from tuwen.pipeline.gateway.openai_request import ChatCompletionRequest, parse_c
 from tuwen.pipeline.gateway.openapi import json_body
 from tuwen.pipeline.gateway.served import served_model
 from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.gateway.tool_calls import CallStream
 from tuwen.pipeline.openai_objects import ChatCompletion, chunk, completion, error_responses, finish_reason
 from tuwen.pipeline.schema import JobStatus
 
@@ -34,23 +35,27 @@ router = APIRouter(prefix="/v1/chat", tags=["chat"], route_class=OpenAIRoute)
 
 # -- streaming ------------------------------------------------------------------------------------------------
 async def relay(state: GatewayState, job_id: str, owner: str, model: str, created: int,
-                include_usage: bool) -> AsyncIterator[str]:
-    """The job's answer as OpenAI's chunks: the role, the text as it comes, the finish reason (and usage
-    when asked), then ``[DONE]``; a job that fails or times out ends with an ``error`` event."""
+                include_usage: bool, call: CallStream | None = None) -> AsyncIterator[str]:
+    """The job's answer as OpenAI's chunks: the role, the text as it comes (a forced tool call's deltas with
+    ``call``), the finish reason (and usage when asked), then ``[DONE]``; a job that fails or times out ends
+    with an ``error`` event."""
 
     def piece(delta: dict[str, Any] | None = None, finish: str | None = None) -> str:
         return sse.event(chunk(job_id, model, created, delta, finish=finish, with_usage=include_usage))
 
-    yield piece({"role": "assistant", "content": ""})
+    yield piece({"role": "assistant", "content": None if call else ""})
     async with aclosing(job_text(state, job_id, owner)) as pieces:
         async for text in pieces:
             if text is None:
                 yield sse.KEEP_ALIVE
             elif isinstance(text, str):
-                yield piece({"content": text})
+                for delta in call.feed(text) if call else [{"content": text}]:
+                    yield piece(delta)
             elif text.error is not None:
                 yield sse.event(text.error.body())
             elif text.result is not None:
+                for delta in call.end(finish_reason(text.result)) if call else []:
+                    yield piece(delta)
                 yield piece(finish=finish_reason(text.result))
                 if include_usage:
                     yield sse.event(chunk(job_id, model, created, usage_of=text.result))
@@ -74,7 +79,8 @@ async def create_chat_completion(key: Submitter, state: State, request: Request,
     job_id, replayed = await run_in_threadpool(accept, state, key, chat, idempotency_key)
     headers = accepted(state, key, "chat", job_id, replayed, chat.user, chat.metadata, chat.ignored)
     if chat.stream:
-        return StreamingResponse(relay(state, job_id, key.owner, model, created, chat.include_usage),
+        call = CallStream(job_id) if chat.params.tool_call else None
+        return StreamingResponse(relay(state, job_id, key.owner, model, created, chat.include_usage, call),
                                  media_type=sse.MEDIA_TYPE, headers={**sse.HEADERS, **headers})
     timeout = state.gw.gateway_chat_timeout_s
     result = await outcome(state, job_id, key.owner, timeout)
