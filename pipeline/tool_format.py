@@ -96,7 +96,9 @@ def _rebased(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[
     own = {**schema.get("definitions", {}), **schema.get("$defs", {})}
     for name, value in own.items():
         defs[f"{prefix}.{name}"] = _refs(value, prefix)
-    return _refs({k: v for k, v in schema.items() if k not in ("$defs", "definitions", "$schema", "$id")}, prefix)
+    body: dict[str, Any] = _refs({k: v for k, v in schema.items() if k not in ("$defs", "definitions", "$schema",
+                                                                             "$id")}, prefix)
+    return body
 
 
 def _refs(node: Any, prefix: str) -> Any:

@@ -76,12 +76,9 @@ class ChatParams(BaseModel):
     response_format: dict[str, Any] | None = None
     #: Token id (as a string) -> bias from -100 to 100.
     logit_bias: dict[str, float] | None = None
-    #: ``{"type": "function", "function": {"name", "description", "parameters", "strict"}}``, at most 128.
+    #: ``tool_choice`` "required" or a named function force one call, "none" is text, "auto" refused (tool_calls).
     tools: list[dict[str, Any]] | None = None
-    #: ``"required"`` or ``{"type": "function", "function": {"name"}}``: the answer is one call; ``"none"``:
-    #: plain text; ``"auto"`` (the default with tools) is refused for checkpoints whose template renders no tools.
     tool_choice: str | dict[str, Any] | None = None
-    #: Accepted either way: a forced answer is one call.
     parallel_tool_calls: bool | None = None
 
 
@@ -149,8 +146,7 @@ class ChatRequest:
     fingerprint: str
     #: Parameters tuwen ignored (``messages[0].content[1].cache_control`` for those inside the conversation).
     ignored: tuple[str, ...] = ()
-    #: Tools with ``tool_choice: "auto"``: refused once the served model is known (``tool_calls.refuse_auto``).
-    auto_tools: bool = False
+    auto_tools: bool = False  #: tools with tool_choice "auto": refused once the served model is known (tool_calls)
 
     @property
     def pictures(self) -> int:
@@ -240,8 +236,7 @@ def parse_messages(raw: Any, ignored: list[str] | None = None) -> tuple[ChatTurn
         raise openai_error("invalid_messages", f"{len(raw)} messages; the limit is {MAX_MESSAGES}",
                            param="messages")
     skipped = ignored if ignored is not None else []
-    tool_calls.answered(raw)
-    return tool_calls.merged(raw, [_turn(m, f"messages[{i}]", skipped) for i, m in enumerate(raw)])
+    return tool_calls.merged(raw, [tool_calls.turn(m, f"messages[{i}]", skipped, _turn) for i, m in enumerate(raw)])
 
 
 def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
@@ -250,9 +245,6 @@ def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
     role = message.get("role")
     if role == "function":
         raise openai_error("unsupported_parameter", f"{where}.role: {NO_TOOLS}", param=f"{where}.role")
-    if role == "tool":
-        ignored += [f"{where}.{printable_name(k)}" for k in message if k not in ("role", "content", "tool_call_id")]
-        return ChatTurn(Role.user, (tool_calls.result_text(message, where),))
     if not isinstance(role, str) or role not in ROLES:
         raise openai_error("invalid_messages", f"{where}.role must be one of {', '.join(ROLES)}",
                            param=f"{where}.role")
@@ -260,17 +252,8 @@ def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
         if key in REFUSED_IN_MESSAGES and message[key] not in (None, []):
             raise openai_error("unsupported_parameter", f"{where}.{key}: {REFUSED_IN_MESSAGES[key]}",
                                param=f"{where}.{key}")
-        if key not in ("role", "content", "name") and key not in REFUSED_IN_MESSAGES and (
-                key, role) != ("tool_calls", "assistant"):
+        if key not in ("role", "content", "name") and key not in REFUSED_IN_MESSAGES:
             ignored.append(f"{where}.{printable_name(key)}")
-    turn = _content_turn(message, role, where, ignored)
-    if role == "assistant" and message.get("tool_calls"):  # the calls as text of the turn (tool_calls)
-        return ChatTurn(turn.role, (*turn.parts, ("\n" if turn.parts else "") + tool_calls.calls_text(
-            message["tool_calls"], where)))
-    return turn
-
-
-def _content_turn(message: dict[str, Any], role: str, where: str, ignored: list[str]) -> ChatTurn:
     content = message.get("content")
     if content is None or isinstance(content, str):
         return ChatTurn(ROLES[role], (content,) if content else ())

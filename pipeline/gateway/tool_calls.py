@@ -16,7 +16,7 @@ as OpenAI's tool-call deltas.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -93,6 +93,21 @@ def _named(tool_choice: str | dict[str, Any] | None) -> str | None:
 
 
 # -- the conversation ---------------------------------------------------------------------------------------
+def turn(message: Any, where: str, ignored: list[str], plain: Callable[[Any, str, list[str]], Any]) -> Any:
+    """The turn of one message: ``plain``'s (``openai_request``'s), with an assistant message's ``tool_calls``
+    as text after its content, and a ``tool`` message as a user turn of its result."""
+    if not isinstance(message, dict) or message.get("role") not in ("tool", "assistant"):
+        return plain(message, where, ignored)
+    if message["role"] == "tool":
+        ignored += [f"{where}.{k[:64]}" for k in message if k not in ("role", "content", "tool_call_id")]
+        return plain({"role": "user", "content": result_text(message, where)}, where, ignored)
+    said = plain({k: v for k, v in message.items() if k != "tool_calls"}, where, ignored)
+    if not message.get("tool_calls"):
+        return said
+    calls = calls_text(message["tool_calls"], where)
+    return replace(said, parts=(*said.parts, ("\n" if said.parts else "") + calls))
+
+
 def calls_text(calls: Any, where: str) -> str:
     """An assistant message's ``tool_calls`` as the text of its turn."""
     if not isinstance(calls, list):
@@ -132,7 +147,7 @@ def result_text(message: dict[str, Any], where: str) -> str:
 
 def answered(raw: Sequence[Any]) -> None:
     """Each ``tool`` message answers a call of an assistant message before it (OpenAI's rule)."""
-    ids: set[str] = set()
+    ids: set[Any] = set()
     for i, message in enumerate(raw):
         role = message.get("role") if isinstance(message, dict) else None
         if role == "assistant" and isinstance(message.get("tool_calls"), list):
@@ -143,7 +158,9 @@ def answered(raw: Sequence[Any]) -> None:
 
 
 def merged(raw: Sequence[Any], turns: Sequence[Any]) -> tuple[Any, ...]:
-    """``turns`` (one per message of ``raw``) with consecutive ``tool`` messages' turns joined into one."""
+    """``turns`` (one per message of ``raw``) with consecutive ``tool`` messages' turns joined into one, once each
+    tool message is known to answer a call (``answered``)."""
+    answered(raw)
     out: list[Any] = []
     for i, turn in enumerate(turns):
         if i and _role(raw[i]) == "tool" and _role(raw[i - 1]) == "tool":
