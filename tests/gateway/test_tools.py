@@ -25,7 +25,9 @@ from tests.gateway.test_batches import jsonl, line, read_lines, upload, wait_for
 from tests.gateway.test_clients import langchain_message
 from tests.gateway.test_openai import Keys, ask, chat_gateway, sdk  # noqa: F401 - chat_gateway is a fixture
 from tests.gateway.test_openai_errors import stored
+from tuwen.pipeline import registry
 from tuwen.pipeline.client import Client
+from tuwen.pipeline.jobs import connect
 from tuwen.workers.demo.samples import load_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -177,6 +179,16 @@ BAD: dict[str, tuple[dict[str, Any], int, str, str, str]] = {
     "the older functions": ({"functions": [{"name": "f", "parameters": {}}]}, 400, "unsupported_parameter",
                             "functions", "tools and tool_choice"),
 }
+
+
+def test_workers_announce_that_the_demo_template_renders_no_tools(chat_gateway: Gateway) -> None:
+    """How the gateway knows to refuse "auto" (docs/structured.md): each worker's announcement says."""
+    redis = connect(chat_gateway.settings.redis_url)
+    try:
+        workers = registry.live_workers(redis)
+    finally:
+        redis.close()
+    assert workers and all(w["renders_tools"] is False for w in workers), workers
 
 
 @pytest.mark.parametrize("case", list(BAD))

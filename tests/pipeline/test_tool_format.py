@@ -10,7 +10,8 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from tuwen.pipeline.gateway.tool_calls import CallStream
+from tuwen.pipeline.gateway.openai_errors import OpenAIError
+from tuwen.pipeline.gateway.tool_calls import CallStream, refuse_auto
 from tuwen.pipeline.schema import GenerationParams
 from tuwen.pipeline.tool_format import ToolCallFormat, call_id, finish_reason, split
 
@@ -94,3 +95,12 @@ def test_a_call_cut_short_streams_what_was_written() -> None:
     inside = CallStream("job-3")
     deltas = inside.feed('{"name": "paint", "parameters": {"coats": ') + inside.end("length")
     assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == '{"coats": '
+
+
+def test_auto_is_refused_saying_why_for_the_served_model() -> None:
+    for renders, words in ((False, "the served model's does not"), (True, "does not parse its native")):
+        with pytest.raises(OpenAIError) as refused:
+            refuse_auto(renders)
+        assert (refused.value.status, refused.value.code, refused.value.param) == (400, "unsupported_parameter",
+                                                                                   "tool_choice")
+        assert words in refused.value.message and '"required"' in refused.value.message
