@@ -20,11 +20,12 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.gateway.conftest import Gateway, run_doc_snippet
+from tests.gateway.conftest import Gateway
 from tests.gateway.test_batches import jsonl, line, read_lines, upload, wait_for
 from tests.gateway.test_clients import langchain_message
 from tests.gateway.test_openai import Keys, ask, chat_gateway, sdk  # noqa: F401 - chat_gateway is a fixture
 from tests.gateway.test_openai_errors import stored
+from tests.gateway.test_structured import run_structured_snippet
 from tuwen.pipeline import registry
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import connect
@@ -228,11 +229,7 @@ def test_batch_api_lines_with_tools(chat_gateway: Gateway, new_key: Keys) -> Non
 
 def test_the_documented_tool_call_runs_as_written(chat_gateway: Gateway, new_key: Keys, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    doc = (Path(__file__).parents[2] / "docs" / "structured.md").read_text(encoding="utf-8")
-    block = re.search(r"<!-- snippet: tool call -->\n```python\n(.*?)```", doc, re.S)
-    assert block is not None
-    printed = run_doc_snippet(block.group(1), chat_gateway, new_key(), load_samples()[0].path.read_bytes(), tmp_path,
-                              monkeypatch)
+    printed = run_structured_snippet("tool call", chat_gateway, new_key(), tmp_path, monkeypatch)
     reason, name, arguments = printed.strip().split(" ", 2)
     assert (reason, name) == ("tool_calls", "count"), printed
     jsonschema.validate(json.loads(arguments), COUNT)
