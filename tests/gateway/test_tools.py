@@ -28,6 +28,7 @@ from tests.gateway.test_openai_errors import stored
 from tests.gateway.test_structured import run_structured_snippet
 from tuwen.pipeline import registry
 from tuwen.pipeline.client import Client
+from tuwen.pipeline.errors import InvalidParams
 from tuwen.pipeline.jobs import connect
 from tuwen.workers.demo.samples import load_samples
 
@@ -130,6 +131,13 @@ def test_langchain_function_calling_bind_tools_and_json_schema(chat_gateway: Gat
     schemed = llm.with_structured_output(Shape, method="json_schema").invoke(question)
     anyone = llm.bind_tools([Count, Shape], tool_choice="any").invoke(question)
     named = llm.bind_tools([Count, Shape], tool_choice="Shape").invoke(question)
+    # Streamed: LangChain adds the chunks' tool-call deltas up into the call
+    chunks = list(llm.bind_tools([Count, Shape], tool_choice="Count").stream(question))
+    streamed = chunks[0]
+    for chunk in chunks[1:]:
+        streamed += chunk
+    assert len(chunks) > 3 and [c["name"] for c in streamed.tool_calls] == ["Count"]
+    assert Count.model_validate(streamed.tool_calls[0]["args"])
     assert isinstance(counted, Count) and isinstance(schemed, Shape)
     models = {"Count": Count, "Shape": Shape}
     for message in (anyone, named):
@@ -203,6 +211,11 @@ def test_bad_tools_are_refused_before_anything_is_stored(chat_gateway: Gateway, 
     error = resp.json()["error"]
     assert (resp.status_code, error["code"], error["param"]) == (status, code, param), error
     assert words in error["message"], error
+    if code == "invalid_schema":  # the same through the client (/v1/jobs, bulk lines): tool_call in params
+        functions = [t["function"] for t in body["tools"]]
+        with pytest.raises(InvalidParams) as refused:
+            client.submit(load_samples()[4].path.read_bytes(), "?", params={"tool_call": {"functions": functions}})
+        assert refused.value.code == code and words in refused.value.message
     assert stored(client) == before
 
 
