@@ -123,7 +123,7 @@ def calls_text(calls: Any, where: str) -> str:
                                '"arguments"}}}} with strings', param=at)
         try:
             arguments = json.loads(function["arguments"])
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON (or nested past Python's limit): shown as the string it is
             arguments = function["arguments"]
         lines.append("<tool_call>\n" + json.dumps({"name": function["name"], "arguments": arguments},
                                                   ensure_ascii=False) + "\n</tool_call>")
