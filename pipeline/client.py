@@ -60,7 +60,8 @@ class Client:
 
     @cached_property
     def jobs(self) -> JobStore:
-        return JobStore(connect(self.settings.redis_url), self.settings.result_ttl_s)
+        return JobStore(connect(self.settings.redis_url), self.settings.result_ttl_s, self.settings.replicas_ack,
+                        self.settings.redis_replicas_ack_timeout_ms)
 
     @cached_property
     def images(self) -> Any:
@@ -195,6 +196,7 @@ class Client:
         except Unavailable:
             self.jobs.delete(request.id)
             raise
+        self.jobs.queued(request.id)
 
     def publish(self, request: JobRequest, *, countdown: float | None = None) -> None:
         """Publish a job whose record exists (a resumed bulk line, a job given back to the queue). The job
@@ -203,6 +205,8 @@ class Client:
             queue.enqueue(self.celery, self.settings, request, countdown=countdown)
         except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
             raise outage("the job queue is not reachable", exc) from exc
+        if queue.reads_wake_lists(self.settings.broker):
+            self.jobs.wake(queue.queue_for(self.settings, request.priority))
 
     def get(self, job_id: str, owner: str | None = None) -> JobResult:
         """The job's state now (``unknown`` if there is no such job). Never blocks."""

@@ -61,8 +61,8 @@ class ErrorCode(str, Enum):
                       "it; param names the field).")
     request_too_large = ("request_too_large", 413, "The request body is larger than the gateway accepts.")
     unsupported_parameter = ("unsupported_parameter", 422, "A chat completions or Responses parameter tuwen does not "
-                             "support (n > 1, tool_choice auto, reasoning, background, logprobs...); the error's "
-                             "param names it.")
+                             "support (tool_choice auto, the Responses API's tools, n, top_logprobs, text.format, "
+                             "reasoning, background...); the error's param names it.")
     method_not_allowed = ("method_not_allowed", 405, "This path does not take this HTTP method.")
     http_error = ("http_error", 400, "Another HTTP-level refusal; the status code says which.")
     # -- pictures ------------------------------------------------------------------------------------

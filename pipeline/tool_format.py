@@ -138,9 +138,18 @@ def finish_reason(tool_call: ToolCallFormat | None, answer: str | None, reason: 
     return reason
 
 
-def call_id(job_id: str) -> str:
-    """The call's id: the same for the job whenever it is read (streamed, whole, or in a batch's output)."""
-    return "call_" + hashlib.sha256(job_id.encode()).hexdigest()[:24]
+def choices(tool_call: ToolCallFormat | None, answers: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """The answers of a job with ``n`` > 1 or ``logprobs`` (``{"answer", "finish_reason", …}`` each), their finish
+    reasons as ``finish_reason`` gives them."""
+    if tool_call is None or not answers:
+        return answers
+    return [{**a, "finish_reason": finish_reason(tool_call, a.get("answer"), a.get("finish_reason"))} for a in answers]
+
+
+def call_id(job_id: str, index: int = 0) -> str:
+    """The id of choice ``index``'s call: the same whenever the job is read (streamed, whole, in a batch's
+    output)."""
+    return "call_" + hashlib.sha256(f"{job_id}/{index}".encode()).hexdigest()[:24]
 
 
 class FunctionCall(BaseModel):
@@ -155,9 +164,10 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-def tool_calls(job_id: str, answer: str) -> list[ToolCall] | None:
-    """The answer of a job that ended with ``tool_calls`` as OpenAI's ``message.tool_calls``."""
+def tool_calls(job_id: str, answer: str, index: int = 0) -> list[ToolCall] | None:
+    """The answer of a job (or of its choice ``index``) that ended with ``tool_calls`` as OpenAI's
+    ``message.tool_calls``."""
     call = split(answer)
     if call is None:
         return None
-    return [ToolCall(id=call_id(job_id), function=FunctionCall(name=call[0], arguments=call[1]))]
+    return [ToolCall(id=call_id(job_id, index), function=FunctionCall(name=call[0], arguments=call[1]))]

@@ -22,6 +22,7 @@ from tuwen.pipeline.gateway.pictures import picture
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.gateway.tool_calls import refuse_auto
 from tuwen.pipeline.schema import ErrorInfo, JobResult, JobStatus, Priority
+from tuwen.pipeline.streams import Delta
 from tuwen.pipeline.watch import until_ended
 
 log = logging.getLogger("tuwen.gateway")
@@ -120,6 +121,13 @@ class Ended:
 async def job_text(state: GatewayState, job_id: str, owner: str) -> AsyncGenerator[str | None | Ended, None]:
     """The job's answer as the worker generates it: pieces of text, ``None`` when ``KEEP_ALIVE_S`` passed
     without one (send a keep-alive), and last an ``Ended``. Bounded by ``TUWEN_GATEWAY_CHAT_TIMEOUT_S``."""
+    async with aclosing(job_deltas(state, job_id, owner)) as deltas:
+        async for delta in deltas:
+            yield delta.text if isinstance(delta, Delta) else delta
+
+
+async def job_deltas(state: GatewayState, job_id: str, owner: str) -> AsyncGenerator[Delta | None | Ended, None]:
+    """``job_text`` with each piece whole: its choice's index and its tokens' log probabilities."""
     timeout = state.gw.gateway_chat_timeout_s
     result: JobResult | None = None
     try:
@@ -128,9 +136,9 @@ async def job_text(state: GatewayState, job_id: str, owner: str) -> AsyncGenerat
                 if delta is None:
                     yield None
                     continue
-                if delta.text:
-                    yield delta.text
-                if delta.finish_reason is not None or delta.result is not None or not delta.text:
+                if delta.piece:
+                    yield delta
+                if delta.finish_reason is not None or delta.result is not None or not delta.piece:
                     result = delta.result
                     break
     except Exception as exc:  # noqa: BLE001 - e.g. Redis went away mid-stream: say so, in the stream

@@ -14,10 +14,7 @@ NO_TOOLS = "tuwen takes tools and tool_choice, not the older functions and funct
 #: name → (values that change nothing, why anything else is refused): parameters whose effect a client
 #: relies on and tuwen cannot give.
 REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((1,), "tuwen answers with one choice: n must be 1"),
     "functions": (([],), NO_TOOLS), "function_call": (("none", "auto"), NO_TOOLS),
-    "logprobs": ((False,), "log probabilities are not returned"),
-    "top_logprobs": ((0,), "log probabilities are not returned"),
     "modalities": ((["text"],), "tuwen answers in text only"),
     "audio": ((), "tuwen answers in text only"),
     "web_search_options": ((), "tuwen does not search the web"),
@@ -34,4 +31,4 @@ def neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
 
 #: ``ChatParams`` that go to ``GenerationParams`` under the same name.
 SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
-            "presence_penalty", "truncation", "logit_bias")
+            "presence_penalty", "truncation", "logit_bias", "n", "logprobs", "top_logprobs")

@@ -4,10 +4,9 @@
 fetched later), ``GenerationParams`` and the streaming options. Parameters follow vLLM's rule:
 
 * what tuwen implements is honoured (sampling, penalties, ``top_k``, ``min_p``, ``repetition_penalty``,
-  stop strings, seeds, streaming, ``response_format``, ``logit_bias``);
+  stop strings, seeds, streaming, ``response_format``, ``logit_bias``, ``n``, ``logprobs``, ``top_logprobs``);
 * a parameter whose effect a client relies on and tuwen cannot give is refused with a 400 whose
-  ``param`` names it (``unsupported_parameter``: ``n`` > 1, ``tool_choice: "auto"``, logprobs, audio out),
-  unless it has its neutral value; ``tools`` with a forced ``tool_choice`` are a forced call (``tool_calls``);
+  ``param`` names it (``unsupported_parameter``: ``tool_choice: "auto"``, audio out), unless it has its neutral value;
 * anything else is ignored, and its name goes back in the ``tuwen-ignored-params`` header
   (``ChatRequest.ignored``) and, once per key and name, to the gateway's log.
 
@@ -76,10 +75,12 @@ class ChatParams(BaseModel):
     response_format: dict[str, Any] | None = None
     #: Token id (as a string) -> bias from -100 to 100.
     logit_bias: dict[str, float] | None = None
-    #: ``tool_choice`` "required" or a named function force one call, "none" is text, "auto" refused (tool_calls).
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    #: Choices, up to ``schema.MAX_CHOICES``; each token's log probability, and up to 20 alternatives.
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None  #: with tool_choice "required" or a named function: one call
+    tool_choice: str | dict[str, Any] | None = None  #: "none" is plain text; "auto" is refused (``tool_calls``)
 
 
 class TextContent(BaseModel):
@@ -190,11 +191,10 @@ def parse_chat(body: bytes) -> ChatRequest:
                            param="stream_options")
     turns = parse_messages(data["messages"], ignored)
     return ChatRequest(
-        model=params.model, turns=turns, params=generation(params),
+        model=params.model, turns=turns, params=generation(params), auto_tools=tool_calls.auto(params),
         stream=bool(params.stream), include_usage=bool(params.stream_options and params.stream_options.include_usage),
         user=params.user or params.safety_identifier, metadata=params.metadata,
-        fingerprint=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(), ignored=tuple(ignored),
-        auto_tools=tool_calls.auto(params.tools, params.tool_choice))
+        fingerprint=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(), ignored=tuple(ignored))
 
 
 def printable_name(name: str) -> str:

@@ -67,9 +67,10 @@ def forced(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any]
     return None if tool_choice in (None, "none", "auto") else call
 
 
-def auto(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> bool:
-    """The request leaves it to the model whether to call one of its tools (``"auto"``, the default)."""
-    return bool(tools) and tool_choice in (None, "auto")
+def auto(params: Any) -> bool:
+    """The request (its ``ChatParams``) leaves it to the model whether to call one of its tools (``"auto"``, the
+    default with tools)."""
+    return bool(params.tools) and params.tool_choice in (None, "auto")
 
 
 def refuse_auto(renders_tools: bool) -> None:
@@ -181,8 +182,8 @@ class CallStream:
     is held back and dropped when the call ends whole; a call cut short (``length``) before its name is whole
     sends its text as ``content``."""
 
-    def __init__(self, job_id: str) -> None:
-        self.id = call_id(job_id)
+    def __init__(self, job_id: str, index: int = 0) -> None:
+        self.id = call_id(job_id, index)
         self.text = ""
         self.start: int | None = None
         self.sent = 0

@@ -94,6 +94,23 @@ def test_the_cache_is_per_owner(cache_worker: WorkerProcess, cache_settings: Set
     client.close()
 
 
+def test_a_cached_answer_keeps_every_choice(cache_worker: WorkerProcess, cache_settings: Settings) -> None:
+    """A seeded ``n`` > 1 job with ``logprobs`` repeats: the cached result has the same choices, log probabilities
+    included; the same with another ``n`` is another question."""
+    client = Client(cache_settings)
+    sample = load_samples()[9]
+    params = {"n": 2, "temperature": 1.5, "seed": 21, "max_new_tokens": 16, "logprobs": True, "top_logprobs": 2}
+    first = client.wait(client.submit(sample.path.read_bytes(), sample.question, params=params).id, timeout=60)
+    again = client.wait(client.submit(sample.path.read_bytes(), sample.question, params=params).id, timeout=60)
+    assert not first.cached and again.cached and first.choices is not None and len(first.choices) == 2
+    assert again.choices == first.choices and again.generated_tokens == first.generated_tokens
+    other = client.wait(client.submit(sample.path.read_bytes(), sample.question, params={**params, "n": 3}).id,
+                        timeout=60)
+    assert not other.cached and other.choices is not None and len(other.choices) == 3
+    assert [c.answer for c in other.choices[:2]] == [c.answer for c in first.choices], "choice i is seeded seed + i"
+    client.close()
+
+
 def test_the_cache_keys_on_a_forced_tool_call(cache_worker: WorkerProcess, cache_settings: Settings) -> None:
     """A tool call is another question than the plain one (issue 24: the cache key includes the constraint),
     and a repeated call comes back from the cache still a call."""
