@@ -81,6 +81,8 @@ def test_required_and_named_calls_through_the_sdk(chat_gateway: Gateway, new_key
                                               max_tokens=48)
         short = client.chat.completions.create(model="tuwen", messages=[ask(sample)], tools=TOOLS,
                                                tool_choice="required", max_tokens=12)
+        two = client.chat.completions.create(model="tuwen", messages=[ask(sample)], tools=TOOLS, n=2, seed=7,
+                                             temperature=1.0, tool_choice=SHAPE_CHOICE, max_tokens=48)
     assert plain.choices[0].finish_reason == "stop" and plain.choices[0].message.tool_calls is None
     assert required.choices[0].finish_reason == "tool_calls", required.choices[0].message
     assert the_call(required.choices[0].message)[0] in PARAMETERS
@@ -93,6 +95,10 @@ def test_required_and_named_calls_through_the_sdk(chat_gateway: Gateway, new_key
     # Out of tokens inside the call: length, the partial text, never a call as if whole
     assert short.choices[0].finish_reason == "length" and short.choices[0].message.tool_calls is None
     assert (short.choices[0].message.content or "").startswith('{"name": "')
+    # n > 1: each choice is a call of its own
+    assert [c.finish_reason for c in two.choices] == ["tool_calls"] * 2
+    assert [the_call(c.message)[0] for c in two.choices] == ["shape"] * 2
+    assert two.choices[0].message.tool_calls[0].id != two.choices[1].message.tool_calls[0].id
 
 
 def test_a_streamed_call_is_the_whole_call_in_openais_deltas(chat_gateway: Gateway, new_key: Keys) -> None:
