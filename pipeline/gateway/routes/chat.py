@@ -54,7 +54,7 @@ async def relay(state: GatewayState, job_id: str, owner: str, model: str, create
             if text is None:
                 yield sse.KEEP_ALIVE
             elif isinstance(text, Delta):
-                deltas = calls[text.index].feed(text.text) if calls else [{"content": text.text}]
+                deltas: list[dict[str, Any]] = calls[text.index].feed(text.text) if calls else [{"content": text.text}]
                 if text.logprobs and not deltas:  # a call's held-back text: its tokens' logprobs go out still
                     deltas = [{}]
                 for i, delta in enumerate(deltas):
