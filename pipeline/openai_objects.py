@@ -10,9 +10,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from tuwen.pipeline.schema import JobResult, TokenLogprob
+from tuwen.pipeline.tool_format import ToolCall, tool_calls
 
-#: An answer ends with ``stop`` (the model ended it, or a stop string) or ``length`` (out of tokens).
-FINISH_REASONS = ("stop", "length")
+#: An answer ends with ``stop`` (the model ended it, or a stop string), ``length`` (out of tokens) or
+#: ``tool_calls`` (a forced tool call, whole: ``tool_format``).
+FINISH_REASONS = ("stop", "length", "tool_calls")
 
 
 class Usage(BaseModel):
@@ -23,8 +25,10 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str = Field(examples=["图中有3个圆形。"])
+    #: null when the answer is a tool call.
+    content: str | None = Field(examples=["图中有3个圆形。"])
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChoiceLogprobs(BaseModel):
@@ -37,7 +41,7 @@ class ChoiceLogprobs(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -104,14 +108,20 @@ def usage(result: JobResult) -> Usage:
 
 
 def completion(result: JobResult, model: str, created: int) -> ChatCompletion:
-    """A succeeded job as a ``chat.completion``."""
-    choices = [Choice(message=AssistantMessage(content=result.answer or ""), finish_reason=finish_reason(result))]
+    """A succeeded job as a ``chat.completion``: each choice's text, or its tool call (``content`` null)."""
+    choices = [Choice(message=message(result, result.answer or "", 0), finish_reason=finish_reason(result))]
     if result.choices:  # n > 1 or logprobs: every choice, each with its own finish reason
-        choices = [Choice(index=c.index, message=AssistantMessage(content=c.answer), finish_reason=finish_reason(
+        choices = [Choice(index=c.index, message=message(result, c.answer, c.index), finish_reason=finish_reason(
             result, c.index), logprobs=None if c.logprobs is None else ChoiceLogprobs(content=c.logprobs))
             for c in result.choices]
     return ChatCompletion(id=completion_id(result.id), created=created, model=model, usage=usage(result),
                           choices=choices)
+
+
+def message(result: JobResult, answer: str, index: int) -> AssistantMessage:
+    """Choice ``index``'s message: its text, or its call when it ended with ``tool_calls``."""
+    calls = tool_calls(result.id, answer, index) if finish_reason(result, index) == "tool_calls" else None
+    return AssistantMessage(content=None, tool_calls=calls) if calls else AssistantMessage(content=answer)
 
 
 def chunk(job_id: str, model: str, created: int, delta: dict[str, Any] | None = None, *,

@@ -11,6 +11,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo,
 from pydantic.json_schema import SkipJsonSchema
 
 from tuwen.pipeline import structured
+from tuwen.pipeline.tool_format import ToolCallFormat
 
 # -- limits, defined once (the gateway, the CLI and the workers import them) -------------------------
 #: Most tokens one answer may ask for anywhere; a server's own cap is ``TUWEN_MAX_NEW_TOKENS`` (1024 unless
@@ -105,11 +106,20 @@ class GenerationParams(BaseModel):
     #: OpenAI's ``response_format``: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
     #: {"name", "schema", "strict"}}`` constrain the answer to JSON (docs/structured.md); None is free text.
     response_format: dict[str, Any] | None = Field(None, examples=[{"type": "json_object"}])
+    #: ``tools`` with ``tool_choice`` "required" or a named function: the answer is one call of one of the
+    #: functions, its arguments valid against its parameters (``tool_format``, docs/structured.md).
+    tool_call: ToolCallFormat | None = None
 
     @field_validator("response_format", mode="before")
     @classmethod
     def _response_format(cls, value: Any) -> dict[str, Any] | None:
         return structured.checked(value)
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> GenerationParams:
+        if self.tool_call is not None and self.response_format is not None:
+            raise ValueError("a forced tool call and a response_format cannot both constrain one answer")
+        return self
 
     @field_validator("top_logprobs")
     @classmethod

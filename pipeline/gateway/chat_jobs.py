@@ -20,6 +20,7 @@ from tuwen.pipeline.gateway.openai_errors import NO_RETRY, OpenAIError, as_opena
 from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef
 from tuwen.pipeline.gateway.pictures import picture
 from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.gateway.tool_calls import refuse_auto
 from tuwen.pipeline.schema import ErrorInfo, JobResult, JobStatus, Priority
 from tuwen.pipeline.streams import Delta
 from tuwen.pipeline.watch import until_ended
@@ -35,7 +36,9 @@ _LINE_ENDS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 # -- submitting -----------------------------------------------------------------------------------------
 def fetched_turns(state: GatewayState, chat: ChatRequest, queue: str) -> list[Turn]:
     """The conversation with its pictures fetched (not yet stored), once the model served on ``queue`` is
-    known to take that many (``too_many_images`` before anything is fetched)."""
+    known to take that many (``too_many_images`` before anything is fetched), and to serve its tool choice."""
+    if chat.auto_tools:
+        refuse_auto(state.census.renders_tools(queue))
     state.census.check_pictures(queue, chat.pictures)
     limit = state.settings.max_image_bytes
     return [Turn(t.role.value, [picture(p.url, p.param, max_bytes=limit, remote=state.pictures)

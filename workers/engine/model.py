@@ -196,6 +196,12 @@ class Runtime:
         """Most pictures one job may carry: the family's limit, lowered by ``TUWEN_MAX_IMAGES_PER_JOB``."""
         return min(family_max_images(self.model.config), self.settings.max_images_per_job)
 
+    @property
+    def renders_tools(self) -> bool:
+        """The checkpoint's chat template renders tools (``Prompts.renders_tools``): announced, so the gateway
+        knows whether ``tool_choice: "auto"`` could be served."""
+        return self.prompts.renders_tools
+
     @cached_property
     def vocab_size(self) -> int:
         """Rows of the model's output head: the token ids its logits cover."""
@@ -388,6 +394,10 @@ class NullRuntime(Runtime):
     @property
     def max_images(self) -> int:  # type: ignore[override]
         return self.settings.max_images_per_job
+
+    @property
+    def renders_tools(self) -> bool:
+        return False
 
     def engine(self) -> Any:
         return _NoEngine()

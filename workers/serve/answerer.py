@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuwen.pipeline import stats
+from tuwen.pipeline import stats, tool_format
 from tuwen.pipeline.errors import ErrorCode, ModelError, TuwenError, Unavailable
 from tuwen.pipeline.jobs import JobStore
 from tuwen.pipeline.schema import ErrorInfo, ImagePart, JobRequest, JobResult, JobStatus, Priority, TextPart
@@ -206,7 +206,8 @@ class Answerer:
                 job_id, piece, choice, logprobs)
         return Item(messages=tuple(messages), images=tuple(images), max_new_tokens=p.max_new_tokens,
                     sampling=Sampling.of(p), stop=tuple(p.stop), truncation=p.truncation.value, on_text=on_text,
-                    continue_final=run.job.continues, response_format=p.response_format)
+                    continue_final=run.job.continues,
+                    response_format=p.tool_call.response_format() if p.tool_call else p.response_format)
 
     @staticmethod
     def _cacheable(job: JobRequest) -> bool:
@@ -220,9 +221,11 @@ class Answerer:
                                 worker=worker, model_id=self.runtime.model_id, started_at=started,
                                 retryable=answer.error.get("retryable"))
         self.metrics.observe_answer(answer)
+        call = run.job.params.tool_call
         return self._succeeded(run, worker, started, {
             "answer": answer.answer, "prompt_tokens": answer.prompt_tokens, "generated_tokens": answer.generated_tokens,
-            "finish_reason": answer.finish_reason, "batch_size": answer.batch_size, "choices": answer.choices,
+            "finish_reason": tool_format.finish_reason(call, answer.answer, answer.finish_reason),
+            "batch_size": answer.batch_size, "choices": tool_format.choices(call, answer.choices),
             "timings": {"fetch_ms": round(fetch_ms, 1), **answer.timings}})
 
     def _succeeded(self, run: Run, worker: str, started: float, fields: dict[str, Any]) -> JobResult:
