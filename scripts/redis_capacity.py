@@ -6,7 +6,8 @@ measured alone), then answered (the worker's side), then read back (``Client.get
 commandstats`` and ``INFO stats`` are read before and after each phase: commands, Redis CPU microseconds
 (``usec``) and network bytes per job. The ceiling: ``redis-benchmark`` on the same server measures what one
 command costs beyond its own execution at saturation (syscalls, parsing), alone and 8 to a round trip; a
-job's commands plus that overhead give the jobs/s one Redis core carries, between the two. Usage, from the repository root:
+job's commands plus that overhead give the jobs/s one Redis core carries, between the two. Usage, from the
+repository root:
 
     python -m scripts.redis_capacity [jobs]
 """
