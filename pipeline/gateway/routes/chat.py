@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tuwen.pipeline.gateway import sse
-from tuwen.pipeline.gateway.chat_jobs import accept, accepted, failure, job_text, outcome
+from tuwen.pipeline.gateway.chat_jobs import accept, accepted, failure, job_text, outcome, warnings_of
 from tuwen.pipeline.gateway.deps import IdempotencyKey, State, Submitter
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute
 from tuwen.pipeline.gateway.openai_request import ChatCompletionRequest, parse_chat
@@ -72,7 +72,8 @@ async def create_chat_completion(key: Submitter, state: State, request: Request,
     model = await run_in_threadpool(served_model, state, chat.model)
     created = int(time.time())
     job_id, replayed = await run_in_threadpool(accept, state, key, chat, idempotency_key)
-    headers = accepted(state, key, "chat", job_id, replayed, chat.user, chat.metadata, chat.ignored)
+    headers = {**accepted(state, key, "chat", job_id, replayed, chat.user, chat.metadata, chat.ignored),
+               **warnings_of(chat)}
     if chat.stream:
         return StreamingResponse(relay(state, job_id, key.owner, model, created, chat.include_usage),
                                  media_type=sse.MEDIA_TYPE, headers={**sse.HEADERS, **headers})
