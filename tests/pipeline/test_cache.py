@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import pytest
 
 from tuwen.pipeline.client import Client
-from tests.conftest import TIMING
 from tests.ports import free_port
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
@@ -97,12 +96,12 @@ def test_the_cache_is_per_owner(cache_worker: WorkerProcess, cache_settings: Set
     client.close()
 
 
-@pytest.mark.xdist_group(TIMING)
 def test_a_cached_answer_streams_as_fast_as_it_comes_whole(cache_worker: WorkerProcess,
                                                            cache_settings: Settings) -> None:
     """A streamed answer from the cache has no tokens to stream: its readers used to sit out their whole
     blocking read of the stream (1 s) before they looked at the job again (1.02-1.10 s, where the same answer
-    unstreamed took 65 ms). Measured side by side, through the gateway with the SDK and with ``Client``."""
+    unstreamed took 65 ms). Measured side by side, through the gateway with the SDK and with ``Client``; the
+    bounds are generous (not in the timing group: this module's worker is its own, on its own queues)."""
     from openai import OpenAI
 
     from tuwen.pipeline.gateway.apikeys import KeyStore
