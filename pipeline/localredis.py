@@ -40,7 +40,8 @@ class LocalRedis:
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
              "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # a Ctrl-C at the terminal is for its owner, which stops it last
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + 15
         while True:
