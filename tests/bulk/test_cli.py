@@ -4,7 +4,9 @@ nothing worked; one Ctrl-C while waiting is enough. The matrices run the command
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from tuwen.pipeline.bulk.store import BulkStore
 from tuwen.pipeline.settings import Settings
 from tests.bulk.conftest import draw_pictures, write_jsonl
 from tests.cli import tuwen_here, tuwen_process
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration]
 
@@ -165,3 +168,23 @@ def test_a_question_that_is_not_text_fails_its_line_and_the_report_still_renders
     out = tuwen(idle_settings, "bulk", "report", bulk_id, "--html", str(page))
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert page.read_text(encoding="utf-8").count("invalid_question") == 2
+
+
+@pytest.mark.timeout(240)
+def test_the_documented_start_runs_as_written(worker: WorkerProcess, pipeline_settings: Settings) -> None:
+    """docs/bulk.md's "Start" block, from the repository's folder, with the settings ``tuwen serve`` gives (here
+    the session worker's): the bundled pictures are answered, one result line each."""
+    doc = (REPO / "docs" / "bulk.md").read_text(encoding="utf-8")
+    block = re.search(r"## Start\n.*?```bash\n(.*?)```", doc, re.S)
+    assert block is not None
+    commands = [line for line in block.group(1).splitlines() if line.startswith("tuwen bulk")]
+    assert len(commands) == 2, commands
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **pipeline_settings.to_env(),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the installed `tuwen`
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(commands)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    pictures = sorted(p.name for p in (REPO / "workers" / "demo" / "samples").glob("*.png"))
+    assert sorted(Path(line["image"]).name for line in lines) == pictures, out.stdout
+    assert all(line["status"] == "succeeded" and line["answer"] for line in lines), out.stdout
