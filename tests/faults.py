@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -115,24 +113,8 @@ class ComposeRedis(LocalRedis):
         super().__init__(appendonly=True, port=free_port())
         self.flags = compose_redis_flags()
 
-    def start(self) -> ComposeRedis:
-        exe = shutil.which("redis-server")
-        assert exe is not None, "redis-server is not installed"
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--logfile", str(self.directory / "redis.log"), *self.flags],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-        client.close()
-        return self
+    def persistence(self) -> list[str]:
+        return self.flags
 
     def crash(self) -> None:
         """SIGKILL: no shutdown, no final write; what survives is what the AOF already held."""

@@ -18,7 +18,7 @@ from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.localredis import LocalRedis
 from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.demo.serve import OWNER, _api_key
-from tests.bulk.test_cli import at_a_terminal
+from tests.cli import as_at_a_terminal
 from tests.gateway.conftest import run_doc_snippet
 from tests.ports import free_port
 
@@ -72,53 +72,53 @@ def test_serve_then_the_documented_snippet_streams_an_answer_and_ctrl_c_stops_ev
     port = free_port()
     t0 = time.monotonic()
     # When they run `tuwen serve` (started as at a terminal: Ctrl-C raises KeyboardInterrupt)
-    proc = subprocess.Popen([sys.executable, "-m", "tuwen.workers.cli", "serve", "--port", str(port), "--threads", "1"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=at_a_terminal)
+    pieces: set[int] = set()
     try:
-        assert proc.stdout is not None
-        printed = []
-        while "Ctrl-C stops everything." not in (line := proc.stdout.readline()):
-            assert line, "".join(printed) + proc.communicate(timeout=30)[0]
-            printed.append(line)
-        ready_s = time.monotonic() - t0
-        shown = "".join(printed)
-        # Then it prints the API's address, the playground and a key
-        assert f"http://127.0.0.1:{port}/v1" in shown and f"http://127.0.0.1:{port}/playground" in shown, shown
-        token = re.search(r"API key\s+(sk-tw-\S+)", shown)
-        assert token is not None, shown
-        assert f"{data}/tuwen/storage" in shown  # pictures in the user's data directory
-        pieces = children_of(proc.pid)
-        assert len(pieces) >= 3, (pieces, shown)  # Redis, the worker, the gateway
-        # And docs/openai.md's snippet, run as written from the repository, answers: whole, then streamed
-        sample = next(s for s in load_samples() if s.path.name == "count-photo.png")
-        printed = run_doc_snippet(openai_snippet(), f"http://127.0.0.1:{port}", token.group(1), sample.path,
-                                  monkeypatch)
-        answered_s = time.monotonic() - t0
-        lines = printed.splitlines()
-        assert all(fact in lines[0] for fact in sample.facts), printed  # the whole answer
-        assert any(all(fact in line for fact in sample.facts) for line in lines[2:]), printed  # streamed
-        assert (data / "tuwen" / "storage" / "images").is_dir()
-        # And a second `tuwen serve` of the same user, or on the same port, says why it cannot start
-        for other_env, other_port, why in (
-                (env, free_port(), f"another tuwen serve (pid {proc.pid}) uses {data}/tuwen/serve"),
-                ({**env, "XDG_DATA_HOME": str(tmp_path / "other")}, port, f"cannot listen on 127.0.0.1:{port}")):
-            second = subprocess.run([sys.executable, "-m", "tuwen.workers.cli", "serve", "--port", str(other_port)],
-                                    env=other_env, capture_output=True, text=True, timeout=60)
-            assert second.returncode == 3 and why in second.stdout, second.stdout + second.stderr
-        assert children_of(proc.pid) == pieces
-        # When Ctrl-C is pressed once
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        with as_at_a_terminal([sys.executable, "-m", "tuwen.workers.cli", "serve", "--port", str(port), "--threads",
+                               "1"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+            assert proc.stdout is not None
+            printed = []
+            while "Ctrl-C stops everything." not in (line := proc.stdout.readline()):
+                assert line, "".join(printed) + proc.communicate(timeout=30)[0]
+                printed.append(line)
+            ready_s = time.monotonic() - t0
+            shown = "".join(printed)
+            # Then it prints the API's address, the playground and a key
+            assert f"http://127.0.0.1:{port}/v1" in shown and f"http://127.0.0.1:{port}/playground" in shown, shown
+            token = re.search(r"API key\s+(sk-tw-\S+)", shown)
+            assert token is not None, shown
+            assert f"{data}/tuwen/storage" in shown  # pictures in the user's data directory
+            pieces = children_of(proc.pid)
+            assert len(pieces) >= 3, (pieces, shown)  # Redis, the worker, the gateway
+            # And docs/openai.md's snippet, run as written from the repository, answers: whole, then streamed
+            sample = next(s for s in load_samples() if s.path.name == "count-photo.png")
+            printed = run_doc_snippet(openai_snippet(), f"http://127.0.0.1:{port}", token.group(1), sample.path,
+                                      monkeypatch)
+            answered_s = time.monotonic() - t0
+            lines = printed.splitlines()
+            assert all(fact in lines[0] for fact in sample.facts), printed  # the whole answer
+            assert any(all(fact in line for fact in sample.facts) for line in lines[2:]), printed  # streamed
+            assert (data / "tuwen" / "storage" / "images").is_dir()
+            # And a second `tuwen serve` of the same user, or on the same port, says why it cannot start
+            for other_env, other_port, why in (
+                    (env, free_port(), f"another tuwen serve (pid {proc.pid}) uses {data}/tuwen/serve"),
+                    ({**env, "XDG_DATA_HOME": str(tmp_path / "other")}, port, f"cannot listen on 127.0.0.1:{port}")):
+                second = subprocess.run([sys.executable, "-m", "tuwen.workers.cli", "serve", "--port", str(other_port)],
+                                        env=other_env, capture_output=True, text=True, timeout=60)
+                assert second.returncode == 3 and why in second.stdout, second.stdout + second.stderr
+            assert children_of(proc.pid) == pieces
+            # When Ctrl-C is pressed once
+            proc.send_signal(signal.SIGINT)
+            rest, _ = proc.communicate(timeout=90)
+    finally:  # what is left is counted, then killed (the pieces run in their own sessions)
+        left = [pid for pid in pieces if alive(pid)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
     # Then it stops everything it started, and says so
     print(f"tuwen serve: ready after {ready_s:.1f}s, the snippet's streamed answer after {answered_s:.1f}s")
     assert proc.returncode == 0, rest
     assert "Traceback" not in rest and "no process of tuwen serve is left" in rest, rest
-    assert not [pid for pid in pieces if alive(pid)], rest
+    assert not left, rest
     assert answered_s < 120
 
 
