@@ -60,7 +60,8 @@ class Client:
 
     @cached_property
     def jobs(self) -> JobStore:
-        return JobStore(connect(self.settings.redis_url), self.settings.result_ttl_s)
+        return JobStore(connect(self.settings.redis_url), self.settings.result_ttl_s, self.settings.replicas_ack,
+                        self.settings.redis_replicas_ack_timeout_ms)
 
     @cached_property
     def images(self) -> Any:
@@ -188,21 +189,34 @@ class Client:
             raise outage("image storage failed", exc, code=exc.code, retryable=exc.retryable) from exc
 
     def enqueue(self, request: JobRequest) -> None:
-        """Record the job, then publish it; if publishing fails the record is removed again."""
-        self.jobs.create(request)
+        """Record the job, then publish it; if publishing fails the record is removed again. A job whose id is
+        recorded already (queued again under a reserved id, ``Idempotency``) keeps its record."""
+        created = self.jobs.create(request)
         try:
-            self.publish(request)
+            self._send(request)
         except Unavailable:
-            self.jobs.delete(request.id)
+            if created:
+                self.jobs.delete(request.id)
             raise
+        self.jobs.queued(request.id, wake=self._wakes(request))
 
     def publish(self, request: JobRequest, *, countdown: float | None = None) -> None:
         """Publish a job whose record exists (a resumed bulk line, a job given back to the queue). The job
         store runs a job once whatever the number of its messages, so publishing again is harmless."""
+        self._send(request, countdown)
+        if (wake := self._wakes(request)) is not None:
+            self.jobs.wake(wake)
+
+    def _send(self, request: JobRequest, countdown: float | None = None) -> None:
         try:
             queue.enqueue(self.celery, self.settings, request, countdown=countdown)
         except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
             raise outage("the job queue is not reachable", exc) from exc
+
+    def _wakes(self, request: JobRequest) -> str | None:
+        """The queue whose idle workers a new message of ``request`` should wake (tuwen's Redis transport)."""
+        return queue.queue_for(self.settings, request.priority) if queue.reads_wake_lists(self.settings.broker) \
+            else None
 
     def get(self, job_id: str, owner: str | None = None) -> JobResult:
         """The job's state now (``unknown`` if there is no such job). Never blocks."""

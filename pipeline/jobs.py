@@ -19,7 +19,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from tuwen.pipeline import keys
+from tuwen.pipeline import keys, sentinel
 from tuwen.pipeline.errors import Forbidden, InvalidInput, Unavailable
 from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
 
@@ -27,6 +27,20 @@ log = logging.getLogger(__name__)
 
 PREFIX = keys.JOB
 TERMINAL = ("succeeded", "failed", "cancelled")
+
+# KEYS[1]=job, then its pictures' reference sets; ARGV: ttl, job id, then the record's field/value pairs.
+# Writes a record only where there is none (a retry queueing a job again under its reserved id keeps
+# the first one, whatever became of it). Returns 1 if written, 0 if a record was there.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+for i = 2, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[2])
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+end
+return 1
+"""
 
 # KEYS[1]=job; ARGV: now, worker, max_attempts, ttl. Returns {state, attempts}.
 _CLAIM = """
@@ -144,17 +158,19 @@ def connect(url: str) -> redis.Redis:
     """A Redis client that rides out a dropped connection (one Redis restart) and reports an unreachable
     Redis within about 1.5 s: a refused connection is retried twice within 0.6 s, a connect that times
     out is not retried (it was 6 retries over 7-8 s). Reads time out after 30 s; idle connections are
-    health-checked before reuse."""
+    health-checked before reuse. A ``redis+sentinel://`` URL gives a client of the current primary, which
+    follows it through a failover (``tuwen.pipeline.sentinel``)."""
+    options: dict[str, Any] = dict(
+        decode_responses=True,
+        socket_connect_timeout=1.5,
+        socket_timeout=30,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), retries=2, supported_errors=(redis.ConnectionError,)),
+    )
     try:
-        return redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=1.5,
-            socket_timeout=30,
-            socket_keepalive=True,
-            health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), retries=2, supported_errors=(redis.ConnectionError,)),
-        )
+        target = sentinel.parse(url)
+        return sentinel.primary(target, **options) if target else redis.Redis.from_url(url, **options)
     except ValueError as exc:  # e.g. a URL without a scheme; the message does not repeat the URL
         raise InvalidInput(f"invalid Redis URL: {exc}", code="invalid_setting") from exc
 
@@ -195,9 +211,12 @@ def stream_key(job_id: str) -> str:
 class JobStore:
     """Create, claim, finish, cancel, read and wait for jobs."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, replicas: int = 0, replicas_timeout_ms: int = 1000) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        #: Replicas that must hold a job's record and its result before anyone is told (``WAIT``; 0: off).
+        self.replicas, self.replicas_timeout_ms = replicas, replicas_timeout_ms
+        self._create = client.register_script(_CREATE)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
@@ -205,25 +224,58 @@ class JobStore:
         self._delete = client.register_script(_DELETE)
 
     # -- producer side -------------------------------------------------------------------------------
-    def create(self, request: JobRequest) -> None:
+    def create(self, request: JobRequest) -> bool:
+        """Record a new job (False, and nothing changed, if a record with its id is there already)."""
         images = list(dict.fromkeys(request.image_keys))
+        fields = {
+            "status": JobStatus.queued.value,
+            "request": request.model_dump_json(),
+            "owner": request.owner,
+            "image_key": request.image_key or "",
+            "image_keys": "\n".join(images),
+            "created_at": repr(request.created_at),
+            "attempts": 0,
+            **({"stream": "1"} if request.stream else {}),
+        }
         with redis_errors():
-            pipe = self.redis.pipeline()
-            pipe.hset(_key(request.id), mapping={
-                "status": JobStatus.queued.value,
-                "request": request.model_dump_json(),
-                "owner": request.owner,
-                "image_key": request.image_key or "",
-                "image_keys": "\n".join(images),
-                "created_at": repr(request.created_at),
-                "attempts": 0,
-                **({"stream": 1} if request.stream else {}),
-            })
-            pipe.expire(_key(request.id), self.ttl_s)
-            for image in images:
-                pipe.sadd(IMAGE_REFS + image, request.id)
-                pipe.expire(IMAGE_REFS + image, self.ttl_s)
-            pipe.execute()
+            return bool(self._create(keys=[_key(request.id), *(IMAGE_REFS + image for image in images)],
+                                     args=[self.ttl_s, request.id, *(x for kv in fields.items() for x in kv)]))
+
+    def queued(self, job_id: str, wake: str | None = None) -> None:
+        """Note that the job's message is on its queue (``queued_at``: a retry of its request then does not
+        publish it again), push a wake token for an idle worker of the queue ``wake``, and with replicas to
+        wait for, wait until they hold the record and the message (``WAIT`` covers every write before this
+        one: replication is one stream). One round trip."""
+        with redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(_key(job_id), "queued_at", repr(time.time()))
+            if wake is not None:
+                pipe.lpush(keys.WAKE + wake, 1).ltrim(keys.WAKE + wake, 0, keys.WAKE_CAP - 1)
+            if self.replicas:
+                pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
+            replies = pipe.execute()
+        if self.replicas:
+            self._replicated(replies[-1], f"job {job_id}")
+
+    def was_queued(self, job_id: str) -> bool:
+        """Whether the job's message was published (``queued``), as far as the record says."""
+        with redis_errors():
+            return bool(self.redis.hexists(_key(job_id), "queued_at"))
+
+    def wake(self, queue: str) -> None:
+        """Push a wake token for an idle worker of ``queue`` (``keys.WAKE``). A token that cannot be pushed
+        costs that worker at most a second (its wait's timeout), so failing here fails nothing."""
+        try:
+            self.redis.pipeline(transaction=False).lpush(keys.WAKE + queue, 1).ltrim(
+                keys.WAKE + queue, 0, keys.WAKE_CAP - 1).execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.debug("no wake token for %s: %s", queue, exc)
+
+    def _replicated(self, acked: Any, what: str) -> None:
+        """A ``WAIT``'s reply: fewer replicas than asked within the timeout is logged and counted, not refused
+        (the write is on the primary; refusing it would fail the client without undoing it)."""
+        if int(acked) < self.replicas:
+            sentinel.counts.unreplicated(what, int(acked), self.replicas, self.replicas_timeout_ms)
 
     def delete(self, job_id: str, owner: str | None = None) -> tuple[str, dict[str, str]]:
         """Remove the job's record and result. Returns the job's owner and each of its images' fate:
@@ -393,7 +445,12 @@ class JobStore:
             for r in results:
                 self._finish(keys=[_key(r.id), stream_key(r.id)], args=[
                     r.status.value, r.model_dump_json(), now, self.ttl_s, _channel(r.id), STREAM_TTL_S], client=pipe)
-            return [int(x) == 1 for x in pipe.execute()]
+            if self.replicas:
+                pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
+            rows = pipe.execute()
+            if self.replicas:
+                self._replicated(rows.pop(), f"the results of {len(results)} jobs")
+            return [int(x) == 1 for x in rows]
 
     def requeue(self, job_ids: list[str]) -> None:
         with redis_errors():

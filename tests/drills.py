@@ -7,18 +7,28 @@ an observer that does not trust the system's own bookkeeping. Helpers, not tests
 * ``executions`` — how many answers the model produced per job, from the workers' own log lines
   (``answered job <id>``, one per answer, written before its result), not from the job store.
 * ``outcome`` — waits for the jobs and checks every answer against its picture's known facts.
+* ``Producer`` — a client submitting without pause across a fault, each id kept with when it was handed out.
+* ``GatewayProcess`` — ``tuwen gateway serve`` as a child process that a drill can SIGKILL.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tuwen.pipeline.client import Client
+from tuwen.pipeline.errors import Unavailable
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.registry import live_workers
 from tuwen.pipeline.schema import JobResult, JobStatus
@@ -29,6 +39,7 @@ from tuwen.workers.serve.hooks import Hooks
 from tuwen.workers.bench.process import WorkerProcess
 
 from tests.faults import ResultWrites
+from tests.ports import free_port
 
 ANSWERED = re.compile(r"answered job (\S+)")
 
@@ -209,3 +220,115 @@ def check(numbers: dict[str, Any], jobs: dict[str, Sample], results: dict[str, A
                                         if r.status != JobStatus.succeeded}
     assert numbers["wrong"] == 0, wrong_answers(jobs, results)
     assert numbers["observed"] == n, numbers  # the logs saw every completion
+
+
+class Producer(threading.Thread):
+    """Submits jobs one after another as a client would, across a fault: each id handed out is kept with
+    when it was handed out; a submit refused as ``Unavailable`` is counted and tried again. At most
+    ``window`` jobs are unfinished at a time, so the run lasts as long as the drill needs."""
+
+    def __init__(self, client: Client, window: int = 16) -> None:
+        super().__init__(daemon=True)
+        self.client, self.window = client, window
+        self.jobs: dict[str, Sample] = {}
+        self.handed_out_at: list[float] = []
+        self.refused = 0
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def mid_run(cls, client: Client, worker: Lives) -> Producer:
+        """A producer started and running: 10 of its jobs answered, one running on ``worker``'s own process,
+        and an id handed out within the last quarter second (the moment a drill strikes)."""
+        producer = cls(client)
+        producer.start()
+        wait_until(lambda: sum(r.status == JobStatus.succeeded for r in client.jobs.get_many(producer.ids())
+                               .values()) >= 10 and worker.own_running(client, producer.ids())
+                   and time.monotonic() - producer.handed_out_at[-1] < 0.25, 120,
+                   "10 jobs answered, one running, and an id just handed out")
+        return producer
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self.jobs)
+
+    def run(self) -> None:
+        samples = load_samples()
+        try:
+            while not self._done.is_set():
+                if self._unfinished() >= self.window:
+                    time.sleep(0.01)
+                    continue
+                sample = samples[len(self.jobs) % len(samples)]
+                try:
+                    job = self.client.submit(sample.path.read_bytes(), sample.question)
+                except Unavailable:
+                    self.refused += 1
+                    continue
+                with self._lock:
+                    self.jobs[job.id] = sample
+                    self.handed_out_at.append(time.monotonic())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def _unfinished(self) -> int:
+        try:
+            states = self.client.jobs.get_many(self.ids()[-4 * self.window:])
+        except Unavailable:
+            return self.window  # Redis is away: wait, then try again
+        return sum(not r.status.terminal for r in states.values())
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(60)
+        assert self.error is None, self.error
+
+
+class GatewayProcess:
+    """``tuwen gateway serve`` as a child process on ``settings`` (passed as ``TUWEN_*``, nothing inherited)."""
+
+    def __init__(self, settings: Settings, log_path: Path, log_level: str = "warning", **gateway: str) -> None:
+        self.settings, self.log_path, self.log_level = settings, log_path, log_level
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"TUWEN_RATE_LIMIT_PER_MINUTE": "0", **{f"TUWEN_{k.upper()}": v for k, v in gateway.items()}}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}
+        env.update({**self.settings.to_env(), **self.env, "PYTHONUNBUFFERED": "1"})
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tuwen.workers.cli", "gateway", "serve", f"--port={self.port}",
+                 f"--log-level={self.log_level}"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the gateway exited: {self.log_path.read_text(errors='replace')}"
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2, trust_env=False).status_code < 600:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError(f"the gateway did not start: {self.log_path.read_text(errors='replace')}")
+
+    def status_mb(self, field: str) -> float:
+        """``VmRSS`` (now) or ``VmHWM`` (the peak so far) of the process, in MiB, from /proc."""
+        assert self.proc is not None
+        for row in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if row.startswith(field + ":"):
+                return int(row.split()[1]) / 1024
+        raise AssertionError(f"no {field} in /proc/{self.proc.pid}/status")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuwen.pipeline import stats
+from tuwen.pipeline import stats, tool_format
 from tuwen.pipeline.errors import ErrorCode, ModelError, TuwenError, Unavailable
 from tuwen.pipeline.jobs import JobStore
 from tuwen.pipeline.schema import ErrorInfo, ImagePart, JobRequest, JobResult, JobStatus, Priority, TextPart
@@ -115,7 +115,7 @@ class Answerer:
             self._decode(runs, worker, started, fetch_ms, written, arrived)
 
     def _claim(self, jobs: list[JobRequest], worker: str) -> tuple[list[Run], list[JobResult]]:
-        claims = self.jobs.claim([j.id for j in jobs], worker)
+        claims = self._riding_out(lambda: self.jobs.claim([j.id for j in jobs], worker), f"claiming {len(jobs)} jobs")
         runs: list[Run] = []
         failed: list[JobResult] = []
         cancelled = 0
@@ -158,8 +158,8 @@ class Answerer:
                     self.streams.end(run.job.id, answer.finish_reason or "error")
                 results.append(self._result(run, answer, worker, started, fetch_ms))
                 if answer.ok and self._cacheable(run.job):
-                    fresh.append((run.job, {k: getattr(results[-1], k) for k in
-                                            ("answer", "prompt_tokens", "generated_tokens", "finish_reason")}))
+                    fresh.append((run.job, results[-1].model_dump(mode="json", exclude_none=True, include={
+                        "answer", "prompt_tokens", "generated_tokens", "finish_reason", "choices"})))
             self.streams.flush()
             self._write(results, written)
         ticket.wait()
@@ -202,10 +202,12 @@ class Answerer:
         on_text = None
         if run.job.stream:
             job_id = run.job.id
-            on_text = lambda piece: self.streams.text(job_id, piece)  # noqa: E731 - runs on the decode thread
+            on_text = lambda piece, choice=0, logprobs=None: self.streams.text(  # noqa: E731 - on the decode thread
+                job_id, piece, choice, logprobs)
         return Item(messages=tuple(messages), images=tuple(images), max_new_tokens=p.max_new_tokens,
                     sampling=Sampling.of(p), stop=tuple(p.stop), truncation=p.truncation.value, on_text=on_text,
-                    continue_final=run.job.continues, response_format=p.response_format)
+                    continue_final=run.job.continues,
+                    response_format=p.tool_call.response_format() if p.tool_call else p.response_format)
 
     @staticmethod
     def _cacheable(job: JobRequest) -> bool:
@@ -219,9 +221,11 @@ class Answerer:
                                 worker=worker, model_id=self.runtime.model_id, started_at=started,
                                 retryable=answer.error.get("retryable"))
         self.metrics.observe_answer(answer)
+        call = run.job.params.tool_call
         return self._succeeded(run, worker, started, {
             "answer": answer.answer, "prompt_tokens": answer.prompt_tokens, "generated_tokens": answer.generated_tokens,
-            "finish_reason": answer.finish_reason, "batch_size": answer.batch_size,
+            "finish_reason": tool_format.finish_reason(call, answer.answer, answer.finish_reason),
+            "batch_size": answer.batch_size, "choices": tool_format.choices(call, answer.choices),
             "timings": {"fetch_ms": round(fetch_ms, 1), **answer.timings}})
 
     def _succeeded(self, run: Run, worker: str, started: float, fields: dict[str, Any]) -> JobResult:
@@ -304,21 +308,25 @@ class Answerer:
         """Write results, riding out a short Redis outage (the messages are acknowledged after this)."""
         if not results:
             return
-        delay, deadline = 0.5, time.monotonic() + max(60.0, self.settings.visibility_timeout_s / 4)
-        while True:
-            try:
-                first = self.jobs.finish(results)
-                break
-            except Unavailable:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("Redis unavailable while writing %d results; retrying in %.1fs", len(results), delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        first = self._riding_out(lambda: self.jobs.finish(results), f"writing {len(results)} results")
         written += results
         fresh = [r for r, w in zip(results, first) if w]
         self._account(fresh)
         self.events.ended(fresh)
+
+    def _riding_out(self, step: Callable[[], Any], what: str) -> Any:
+        """``step()``, tried again through a Redis outage (a restart, a Sentinel failover) for up to a quarter
+        of the visibility timeout (at least a minute): the jobs' messages are unacknowledged meanwhile."""
+        delay, deadline = 0.5, time.monotonic() + max(60.0, self.settings.visibility_timeout_s / 4)
+        while True:
+            try:
+                return step()
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("Redis unavailable while %s; retrying in %.1fs", what, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _count_cancelled(self, n: int) -> None:
         """Jobs cancelled while queued are counted when a worker takes them off the queue (the
