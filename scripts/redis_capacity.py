@@ -45,7 +45,7 @@ def delta(before: dict[str, Any], after: dict[str, Any], jobs: int) -> dict[str,
     calls, usec = after["calls"] - before["calls"], after["usec"] - before["usec"]
     return {"calls": sum(calls.values()) / jobs, "usec": sum(usec.values()) / jobs,
             "bytes_in": (after["in"] - before["in"]) / jobs, "bytes_out": (after["out"] - before["out"]) / jobs,
-            "by_command": {k: round(v / jobs, 2) for k, v in calls.most_common(12)}}
+            "by_command": {k: round(v / jobs, 2) for k, v in calls.most_common(40)}}
 
 
 def overhead_us(port: int, r: redis.Redis, pipeline: int) -> float:
