@@ -183,21 +183,30 @@ class JobStore:
 
     # -- producer side -------------------------------------------------------------------------------
     def create(self, request: JobRequest) -> None:
-        images = list(dict.fromkeys(request.image_keys))
+        self.create_many([request])
+
+    def create_many(self, requests: Iterable[JobRequest]) -> None:
+        """Record jobs as ``queued``, all or none, in one round trip (each picture's job references in one
+        command)."""
+        refs: dict[str, list[str]] = {}
         with redis_errors():
             pipe = self.redis.pipeline()
-            pipe.hset(_key(request.id), mapping={
-                "status": JobStatus.queued.value,
-                "request": request.model_dump_json(),
-                "owner": request.owner,
-                "image_key": request.image_key or "",
-                "image_keys": "\n".join(images),
-                "created_at": repr(request.created_at),
-                "attempts": 0,
-            })
-            pipe.expire(_key(request.id), self.ttl_s)
-            for image in images:
-                pipe.sadd(IMAGE_REFS + image, request.id)
+            for request in requests:
+                images = list(dict.fromkeys(request.image_keys))
+                pipe.hset(_key(request.id), mapping={
+                    "status": JobStatus.queued.value,
+                    "request": request.model_dump_json(),
+                    "owner": request.owner,
+                    "image_key": request.image_key or "",
+                    "image_keys": "\n".join(images),
+                    "created_at": repr(request.created_at),
+                    "attempts": 0,
+                })
+                pipe.expire(_key(request.id), self.ttl_s)
+                for image in images:
+                    refs.setdefault(image, []).append(request.id)
+            for image, ids in refs.items():
+                pipe.sadd(IMAGE_REFS + image, *ids)
                 pipe.expire(IMAGE_REFS + image, self.ttl_s)
             pipe.execute()
 
@@ -225,6 +234,14 @@ class JobStore:
     def is_image_owner(self, image_key: str, owner: str) -> bool:
         with redis_errors():
             return bool(self.redis.sismember(IMAGE_OWNERS + image_key, owner))
+
+    def image_owners(self, image_keys: list[str], owner: str) -> list[bool]:
+        """``is_image_owner`` for each key, in one round trip."""
+        with redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for key in image_keys:
+                pipe.sismember(IMAGE_OWNERS + key, owner)
+            return [bool(x) for x in pipe.execute()]
 
     def request(self, job_id: str) -> JobRequest | None:
         with redis_errors():
