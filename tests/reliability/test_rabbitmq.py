@@ -7,6 +7,7 @@ package. Where it is missing, these tests skip locally and fail in CI.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from tuwen.pipeline.app import make_celery
+from tuwen.pipeline.bulk.manifest import open_source
+from tuwen.pipeline.bulk.store import BulkStore
+from tuwen.pipeline.bulk.submission import CHUNK
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
 from tests.ports import free_port
@@ -24,6 +28,7 @@ from tests.drills import Lives, assert_kills_landed, check, kill_log, kill_repea
 from tests.faults import ResultWrites, report
 from tests.rabbit import LocalRabbit
 from tests.s3servers import S3Endpoint
+from tuwen.workers.demo.samples import load_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -81,3 +86,22 @@ def test_kill_9_on_rabbitmq(rabbit_settings: Settings, tmp_path: Path, lives: li
     assert numbers["publishes"] == 40 and numbers["duplicated"] == 0, numbers
     assert_kills_landed(kills, results, 2)
     assert numbers["recomputed"] >= 2, numbers
+
+
+def test_a_bulk_is_published_batch_by_batch_onto_a_quorum_queue(rabbit_settings: Settings, tmp_path: Path) -> None:
+    # Given more than a batch of lines (RabbitMQ cannot batch: its messages go one by one, confirmed)
+    client = Client(rabbit_settings)
+    key = client.store_image(load_samples()[0].path)
+    rows = [{"custom_id": f"r{i}", "image": key, "question": "图中有什么？"} for i in range(CHUNK + 44)]
+    manifest = tmp_path / "in.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    # When it is submitted with no worker running
+    bulk = BulkStore(client).submit(open_source(manifest))
+    # Then every line is queued once, on the bulk queue, declared as a quorum queue
+    assert bulk.queued == len(rows)
+    app = make_celery(rabbit_settings)
+    with app.connection_for_write() as conn:
+        queued = conn.default_channel.queue_declare(rabbit_settings.bulk_queue, durable=True, auto_delete=False,
+                                                    arguments={"x-queue-type": "quorum"})
+    assert queued.message_count == len(rows)
+    client.close()
