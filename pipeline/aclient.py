@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from tuwen.pipeline.client import Client, ImageInput
 from tuwen.pipeline.jobs import JobStore, outage
+from tuwen.pipeline import sentinel
 from tuwen.pipeline.keys import DONE, JOB
 from tuwen.pipeline.schema import JobResult, JobStatus
 from tuwen.pipeline.settings import Settings
@@ -38,9 +39,11 @@ class AsyncClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.sync = Client(settings)
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=30,
-            health_check_interval=15, max_connections=256)
+        options: dict[str, Any] = dict(decode_responses=True, socket_connect_timeout=2, socket_timeout=30,
+                                       health_check_interval=15, max_connections=256)
+        target = sentinel.parse(settings.redis_url)
+        self.redis: aioredis.Redis = (sentinel.async_primary(target, **options) if target
+                                      else aioredis.Redis.from_url(settings.redis_url, **options))
 
     @classmethod
     def from_env(cls, **overrides: Any) -> AsyncClient:

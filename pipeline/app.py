@@ -21,6 +21,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from tuwen.pipeline import sentinel
 from tuwen.pipeline.schema import JobRequest, Priority
 from tuwen.pipeline.settings import Settings
 
@@ -31,8 +32,9 @@ PUBLISH_BATCH = 1024
 
 def transport_options(settings: Settings) -> dict[str, Any]:
     """Redis broker options: every connection has connect and read timeouts, TCP keepalive and a health
-    check before reuse, so a dead or half-open connection is noticed instead of waited on."""
-    return {
+    check before reuse, so a dead or half-open connection is noticed instead of waited on. A Sentinel
+    deployment adds its service name and how to reach the sentinels."""
+    options = {
         "visibility_timeout": settings.visibility_timeout_s,
         # How often kombu looks for messages older than the visibility timeout (default ~100 s). A dead
         # worker's jobs come back much sooner through tuwen's reaper (tuwen.workers.serve.reaper).
@@ -45,11 +47,19 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "health_check_interval": 25,
         "retry_on_timeout": True,
     }
+    target = sentinel.parse(settings.broker)
+    return {**options, **target.transport_options(options)} if target else options
+
+
+def broker_url(settings: Settings) -> str:
+    """The broker URL as kombu reads it (``redis+sentinel://`` becomes its ``sentinel://`` list)."""
+    target = sentinel.parse(settings.broker)
+    return target.kombu_url() if target else settings.broker
 
 
 def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
     """A configured app. ``worker=True`` also sets the consumer-side knobs (prefetch, events)."""
-    app = Celery("tuwen", broker=settings.broker, set_as_current=False)
+    app = Celery("tuwen", broker=broker_url(settings), set_as_current=False)
     conf: dict[str, Any] = {
         "task_serializer": "json",
         "result_serializer": "json",

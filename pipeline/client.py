@@ -66,7 +66,8 @@ class Client:
 
     @cached_property
     def jobs(self) -> JobStore:
-        return JobStore(connect(self.settings.redis_url), self.settings.result_ttl_s)
+        return JobStore(connect(self.settings.redis_url), self.settings.result_ttl_s, self.settings.replicas_ack,
+                        self.settings.redis_replicas_ack_timeout_ms)
 
     @cached_property
     def images(self) -> Any:
@@ -212,6 +213,7 @@ class Client:
         except Unavailable:
             self.jobs.delete(request.id)
             raise
+        self.jobs.queued(request.id)
 
     def publish(self, request: JobRequest, *, countdown: float | None = None) -> None:
         """Publish a job whose record exists (a resumed bulk line, a job given back to the queue). The job

@@ -19,7 +19,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from tuwen.pipeline import keys
+from tuwen.pipeline import keys, sentinel
 from tuwen.pipeline.errors import Forbidden, InvalidInput, Unavailable
 from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
 
@@ -125,17 +125,19 @@ def connect(url: str) -> redis.Redis:
     """A Redis client that rides out a dropped connection (one Redis restart) and reports an unreachable
     Redis within about 1.5 s: a refused connection is retried twice within 0.6 s, a connect that times
     out is not retried (it was 6 retries over 7-8 s). Reads time out after 30 s; idle connections are
-    health-checked before reuse."""
+    health-checked before reuse. A ``redis+sentinel://`` URL gives a client of the current primary, which
+    follows it through a failover (``tuwen.pipeline.sentinel``)."""
+    options: dict[str, Any] = dict(
+        decode_responses=True,
+        socket_connect_timeout=1.5,
+        socket_timeout=30,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), retries=2, supported_errors=(redis.ConnectionError,)),
+    )
     try:
-        return redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=1.5,
-            socket_timeout=30,
-            socket_keepalive=True,
-            health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), retries=2, supported_errors=(redis.ConnectionError,)),
-        )
+        target = sentinel.parse(url)
+        return sentinel.primary(target, **options) if target else redis.Redis.from_url(url, **options)
     except ValueError as exc:  # e.g. a URL without a scheme; the message does not repeat the URL
         raise InvalidInput(f"invalid Redis URL: {exc}", code="invalid_setting") from exc
 
@@ -172,9 +174,11 @@ def _channel(job_id: str) -> str:
 class JobStore:
     """Create, claim, finish, cancel, read and wait for jobs."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, replicas: int = 0, replicas_timeout_ms: int = 1000) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        #: Replicas that must hold a job's record and its result before anyone is told (``WAIT``; 0: off).
+        self.replicas, self.replicas_timeout_ms = replicas, replicas_timeout_ms
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
@@ -209,6 +213,23 @@ class JobStore:
                 pipe.sadd(IMAGE_REFS + image, *ids)
                 pipe.expire(IMAGE_REFS + image, self.ttl_s)
             pipe.execute()
+
+    def queued(self, job_id: str) -> None:
+        """Note that the job's message is on the queue, and with replicas to wait for, wait until they hold
+        the record and the message (``WAIT`` covers every write before this one: replication is one stream)."""
+        if not self.replicas:
+            return
+        with redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(_key(job_id), "queued_at", repr(time.time()))
+            pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
+            self._replicated(pipe.execute()[-1], f"job {job_id}")
+
+    def _replicated(self, acked: Any, what: str) -> None:
+        """A ``WAIT``'s reply: fewer replicas than asked within the timeout is logged and counted, not refused
+        (the write is on the primary; refusing it would fail the client without undoing it)."""
+        if int(acked) < self.replicas:
+            sentinel.counts.unreplicated(what, int(acked), self.replicas, self.replicas_timeout_ms)
 
     def delete(self, job_id: str, owner: str | None = None) -> tuple[str, dict[str, str]]:
         """Remove the job's record and result. Returns the job's owner and each of its images' fate:
@@ -385,7 +406,12 @@ class JobStore:
             for r in results:
                 self._finish(keys=[_key(r.id)], args=[r.status.value, r.model_dump_json(), now, self.ttl_s,
                                                       _channel(r.id)], client=pipe)
-            return [int(x) == 1 for x in pipe.execute()]
+            if self.replicas:
+                pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
+            rows = pipe.execute()
+            if self.replicas:
+                self._replicated(rows.pop(), f"the results of {len(results)} jobs")
+            return [int(x) == 1 for x in rows]
 
     def requeue(self, job_ids: list[str]) -> None:
         with redis_errors():

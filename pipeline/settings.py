@@ -11,13 +11,14 @@ from urllib.parse import urlsplit
 from pydantic import BeforeValidator, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tuwen.pipeline import sentinel
 from tuwen.pipeline.schema import MAX_NEW_TOKENS
 
 #: The example secrets of ``.env.example`` (and their like): a service refuses to start with one of them.
 PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "change-me-to-a-long-random-string", "replace-me",
                                  "secret", "password"})
 #: URL schemes for ``TUWEN_REDIS_URL`` and (with the AMQP ones) ``TUWEN_BROKER_URL``.
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", sentinel.SCHEME)
 BROKER_SCHEMES = REDIS_SCHEMES + ("amqp", "amqps", "pyamqp")
 
 
@@ -139,8 +140,14 @@ class Settings(TuwenSettings):
     worker_groups: int = Field(4, ge=1, le=64)
 
     # -- queue ---------------------------------------------------------------------------------------
-    #: Redis for job state, results and (by default) the queue.
+    #: Redis for job state, results and (by default) the queue; ``redis+sentinel://h1:26379,h2:26379/<service>/<db>``
+    #: follows a Sentinel deployment's primary through failovers (docs/deployment.md).
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Replicas that must hold a job's record, and its result, before the client is told of them (Redis
+    #: ``WAIT``), so that a failover cannot lose what a client was told. Unset: 1 with Sentinel, else 0 (off).
+    redis_replicas_ack: int | None = Field(None, ge=0, le=16)
+    #: Longest a write waits for those replicas; past it the write goes on, logged and counted.
+    redis_replicas_ack_timeout_ms: int = Field(1000, ge=1, le=60_000)
     #: Celery broker; defaults to ``redis_url``. Job state always lives in Redis.
     broker_url: str | None = None
     #: Queue for interactive jobs; workers always read it before the bulk queue.
@@ -200,6 +207,7 @@ class Settings(TuwenSettings):
         if value is not None and (not sep or scheme not in schemes):
             raise ValueError(f"not a URL tuwen can use: it must start with {', '.join(s + '://' for s in schemes)} "
                              "(for example redis://127.0.0.1:6379/0)")
+        sentinel.parse(value or "")  # a malformed Sentinel URL says how it should look
         return value
 
     @model_validator(mode="after")
@@ -227,6 +235,13 @@ class Settings(TuwenSettings):
     @property
     def broker(self) -> str:
         return self.broker_url or self.redis_url
+
+    @property
+    def replicas_ack(self) -> int:
+        """``redis_replicas_ack`` as it applies: 1 with Sentinel unless set."""
+        if self.redis_replicas_ack is not None:
+            return self.redis_replicas_ack
+        return 1 if sentinel.parse(self.redis_url) else 0
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``TUWEN_*`` variables, for starting a worker process with the same view."""

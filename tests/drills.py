@@ -7,11 +7,13 @@ an observer that does not trust the system's own bookkeeping. Helpers, not tests
 * ``executions`` — how many answers the model produced per job, from the workers' own log lines
   (``answered job <id>``, one per answer, written before its result), not from the job store.
 * ``outcome`` — waits for the jobs and checks every answer against its picture's known facts.
+* ``Producer`` — a client submitting without pause across a fault, each id kept with when it was handed out.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tuwen.pipeline.client import Client
+from tuwen.pipeline.errors import Unavailable
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.registry import live_workers
 from tuwen.pipeline.schema import JobResult, JobStatus
@@ -209,3 +212,66 @@ def check(numbers: dict[str, Any], jobs: dict[str, Sample], results: dict[str, A
                                         if r.status != JobStatus.succeeded}
     assert numbers["wrong"] == 0, wrong_answers(jobs, results)
     assert numbers["observed"] == n, numbers  # the logs saw every completion
+
+
+class Producer(threading.Thread):
+    """Submits jobs one after another as a client would, across a fault: each id handed out is kept with
+    when it was handed out; a submit refused as ``Unavailable`` is counted and tried again. At most
+    ``window`` jobs are unfinished at a time, so the run lasts as long as the drill needs."""
+
+    def __init__(self, client: Client, window: int = 16) -> None:
+        super().__init__(daemon=True)
+        self.client, self.window = client, window
+        self.jobs: dict[str, Sample] = {}
+        self.handed_out_at: list[float] = []
+        self.refused = 0
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def mid_run(cls, client: Client, worker: Lives) -> Producer:
+        """A producer started and running: 10 of its jobs answered, one running on ``worker``'s own process,
+        and an id handed out within the last quarter second (the moment a drill strikes)."""
+        producer = cls(client)
+        producer.start()
+        wait_until(lambda: sum(r.status == JobStatus.succeeded for r in client.jobs.get_many(producer.ids())
+                               .values()) >= 10 and worker.own_running(client, producer.ids())
+                   and time.monotonic() - producer.handed_out_at[-1] < 0.25, 120,
+                   "10 jobs answered, one running, and an id just handed out")
+        return producer
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self.jobs)
+
+    def run(self) -> None:
+        samples = load_samples()
+        try:
+            while not self._done.is_set():
+                if self._unfinished() >= self.window:
+                    time.sleep(0.01)
+                    continue
+                sample = samples[len(self.jobs) % len(samples)]
+                try:
+                    job = self.client.submit(sample.path.read_bytes(), sample.question)
+                except Unavailable:
+                    self.refused += 1
+                    continue
+                with self._lock:
+                    self.jobs[job.id] = sample
+                    self.handed_out_at.append(time.monotonic())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def _unfinished(self) -> int:
+        try:
+            states = self.client.jobs.get_many(self.ids()[-4 * self.window:])
+        except Unavailable:
+            return self.window  # Redis is away: wait, then try again
+        return sum(not r.status.terminal for r in states.values())
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(60)
+        assert self.error is None, self.error

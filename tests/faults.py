@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -122,16 +123,7 @@ class ComposeRedis(LocalRedis):
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
              "--logfile", str(self.directory / "redis.log"), *self.flags],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-        client.close()
+        wait_for_port(self.port, self.proc)
         return self
 
     def crash(self) -> None:
@@ -221,3 +213,103 @@ class ResultWrites(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+class SentinelRedis:
+    """A Redis deployment behind Sentinel, as production runs one: a primary and two replicas (AOF, fsync
+    every second, as docker-compose.yml), watched by three sentinels (quorum 2). ``kill_primary()``
+    SIGKILLs the primary; the sentinels then promote the replica. ``url`` is tuwen's
+    ``redis+sentinel://`` URL for it. ``down_after_ms`` is the sentinels' own setting (Redis's default
+    is 30 s; a drill shortens only how long the outage lasts, not what tuwen does through it)."""
+
+    SERVICE = "tuwen"
+
+    def __init__(self, down_after_ms: int = 3000) -> None:
+        self.exe = shutil.which("redis-server")
+        assert self.exe is not None, "redis-server is not installed"
+        self.directory = Path(tempfile.mkdtemp(prefix="tuwen-sentinel-"))
+        self.down_after_ms = down_after_ms
+        self.ports = [free_port() for _ in range(3)]  # the first starts as primary
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.SERVICE}/0"
+
+    def _start(self, port: int, *args: str) -> None:
+        self.procs[port] = subprocess.Popen([self.exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(port, self.procs[port])
+
+    def __enter__(self) -> SentinelRedis:
+        primary = self.ports[0]
+        for port in self.ports:
+            data = self.directory / str(port)
+            data.mkdir()
+            extra = ["--replicaof", "127.0.0.1", str(primary)] if port != primary else []
+            self._start(port, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--logfile",
+                        str(data / "redis.log"), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                        *extra)
+        for port in self.sentinel_ports:
+            conf = self.directory / f"sentinel-{port}.conf"
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                            f"logfile {self.directory / f'sentinel-{port}.log'}\n"
+                            f"sentinel monitor {self.SERVICE} 127.0.0.1 {primary} 2\n"
+                            f"sentinel down-after-milliseconds {self.SERVICE} {self.down_after_ms}\n"
+                            f"sentinel failover-timeout {self.SERVICE} 10000\n")
+            self._start(port, str(conf), "--sentinel")
+        # Ready when every sentinel knows the replica and the two other sentinels
+        deadline = time.monotonic() + 60
+        while not all(self._sentinel(p, "SENTINEL", "MASTER", self.SERVICE).get("num-slaves") == "2" and
+                      self._sentinel(p, "SENTINEL", "MASTER", self.SERVICE).get("num-other-sentinels") == "2"
+                      for p in self.sentinel_ports):
+            assert time.monotonic() < deadline, "the sentinels did not find each other and the replicas"
+            time.sleep(0.2)
+        return self
+
+    def _sentinel(self, port: int, *command: str) -> dict[str, str]:
+        client = redis.Redis(port=port, decode_responses=True, socket_timeout=2)
+        try:
+            reply = client.execute_command(*command)
+            return dict(zip(reply[::2], reply[1::2])) if isinstance(reply, list) else reply
+        finally:
+            client.close()
+
+    def primary_port(self) -> int:
+        """The primary's port as the sentinels name it now (the majority's answer)."""
+        named = Counter(int(redis.Redis(port=p, decode_responses=True, socket_timeout=2)
+                            .sentinel_get_master_addr_by_name(self.SERVICE)[1]) for p in self.sentinel_ports)
+        return named.most_common(1)[0][0]
+
+    def kill_primary(self) -> int:
+        port = self.primary_port()
+        self.procs[port].send_signal(signal.SIGKILL)
+        self.procs[port].wait()
+        return port
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, f"redis-server did not start on {port}"
+                time.sleep(0.02)
+    finally:
+        client.close()

@@ -15,6 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tuwen.pipeline import sentinel
+
 
 #: The methods counted by name; any other is ``other``.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -43,6 +45,7 @@ class Metrics:
                                  registry=self.registry)
         self.webhooks = Counter("tuwen_gateway_webhook_deliveries", "Webhook attempts by outcome",
                                 ["outcome"], registry=self.registry)
+        self.registry.register(sentinel.collector())  # Redis failovers followed, writes not replicated in time
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text of this registry, and its content type."""

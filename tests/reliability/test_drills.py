@@ -10,7 +10,6 @@ docs/reliability.md come from it, through scripts/drill_table.py).
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -28,11 +27,11 @@ from tests.ports import free_port
 from tuwen.pipeline.schema import JobRequest, JobStatus
 from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings
-from tests.drills import (Lives, assert_kills_landed, check, executions, kill_log, kill_repeatedly, outcome,
-                          submit_samples, wait_until)
+from tests.drills import (Lives, Producer, assert_kills_landed, check, executions, kill_log, kill_repeatedly,
+                          outcome, submit_samples, wait_until)
 from tests.faults import ComposeRedis, ResultWrites, TcpProxy, report
 from tests.s3servers import S3Endpoint
-from tuwen.workers.demo.samples import Sample, load_samples
+from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.demo.scenes import has_facts
 from tuwen.workers.serve.hooks import Hooks, injected_oom
 from tuwen.workers.bench.process import WorkerProcess
@@ -77,57 +76,6 @@ def test_kill_9_worker_three_times_during_a_run(drill_redis: LocalRedis, s3: S3E
     assert numbers["recomputed"] >= 3, numbers
 
 
-class Producer(threading.Thread):
-    """Submits jobs one after another as a client would, across a fault: each id handed out is kept with
-    when it was handed out; a submit refused as ``Unavailable`` is counted and tried again. At most
-    ``window`` jobs are unfinished at a time, so the run lasts as long as the drill needs."""
-
-    def __init__(self, client: Client, window: int = 16) -> None:
-        super().__init__(daemon=True)
-        self.client, self.window = client, window
-        self.jobs: dict[str, Sample] = {}
-        self.handed_out_at: list[float] = []
-        self.refused = 0
-        self.error: BaseException | None = None
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-
-    def ids(self) -> list[str]:
-        with self._lock:
-            return list(self.jobs)
-
-    def run(self) -> None:
-        samples = load_samples()
-        try:
-            while not self._done.is_set():
-                if self._unfinished() >= self.window:
-                    time.sleep(0.01)
-                    continue
-                sample = samples[len(self.jobs) % len(samples)]
-                try:
-                    job = self.client.submit(sample.path.read_bytes(), sample.question)
-                except Unavailable:
-                    self.refused += 1
-                    continue
-                with self._lock:
-                    self.jobs[job.id] = sample
-                    self.handed_out_at.append(time.monotonic())
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-    def _unfinished(self) -> int:
-        try:
-            states = self.client.jobs.get_many(self.ids()[-4 * self.window:])
-        except Unavailable:
-            return self.window  # Redis is away: wait, then try again
-        return sum(not r.status.terminal for r in states.values())
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join(60)
-        assert self.error is None, self.error
-
-
 def test_redis_sigkilled_mid_run_with_the_compose_persistence(s3: S3Endpoint, tmp_path: Path,
                                                               lives: list[Lives]) -> None:
     """What can a client lose when Redis dies? An id handed out that is then never answered and unknown."""
@@ -142,12 +90,7 @@ def test_redis_sigkilled_mid_run_with_the_compose_persistence(s3: S3Endpoint, tm
         lives.append(worker)
         pid = worker.start().proc.pid  # type: ignore[union-attr]
         # ... a producer submitting without pause, and the worker answering
-        producer = Producer(client)
-        producer.start()
-        wait_until(lambda: sum(r.status == JobStatus.succeeded for r in client.jobs.get_many(producer.ids())
-                               .values()) >= 10 and worker.own_running(client, producer.ids())
-                   and time.monotonic() - producer.handed_out_at[-1] < 0.25, 120,
-                   "10 jobs answered, one running, and an id just handed out")
+        producer = Producer.mid_run(client, worker)
         # When Redis is killed with SIGKILL mid-run and its supervisor starts it again on the same data
         server.crash()
         crashed = time.monotonic()

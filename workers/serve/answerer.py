@@ -115,7 +115,7 @@ class Answerer:
             self._decode(runs, worker, started, fetch_ms, written, arrived)
 
     def _claim(self, jobs: list[JobRequest], worker: str) -> tuple[list[Run], list[JobResult]]:
-        claims = self.jobs.claim([j.id for j in jobs], worker)
+        claims = self._riding_out(lambda: self.jobs.claim([j.id for j in jobs], worker), f"claiming {len(jobs)} jobs")
         runs: list[Run] = []
         failed: list[JobResult] = []
         cancelled = 0
@@ -302,21 +302,25 @@ class Answerer:
         """Write results, riding out a short Redis outage (the messages are acknowledged after this)."""
         if not results:
             return
-        delay, deadline = 0.5, time.monotonic() + max(60.0, self.settings.visibility_timeout_s / 4)
-        while True:
-            try:
-                first = self.jobs.finish(results)
-                break
-            except Unavailable:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("Redis unavailable while writing %d results; retrying in %.1fs", len(results), delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        first = self._riding_out(lambda: self.jobs.finish(results), f"writing {len(results)} results")
         written += results
         fresh = [r for r, w in zip(results, first) if w]
         self._account(fresh)
         self.events.ended(fresh)
+
+    def _riding_out(self, step: Callable[[], Any], what: str) -> Any:
+        """``step()``, tried again through a Redis outage (a restart, a Sentinel failover) for up to a quarter
+        of the visibility timeout (at least a minute): the jobs' messages are unacknowledged meanwhile."""
+        delay, deadline = 0.5, time.monotonic() + max(60.0, self.settings.visibility_timeout_s / 4)
+        while True:
+            try:
+                return step()
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("Redis unavailable while %s; retrying in %.1fs", what, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _count_cancelled(self, n: int) -> None:
         """Jobs cancelled while queued are counted when a worker takes them off the queue (the

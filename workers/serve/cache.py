@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
+
+import redis
 
 from tuwen.pipeline.jobs import cache_prefix
 from tuwen.pipeline.schema import JobRequest
+
+log = logging.getLogger(__name__)
 
 
 def cache_key(job: JobRequest, model_id: str) -> str:
@@ -34,7 +39,11 @@ class AnswerCache:
         """``{job id: cached entry}`` for the jobs the cache knows."""
         if not jobs:
             return {}
-        values = self.redis.mget([cache_key(j, model_id) for j in jobs])
+        try:
+            values = self.redis.mget([cache_key(j, model_id) for j in jobs])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # the cache only saves work: all misses
+            log.warning("answer cache unreachable, answering %d jobs afresh: %s", len(jobs), exc)
+            return {}
         return {j.id: json.loads(v) for j, v in zip(jobs, values) if v}
 
     def store(self, entries: list[tuple[JobRequest, dict[str, Any]]], model_id: str) -> None:
@@ -43,5 +52,8 @@ class AnswerCache:
         pipe = self.redis.pipeline(transaction=False)
         for job, entry in entries:
             pipe.set(cache_key(job, model_id), json.dumps(entry, ensure_ascii=False), ex=self.ttl_s)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("answer cache unreachable, %d answers not cached: %s", len(entries), exc)
 

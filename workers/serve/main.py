@@ -64,7 +64,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, settings.metrics_address)
         log.info("metrics on %s:%d/metrics", settings.metrics_address, settings.metrics_port)
-    jobs = JobStore(redis_client, settings.result_ttl_s)
+    jobs = JobStore(redis_client, settings.result_ttl_s, settings.replicas_ack, settings.redis_replicas_ack_timeout_ms)
     pulse = Pulse()
     app, _ = make_worker_app(settings, runtime, scheduler, jobs, open_images(settings), metrics, hostname,
                              screen=Screen(jobs, metrics, hostname, pulse.consumed))

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tuwen.pipeline import sentinel
+
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
@@ -77,6 +79,7 @@ class WorkerMetrics:
                                  registry=r)
         self.device_memory = Gauge("tuwen_device_memory_bytes", "CUDA memory allocated (peak since start)",
                                    ["kind"], registry=r)
+        r.register(sentinel.collector())  # Redis failovers followed, writes not replicated in time
 
     def watch_queues(self, redis: Any, queues: Iterable[str]) -> None:
         self.registry.register(QueueDepth(redis, queues))

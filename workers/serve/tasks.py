@@ -197,7 +197,7 @@ def make_worker_app(settings: Settings, runtime: Runtime, scheduler: Scheduler, 
     messages it cannot run to ``screen`` (``tuwen.workers.serve.poison``) and never blocks on a pub/sub read."""
     app = queue.make_celery(settings, worker=True)
     if transport.applies_to(settings.broker):
-        app.conf.broker_transport = f"{transport.__name__}:Transport"
+        app.conf.broker_transport = transport.transport_for(settings.broker)
         app.conf.broker_transport_options = {
             **app.conf.broker_transport_options, "tuwen_screen": transport.screen_option(screen) if screen else None,
             "tuwen_interactive_queues": (settings.interactive_queue,), "tuwen_interactive_room": HANDOVER_ROWS}

@@ -22,7 +22,8 @@
   acknowledged. When the prefetch is full the worker still reads its interactive queues, holding up to
   ``tuwen_interactive_room`` such messages beyond it.
 
-Only the worker uses it, for ``redis://`` brokers (``broker_transport``); producers keep kombu's own.
+Only the worker uses it, for ``redis://`` and ``redis+sentinel://`` brokers (``broker_transport``); producers keep
+kombu's own.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
+
+from tuwen.pipeline import sentinel
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +242,24 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same channel on kombu's Sentinel pool: each new connection goes to the current primary."""
+
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + (
+        "tuwen_screen", "tuwen_interactive_queues", "tuwen_interactive_room")
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 def applies_to(broker_url: str) -> bool:
-    """Whether a worker uses this transport (and the reaper) for ``broker_url``: plain ``redis://``."""
-    return broker_url.startswith("redis://")
+    """Whether a worker uses this transport (and the reaper) for ``broker_url``: ``redis://`` or
+    ``redis+sentinel://``."""
+    return broker_url.startswith(("redis://", sentinel.SCHEME + "://"))
+
+
+def transport_for(broker_url: str) -> str:
+    """The transport class a worker names in ``broker_transport`` for ``broker_url``."""
+    kind = "SentinelTransport" if sentinel.parse(broker_url) else "Transport"
+    return f"{__name__}:{kind}"

@@ -1,0 +1,144 @@
+"""Redis behind Sentinel: tuwen's URL for it, and a failover drill with real processes.
+
+The drill runs a primary, a replica and three sentinels; a producer submits without pause and a worker
+answers; the primary is SIGKILLed while the worker runs a job it claimed. The sentinels promote the
+replica, and every client (the producer's, the worker's job store, its Celery consumer and reaper, an
+``AsyncClient``) must follow without a restart. Every id handed out must then be answered, right,
+seen answered in the worker's own log, and nothing unknown: writes a client heard of were on the
+replica before it heard (``TUWEN_REDIS_REPLICAS_ACK``, on by default with Sentinel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from pydantic import ValidationError
+
+from tuwen.pipeline import sentinel
+from tuwen.pipeline.aclient import AsyncClient
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.schema import JobStatus
+from tuwen.pipeline.settings import Settings
+from tests.conftest import make_settings
+from tests.drills import Lives, Producer, check, outcome, wait_until
+from tests.faults import SentinelRedis, report
+from tests.s3servers import S3Endpoint
+
+#: The production default: a dead worker's jobs come back through the reaper, not the visibility timeout.
+DEFAULT_VISIBILITY_TIMEOUT_S = Settings.model_fields["visibility_timeout_s"].default
+
+
+@pytest.mark.parametrize("url, sentinels, service, db, password, sentinel_password", [
+    ("redis+sentinel://h1:26379,h2:26380,h3/mymaster/2", (("h1", 26379), ("h2", 26380), ("h3", 26379)),
+     "mymaster", 2, None, None),
+    ("redis+sentinel://:s3cret@h1/tuwen?sentinel_password=other", (("h1", 26379),), "tuwen", 0, "s3cret", "other"),
+])
+def test_a_sentinel_url_names_the_sentinels_the_service_and_the_database(
+        url: str, sentinels: tuple[tuple[str, int], ...], service: str, db: int, password: str | None,
+        sentinel_password: str | None) -> None:
+    target = sentinel.parse(url)
+    assert target == sentinel.SentinelUrl(sentinels, service, db, None, password, sentinel_password)
+    # kombu's Sentinel transport gets every sentinel, the database, and the service as master_name
+    assert target.kombu_url().split(";")[0].startswith("sentinel://")
+    assert len(target.kombu_url().split(";")) == len(sentinels)
+    assert target.transport_options({})["master_name"] == service
+    # and with Sentinel, writes wait for one replica unless told otherwise
+    assert Settings(redis_url=url).replicas_ack == 1 and Settings(redis_url=url, redis_replicas_ack=0).replicas_ack == 0
+    assert Settings(redis_url="redis://127.0.0.1:6379/0").replicas_ack == 0
+
+
+@pytest.mark.parametrize("url, says", [
+    ("redis+sentinel://h1:26379/", "<service name>/<db number>"),
+    ("redis+sentinel:///tuwen/0", "<service name>/<db number>"),
+    ("redis+sentinel://h1:port/tuwen", "is not host or host:port"),
+    ("redis+sentinel://h1/tuwen/zero", "<service name>/<db number>"),
+    ("redis+sentinel://h1/tuwen?sentinel_passwd=x", "unknown parameters sentinel_passwd"),
+])
+def test_a_malformed_sentinel_url_is_refused_at_start_saying_how_it_should_look(url: str, says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        Settings(redis_url=url)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(420)
+def test_primary_sigkilled_mid_run_fails_over_and_nothing_is_lost(s3: S3Endpoint, tmp_path: Path,
+                                                                   lives: list[Lives]) -> None:
+    t_start = time.monotonic()
+    with SentinelRedis() as deployment:
+        # Given tuwen on a Sentinel deployment with its production defaults (one replica acknowledges writes)
+        settings = make_settings(deployment.url, s3, visibility_timeout_s=DEFAULT_VISIBILITY_TIMEOUT_S,
+                                 answer_cache=False)
+        assert settings.replicas_ack == 1
+        client = Client(settings)
+        worker = Lives(settings, "sentinel@drill", tmp_path)
+        lives.append(worker)
+        pid = worker.start().proc.pid  # type: ignore[union-attr]
+        # ... a producer submitting without pause, and the worker answering
+        producer = Producer.mid_run(client, worker)
+        # When the primary is killed with SIGKILL while the worker runs a job it claimed
+        old = deployment.kill_primary()
+        crashed = time.monotonic()
+        before = len(producer.ids())
+        last_s = sum(crashed - t <= 1.0 for t in list(producer.handed_out_at))
+        # ... the sentinels promote the replica
+        failover_s = wait_until(lambda: deployment.primary_port() != old, 60, "the sentinels promoted the replica")
+        assert deployment.primary_port() in set(deployment.ports) - {old}
+        # ... and the producer goes on until 10 more jobs were handed out after it
+        wait_until(lambda: len(producer.ids()) >= before + 10, 90, "10 jobs handed out after the failover")
+        producer.stop()
+        # Then every id ever handed out is answered, right, and seen answered: nothing is unknown
+        numbers, results = outcome(client, producer.jobs, worker.logs, timeout=240, since=crashed)
+        # ... an AsyncClient (the gateway's) reads them from the new primary
+        last = producer.ids()[-1]
+        assert asyncio.run(_read(settings, last)) == JobStatus.succeeded
+        # ... and the worker kept running, and said once per client that it followed the new primary
+        alive = worker.current.alive and worker.current.proc.pid == pid  # type: ignore[union-attr]
+        log = worker.current.log_path.read_text(errors="replace")
+        followed = log.count(f"the primary of {deployment.SERVICE} moved")
+        report("Redis primary SIGKILLed mid-run; Sentinel promotes the replica", **numbers,
+               failover_s=round(failover_s, 1), handed_out_before_kill=before, handed_out_last_second=last_s,
+               refused_submits=producer.refused, worker_kept_running=alive, follow_logs=followed,
+               unfinished={i: (r.status.value, r.attempts) for i, r in results.items() if not r.status.terminal},
+               duration_s=round(time.monotonic() - t_start, 1))
+        worker.stop()
+        client.close()
+    check(numbers, producer.jobs, results)
+    assert alive, worker.current.log_tail()
+    assert followed >= 1, log[-4000:]
+    assert last_s > 0, "no id was handed out in the last second before the kill: the drill did not probe it"
+
+
+async def _read(settings: Settings, job_id: str) -> JobStatus:
+    aclient = AsyncClient(settings)
+    try:
+        return (await aclient.get(job_id)).status
+    finally:
+        await aclient.aclose()
+
+
+def test_a_sentinel_deployment_is_followed_by_a_plain_client() -> None:
+    """The job store's client, away from any worker: writes after a failover go to the new primary."""
+    with SentinelRedis() as deployment:
+        client = Client(Settings(redis_url=deployment.url))
+        client.jobs.redis.set("tuwen:drill:before", "1")
+        assert client.jobs.redis.execute_command("WAIT", 1, 5000) == 1  # on the replica before the kill
+        old = deployment.kill_primary()
+        wait_until(lambda: deployment.primary_port() != old, 60, "the sentinels promoted the replica")
+        changes = sentinel.counts.primary_changes
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.jobs.redis.set("tuwen:drill:after", "1")
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        new = redis.Redis(port=deployment.primary_port(), decode_responses=True)
+        assert new.get("tuwen:drill:before") == "1" and new.get("tuwen:drill:after") == "1"
+        assert sentinel.counts.primary_changes == changes + 1
+        new.close()
+        client.close()
