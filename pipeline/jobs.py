@@ -217,13 +217,20 @@ class JobStore:
     def queued(self, job_id: str) -> None:
         """Note that the job's message is on the queue, and with replicas to wait for, wait until they hold
         the record and the message (``WAIT`` covers every write before this one: replication is one stream)."""
-        if not self.replicas:
+        self.queued_many([job_id])
+
+    def queued_many(self, job_ids: list[str]) -> None:
+        """``queued`` for a batch of jobs (a bulk's): one round trip, one ``WAIT``."""
+        if not self.replicas or not job_ids:
             return
+        now = repr(time.time())
         with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(_key(job_id), "queued_at", repr(time.time()))
+            for job_id in job_ids:
+                pipe.hset(_key(job_id), "queued_at", now)
             pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
-            self._replicated(pipe.execute()[-1], f"job {job_id}")
+            what = f"job {job_ids[0]}" if len(job_ids) == 1 else f"{len(job_ids)} jobs from {job_ids[0]}"
+            self._replicated(pipe.execute()[-1], what)
 
     def _replicated(self, acked: Any, what: str) -> None:
         """A ``WAIT``'s reply: fewer replicas than asked within the timeout is logged and counted, not refused

@@ -201,6 +201,7 @@ class Submission:
         if new:
             self.client.jobs.create_many(new)
         self.client.publish_many([*new, *again])
+        self.client.jobs.queued_many([r.id for r in (*new, *again)])  # replicas hold them before the lines say so
         self.records.append_many(self.bulk.id, [_entry(rec, p) for rec, p in batch])
 
     def _left_behind(self, chunk: list[Record]) -> dict[str, LeftBehind]:
