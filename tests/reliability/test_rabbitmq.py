@@ -7,7 +7,6 @@ package. Where it is missing, these tests skip locally and fail in CI.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,8 +15,6 @@ from pathlib import Path
 import pytest
 
 from tuwen.pipeline.app import make_celery
-from tuwen.pipeline.bulk.manifest import open_source
-from tuwen.pipeline.bulk.store import BulkStore
 from tuwen.pipeline.bulk.submission import CHUNK
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
@@ -28,6 +25,7 @@ from tests.drills import Lives, assert_kills_landed, check, kill_log, kill_repea
 from tests.faults import ResultWrites, report
 from tests.rabbit import LocalRabbit
 from tests.s3servers import S3Endpoint
+from tuwen.workers.bench.bulk import stored_manifest, submit_rate
 from tuwen.workers.demo.samples import load_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -91,17 +89,15 @@ def test_kill_9_on_rabbitmq(rabbit_settings: Settings, tmp_path: Path, lives: li
 def test_a_bulk_is_published_batch_by_batch_onto_a_quorum_queue(rabbit_settings: Settings, tmp_path: Path) -> None:
     # Given more than a batch of lines (RabbitMQ cannot batch: its messages go one by one, confirmed)
     client = Client(rabbit_settings)
-    key = client.store_image(load_samples()[0].path)
-    rows = [{"custom_id": f"r{i}", "image": key, "question": "图中有什么？"} for i in range(CHUNK + 44)]
-    manifest = tmp_path / "in.jsonl"
-    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    lines = CHUNK + 44
+    manifest = stored_manifest(tmp_path / "in.jsonl", [client.store_image(load_samples()[0].path)], lines, "r")
     # When it is submitted with no worker running
-    bulk = BulkStore(client).submit(open_source(manifest))
+    _, bulk = submit_rate(client, manifest, lines)
     # Then every line is queued once, on the bulk queue, declared as a quorum queue
-    assert bulk.queued == len(rows)
+    assert bulk.queued == lines
     app = make_celery(rabbit_settings)
     with app.connection_for_write() as conn:
         queued = conn.default_channel.queue_declare(rabbit_settings.bulk_queue, durable=True, auto_delete=False,
                                                     arguments={"x-queue-type": "quorum"})
-    assert queued.message_count == len(rows)
+    assert queued.message_count == lines
     client.close()

@@ -11,7 +11,6 @@ replica before it heard (``TUWEN_REDIS_REPLICAS_ACK``, on by default with Sentin
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from pydantic import ValidationError
 
 from tuwen.pipeline import sentinel
 from tuwen.pipeline.aclient import AsyncClient
-from tuwen.pipeline.bulk.manifest import open_source
-from tuwen.pipeline.bulk.store import BulkStore
 from tuwen.pipeline.bulk.submission import CHUNK
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import PREFIX as JOB_PREFIX
@@ -32,6 +29,7 @@ from tests.conftest import make_settings
 from tests.drills import Lives, Producer, check, outcome, wait_until
 from tests.faults import SentinelRedis, report
 from tests.s3servers import S3Endpoint
+from tuwen.workers.bench.bulk import stored_manifest, submit_rate
 from tuwen.workers.demo.samples import load_samples
 
 #: The production default: a dead worker's jobs come back through the reaper, not the visibility timeout.
@@ -157,19 +155,17 @@ def test_a_bulk_goes_through_sentinel_batched_and_a_replica_holds_its_jobs(s3: S
         # Given tuwen on a Sentinel deployment (one replica acknowledges writes) and two batches' worth of lines
         settings = make_settings(deployment.url, s3, answer_cache=False)
         client = Client(settings)
-        key = client.store_image(load_samples()[0].path)
-        rows = [{"custom_id": f"s{i}", "image": key, "question": "图中有什么？"} for i in range(CHUNK + 30)]
-        manifest = tmp_path / "in.jsonl"
-        manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        lines = CHUNK + 30
+        manifest = stored_manifest(tmp_path / "in.jsonl", [client.store_image(load_samples()[0].path)], lines, "s")
         # When it is submitted (batched: one publish pipeline and one WAIT a batch)
-        bulk = BulkStore(client).submit(open_source(manifest))
+        _, bulk = submit_rate(client, manifest, lines)
         # Then every line is queued, and a replica already holds every job record and every message
-        assert bulk.queued == len(rows)
+        assert bulk.queued == lines
         held = []
         for port in set(deployment.ports) - {deployment.primary_port()}:
             replica = redis.Redis(port=port, decode_responses=True)
             jobs = sum(1 for _ in replica.scan_iter(JOB_PREFIX + bulk.id + "_*", count=1000))
             held.append((jobs, replica.llen(settings.bulk_queue)))
             replica.close()
-        assert (len(rows), len(rows)) in held, held
+        assert (lines, lines) in held, held
         client.close()
