@@ -157,6 +157,10 @@ def redis_errors() -> Iterator[None]:
         raise outage("Redis is not reachable", exc) from exc
 
 
+#: The fields of a job's hash that ``_from_fields`` reads.
+_STATE = ("status", "result", "attempts", "owner", "image_key", "worker", "created_at", "started_at")
+
+
 def _key(job_id: str) -> str:
     return PREFIX + job_id
 
@@ -283,13 +287,16 @@ class JobStore:
         return self._from_fields(job_id, fields, owner)
 
     def get_many(self, job_ids: Iterable[str], owner: str | None = None) -> dict[str, JobResult]:
+        """``get`` for many jobs, in one round trip. Only the fields that say how a job stands are read, not its
+        request (the largest: reading it made a bulk's progress check a fifth of its submission, profiled)."""
         ids = list(job_ids)
         with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:
-                pipe.hgetall(_key(job_id))
+                pipe.hmget(_key(job_id), _STATE)
             rows = pipe.execute()
-        return {job_id: self._from_fields(job_id, f, owner) for job_id, f in zip(ids, rows)}
+        fields = ({k: v for k, v in zip(_STATE, row) if v is not None} for row in rows)
+        return {job_id: self._from_fields(job_id, f, owner) for job_id, f in zip(ids, fields)}
 
     @staticmethod
     def _from_fields(job_id: str, f: dict[str, str], owner: str | None) -> JobResult:
