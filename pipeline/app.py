@@ -51,6 +51,12 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return {**options, **target.transport_options(options)} if target else options
 
 
+def reads_wake_lists(broker: str) -> bool:
+    """Whether workers on ``broker`` use tuwen's Redis transport, which waits on the queues' wake lists
+    (``redis://`` and ``redis+sentinel://``; kombu's own transport reads the queues for ``rediss://``)."""
+    return broker.startswith(("redis://", sentinel.SCHEME + "://"))
+
+
 def broker_url(settings: Settings) -> str:
     """The broker URL as kombu reads it (``redis+sentinel://`` becomes its ``sentinel://`` list)."""
     target = sentinel.parse(settings.broker)

@@ -210,11 +210,15 @@ def _say_if_nobody_consumes(client: Any, priority: str) -> None:
 def status(
     minutes: Annotated[int, typer.Option(help="how many minutes of job counts to show")] = 10,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    worker: Annotated[Optional[str], typer.Option(help="only say whether this worker's own heartbeat is live "
+                                                      "(exit 0) or not (exit 1): a liveness probe")] = None,
 ) -> None:
     """One screen: queues and the live workers consuming each, workers, jobs per minute, failures by
     code, refused (dead-letter) messages. Exit status 3 when Redis or the broker is unreachable."""
     from tuwen.pipeline.status import collect, render
 
+    if worker is not None:
+        _worker_alive(worker)
     try:
         snapshot = collect(settings_from(), minutes)
     except TuwenError as exc:
@@ -223,6 +227,24 @@ def status(
         _dump(snapshot)
     else:
         console.print(render(snapshot))
+
+
+def _worker_alive(name: str) -> None:
+    """Exit 0 when ``name``'s heartbeat (beaten by its consuming loop, ``registry.TTL_S``) is in Redis, 1
+    when not, 3 when Redis is unreachable (a probe then fails too, as the worker cannot work either)."""
+    from tuwen.pipeline import registry
+    from tuwen.pipeline.jobs import connect, redis_errors
+
+    try:
+        with redis_errors():
+            beat = connect(settings_from().redis_url).get(registry.KEY + name)
+    except TuwenError as exc:
+        _fail(exc, False)
+    if beat is None:
+        err.print(f"no live heartbeat from worker {name}", markup=False)
+        raise typer.Exit(1)
+    console.print(f"worker {name} is live", markup=False)
+    raise typer.Exit(0)
 
 
 @app.command()

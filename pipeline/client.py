@@ -206,18 +206,25 @@ class Client:
             raise outage("image storage failed", exc, code=exc.code, retryable=exc.retryable) from exc
 
     def enqueue(self, request: JobRequest) -> None:
-        """Record the job, then publish it; if publishing fails the record is removed again."""
-        self.jobs.create(request)
+        """Record the job, then publish it; if publishing fails the record is removed again. A job whose id is
+        recorded already (queued again under a reserved id, ``Idempotency``) keeps its record."""
+        created = self.jobs.create(request)
         try:
-            self.publish(request)
+            self._send(request)
         except Unavailable:
-            self.jobs.delete(request.id)
+            if created:
+                self.jobs.delete(request.id)
             raise
-        self.jobs.queued(request.id)
+        self.jobs.queued(request.id, wake=self._wakes(request))
 
     def publish(self, request: JobRequest, *, countdown: float | None = None) -> None:
         """Publish a job whose record exists (a resumed bulk line, a job given back to the queue). The job
         store runs a job once whatever the number of its messages, so publishing again is harmless."""
+        self._send(request, countdown)
+        if (wake := self._wakes(request)) is not None:
+            self.jobs.wake(wake)
+
+    def _send(self, request: JobRequest, countdown: float | None = None) -> None:
         try:
             queue.enqueue(self.celery, self.settings, request, countdown=countdown)
         except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
@@ -225,13 +232,24 @@ class Client:
 
     def publish_many(self, requests: Sequence[JobRequest]) -> None:
         """Publish jobs whose records exist, together (one round trip on a Redis broker): a bulk's batch of
-        lines. As with ``publish``, a job published twice still runs once."""
+        lines; then mark them queued and wake idle workers, in one more (``JobStore.queued_many``). As with
+        ``publish``, a job published twice still runs once."""
         if not requests:
             return
         try:
             queue.publish_batch(self.celery, self.settings, requests)
         except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
             raise outage("the job queue is not reachable", exc) from exc
+        by_queue: dict[str | None, list[str]] = {}
+        for request in requests:
+            by_queue.setdefault(self._wakes(request), []).append(request.id)
+        for wake, ids in by_queue.items():
+            self.jobs.queued_many(ids, wake=wake)
+
+    def _wakes(self, request: JobRequest) -> str | None:
+        """The queue whose idle workers a new message of ``request`` should wake (tuwen's Redis transport)."""
+        return queue.queue_for(self.settings, request.priority) if queue.reads_wake_lists(self.settings.broker) \
+            else None
 
     def get(self, job_id: str, owner: str | None = None) -> JobResult:
         """The job's state now (``unknown`` if there is no such job). Never blocks."""

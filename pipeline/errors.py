@@ -56,12 +56,13 @@ class ErrorCode(str, Enum):
     unprocessable_input = ("unprocessable_input", 422, "This job alone could not be answered: its prompt would hold "
                            "special tokens its chat template did not write, or the processor or the model failed on it "
                            "with no other job beside it; the message says why. Its batch-mates are answered.")
-    invalid_schema = ("invalid_schema", 400, "A response_format's JSON schema cannot be enforced: it does not "
-                      "compile, or uses a feature the grammar library lacks (the message names it).")
+    invalid_schema = ("invalid_schema", 400, "A response_format's JSON schema, or a tool's parameters, cannot be "
+                      "enforced: it does not compile, or uses a feature the grammar library lacks (the message names "
+                      "it; param names the field).")
     request_too_large = ("request_too_large", 413, "The request body is larger than the gateway accepts.")
     unsupported_parameter = ("unsupported_parameter", 422, "A chat completions or Responses parameter tuwen does not "
-                             "support (n > 1, tools, the Responses API's text.format, reasoning, background, "
-                             "logprobs...); the error's param names it.")
+                             "support (tool_choice auto, the Responses API's tools, n, top_logprobs, text.format, "
+                             "reasoning, background...); the error's param names it.")
     method_not_allowed = ("method_not_allowed", 405, "This path does not take this HTTP method.")
     http_error = ("http_error", 400, "Another HTTP-level refusal; the status code says which.")
     # -- pictures ------------------------------------------------------------------------------------

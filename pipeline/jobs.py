@@ -28,6 +28,20 @@ log = logging.getLogger(__name__)
 PREFIX = keys.JOB
 TERMINAL = ("succeeded", "failed", "cancelled")
 
+# KEYS[1]=job, then its pictures' reference sets; ARGV: ttl, job id, then the record's field/value pairs.
+# Writes a record only where there is none (a retry queueing a job again under its reserved id keeps
+# the first one, whatever became of it). Returns 1 if written, 0 if a record was there.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+for i = 2, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[2])
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+end
+return 1
+"""
+
 # KEYS[1]=job; ARGV: now, worker, max_attempts, ttl. Returns {state, attempts}.
 _CLAIM = """
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -161,6 +175,22 @@ def redis_errors() -> Iterator[None]:
 _STATE = ("status", "result", "attempts", "owner", "image_key", "worker", "created_at", "started_at")
 
 
+def _create_args(request: JobRequest, ttl_s: int) -> tuple[list[str], list[Any]]:
+    """``_CREATE``'s keys and arguments for a job: its record's fields, and the references of its pictures."""
+    images = list(dict.fromkeys(request.image_keys))
+    fields = {
+        "status": JobStatus.queued.value,
+        "request": request.model_dump_json(),
+        "owner": request.owner,
+        "image_key": request.image_key or "",
+        "image_keys": "\n".join(images),
+        "created_at": repr(request.created_at),
+        "attempts": 0,
+    }
+    return [_key(request.id), *(IMAGE_REFS + image for image in images)], [ttl_s, request.id,
+                                                                         *(x for kv in fields.items() for x in kv)]
+
+
 def _key(job_id: str) -> str:
     return PREFIX + job_id
 
@@ -183,6 +213,7 @@ class JobStore:
         self.ttl_s = ttl_s
         #: Replicas that must hold a job's record and its result before anyone is told (``WAIT``; 0: off).
         self.replicas, self.replicas_timeout_ms = replicas, replicas_timeout_ms
+        self._create = client.register_script(_CREATE)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
@@ -190,51 +221,59 @@ class JobStore:
         self._delete = client.register_script(_DELETE)
 
     # -- producer side -------------------------------------------------------------------------------
-    def create(self, request: JobRequest) -> None:
-        self.create_many([request])
+    def create(self, request: JobRequest) -> bool:
+        """Record a new job (False, and nothing changed, if a record with its id is there already)."""
+        with redis_errors():
+            return bool(self._create(*_create_args(request, self.ttl_s)))
 
     def create_many(self, requests: Iterable[JobRequest]) -> None:
-        """Record jobs as ``queued``, all or none, in one round trip (each picture's job references in one
-        command)."""
-        refs: dict[str, list[str]] = {}
+        """``create`` for many jobs (a bulk's batch), in one round trip."""
         with redis_errors():
-            pipe = self.redis.pipeline()
+            pipe = self.redis.pipeline(transaction=False)
             for request in requests:
-                images = list(dict.fromkeys(request.image_keys))
-                pipe.hset(_key(request.id), mapping={
-                    "status": JobStatus.queued.value,
-                    "request": request.model_dump_json(),
-                    "owner": request.owner,
-                    "image_key": request.image_key or "",
-                    "image_keys": "\n".join(images),
-                    "created_at": repr(request.created_at),
-                    "attempts": 0,
-                })
-                pipe.expire(_key(request.id), self.ttl_s)
-                for image in images:
-                    refs.setdefault(image, []).append(request.id)
-            for image, ids in refs.items():
-                pipe.sadd(IMAGE_REFS + image, *ids)
-                pipe.expire(IMAGE_REFS + image, self.ttl_s)
+                self._create(*_create_args(request, self.ttl_s), client=pipe)
             pipe.execute()
 
-    def queued(self, job_id: str) -> None:
-        """Note that the job's message is on the queue, and with replicas to wait for, wait until they hold
-        the record and the message (``WAIT`` covers every write before this one: replication is one stream)."""
-        self.queued_many([job_id])
+    def queued(self, job_id: str, wake: str | None = None) -> None:
+        """Note that the job's message is on its queue (``queued_at``: a retry of its request then does not
+        publish it again), push a wake token for an idle worker of the queue ``wake``, and with replicas to
+        wait for, wait until they hold the record and the message (``WAIT`` covers every write before this
+        one: replication is one stream). One round trip."""
+        self.queued_many([job_id], wake)
 
-    def queued_many(self, job_ids: list[str]) -> None:
-        """``queued`` for a batch of jobs (a bulk's): one round trip, one ``WAIT``."""
-        if not self.replicas or not job_ids:
+    def queued_many(self, job_ids: list[str], wake: str | None = None) -> None:
+        """``queued`` for jobs of one queue (a bulk's batch): one round trip, a wake token a job (up to the
+        cap), one ``WAIT``."""
+        if not job_ids:
             return
         now = repr(time.time())
         with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
                 pipe.hset(_key(job_id), "queued_at", now)
-            pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
+            if wake is not None:
+                tokens = [1] * min(len(job_ids), keys.WAKE_CAP)
+                pipe.lpush(keys.WAKE + wake, *tokens).ltrim(keys.WAKE + wake, 0, keys.WAKE_CAP - 1)
+            if self.replicas:
+                pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
+            replies = pipe.execute()
+        if self.replicas:
             what = f"job {job_ids[0]}" if len(job_ids) == 1 else f"{len(job_ids)} jobs from {job_ids[0]}"
-            self._replicated(pipe.execute()[-1], what)
+            self._replicated(replies[-1], what)
+
+    def was_queued(self, job_id: str) -> bool:
+        """Whether the job's message was published (``queued``), as far as the record says."""
+        with redis_errors():
+            return bool(self.redis.hexists(_key(job_id), "queued_at"))
+
+    def wake(self, queue: str) -> None:
+        """Push a wake token for an idle worker of ``queue`` (``keys.WAKE``). A token that cannot be pushed
+        costs that worker at most a second (its wait's timeout), so failing here fails nothing."""
+        try:
+            self.redis.pipeline(transaction=False).lpush(keys.WAKE + queue, 1).ltrim(
+                keys.WAKE + queue, 0, keys.WAKE_CAP - 1).execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.debug("no wake token for %s: %s", queue, exc)
 
     def _replicated(self, acked: Any, what: str) -> None:
         """A ``WAIT``'s reply: fewer replicas than asked within the timeout is logged and counted, not refused

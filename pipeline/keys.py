@@ -8,6 +8,11 @@ from __future__ import annotations
 
 ROOT = "tuwen:"
 
+#: List per queue of wake tokens: a producer pushes one after each message it publishes, and an idle
+#: worker waits on these lists rather than on the queues (``workers.serve.transport``); capped at
+#: ``WAKE_CAP`` tokens.
+WAKE = ROOT + "wake:"
+WAKE_CAP = 64
 #: Hash per job: state, request, result, owner, attempts (``jobs``).
 JOB = ROOT + "job:"
 #: Pub/sub channel per job, published when the job ends (``jobs.wait``).

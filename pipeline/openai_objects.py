@@ -9,10 +9,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from tuwen.pipeline.schema import JobResult
+from tuwen.pipeline.schema import JobResult, TokenLogprob
+from tuwen.pipeline.tool_format import ToolCall, tool_calls
 
-#: An answer ends with ``stop`` (the model ended it, or a stop string) or ``length`` (out of tokens).
-FINISH_REASONS = ("stop", "length")
+#: An answer ends with ``stop`` (the model ended it, or a stop string), ``length`` (out of tokens) or
+#: ``tool_calls`` (a forced tool call, whole: ``tool_format``).
+FINISH_REASONS = ("stop", "length", "tool_calls")
 
 
 class Usage(BaseModel):
@@ -23,15 +25,24 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str = Field(examples=["图中有3个圆形。"])
+    #: null when the answer is a tool call.
+    content: str | None = Field(examples=["图中有3个圆形。"])
+    refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChoiceLogprobs(BaseModel):
+    """A choice's ``logprobs``: one entry per answer token (``logprobs: true``)."""
+
+    content: list[TokenLogprob]
     refusal: None = None
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -46,9 +57,9 @@ class ChatCompletion(BaseModel):
 
 
 class OpenAIErrorDetail(BaseModel):
-    message: str = Field(examples=["n: tuwen answers with one choice: n must be 1"])
+    message: str = Field(examples=["tools: tuwen has no tools or function calling"])
     type: str = Field(examples=["invalid_request_error"])
-    param: str | None = Field(None, examples=["n"])
+    param: str | None = Field(None, examples=["tools"])
     code: str = Field(examples=["unsupported_parameter"])
     #: The job a request queued before it failed or timed out: read it with ``GET /v1/jobs/{id}``.
     job_id: str | None = None
@@ -85,8 +96,10 @@ def completion_id(job_id: str) -> str:
     return f"chatcmpl-{job_id}"
 
 
-def finish_reason(result: JobResult) -> str:
-    return result.finish_reason if result.finish_reason in FINISH_REASONS else "stop"
+def finish_reason(result: JobResult, index: int = 0) -> str:
+    """The finish reason of the job's answer, or of its choice ``index``."""
+    reason = result.choices[index].finish_reason if result.choices else result.finish_reason
+    return reason if reason in FINISH_REASONS else "stop"
 
 
 def usage(result: JobResult) -> Usage:
@@ -95,21 +108,35 @@ def usage(result: JobResult) -> Usage:
 
 
 def completion(result: JobResult, model: str, created: int) -> ChatCompletion:
-    """A succeeded job as a ``chat.completion``."""
+    """A succeeded job as a ``chat.completion``: each choice's text, or its tool call (``content`` null)."""
+    choices = [Choice(message=message(result, result.answer or "", 0), finish_reason=finish_reason(result))]
+    if result.choices:  # n > 1 or logprobs: every choice, each with its own finish reason
+        choices = [Choice(index=c.index, message=message(result, c.answer, c.index), finish_reason=finish_reason(
+            result, c.index), logprobs=None if c.logprobs is None else ChoiceLogprobs(content=c.logprobs))
+            for c in result.choices]
     return ChatCompletion(id=completion_id(result.id), created=created, model=model, usage=usage(result),
-                          choices=[Choice(message=AssistantMessage(content=result.answer or ""),
-                                          finish_reason=finish_reason(result))])
+                          choices=choices)
+
+
+def message(result: JobResult, answer: str, index: int) -> AssistantMessage:
+    """Choice ``index``'s message: its text, or its call when it ended with ``tool_calls``."""
+    calls = tool_calls(result.id, answer, index) if finish_reason(result, index) == "tool_calls" else None
+    return AssistantMessage(content=None, tool_calls=calls) if calls else AssistantMessage(content=answer)
 
 
 def chunk(job_id: str, model: str, created: int, delta: dict[str, Any] | None = None, *,
-          finish: str | None = None, with_usage: bool = False, usage_of: JobResult | None = None) -> dict[str, Any]:
-    """One ``chat.completion.chunk``: a delta (``{"role"}`` first, then ``{"content"}``), the end
-    (``finish``), or, with ``usage_of``, the usage chunk (no choices) that ``include_usage`` asks for."""
+          finish: str | None = None, with_usage: bool = False, usage_of: JobResult | None = None, index: int = 0,
+          logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` of choice ``index``: a delta (``{"role"}`` first, then ``{"content"}``, with
+    its tokens' ``logprobs`` when asked), the end (``finish``), or, with ``usage_of``, the usage chunk (no
+    choices) that ``include_usage`` asks for."""
     body: dict[str, Any] = {"id": completion_id(job_id), "object": "chat.completion.chunk", "created": created,
                             "model": model, "system_fingerprint": None}
     if usage_of is not None:
         return {**body, "choices": [], "usage": usage(usage_of).model_dump()}
-    body["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
+    body["choices"] = [{"index": index, "delta": delta or {},
+                        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+                        "finish_reason": finish}]
     if with_usage:
         body["usage"] = None
     return body

@@ -7,10 +7,11 @@ import uuid
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from tuwen.pipeline import structured
+from tuwen.pipeline.tool_format import ToolCallFormat
 
 # -- limits, defined once (the gateway, the CLI and the workers import them) -------------------------
 #: Most tokens one answer may ask for anywhere; a server's own cap is ``TUWEN_MAX_NEW_TOKENS`` (1024 unless
@@ -26,6 +27,10 @@ MAX_URL_CHARS = 2048
 MAX_STOP = 4
 MAX_LOGIT_BIAS = 300  #: OpenAI's limit on logit_bias entries
 MAX_STOP_CHARS = 64
+#: Most choices one job may ask for (``n``): each is a row of the batch with its own copy of the prompt's cache.
+MAX_CHOICES = 8
+#: Most alternatives per token with ``logprobs`` (``top_logprobs``), OpenAI's limit.
+MAX_TOP_LOGPROBS = 20
 #: Most turns in one conversation.
 MAX_MESSAGES = 64
 
@@ -85,19 +90,43 @@ class GenerationParams(BaseModel):
     #: the penalties and any ``response_format`` (at most 300 tokens; ids past the model's vocabulary fail).
     logit_bias: dict[Annotated[int, Field(ge=0, lt=2**31)], Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, max_length=MAX_LOGIT_BIAS)
-    #: With sampling, the same seed gives the same answer whatever batch the job lands in.
+    #: With sampling, the same seed gives the same answer whatever batch the job lands in. Choice ``i`` of a
+    #: job with ``n`` > 1 samples with ``seed + i`` (as vLLM's parallel sampling): choice 0 is the answer of
+    #: the same job with ``n`` = 1.
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    #: Answers (choices) to the same prompt, from one prefill; greedy choices are all the same.
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    #: Return each answer token's log probability, after the row's processors (penalties, ``logit_bias``,
+    #: ``response_format``, temperature), and with ``top_logprobs`` the likeliest alternatives at each step.
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     #: The answer ends before the first of these strings (which is not part of it).
     stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = Field((), max_length=MAX_STOP)
     truncation: Truncation = Truncation.none
     #: OpenAI's ``response_format``: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
     #: {"name", "schema", "strict"}}`` constrain the answer to JSON (docs/structured.md); None is free text.
     response_format: dict[str, Any] | None = Field(None, examples=[{"type": "json_object"}])
+    #: ``tools`` with ``tool_choice`` "required" or a named function: the answer is one call of one of the
+    #: functions, its arguments valid against its parameters (``tool_format``, docs/structured.md).
+    tool_call: ToolCallFormat | None = None
 
     @field_validator("response_format", mode="before")
     @classmethod
     def _response_format(cls, value: Any) -> dict[str, Any] | None:
         return structured.checked(value)
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> GenerationParams:
+        if self.tool_call is not None and self.response_format is not None:
+            raise ValueError("a forced tool call and a response_format cannot both constrain one answer")
+        return self
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int, info: ValidationInfo) -> int:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
 
 class TextPart(BaseModel):
@@ -220,6 +249,36 @@ class JobRequest(BaseModel):
         return next((m.text for m in reversed(self.messages) if m.role == Role.user), "")
 
 
+class TopLogprob(BaseModel):
+    """One token's log probability, in OpenAI's shape: its text, and its exact bytes (a token may hold part of
+    a character: its ``token`` then shows U+FFFD where ``bytes`` holds the part)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """An answer token's log probability and the likeliest alternatives at its step (``top_logprobs``)."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceResult(BaseModel):
+    """One answer of a job with ``n`` > 1 or ``logprobs`` (``JobResult.choices``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    answer: str
+    finish_reason: str | None = None
+    generated_tokens: int = 0
+    #: One entry per answer token, when the job asked for ``logprobs``.
+    logprobs: list[TokenLogprob] | None = None
+
+
 class JobResult(BaseModel):
     """A job's state as the submitter sees it; terminal ones carry an answer or an error."""
 
@@ -244,6 +303,9 @@ class JobResult(BaseModel):
     image_key: str | None = None
     #: Why the answer ended: ``stop`` (the model ended it, or a stop string) or ``length`` (token budget).
     finish_reason: str | None = None
+    #: Every answer of a job that asked for ``n`` > 1 or ``logprobs``, in order; ``answer`` and ``finish_reason``
+    #: are choice 0's, ``generated_tokens`` counts the tokens of them all. None for other jobs.
+    choices: list[ChoiceResult] | None = None
     #: Answered from the answer cache, without a model call.
     cached: bool = False
     #: Someone asked to cancel the job while it was running; it finished anyway.

@@ -2,8 +2,10 @@
 
 The worker appends each new piece of text (``XADD tuwen:stream:<job id> * t <text>``, one pipelined
 round trip per decode step for all its streaming rows) and, when the row ends, an entry with the finish
-reason. A reader starts from the beginning whenever it connects, so nothing is lost to a late
-subscriber (unlike pub/sub), and the stream expires a few minutes after the job ends.
+reason. A job with ``n`` > 1 adds ``i <choice>`` to the pieces of choices other than 0, and one with
+``logprobs`` ``l <JSON entries>``: the log probabilities of the tokens since the choice's last piece. A
+reader starts from the beginning whenever it connects, so nothing is lost to a late subscriber (unlike
+pub/sub), and the stream expires a few minutes after the job ends.
 
 The job store stays the record of truth: a reader that sees the job end without a finished stream (an
 answer from the cache, a failure before the first token, a worker that died mid-answer and a second one
@@ -12,6 +14,7 @@ that finished it) sends whatever the final answer holds beyond what was streamed
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -42,10 +45,15 @@ class StreamWriter:
         self._pending: list[tuple[str, dict[str, str]]] = []
         self._lock = threading.Lock()  # the decode thread adds text; consumer threads add ends and flush
 
-    def text(self, job_id: str, piece: str) -> None:
-        if piece:
+    def text(self, job_id: str, piece: str, choice: int = 0, logprobs: list[Any] | None = None) -> None:
+        if piece or logprobs:
+            fields = {"t": piece}
+            if choice:
+                fields["i"] = str(choice)
+            if logprobs is not None:
+                fields["l"] = json.dumps(logprobs, ensure_ascii=False)
             with self._lock:
-                self._pending.append((job_id, {"t": piece}))
+                self._pending.append((job_id, fields))
 
     def end(self, job_id: str, finish_reason: str) -> None:
         with self._lock:
@@ -71,11 +79,19 @@ class StreamWriter:
 
 @dataclass(frozen=True)
 class Delta:
-    """One event of a streamed answer: new text, or the end (``finish_reason`` set, ``result`` final)."""
+    """One event of a streamed answer: new text (of choice ``index``, with its tokens' ``logprobs`` when the job
+    asked for them), or the end (``finish_reason`` set, ``result`` final)."""
 
     text: str = ""
     finish_reason: str | None = None
     result: JobResult | None = None
+    index: int = 0
+    logprobs: list[dict[str, Any]] | None = None
+
+    @property
+    def piece(self) -> bool:
+        """Part of the answer (text or log probabilities), not the end nor a timeout."""
+        return bool(self.text) or self.logprobs is not None
 
 
 class Assembler:
@@ -85,8 +101,13 @@ class Assembler:
     def __init__(self, job_id: str) -> None:
         self.key = stream_key(job_id)
         self.last_id = "0"
-        self.sent = ""
+        self.texts: dict[int, str] = {}  #: what was streamed of each choice
         self.reason: str | None = None
+
+    @property
+    def sent(self) -> str:
+        """What was streamed of the answer (choice 0)."""
+        return self.texts.get(0, "")
 
     def take(self, reply: Any) -> list[Delta]:
         """Deltas for an ``XREAD`` reply."""
@@ -95,8 +116,10 @@ class Assembler:
             for entry_id, fields in entries:
                 self.last_id = entry_id
                 if "t" in fields:
-                    self.sent += fields["t"]
-                    out.append(Delta(text=fields["t"]))
+                    index = int(fields.get("i", 0))
+                    self.texts[index] = self.texts.get(index, "") + fields["t"]
+                    out.append(Delta(text=fields["t"], index=index,
+                                     logprobs=json.loads(fields["l"]) if "l" in fields else None))
                 elif "end" in fields:
                     self.reason = fields["end"]
         return out
@@ -108,9 +131,13 @@ class Assembler:
     def closing(self, result: JobResult) -> list[Delta]:
         """The last deltas: what the final answer holds beyond the streamed text, then the end."""
         out = []
-        answer = result.answer or ""
-        if result.status == JobStatus.succeeded and answer.startswith(self.sent) and len(answer) > len(self.sent):
-            out.append(Delta(text=answer[len(self.sent):]))
+        answers = [(c.index, c.answer, c.logprobs) for c in result.choices or ()] or [(0, result.answer or "", None)]
+        for index, answer, logprobs in answers:
+            sent = self.texts.get(index, "")
+            if result.status == JobStatus.succeeded and answer.startswith(sent) and len(answer) > len(sent):
+                whole = logprobs is not None and index not in self.texts  # nothing streamed: a cached answer
+                out.append(Delta(text=answer[len(sent):], index=index,
+                                 logprobs=[e.model_dump() for e in logprobs] if whole and logprobs else None))
         if result.status.terminal:
             reason = self.reason or ("stop" if result.status == JobStatus.succeeded else "error")
             if result.status == JobStatus.succeeded and result.finish_reason:

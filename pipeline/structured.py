@@ -12,6 +12,7 @@ without it leaves that part of the check to the worker, which fails the job with
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
@@ -54,26 +55,38 @@ def checked(value: Any) -> dict[str, Any] | None:
     return {"type": kind, "json_schema": dict(spec)}
 
 
-def check_schema(schema: dict[str, Any]) -> None:
-    """Raise an ``invalid_schema`` error unless ``schema`` is a JSON Schema the grammar library enforces."""
+def check_schema(schema: dict[str, Any], where: str = "response_format") -> None:
+    """Raise an ``invalid_schema`` error unless ``schema`` is a JSON Schema the grammar library enforces; its
+    message starts with ``where`` (the request field the schema came from)."""
+    text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise _invalid(where, f"the schema is {len(text)} characters as JSON; the limit is {MAX_SCHEMA_CHARS}")
+    problem = _problem(text)
+    if problem is not None:
+        raise _invalid(where, problem)
+
+
+@functools.lru_cache(maxsize=256)
+def _problem(text: str) -> str | None:
+    """Why the schema ``text`` cannot be enforced, or None. Cached: clients send the same schemas and tools with
+    every request, and the metaschema check alone costs ~5 ms for a 6-field schema (measured)."""
     import jsonschema
 
-    text = json.dumps(schema, ensure_ascii=False)
-    if len(text) > MAX_SCHEMA_CHARS:
-        raise _invalid(f"the schema is {len(text)} characters as JSON; the limit is {MAX_SCHEMA_CHARS}")
+    schema = json.loads(text)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "the schema"
-        raise _invalid(f"not a valid JSON Schema at {where}: {exc.message}") from None
+        at = "/".join(str(p) for p in exc.absolute_path) or "the schema"
+        return f"not a valid JSON Schema at {at}: {exc.message}"
     try:
         import xgrammar
     except ImportError:  # a producer without the grammar library: the worker checks the rest
-        return
+        return None
     try:
         xgrammar.Grammar.from_json_schema(text, any_whitespace=False, strict_mode=True)
     except RuntimeError as exc:  # its C++ errors end with what it lacks ("Lookbehind is not supported yet.")
-        raise _invalid(f"the grammar library cannot enforce it: {str(exc).strip().rsplit(': ', 1)[-1]}") from None
+        return "the grammar library cannot enforce it: " + str(exc).strip().rsplit(": ", 1)[-1]
+    return None
 
 
 def _only(value: dict[str, Any], allowed: set[str]) -> None:
@@ -82,8 +95,8 @@ def _only(value: dict[str, Any], allowed: set[str]) -> None:
         raise ValueError(f"response_format of type {value['type']} takes no {', '.join(sorted(extra))}")
 
 
-def _invalid(message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_schema", "response_format: {detail}", {"detail": message})
+def _invalid(where: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_schema", "{where}: {detail}", {"where": where, "detail": message})
 
 
 def schema_error(errors: list[Any]) -> bool:

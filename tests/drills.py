@@ -8,17 +8,24 @@ an observer that does not trust the system's own bookkeeping. Helpers, not tests
   (``answered job <id>``, one per answer, written before its result), not from the job store.
 * ``outcome`` — waits for the jobs and checks every answer against its picture's known facts.
 * ``Producer`` — a client submitting without pause across a fault, each id kept with when it was handed out.
+* ``GatewayProcess`` — ``tuwen gateway serve`` as a child process that a drill can SIGKILL.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.errors import Unavailable
@@ -32,6 +39,7 @@ from tuwen.workers.serve.hooks import Hooks
 from tuwen.workers.bench.process import WorkerProcess
 
 from tests.faults import ResultWrites
+from tests.ports import free_port
 
 ANSWERED = re.compile(r"answered job (\S+)")
 
@@ -275,3 +283,52 @@ class Producer(threading.Thread):
         self._done.set()
         self.join(60)
         assert self.error is None, self.error
+
+
+class GatewayProcess:
+    """``tuwen gateway serve`` as a child process on ``settings`` (passed as ``TUWEN_*``, nothing inherited)."""
+
+    def __init__(self, settings: Settings, log_path: Path, log_level: str = "warning", **gateway: str) -> None:
+        self.settings, self.log_path, self.log_level = settings, log_path, log_level
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"TUWEN_RATE_LIMIT_PER_MINUTE": "0", **{f"TUWEN_{k.upper()}": v for k, v in gateway.items()}}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}
+        env.update({**self.settings.to_env(), **self.env, "PYTHONUNBUFFERED": "1"})
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tuwen.workers.cli", "gateway", "serve", f"--port={self.port}",
+                 f"--log-level={self.log_level}"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the gateway exited: {self.log_path.read_text(errors='replace')}"
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2, trust_env=False).status_code < 600:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError(f"the gateway did not start: {self.log_path.read_text(errors='replace')}")
+
+    def status_mb(self, field: str) -> float:
+        """``VmRSS`` (now) or ``VmHWM`` (the peak so far) of the process, in MiB, from /proc."""
+        assert self.proc is not None
+        for row in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if row.startswith(field + ":"):
+                return int(row.split()[1]) / 1024
+        raise AssertionError(f"no {field} in /proc/{self.proc.pid}/status")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -30,6 +30,8 @@ def result_line(entry: Entry, result: JobResult | None, state: BulkState) -> dic
     error = result.error.model_dump(exclude={"retryable"}) if result.error else None
     line.update(status=result.status.value, image_key=result.image_key, answer=result.answer,
                 model_id=result.model_id, error=error)
+    if result.choices:  # a line whose params asked for n > 1 or logprobs: every answer, as the job has them
+        line["choices"] = [c.model_dump(mode="json", exclude_none=True) for c in result.choices]
     if result.status == JobStatus.unknown:
         line.update(status="failed", error={"code": "job_expired",
                                             "message": "the job's record expired before its result was read"})

@@ -4,11 +4,11 @@ recorded (one transaction), published (one pipeline on a Redis broker) and its l
 transaction). No round trip is made per line, so lines that name pictures already stored go at thousands a
 second (docs/performance.md, row e1).
 
-A batch's lines are appended to the bulk's line list, all or none, only after its jobs were published, so a
-submission run again skips the recorded lines. Only the batch in flight when a process died is ambiguous:
-those of its jobs that exist are recorded now, and published again if still queued (they may have been
-published already: a duplicate message is harmless, since the job store never runs a finished job again nor
-overwrites its result); its other lines are placed as new.
+A batch's lines are appended to the bulk's line list, all or none, only after its jobs were published (and
+marked queued, waking idle workers), so a submission run again skips the recorded lines. Only the batch in
+flight when a process died is ambiguous: those of its jobs that exist are recorded now, and published again
+if still queued (they may have been published already: a duplicate message is harmless, since the job store
+never runs a finished job again nor overwrites its result); its other lines are placed as new.
 
 How a line becomes a job depends on the input format: ``QuestionLines`` for the manifest's lines (a
 picture and a question); another format passes its own ``LinePreparer``.
@@ -201,7 +201,6 @@ class Submission:
         if new:
             self.client.jobs.create_many(new)
         self.client.publish_many([*new, *again])
-        self.client.jobs.queued_many([r.id for r in (*new, *again)])  # replicas hold them before the lines say so
         self.records.append_many(self.bulk.id, [_entry(rec, p) for rec, p in batch])
 
     def _left_behind(self, chunk: list[Record]) -> dict[str, LeftBehind]:

@@ -24,11 +24,14 @@ import math
 import re
 import secrets
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
 
 from tuwen.pipeline import keys
+from tuwen.pipeline.client import Client
 from tuwen.pipeline.errors import InvalidInput, NotFound, TuwenError
 from tuwen.pipeline.jobs import redis_errors
 
@@ -181,10 +184,23 @@ class Conflict(TuwenError):
     retryable = True
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What an ``Idempotency-Key`` says about a request: the job id it stands for, and whether this request
+    is the first with the key (``new``), a request with it queued that job (``done``), or one began it and
+    may have died before it said so (``pending``: a gateway killed mid-request)."""
+
+    job_id: str
+    state: str
+
+
 class Idempotency:
-    """``Idempotency-Key`` → job id, per owner, for a TTL (Stripe-style): a retry gets the first job;
-    the same key on a different request is refused; a retry while the first is in flight gets
-    ``Conflict``. A request that fails releases its key, so the client can fix it and try again."""
+    """``Idempotency-Key`` → job id, per owner, for a TTL (Stripe-style): a retry gets the first job; the
+    same key on a different request is refused. The first request reserves the job id before it queues
+    anything, so a retry on another gateway while the first is in flight, or after its gateway was
+    killed, ends up with the same job (queued again under that id if the first never stored it; a record
+    is never overwritten and a job runs once whatever its messages): none is created twice, and no retry
+    waits out a dead gateway. A request that fails releases its key, so the client can fix it."""
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis, self.ttl_s = client, ttl_s
@@ -193,12 +209,13 @@ class Idempotency:
     def key(owner: str, idem: str) -> str:
         return keys.IDEMPOTENCY + hashlib.sha256(f"{owner}\0{idem}".encode()).hexdigest()
 
-    def begin(self, owner: str, idem: str, fingerprint: str) -> str | None:
-        """None: this request holds the key and must submit. Else the first request's job id."""
+    def begin(self, owner: str, idem: str, fingerprint: str, prefix: str = "") -> Claim:
+        reserved = prefix + uuid.uuid4().hex
         with redis_errors():
             for _ in range(3):
-                if self.redis.set(self.key(owner, idem), json.dumps({"fp": fingerprint}), nx=True, ex=120):
-                    return None
+                if self.redis.set(self.key(owner, idem), json.dumps({"fp": fingerprint, "job_id": reserved,
+                                                                     "done": False}), nx=True, ex=self.ttl_s):
+                    return Claim(reserved, "new")
                 raw = self.redis.get(self.key(owner, idem))
                 if raw is None:
                     continue
@@ -206,15 +223,48 @@ class Idempotency:
                 if first["fp"] != fingerprint:
                     raise InvalidInput("this Idempotency-Key was used for a different request",
                                        code="idempotency_key_reused")
-                if "job_id" in first:
-                    return str(first["job_id"])
-                break
+                if "job_id" not in first:  # in progress on a gateway of before job ids were reserved
+                    break
+                return Claim(str(first["job_id"]), "done" if first.get("done", True) else "pending")
         raise Conflict("a request with this Idempotency-Key is being handled", code="idempotency_in_progress")
+
+    def once(self, owner: str, idem: str | None, fingerprint: str, make: Callable[[str | None], str],
+             made: Callable[[str], bool], prefix: str = "") -> tuple[str, bool]:
+        """What a request makes (a job, a batch), made once per ``Idempotency-Key``: ``(its id, replayed)``.
+        ``make(reserved)`` makes it under the reserved id (a fresh one for None) and returns the id; ``made(id)``
+        says whether a request that began with the key made it already (finishing what it left, if need be)."""
+        if idem is None:
+            return make(None), False
+        claim = self.begin(owner, idem, fingerprint, prefix)
+        if claim.state == "done":
+            return claim.job_id, True
+        if claim.state == "pending" and made(claim.job_id):
+            made_id = claim.job_id
+        else:
+            try:
+                made_id = make(claim.job_id)
+            except BaseException:
+                if claim.state == "new":
+                    self.release(owner, idem)
+                raise
+        self.complete(owner, idem, fingerprint, made_id)
+        return made_id, claim.state != "new"
 
     def complete(self, owner: str, idem: str, fingerprint: str, job_id: str) -> None:
         with redis_errors():
-            self.redis.set(self.key(owner, idem), json.dumps({"fp": fingerprint, "job_id": job_id}), ex=self.ttl_s)
+            self.redis.set(self.key(owner, idem), json.dumps({"fp": fingerprint, "job_id": job_id, "done": True}),
+                           ex=self.ttl_s)
 
     def release(self, owner: str, idem: str) -> None:
         with redis_errors():
             self.redis.delete(self.key(owner, idem))
+
+
+def job_made(client: Client, job_id: str) -> bool:
+    """Whether a job was stored under ``job_id``; one stored by a request that died before it published it
+    is published now (a job whose message went out is never published twice: a second message for a
+    running job would run it again)."""
+    request = client.jobs.request(job_id)
+    if request is not None and not client.jobs.was_queued(job_id):
+        client.publish(request)
+    return request is not None

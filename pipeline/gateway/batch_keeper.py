@@ -87,8 +87,9 @@ class BatchKeeper:
         self._stuck: set[str] = set()
 
     # -- the owners' side ----------------------------------------------------------------------------------
-    def create(self, owner: str, body: BatchCreate) -> Bulk:
-        """Record a new batch of ``owner``'s file, ``validating``; the keeper takes it from there."""
+    def create(self, owner: str, body: BatchCreate, bulk_id: str | None = None) -> Bulk:
+        """Record a new batch of ``owner``'s file (under ``bulk_id`` if given, an id an ``Idempotency-Key``
+        reserved), ``validating``; the keeper takes it from there."""
         if body.endpoint not in ENDPOINTS:
             raise InvalidInput(f"endpoint must be one of {', '.join(ENDPOINTS)}: tuwen serves chat completions and "
                                "responses", code="invalid_endpoint")
@@ -100,7 +101,7 @@ class BatchKeeper:
                                "uploaded with purpose batch", code="invalid_params")
         if body.callback_url is not None:
             check_callback_url(body.callback_url, self.state.gw)
-        bulk_id = batch_id()
+        bulk_id = bulk_id or batch_id()
         facts = OpenAIBatch(input_file_id=file.id, endpoint=body.endpoint, completion_window=COMPLETION_WINDOW,
                             callback_url=body.callback_url)
         self.files.hold(file.id, bulk_id)

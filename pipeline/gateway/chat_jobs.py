@@ -13,14 +13,16 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from tuwen.pipeline.gateway.apikeys import ApiKey
+from tuwen.pipeline.gateway.apikeys import ApiKey, job_made
 from tuwen.pipeline.conversation import Turn, prepare_conversation
 from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.openai_errors import NO_RETRY, OpenAIError, as_openai, openai_error
 from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef
 from tuwen.pipeline.gateway.pictures import picture
 from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.gateway.tool_calls import refuse_auto
 from tuwen.pipeline.schema import ErrorInfo, JobResult, JobStatus, Priority
+from tuwen.pipeline.streams import Delta
 from tuwen.pipeline.watch import until_ended
 
 log = logging.getLogger("tuwen.gateway")
@@ -34,18 +36,21 @@ _LINE_ENDS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 # -- submitting -----------------------------------------------------------------------------------------
 def fetched_turns(state: GatewayState, chat: ChatRequest, queue: str) -> list[Turn]:
     """The conversation with its pictures fetched (not yet stored), once the model served on ``queue`` is
-    known to take that many (``too_many_images`` before anything is fetched)."""
+    known to take that many (``too_many_images`` before anything is fetched), and to serve its tool choice."""
+    if chat.auto_tools:
+        refuse_auto(state.census.renders_tools(queue))
     state.census.check_pictures(queue, chat.pictures)
     limit = state.settings.max_image_bytes
     return [Turn(t.role.value, [picture(p.url, p.param, max_bytes=limit, remote=state.pictures)
                                 if isinstance(p, PictureRef) else p for p in t.parts]) for t in chat.turns]
 
 
-def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest) -> str:
-    """Get the pictures, store them for the key's owner and queue the job; returns its id."""
+def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest, job_id: str | None = None) -> str:
+    """Get the pictures, store them for the key's owner and queue the job (under ``job_id`` if given);
+    returns its id."""
     turns = fetched_turns(state, chat, state.settings.interactive_queue)
     job = prepare_conversation(state.client, turns, chat.params, owner=key.owner, priority=Priority.interactive,
-                               stream=chat.stream)
+                               stream=chat.stream, job_id=job_id)
     state.client.enqueue(job)
     state.metrics.submitted.labels(Priority.interactive.value).inc()
     return job.id
@@ -53,18 +58,9 @@ def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest) -> str:
 
 def accept(state: GatewayState, key: ApiKey, chat: ChatRequest, idempotency_key: str | None) -> tuple[str, bool]:
     """The job of this request, queued once per ``Idempotency-Key``: ``(job id, replayed)``."""
-    if idempotency_key is None:
-        return queue_job(state, key, chat), False
-    first = state.idempotency.begin(key.owner, idempotency_key, chat.fingerprint)
-    if first is not None:
-        return first, True
-    try:
-        job_id = queue_job(state, key, chat)
-    except BaseException:
-        state.idempotency.release(key.owner, idempotency_key)
-        raise
-    state.idempotency.complete(key.owner, idempotency_key, chat.fingerprint, job_id)
-    return job_id, False
+    return state.idempotency.once(key.owner, idempotency_key, chat.fingerprint,
+                                  lambda job_id: queue_job(state, key, chat, job_id),
+                                  lambda job_id: job_made(state.client, job_id))
 
 
 def accepted(state: GatewayState, key: ApiKey, what: str, job_id: str, replayed: bool, user: str | None,
@@ -117,6 +113,13 @@ class Ended:
 async def job_text(state: GatewayState, job_id: str, owner: str) -> AsyncGenerator[str | None | Ended, None]:
     """The job's answer as the worker generates it: pieces of text, ``None`` when ``KEEP_ALIVE_S`` passed
     without one (send a keep-alive), and last an ``Ended``. Bounded by ``TUWEN_GATEWAY_CHAT_TIMEOUT_S``."""
+    async with aclosing(job_deltas(state, job_id, owner)) as deltas:
+        async for delta in deltas:
+            yield delta.text if isinstance(delta, Delta) else delta
+
+
+async def job_deltas(state: GatewayState, job_id: str, owner: str) -> AsyncGenerator[Delta | None | Ended, None]:
+    """``job_text`` with each piece whole: its choice's index and its tokens' log probabilities."""
     timeout = state.gw.gateway_chat_timeout_s
     result: JobResult | None = None
     try:
@@ -125,9 +128,9 @@ async def job_text(state: GatewayState, job_id: str, owner: str) -> AsyncGenerat
                 if delta is None:
                     yield None
                     continue
-                if delta.text:
-                    yield delta.text
-                if delta.finish_reason is not None or delta.result is not None or not delta.text:
+                if delta.piece:
+                    yield delta
+                if delta.finish_reason is not None or delta.result is not None or not delta.piece:
                     result = delta.result
                     break
     except Exception as exc:  # noqa: BLE001 - e.g. Redis went away mid-stream: say so, in the stream

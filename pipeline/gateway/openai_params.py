@@ -10,22 +10,18 @@ from typing import Any
 from tuwen.pipeline.schema import Role
 
 # -- what tuwen does not do: refused by name, unless given its neutral value ------------------------------
-NO_TOOLS = "tuwen has no tools or function calling"
+NO_TOOLS = "tuwen takes tools and tool_choice, not the older functions and function_call"
 #: name → (values that change nothing, why anything else is refused): parameters whose effect a client
 #: relies on and tuwen cannot give.
 REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((1,), "tuwen answers with one choice: n must be 1"),
-    "tools": (([],), NO_TOOLS), "tool_choice": (("none", "auto"), NO_TOOLS),
     "functions": (([],), NO_TOOLS), "function_call": (("none", "auto"), NO_TOOLS),
-    "logprobs": ((False,), "log probabilities are not returned"),
-    "top_logprobs": ((0,), "log probabilities are not returned"),
     "modalities": ((["text"],), "tuwen answers in text only"),
     "audio": ((), "tuwen answers in text only"),
     "web_search_options": ((), "tuwen does not search the web"),
 }
-#: Message fields whose effect a client relies on (tool calls and their results, audio).
-REFUSED_IN_MESSAGES = {"tool_calls": NO_TOOLS, "tool_call_id": NO_TOOLS, "function_call": NO_TOOLS,
-                       "audio": "tuwen answers in text only"}
+#: Message fields whose effect a client relies on (the older function calls, audio). An assistant message's
+#: ``tool_calls`` and a ``tool`` message's ``tool_call_id`` are taken (``gateway.tool_calls``).
+REFUSED_IN_MESSAGES = {"function_call": NO_TOOLS, "audio": "tuwen answers in text only"}
 ROLES = {"system": Role.system, "developer": Role.system, "user": Role.user, "assistant": Role.assistant}
 
 
@@ -35,4 +31,4 @@ def neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
 
 #: ``ChatParams`` that go to ``GenerationParams`` under the same name.
 SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
-            "presence_penalty", "truncation", "logit_bias")
+            "presence_penalty", "truncation", "logit_bias", "n", "logprobs", "top_logprobs")

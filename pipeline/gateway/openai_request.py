@@ -4,10 +4,9 @@
 fetched later), ``GenerationParams`` and the streaming options. Parameters follow vLLM's rule:
 
 * what tuwen implements is honoured (sampling, penalties, ``top_k``, ``min_p``, ``repetition_penalty``,
-  stop strings, seeds, streaming, ``response_format``, ``logit_bias``);
+  stop strings, seeds, streaming, ``response_format``, ``logit_bias``, ``n``, ``logprobs``, ``top_logprobs``);
 * a parameter whose effect a client relies on and tuwen cannot give is refused with a 400 whose
-  ``param`` names it (``unsupported_parameter``: ``n`` > 1, tools, logprobs, audio out), unless it has
-  its neutral value;
+  ``param`` names it (``unsupported_parameter``: ``tool_choice: "auto"``, audio out), unless it has its neutral value;
 * anything else is ignored, and its name goes back in the ``tuwen-ignored-params`` header
   (``ChatRequest.ignored``) and, once per key and name, to the gateway's log.
 
@@ -24,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
+from tuwen.pipeline.gateway import tool_calls
 from tuwen.pipeline.gateway.openai_params import NO_TOOLS, REFUSED, REFUSED_IN_MESSAGES, ROLES, SAMPLING, neutral
 from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role
@@ -75,6 +75,12 @@ class ChatParams(BaseModel):
     response_format: dict[str, Any] | None = None
     #: Token id (as a string) -> bias from -100 to 100.
     logit_bias: dict[str, float] | None = None
+    #: Choices, up to ``schema.MAX_CHOICES``; each token's log probability, and up to 20 alternatives.
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None  #: with tool_choice "required" or a named function: one call
+    tool_choice: str | dict[str, Any] | None = None  #: "none" is plain text; "auto" is refused (``tool_calls``)
 
 
 class TextContent(BaseModel):
@@ -141,6 +147,7 @@ class ChatRequest:
     fingerprint: str
     #: Parameters tuwen ignored (``messages[0].content[1].cache_control`` for those inside the conversation).
     ignored: tuple[str, ...] = ()
+    auto_tools: bool = False  #: tools with tool_choice "auto": refused once the served model is known (tool_calls)
 
     @property
     def pictures(self) -> int:
@@ -184,7 +191,7 @@ def parse_chat(body: bytes) -> ChatRequest:
                            param="stream_options")
     turns = parse_messages(data["messages"], ignored)
     return ChatRequest(
-        model=params.model, turns=turns, params=generation(params),
+        model=params.model, turns=turns, params=generation(params), auto_tools=tool_calls.auto(params),
         stream=bool(params.stream), include_usage=bool(params.stream_options and params.stream_options.include_usage),
         user=params.user or params.safety_identifier, metadata=params.metadata,
         fingerprint=hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest(), ignored=tuple(ignored))
@@ -208,7 +215,8 @@ def generation(params: ChatParams) -> GenerationParams:
                            param="max_completion_tokens")
     stop = (params.stop,) if isinstance(params.stop, str) else tuple(params.stop or ())
     values = {"max_new_tokens": next(iter(given.values()), None), "stop": stop or None,
-              **{name: getattr(params, name) for name in SAMPLING}, "response_format": params.response_format}
+              **{name: getattr(params, name) for name in SAMPLING}, "response_format": params.response_format,
+              "tool_call": tool_calls.forced(params.tools, params.tool_choice)}
     try:
         return GenerationParams.model_validate({k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
@@ -228,14 +236,14 @@ def parse_messages(raw: Any, ignored: list[str] | None = None) -> tuple[ChatTurn
         raise openai_error("invalid_messages", f"{len(raw)} messages; the limit is {MAX_MESSAGES}",
                            param="messages")
     skipped = ignored if ignored is not None else []
-    return tuple(_turn(m, f"messages[{i}]", skipped) for i, m in enumerate(raw))
+    return tool_calls.merged(raw, [tool_calls.turn(m, f"messages[{i}]", skipped, _turn) for i, m in enumerate(raw)])
 
 
 def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
     if not isinstance(message, dict):
         raise openai_error("invalid_messages", f"{where} must be an object", param=where)
     role = message.get("role")
-    if role in ("tool", "function"):
+    if role == "function":
         raise openai_error("unsupported_parameter", f"{where}.role: {NO_TOOLS}", param=f"{where}.role")
     if not isinstance(role, str) or role not in ROLES:
         raise openai_error("invalid_messages", f"{where}.role must be one of {', '.join(ROLES)}",

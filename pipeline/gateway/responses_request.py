@@ -100,7 +100,7 @@ class ResponsesCreate(ResponsesParams):
 
 
 # -- what tuwen does not do: refused by name, unless given a value that changes nothing -------------------
-_NO_TOOLS = "tuwen has no tools or function calling"
+_NO_TOOLS = "the Responses API takes no tools yet; /v1/chat/completions does (docs/structured.md)"
 
 
 def _one_of(*values: Any) -> Callable[[Any], bool]:

@@ -108,6 +108,14 @@ class WorkerCensus:
         limits = [int(w["max_images"]) for w in workers if w["name"] in names and w.get("max_images")]
         return min(limits) if limits else None
 
+    def renders_tools(self, queue: str) -> bool:
+        """Every live worker consuming ``queue`` announces that its checkpoint's chat template renders tools
+        (``renders_tools``, found by rendering a probe); False when none is live."""
+        workers = self._live()
+        names = set(registry.consumers(workers, [queue])[queue])
+        flags = [bool(w.get("renders_tools")) for w in workers if w["name"] in names]
+        return bool(flags) and all(flags)
+
     def check_pictures(self, queue: str, count: int) -> None:
         """Refuse a job of ``count`` pictures before anything is fetched or stored when the model served on
         ``queue`` takes fewer (``too_many_images``, as the worker would)."""

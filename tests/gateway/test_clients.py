@@ -156,7 +156,7 @@ def test_parameters_a_client_relies_on_are_refused_by_name(chat_gateway: Gateway
 
     sample = load_samples()[0]
     with sdk(chat_gateway, new_key()) as client:
-        for param, value in [("n", 2), ("logprobs", True), ("top_logprobs", 2)]:
+        for param, value in [("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"})]:
             with pytest.raises(openai.BadRequestError) as info:
                 client.chat.completions.create(model="tuwen", messages=[ask(sample)], **{param: value})
             assert info.value.code == "unsupported_parameter" and info.value.param == param

@@ -39,13 +39,12 @@ def turn(text: object = None, url: str | None = None) -> dict[str, Any]:
 
 #: name → (create() keyword arguments, the code, the param it names)
 BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
-    "n > 1": ({"n": 2}, "unsupported_parameter", "n"),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "unsupported_parameter",
-              "tools"),
-    "tool_choice": ({"tool_choice": "required"}, "unsupported_parameter", "tool_choice"),
+    "n over the limit": ({"n": 99}, "invalid_params", "n"),
+    "tools with tool_choice auto": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+                                    "unsupported_parameter", "tool_choice"),
+    "tool_choice without tools": ({"tool_choice": "required"}, "invalid_params", "tool_choice"),
     "functions": ({"functions": [{"name": "f", "parameters": {}}]}, "unsupported_parameter", "functions"),
-    "logprobs": ({"logprobs": True}, "unsupported_parameter", "logprobs"),
-    "top_logprobs": ({"top_logprobs": 2}, "unsupported_parameter", "top_logprobs"),
+    "top_logprobs without logprobs": ({"top_logprobs": 2}, "invalid_params", "top_logprobs"),
     "logit_bias out of range": ({"logit_bias": {"1": 500}}, "invalid_params", "logit_bias"),
     "frequency_penalty out of range": ({"frequency_penalty": 2.5}, "invalid_params", "frequency_penalty"),
     "top_k below -1": ({"extra_body": {"top_k": -2}}, "invalid_params", "top_k"),
@@ -62,8 +61,8 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
     "stream_options without stream": ({"stream_options": {"include_usage": True}}, "invalid_params", "stream_options"),
     "unknown truncation": ({"extra_body": {"truncation": "sideways"}}, "invalid_params", "truncation"),
     "17 metadata pairs": ({"metadata": {f"k{i}": "v" for i in range(17)}}, "invalid_params", "metadata"),
-    "a tool message": ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "unsupported_parameter",
-                       "messages[0].role"),
+    "a tool message answering no call": ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+                                         "invalid_messages", "messages[0].tool_call_id"),
     "an unknown role": ({"messages": [{"role": "robot", "content": "x"}]}, "invalid_messages", "messages[0].role"),
     "an audio part": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
         "data": "AAAA", "format": "wav"}}]}]}, "unsupported_parameter", "messages[0].content[0].type"),

@@ -13,6 +13,7 @@ from tuwen.pipeline.client import Client
 from tests.ports import free_port
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
+from tuwen.pipeline.tool_format import split
 from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.bench.process import WorkerProcess
 
@@ -90,4 +91,40 @@ def test_the_cache_is_per_owner(cache_worker: WorkerProcess, cache_settings: Set
     assert client.images.exists(first.image_key or "")
     assert not client.wait(client.submit(png, sample.question, owner="school-a").id, timeout=60).cached
     assert client.wait(client.submit(png, sample.question, owner="school-b").id, timeout=60).cached
+    client.close()
+
+
+def test_a_cached_answer_keeps_every_choice(cache_worker: WorkerProcess, cache_settings: Settings) -> None:
+    """A seeded ``n`` > 1 job with ``logprobs`` repeats: the cached result has the same choices, log probabilities
+    included; the same with another ``n`` is another question."""
+    client = Client(cache_settings)
+    sample = load_samples()[9]
+    params = {"n": 2, "temperature": 1.5, "seed": 21, "max_new_tokens": 16, "logprobs": True, "top_logprobs": 2}
+    first = client.wait(client.submit(sample.path.read_bytes(), sample.question, params=params).id, timeout=60)
+    again = client.wait(client.submit(sample.path.read_bytes(), sample.question, params=params).id, timeout=60)
+    assert not first.cached and again.cached and first.choices is not None and len(first.choices) == 2
+    assert again.choices == first.choices and again.generated_tokens == first.generated_tokens
+    other = client.wait(client.submit(sample.path.read_bytes(), sample.question, params={**params, "n": 3}).id,
+                        timeout=60)
+    assert not other.cached and other.choices is not None and len(other.choices) == 3
+    assert [c.answer for c in other.choices[:2]] == [c.answer for c in first.choices], "choice i is seeded seed + i"
+    client.close()
+
+
+def test_the_cache_keys_on_a_forced_tool_call(cache_worker: WorkerProcess, cache_settings: Settings) -> None:
+    """A tool call is another question than the plain one (issue 24: the cache key includes the constraint),
+    and a repeated call comes back from the cache still a call."""
+    client = Client(cache_settings)
+    sample = load_samples()[5]
+    png = sample.path.read_bytes()
+    digit = {"type": "integer", "minimum": 0, "maximum": 9}  # a number closes in one token
+    count = {"name": "count", "parameters": {"type": "object", "properties": {"n": digit}, "required": ["n"],
+                                             "additionalProperties": False}}
+    call = {"tool_call": {"functions": [count]}, "max_new_tokens": 48}
+    plain = client.wait(client.submit(png, sample.question, params={"max_new_tokens": 48}).id, timeout=60)
+    first = client.wait(client.submit(png, sample.question, params=call).id, timeout=60)
+    again = client.wait(client.submit(png, sample.question, params=call).id, timeout=60)
+    assert not plain.cached and plain.finish_reason == "stop"
+    assert not first.cached and first.finish_reason == "tool_calls" and split(first.answer or "") is not None
+    assert again.cached and again.finish_reason == "tool_calls" and again.answer == first.answer
     client.close()

@@ -79,4 +79,4 @@ def test_limits_on_pictures_text_and_params(client: Client) -> None:
     assert refused(client, long) == "conversation_too_long"
     assert refused(client, [Turn("user", ["什么？"])], params={"temperature": 3}) == "invalid_params"
     assert refused(client, [Turn("user", ["什么？"])], params={"stop": ["a"] * 5}) == "invalid_params"
-    assert refused(client, [Turn("user", ["什么？"])], params={"logprobs": True}) == "invalid_params"
+    assert refused(client, [Turn("user", ["什么？"])], params={"top_logprobs": 2}) == "invalid_params"

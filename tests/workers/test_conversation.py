@@ -6,6 +6,7 @@ llava and qwen2_vl checkpoints show that multi-turn, multi-picture rows answer t
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.workers.test_families import items, picture
 from tuwen.pipeline.settings import Settings
 from tuwen.workers.demo import bundled_demo_model
 from tuwen.workers.engine.model import Item, Runtime
+from tuwen.workers.engine.prompts import Prompts
 
 SAMPLES = bundled_demo_model().parent / "samples"
 
@@ -176,3 +178,15 @@ def test_sampling_knobs_reach_each_row(demo: Runtime) -> None:
     logits = torch.tensor([1.0, 4.0, -2.0, 3.0])
     _penalize(logits, live)
     assert logits.tolist() == [1.0, 2.0, -4.0 - 0.5 * 2 - 1.0, 3.0]
+
+
+def test_whether_a_template_renders_tools_is_found_by_rendering(demo: Runtime) -> None:
+    """What the worker announces as ``renders_tools`` (the gateway refuses ``tool_choice: "auto"`` without it):
+    the demo template shows no tools; the same processor with a template that lists them does; one that fails
+    on them does not."""
+    assert demo.renders_tools is False
+    listing, failing = copy.copy(demo.processor), copy.copy(demo.processor)
+    listing.chat_template = ("{% for t in tools or [] %}{{ t.function.name }}\n{% endfor %}"
+                             "{% for m in messages %}{{ m.role }}: {{ m.content[0].text }}\n{% endfor %}")
+    failing.chat_template = "{{ raise_exception('no tools here') if tools else '' }}{{ messages[0].role }}"
+    assert Prompts(listing).renders_tools is True and Prompts(failing).renders_tools is False

@@ -19,6 +19,9 @@ On plain Hugging Face models, in the manner of TGI's ``CausalLMBatch`` (``concat
   left off (``unpark``, one copy of its cache, no prefill), so interactive rows decode in a small batch.
 * Each row picks its token on its own: greedy (the default) or temperature / top-p sampling with the
   row's own seeded generator, so a seeded job gets the same answer whatever batch it lands in.
+* A row that asks for ``n`` choices is prefilled once; its cache is then copied into ``n`` rows of the
+  batch, each with its own generator (choice ``i`` seeded ``seed + i``), and the row finishes with its last
+  choice. Rows that ask for ``logprobs`` keep each token's log probability (``engine.logprobs``).
 * Text is detokenized incrementally per row and handed to the row's ``on_text`` callback; a delta never
   ends inside a multi-byte character or inside a possible stop string.
 
@@ -28,14 +31,14 @@ family in tests/workers/test_engine.py).
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tuwen.workers.engine.kvcache import RoomyLayer, left_pad, roomy_cache, stacked
+from tuwen.workers.engine.kvcache import RoomyLayer, left_pad, roomy_cache, rows_of, stacked
+from tuwen.workers.engine.logprobs import Entries, Step, measure
 
 #: What a row's prompt inputs may hold besides ids and mask (the families' picture tensors).
 _PICTURE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos",
@@ -57,6 +60,11 @@ class Sampling:
     presence_penalty: float = 0.0
     #: (token id, bias) pairs added to the row's logits at every step (OpenAI's ``logit_bias``).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    #: Choices: the row decodes as ``n`` rows from one prefill; choice ``i`` samples with ``seed + i``.
+    n: int = 1
+    #: Keep each token's log probability (and the ``top_logprobs`` likeliest alternatives): ``engine.logprobs``.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @classmethod
     def of(cls, params: Any) -> Sampling:
@@ -87,8 +95,10 @@ class Row:
     stop: Sequence[str] = ()
     #: End of sequence is not allowed before this many tokens (benchmarks force answer lengths).
     min_new_tokens: int = 0
-    #: Called with each new piece of text as it is generated (streaming); never with an empty string.
-    on_text: Callable[[str], None] | None = None
+    #: Called with each new piece of text as it is generated (streaming); never with an empty string. A row
+    #: with ``n`` > 1 or ``logprobs`` also passes ``choice=`` (its index) and, with ``logprobs``, ``logprobs=``
+    #: (OpenAI's entries of the tokens since the last call: the last call may carry only those).
+    on_text: Callable[..., None] | None = None
     #: Makes the row's grammar constraint (``engine.grammar``), fresh each time the row starts; None: free.
     grammar: Callable[[], Any] | None = None
 
@@ -107,14 +117,46 @@ class Finished:
     timings: dict[str, float]
     #: Why the row failed alone (its grammar constraint refused a step); ``finish_reason`` is then ``error``.
     error: str | None = None
+    #: Which choice this is (``Sampling.n``), and each answer token's log probabilities (``Sampling.logprobs``).
+    choice: int = 0
+    steps: list[Step] | None = None
+    #: Every choice of a row with ``n`` > 1 (this one is choice 0's), in order; empty for other rows.
+    choices: list[Finished] = field(default_factory=list)
+
+
+class _Choices:
+    """The choices of one row with ``n`` > 1: each decodes as a row of its own, and the row finishes with its
+    last choice (the engine hands out one ``Finished`` per ``Row``, whatever its ``n``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.done: dict[int, Finished] = {}
+        #: Characters each finished choice had streamed (a row that starts over skips them).
+        self.sent: dict[int, int] = {}
+
+    def add(self, finished: Finished, sent: int) -> Finished | None:
+        """Keep a finished choice; the whole row once its last choice is in."""
+        self.done[finished.choice] = finished
+        self.sent[finished.choice] = sent
+        if len(self.done) < self.n:
+            return None
+        every = [self.done[i] for i in range(self.n)]
+        first = every[0]
+        return Finished(row=first.row, text=first.text, tokens=first.tokens, finish_reason=first.finish_reason,
+                        prompt_tokens=first.prompt_tokens, batch_size=max(f.batch_size for f in every),
+                        timings={"first_token_ms": min(f.timings["first_token_ms"] for f in every),
+                                 "generate_ms": max(f.timings["generate_ms"] for f in every)},
+                        error=next((f.error for f in every if f.error), None), steps=first.steps, choices=every)
 
 
 class _Live:
     """A row inside the running batch: its tokens, sampler and incremental detokenizer state."""
 
     def __init__(self, row: Row, prompt_tokens: int, tokenizer: Any, joined: float,
-                 prompt_ids: list[int] | None = None) -> None:
+                 prompt_ids: list[int] | None = None, choice: int = 0, family: _Choices | None = None) -> None:
         self.row = row
+        self.choice = choice
+        self.family = family
         self.prompt_tokens = prompt_tokens
         #: The prompt's token ids, kept only for a row with a repetition penalty.
         self.prompt_ids = prompt_ids or []
@@ -133,10 +175,12 @@ class _Live:
             if row.sampling.seed is None:
                 self.generator.seed()
             else:
-                self.generator.manual_seed(row.sampling.seed)
+                self.generator.manual_seed(row.sampling.seed + choice)
         self.hold = max((len(s) for s in row.stop), default=1) - 1
         self.constraint = row.grammar() if row.grammar is not None else None
         self.error: str | None = None
+        self.steps: list[Step] | None = [] if row.sampling.logprobs else None
+        self._steps_sent = 0
 
     def push(self, token: int) -> str | None:
         """Take one generated token; returns the finish reason if the row is done."""
@@ -156,14 +200,24 @@ class _Live:
                 return "stop"
         return None
 
-    def flush(self, final: bool) -> None:
-        """Hand new text to the callback; hold back what could still become a stop string."""
+    def flush(self, final: bool, entries: Entries | None = None) -> None:
+        """Hand new text to the callback; hold back what could still become a stop string. With logprobs,
+        the entries of the tokens since the last call go along (``entries`` makes them)."""
         if self.row.on_text is None:
             return
         upto = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        if upto > self.sent:
-            self.row.on_text(self.text[self.sent:upto])
-            self.sent = upto
+        unsent = self.steps is not None and final and self._steps_sent < len(self.tokens)
+        if upto <= self.sent and not unsent:
+            return
+        piece, self.sent = self.text[self.sent:upto], max(self.sent, upto)
+        if self.steps is None and self.row.sampling.n == 1:
+            self.row.on_text(piece)
+            return
+        extra: dict[str, Any] = {"choice": self.choice}
+        if self.steps is not None and entries is not None:
+            extra["logprobs"] = entries(self.steps[self._steps_sent:len(self.tokens)])
+            self._steps_sent = len(self.tokens)
+        self.row.on_text(piece, **extra)
 
 
 @dataclass
@@ -179,17 +233,8 @@ class Parked:
     def take(self, chosen: list[int]) -> Parked:
         """Rows ``chosen`` (indexes), with copies of their part of the cache."""
         index = torch.tensor(chosen, dtype=torch.long, device=self.mask.device)
-        cache = copy.copy(self.cache)
-        cache.layers = []
-        for layer in self.cache.layers:
-            part = copy.copy(layer)
-            keys, values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
-            if isinstance(part, RoomyLayer):
-                part.hold(keys, values, keys.shape[-2])
-            else:
-                part.keys, part.values = keys, values
-            cache.layers.append(part)
-        return Parked([self.rows[i] for i in chosen], cache, self.mask[index], self.next_pos[index], self.last[index])
+        return Parked([self.rows[i] for i in chosen], rows_of(self.cache, index), self.mask[index],
+                      self.next_pos[index], self.last[index])
 
     def split(self, count: int) -> tuple[Parked, Parked | None]:
         """The first ``count`` rows, and the rest (None if none is left)."""
@@ -250,11 +295,17 @@ class Engine:
         real = mask.sum(-1)
         next_pos = real + (deltas.view(-1).to(real.device) if deltas is not None and positions.ndim == 3 else 0)
         ids = inputs["input_ids"]
-        live = [_Live(r, int(n), self.tokenizer, joined,
-                      ids[i][mask[i].bool()].tolist() if r.sampling.repetition_penalty != 1.0 else None)
-                for i, (r, n) in enumerate(zip(rows, real.tolist()))]
-        self._join(live, out.cache, mask, next_pos)
-        logits = out.logits[:, -1, :]
+        live = []
+        for i, (r, n) in enumerate(zip(rows, real.tolist())):
+            family = _Choices(r.sampling.n) if r.sampling.n > 1 else None
+            prompt_ids = ids[i][mask[i].bool()].tolist() if r.sampling.repetition_penalty != 1.0 else None
+            live += [_Live(r, int(n), self.tokenizer, joined, prompt_ids, c, family) for c in range(r.sampling.n)]
+        cache, logits = out.cache, out.logits[:, -1, :]
+        if len(live) > len(rows):  # the choices of a row share its prefill: copies of its cache, not n prefills
+            index = torch.repeat_interleave(torch.arange(len(rows), device=mask.device),
+                                            torch.tensor([r.sampling.n for r in rows], device=mask.device))
+            cache, logits, mask, next_pos = rows_of(cache, index), logits[index], mask[index], next_pos[index]
+        self._join(live, cache, mask, next_pos)
         return self._advance(logits, first=len(live))
 
     def _join(self, live: list[_Live], cache: Any, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
@@ -300,6 +351,7 @@ class Engine:
         offset = self.size - first if first else 0
         rows = self.rows[offset:]
         tokens = self._pick(logits.float(), rows)
+        entries = Entries(self.tokenizer, logits.shape[-1]) if any(r.steps is not None for r in rows) else None
         assert self._last is not None
         self._last[offset:, 0] = torch.tensor(tokens, dtype=torch.long, device=self._last.device)
         done: list[tuple[int, str]] = []
@@ -310,7 +362,7 @@ class Engine:
             reason = "error" if row.error else "stop" if token in self.eos else row.push(token)
             if reason is None and len(row.tokens) >= row.row.max_new_tokens:
                 reason = "length"
-            row.flush(final=reason is not None)
+            row.flush(reason is not None, entries)
             if reason is not None:
                 done.append((offset + i, reason))
         return self._drop(done)
@@ -333,6 +385,14 @@ class Engine:
         for i, row in enumerate(rows):
             if row.generator is not None:
                 picked[i] = _sample(logits[i], row.row.sampling, row.generator)
+        asking = [i for i, row in enumerate(rows) if row.steps is not None]
+        if asking:  # only the rows that asked pay for their log probabilities
+            sampling = [rows[i].row.sampling for i in asking]
+            steps = measure(logits[torch.tensor(asking, device=logits.device)],
+                            [1.0 if s.greedy else max(s.temperature, 1e-5) for s in sampling],
+                            [picked[i] for i in asking], [s.top_logprobs for s in sampling])
+            for i, step in zip(asking, steps):
+                rows[i].steps.append(step)  # type: ignore[union-attr]
         return picked
 
     def _drop(self, done: list[tuple[int, str]]) -> list[Finished]:
@@ -342,11 +402,15 @@ class Engine:
         finished = []
         for index, reason in done:
             live = self.rows[index]
-            finished.append(Finished(
+            one = Finished(
                 row=live.row, text=live.text, tokens=live.tokens, finish_reason=reason,
-                prompt_tokens=live.prompt_tokens, batch_size=live.batch_size, error=live.error,
+                prompt_tokens=live.prompt_tokens, batch_size=live.batch_size, error=live.error, choice=live.choice,
+                steps=None if live.steps is None else live.steps[:len(live.tokens)],  # not the end of sequence's
                 timings={"first_token_ms": round(((live.first_token_at or now) - live.joined) * 1000, 2),
-                         "generate_ms": round((now - live.joined) * 1000, 2)}))
+                         "generate_ms": round((now - live.joined) * 1000, 2)})
+            whole = one if live.family is None else live.family.add(one, live.sent)
+            if whole is not None:
+                finished.append(whole)
         self._remove({i for i, _ in done})
         return finished
 

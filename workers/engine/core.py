@@ -106,8 +106,8 @@ class Scheduler:
         rows = list(group.rows)
         if rows and group.enc is not None:
             prompts = group.enc["attention_mask"].sum(-1).tolist()
-            for row, n in zip(rows, prompts):
-                self._cost[id(row)] = int(n) + row.max_new_tokens
+            for row, n in zip(rows, prompts):  # each choice holds a copy of the prompt's cache
+                self._cost[id(row)] = (int(n) + row.max_new_tokens) * row.sampling.n
         ticket.pending = {r.key for r in rows}
         for i, answer in enumerate(group.answers):
             if i not in ticket.pending and on_answer is not None:
@@ -125,7 +125,7 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         with self._lock:
-            return sum(len(rows) for lane in self._lanes for _, rows in lane)
+            return sum(_width(rows) for lane in self._lanes for _, rows in lane)
 
     @property
     def ahead(self) -> int:
@@ -145,12 +145,12 @@ class Scheduler:
     def view(self) -> View:
         """What the policy needs to know about the loop now."""
         with self._lock:
-            heads = [Head(len(lane[0][1]), self._tokens(lane[0][1]), self._suspect(lane[0][1])) if lane else None
+            heads = [Head(_width(lane[0][1]), self._tokens(lane[0][1]), self._suspect(lane[0][1])) if lane else None
                      for lane in self._lanes]
-            waiting = [sum(len(rows) for _, rows in lane) for lane in self._lanes]
+            waiting = [sum(_width(rows) for _, rows in lane) for lane in self._lanes]
             # Read from the hand-over's thread too, while the loop steps: a row that just left has no owner.
             running = [(lv.row, self._owner.get(id(lv.row))) for lv in self.engine.rows]
-            parked = [lv.row for p in self._parked for lv in p.rows]
+            parked = list({id(lv.row): lv.row for p in self._parked for lv in p.rows}.values())
             return View(
                 running=len(running), running_bulk=sum(t is not None and not t.interactive for _, t in running),
                 parked=len(parked), held_tokens=self._tokens([r for r, _ in running] + parked),
@@ -211,7 +211,7 @@ class Scheduler:
             todo = plan(self.limits, self.view())
             joining = self._lanes[todo.join].popleft() if todo.join is not None else None
             if joining is not None:
-                self._joining = len(joining[1])
+                self._joining = _width(joining[1])
                 self._joining_interactive = self._joining if joining[0].interactive else 0
         if todo.park:
             self._park(todo.park)
@@ -239,11 +239,13 @@ class Scheduler:
         self._observe()
 
     def _park(self, count: int) -> None:
-        """``count`` bulk rows give way: those with the most answer budget left (the rest leave soon)."""
+        """``count`` bulk rows give way: those with the most answer budget left (the rest leave soon). The
+        choices of one row go together."""
         rows = self.engine.rows
         bulk = [i for i, lv in enumerate(rows) if not self._owner[id(lv.row)].interactive]
         bulk.sort(key=lambda i: len(rows[i].tokens) - rows[i].row.max_new_tokens)
-        self._parked.append(self.engine.park(bulk[:count]))
+        going = {id(rows[i].row) for i in bulk[:count]}
+        self._parked.append(self.engine.park([i for i in bulk if id(rows[i].row) in going]))
         log.debug("%d bulk rows gave way to interactive ones", count)
 
     def _unpark(self, count: int) -> None:
@@ -300,35 +302,37 @@ class Scheduler:
         self._report(finished)
 
     def _step_failed(self, exc: Exception) -> None:
-        live = list(self.engine.rows)
-        rows = [lv.row for lv in live]
+        sent: dict[int, dict[int, int]] = {}  #: id(row) -> characters each of its choices streamed
+        for lv in self.engine.rows:
+            sent.setdefault(id(lv.row), dict(lv.family.sent) if lv.family is not None else {})[lv.choice] = lv.sent
+        rows = list({id(lv.row): lv.row for lv in self.engine.rows}.values())  # a row with n > 1 is there n times
         self.engine = self.runtime.engine()
         self._blocked = False
         if isinstance(exc, torch.OutOfMemoryError):
             self._free_memory()
             log.warning("out of memory in a decode step of %d rows; they start again", len(rows))
-            for lv in reversed(live):
-                ticket = self._owner.pop(id(lv.row))
-                again = _again(lv.row, lv.sent)
-                self._cost[id(again)] = self._cost.pop(id(lv.row), 0)
+            for row in reversed(rows):
+                ticket = self._owner.pop(id(row))
+                again = _again(row, sent[id(row)])
+                self._cost[id(again)] = self._cost.pop(id(row), 0)
                 self._requeue(ticket, [again], front=True)
             return
         log.error("a decode step of %d rows failed: %s", len(rows), exc, exc_info=exc)
-        if len(live) == 1:
+        if len(rows) == 1:
             self._fail(rows, _alone(exc))
             return
         # Each half of the batch starts again as one suspect group (its rows may be of several tickets).
-        for half in reversed(_halves(live)):
-            tickets, rows = [], []
-            for lv in half:
-                tickets.append(self._owner.pop(id(lv.row)))
-                again = _again(lv.row, lv.sent)
+        for half in reversed(_halves(rows)):
+            tickets, again_rows = [], []
+            for row in half:
+                tickets.append(self._owner.pop(id(row)))
+                again = _again(row, sent[id(row)])
                 self._owner[id(again)] = tickets[-1]
-                self._cost[id(again)] = self._cost.pop(id(lv.row), 0)
-                self._suspects.discard(id(lv.row))
+                self._cost[id(again)] = self._cost.pop(id(row), 0)
+                self._suspects.discard(id(row))
                 self._suspects.add(id(again))
-                rows.append(again)
-            self._requeue(tickets[0], rows, front=True)
+                again_rows.append(again)
+            self._requeue(tickets[0], again_rows, front=True)
 
     def _requeue(self, ticket: Ticket, rows: list[Any], front: bool) -> None:
         with self._lock:
@@ -371,6 +375,11 @@ class Scheduler:
             ticket.done.set()
 
 
+def _width(rows: list[Any]) -> int:
+    """Rows of the batch that ``rows`` take: a row with ``n`` choices takes ``n``."""
+    return sum(r.sampling.n for r in rows)
+
+
 def _halves(items: list[Any]) -> list[list[Any]]:
     half = (len(items) + 1) // 2
     return [part for part in (items[:half], items[half:]) if part]
@@ -383,25 +392,29 @@ def _alone(exc: Exception) -> dict[str, Any]:
 
 
 class _SkipSent:
-    """A streaming callback for a row that starts again: the first ``already`` characters were sent."""
+    """A streaming callback for a row that starts again: the first ``already[choice]`` characters of each
+    choice were sent (with their log probabilities)."""
 
-    def __init__(self, target: Callable[[str], None], already: int) -> None:
-        self.target, self.already, self.seen = target, already, 0
+    def __init__(self, target: Callable[..., None], already: dict[int, int]) -> None:
+        self.target, self.already, self.seen = target, already, dict.fromkeys(already, 0)
 
-    def __call__(self, piece: str) -> None:
-        start, self.seen = self.seen, self.seen + len(piece)
-        skip = max(0, self.already - start)
-        if skip < len(piece):
-            self.target(piece[skip:])
+    def __call__(self, piece: str, **extra: Any) -> None:
+        choice = extra.get("choice", 0)
+        start = self.seen.get(choice, 0)
+        self.seen[choice] = start + len(piece)
+        skip = max(0, self.already.get(choice, 0) - start)
+        if skip < len(piece) or (not piece and start >= self.already.get(choice, 0)):
+            self.target(piece[skip:], **extra)
 
 
-def _again(row: Any, sent: int) -> Any:
-    """The same row, to start over after its decode step failed."""
+def _again(row: Any, sent: dict[int, int]) -> Any:
+    """The same row, to start over after its decode step failed (``sent``: characters each choice streamed)."""
     from dataclasses import replace
 
     if row.on_text is None:
         return row
     previous = row.on_text
     if isinstance(previous, _SkipSent):
-        return replace(row, on_text=_SkipSent(previous.target, max(previous.already, sent)))
+        merged = {c: max(previous.already.get(c, 0), sent.get(c, 0)) for c in {*previous.already, *sent}}
+        return replace(row, on_text=_SkipSent(previous.target, merged))
     return replace(row, on_text=_SkipSent(previous, sent))

@@ -8,6 +8,7 @@ below the running ones, and a leaving row's hole is filled by the last row (``wo
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -93,6 +94,22 @@ class RoomyLayer(DynamicLayer):
         if used:
             buffer[:old.shape[0], :, :used] = old
         return buffer
+
+
+def rows_of(cache: Any, index: torch.Tensor) -> Any:
+    """A copy of ``cache`` with the rows ``index`` names, in that order (a row may be named twice: the
+    choices of one prompt share its prefill), without spare room: the next update makes some."""
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        part = copy.copy(layer)
+        keys, values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        if isinstance(part, RoomyLayer):
+            part.hold(keys, values, keys.shape[-2])
+        else:
+            part.keys, part.values = keys, values
+        out.layers.append(part)
+    return out
 
 
 def roomy_cache(config: Any) -> DynamicCache:

@@ -26,6 +26,7 @@ from tuwen.pipeline.settings import CpuLinear, DType, Quantization, Settings
 from tuwen.workers.engine import packed
 from tuwen.workers.engine.batch import Engine, Row, Sampling
 from tuwen.workers.engine.families import apply_image_limits, family_max_images
+from tuwen.workers.engine.logprobs import Entries
 from tuwen.workers.engine.prompts import Prompt, Prompts
 from tuwen.workers.engine.requests import Answer, Group, Item, Prepared
 
@@ -161,9 +162,17 @@ class Runtime:
             answer.error = TuwenError(f"the grammar of this job's response_format failed on it: {f.error}",
                                       code="constraint_failed").as_error()
             return answer
+        every = f.choices or [f]
         answer.answer, answer.tokens, answer.finish_reason = f.text, f.tokens, f.finish_reason
-        answer.prompt_tokens, answer.generated_tokens, answer.batch_size = f.prompt_tokens, len(f.tokens), f.batch_size
+        answer.prompt_tokens, answer.batch_size = f.prompt_tokens, f.batch_size
+        answer.generated_tokens = sum(len(c.tokens) for c in every)
         answer.timings.update(f.timings)
+        if f.choices or f.steps is not None:
+            entries = Entries(self.processor.tokenizer, self.vocab_size) if f.steps is not None else None
+            answer.choices = [{"index": c.choice, "answer": c.text, "finish_reason": c.finish_reason,
+                               "generated_tokens": len(c.tokens),
+                               **({"logprobs": entries(c.steps)} if entries and c.steps is not None else {})}
+                              for c in every]
         return answer
 
     def _prepare(self, index: int, item: Item) -> Prepared:
@@ -186,6 +195,12 @@ class Runtime:
     def max_images(self) -> int:
         """Most pictures one job may carry: the family's limit, lowered by ``TUWEN_MAX_IMAGES_PER_JOB``."""
         return min(family_max_images(self.model.config), self.settings.max_images_per_job)
+
+    @property
+    def renders_tools(self) -> bool:
+        """The checkpoint's chat template renders tools (``Prompts.renders_tools``): announced, so the gateway
+        knows whether ``tool_choice: "auto"`` could be served."""
+        return self.prompts.renders_tools
 
     @cached_property
     def vocab_size(self) -> int:
@@ -379,6 +394,10 @@ class NullRuntime(Runtime):
     @property
     def max_images(self) -> int:  # type: ignore[override]
         return self.settings.max_images_per_job
+
+    @property
+    def renders_tools(self) -> bool:
+        return False
 
     def engine(self) -> Any:
         return _NoEngine()

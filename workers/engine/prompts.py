@@ -75,6 +75,20 @@ class Prompts:
         ids = self.tokenizer.convert_tokens_to_ids(self.tokens)
         return {int(i): t for i, t in zip(ids, self.tokens) if i is not None and i != self.tokenizer.unk_token_id}
 
+    @cached_property
+    def renders_tools(self) -> bool:
+        """The chat template renders a request's tools: a probe function's name shows in a rendered prompt.
+        Decided by rendering, never from the model's name; the worker announces it (``renders_tools``)."""
+        probe = "tuwen_probe_function"
+        tools = [{"type": "function", "function": {"name": probe, "description": "a probe", "parameters": {
+            "type": "object", "properties": {}}}}]
+        try:
+            text = self.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "?"}]}],
+                                                      tools=tools, tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - a template that refuses tools does not render them
+            return False
+        return probe in str(text)
+
     # -- rendering ------------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], *, continue_final: bool = False) -> Prompt:
         """The prompt for ``messages`` (Hugging Face chat format): the assistant's turn opened, or, with

@@ -29,8 +29,8 @@ class Item:
     #: ``none``: a conversation longer than the context is refused; ``oldest_turns``: its oldest turns
     #: are dropped until it fits (never the system prompt, nor the last user turn and its pictures).
     truncation: str = "none"
-    #: Streaming: called with each new piece of the answer.
-    on_text: Callable[[str], None] | None = None
+    #: Streaming: called with each new piece of the answer (``engine.Row.on_text``).
+    on_text: Callable[..., None] | None = None
     #: The conversation ends with an assistant message that the answer continues (a prefill).
     continue_final: bool = False
     #: OpenAI's ``response_format``: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
@@ -60,6 +60,9 @@ class Answer:
     tokens: list[int] = field(default_factory=list)
     #: ``stop`` (the model ended, or a stop string) or ``length`` (the token budget ran out).
     finish_reason: str | None = None
+    #: Every answer of an item with ``n`` > 1 or ``logprobs`` (``schema.ChoiceResult``'s fields); the fields
+    #: above are choice 0's, but ``generated_tokens`` counts every choice's tokens.
+    choices: list[dict[str, Any]] | None = None
 
     @property
     def ok(self) -> bool:

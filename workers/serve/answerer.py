@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuwen.pipeline import stats
+from tuwen.pipeline import stats, tool_format
 from tuwen.pipeline.errors import ErrorCode, ModelError, TuwenError, Unavailable
 from tuwen.pipeline.jobs import JobStore
 from tuwen.pipeline.schema import ErrorInfo, ImagePart, JobRequest, JobResult, JobStatus, Priority, TextPart
@@ -158,8 +158,8 @@ class Answerer:
                     self.streams.end(run.job.id, answer.finish_reason or "error")
                 results.append(self._result(run, answer, worker, started, fetch_ms))
                 if answer.ok and self._cacheable(run.job):
-                    fresh.append((run.job, {k: getattr(results[-1], k) for k in
-                                            ("answer", "prompt_tokens", "generated_tokens", "finish_reason")}))
+                    fresh.append((run.job, results[-1].model_dump(mode="json", exclude_none=True, include={
+                        "answer", "prompt_tokens", "generated_tokens", "finish_reason", "choices"})))
             self.streams.flush()
             self._write(results, written)
         ticket.wait()
@@ -202,10 +202,12 @@ class Answerer:
         on_text = None
         if run.job.stream:
             job_id = run.job.id
-            on_text = lambda piece: self.streams.text(job_id, piece)  # noqa: E731 - runs on the decode thread
+            on_text = lambda piece, choice=0, logprobs=None: self.streams.text(  # noqa: E731 - on the decode thread
+                job_id, piece, choice, logprobs)
         return Item(messages=tuple(messages), images=tuple(images), max_new_tokens=p.max_new_tokens,
                     sampling=Sampling.of(p), stop=tuple(p.stop), truncation=p.truncation.value, on_text=on_text,
-                    continue_final=run.job.continues, response_format=p.response_format)
+                    continue_final=run.job.continues,
+                    response_format=p.tool_call.response_format() if p.tool_call else p.response_format)
 
     @staticmethod
     def _cacheable(job: JobRequest) -> bool:
@@ -219,9 +221,11 @@ class Answerer:
                                 worker=worker, model_id=self.runtime.model_id, started_at=started,
                                 retryable=answer.error.get("retryable"))
         self.metrics.observe_answer(answer)
+        call = run.job.params.tool_call
         return self._succeeded(run, worker, started, {
             "answer": answer.answer, "prompt_tokens": answer.prompt_tokens, "generated_tokens": answer.generated_tokens,
-            "finish_reason": answer.finish_reason, "batch_size": answer.batch_size,
+            "finish_reason": tool_format.finish_reason(call, answer.answer, answer.finish_reason),
+            "batch_size": answer.batch_size, "choices": tool_format.choices(call, answer.choices),
             "timings": {"fetch_ms": round(fetch_ms, 1), **answer.timings}})
 
     def _succeeded(self, run: Run, worker: str, started: float, fields: dict[str, Any]) -> JobResult:

@@ -10,11 +10,14 @@
   connection with nothing to say: the worker's consuming loop stopped for good and SIGTERM hung (measured:
   SIGSTOP the worker, restart Redis, SIGCONT). The loop only reads when the socket is readable, so a
   read that waits at most a second loses nothing.
-* **No message is lost in flight under backlog.** kombu's BRPOP removes a message from Redis before the
-  worker records it as unacknowledged; a worker killed between the two lost it for good (measured: 1 of
-  30 jobs in the kill -9 drill). While the queues have messages, this transport takes the next one with
-  a Lua script that pops it and records it in the same step; only when they were empty does it wait with
-  BRPOP (and a message that arrives while the worker idles is recorded within the same loop turn).
+* **No message is lost in flight.** kombu's BRPOP removes a message from Redis before the worker records
+  it as unacknowledged; a worker killed between the two lost it for good (measured: 1 of 30 jobs in the
+  kill -9 drill), and so did a Redis primary that died between them after replicating the pop (1 of
+  38 jobs in a Sentinel failover drill, the kill timed just after a submit). This transport takes every
+  message with a Lua script that pops it and records it in the same step. When the queues are empty it
+  waits with BRPOP on the queues' wake lists (``keys.WAKE``), never on the queues: producers push a
+  token there after each message, so a token wakes one idle worker at once, and a lost token costs at
+  most ``brpop_timeout`` (1 s) before the next look.
 * **The QoS tells which delivery tags it holds** (received, not acknowledged), for the heartbeat that
   the reaper (``tuwen.workers.serve.reaper``) reads.
 * **Interactive jobs get past a full prefetch.** Under a bulk backlog the prefetch is always used up
@@ -38,6 +41,8 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from tuwen.pipeline import sentinel
+from tuwen.pipeline.app import reads_wake_lists
+from tuwen.pipeline.keys import WAKE
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +145,11 @@ class Channel(kombu_redis.Channel):
     tuwen_interactive_room = 0
     from_transport_options = kombu_redis.Channel.from_transport_options + (
         "tuwen_screen", "tuwen_interactive_queues", "tuwen_interactive_room")
-    #: The last read found a message: read the next with the pop-and-record script, not BRPOP.
-    _backlog = False
+    #: Read with the pop-and-record script next (the last read found a message, or a wait just ended),
+    #: rather than wait on the wake lists.
+    _backlog = True
+    #: The read in flight is a wait on the wake lists (its reply is a token or nothing, never a message).
+    _waking = False
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         if self.global_keyprefix:
@@ -154,12 +162,13 @@ class Channel(kombu_redis.Channel):
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
+        self._waking = not self._backlog
         if self._backlog:
             self.client.connection.send_command("EVAL", _POP_AND_RECORD, 2 + len(keys), self.unacked_key,
                                                 self.unacked_index_key, *keys, time.time())
-        else:  # kombu's own wait
+        else:  # wait for a token (or kombu's timeout), then look with the script
             wait = self.brpop_timeout if timeout is None else timeout
-            self.client.connection.send_command("BRPOP", *keys, wait or 0)
+            self.client.connection.send_command("BRPOP", *[WAKE + queue for queue in queues], wait or 0)
         return None
 
     def _get_client(self) -> Any:
@@ -171,7 +180,10 @@ class Channel(kombu_redis.Channel):
         class ScreeningClient(base):  # type: ignore[misc, valid-type]
             def parse_response(self, connection: Any, command_name: str, **options: Any) -> Any:
                 reply = super().parse_response(connection, command_name, **options)
-                if command_name == "BRPOP":  # a BRPOP or a pop-and-record reply (the same shape)
+                if command_name == "BRPOP" and channel._waking:  # a token, or the wait timed out: look next
+                    channel._backlog = True
+                    return None
+                if command_name == "BRPOP":  # a pop-and-record reply (BRPOP's shape)
                     channel._backlog = bool(reply)
                     if reply:
                         return channel._screen(reply)
@@ -255,8 +267,8 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 
 def applies_to(broker_url: str) -> bool:
     """Whether a worker uses this transport (and the reaper) for ``broker_url``: ``redis://`` or
-    ``redis+sentinel://``."""
-    return broker_url.startswith(("redis://", sentinel.SCHEME + "://"))
+    ``redis+sentinel://`` (the brokers whose producers push wake tokens)."""
+    return reads_wake_lists(broker_url)
 
 
 def transport_for(broker_url: str) -> str:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from tuwen.pipeline.gateway.apikeys import ApiKey
-from tuwen.pipeline.bulk.model import Bulk
+from tuwen.pipeline.bulk.model import BATCH_ID_PREFIX, Bulk
 from tuwen.pipeline.errors import NotFound
 from tuwen.pipeline.gateway.batch_keeper import BatchKeeper, Keeper, idempotency_fingerprint, no_such_batch
 from tuwen.pipeline.gateway.batch_objects import (
@@ -89,19 +89,12 @@ def owned_batch(state: GatewayState, keeper: BatchKeeper, key: ApiKey, batch_id:
 def accept(state: GatewayState, keeper: BatchKeeper, key: ApiKey, body: BatchCreate, fingerprint: str,
            idempotency_key: str | None, response: Response) -> Bulk:
     """The batch of this request, made once per ``Idempotency-Key``."""
-    if idempotency_key is None:
-        return keeper.create(key.owner, body)
-    first = state.idempotency.begin(key.owner, idempotency_key, fingerprint)
-    if first is not None:
+    bulk_id, replayed = state.idempotency.once(
+        key.owner, idempotency_key, fingerprint, lambda reserved: keeper.create(key.owner, body, reserved).id,
+        lambda reserved: keeper.store.records.find(reserved) is not None, prefix=BATCH_ID_PREFIX)
+    if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-        return keeper.get(first, key.owner)
-    try:
-        bulk = keeper.create(key.owner, body)
-    except BaseException:
-        state.idempotency.release(key.owner, idempotency_key)
-        raise
-    state.idempotency.complete(key.owner, idempotency_key, fingerprint, bulk.id)
-    return bulk
+    return keeper.get(bulk_id, key.owner)
 
 
 @router.post("", response_model=BatchObject, openapi_extra=json_body(BatchCreate),

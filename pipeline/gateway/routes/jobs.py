@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from tuwen.pipeline.gateway.apikeys import ApiKey
+from tuwen.pipeline.gateway.apikeys import ApiKey, job_made
 from tuwen.pipeline.app import queue_for
 from tuwen.pipeline.errors import Forbidden, NotFound
 from tuwen.pipeline.gateway.deps import IdempotencyKey, JobId, Reader, State, Submitter, charge
@@ -64,10 +64,10 @@ def nobody_to_answer(state: GatewayState, job_id: str) -> str | None:
 
 
 # -- submitting ---------------------------------------------------------------------------------------------
-def enqueue(state: GatewayState, key: ApiKey, data: bytes, form: SubmitForm) -> str:
-    """Store the picture, register the webhook and queue the job; returns its id."""
+def enqueue(state: GatewayState, key: ApiKey, data: bytes, form: SubmitForm, job_id: str | None = None) -> str:
+    """Store the picture, register the webhook and queue the job (under ``job_id`` if given); returns its id."""
     request = state.client.prepare(data, form.question, max_new_tokens=form.max_new_tokens,
-                                   priority=form.priority, owner=key.owner)
+                                   priority=form.priority, owner=key.owner, job_id=job_id)
     if form.callback_url is not None:
         state.hooks.register(request.id, form.callback_url)
     try:
@@ -85,20 +85,13 @@ def accept(state: GatewayState, key: ApiKey, data: bytes, form: SubmitForm, idem
         check_callback_url(form.callback_url, state.gw)
     fingerprint = hashlib.sha256(data + json.dumps(
         [form.question, form.priority.value, form.max_new_tokens, form.callback_url]).encode()).hexdigest()
-    if idempotency_key is not None:
-        first = state.idempotency.begin(key.owner, idempotency_key, fingerprint)
-        if first is not None:
-            response.headers["Idempotent-Replayed"] = "true"
-            response.headers["Location"] = f"/v1/jobs/{first}"
-            return JobAccepted(id=first, status=state.client.get(first, key.owner).status)
-    try:
-        job_id = enqueue(state, key, data, form)
-    except BaseException:
-        if idempotency_key is not None:
-            state.idempotency.release(key.owner, idempotency_key)
-        raise
-    if idempotency_key is not None:
-        state.idempotency.complete(key.owner, idempotency_key, fingerprint, job_id)
+    job_id, replayed = state.idempotency.once(key.owner, idempotency_key, fingerprint,
+                                              lambda reserved: enqueue(state, key, data, form, reserved),
+                                              lambda reserved: job_made(state.client, reserved))
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+        response.headers["Location"] = f"/v1/jobs/{job_id}"
+        return JobAccepted(id=job_id, status=state.client.get(job_id, key.owner).status)
     state.metrics.submitted.labels(form.priority.value).inc()
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return JobAccepted(id=job_id, status=JobStatus.queued)
