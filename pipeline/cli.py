@@ -124,6 +124,7 @@ def submit(
     try:
         job = client.submit(image, question, max_new_tokens=max_new_tokens, priority=priority, owner=owner)
         if wait:
+            _say_if_nobody_consumes(client, priority)  # at once, not after the whole wait
             job = client.wait(job.id, timeout=timeout, owner=owner)
     except TuwenError as exc:
         _fail(exc, as_json)
@@ -133,8 +134,6 @@ def submit(
         else:
             console.print(escape(job.id))
         return
-    if job.status in (JobStatus.queued, JobStatus.running):
-        _say_if_nobody_consumes(client, priority)
     _show(job, as_json)
 
 
@@ -192,7 +191,7 @@ def delete(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None) 
 
 
 def _say_if_nobody_consumes(client: Any, priority: str) -> None:
-    """After a timed-out wait: say so on stderr when no live worker consumes the job's queue."""
+    """Before a wait: say on stderr when no live worker consumes the job's queue (and how to start one)."""
     from tuwen.pipeline.app import queue_for
     from tuwen.pipeline.registry import no_consumer_message
     from tuwen.pipeline.schema import Priority
@@ -202,8 +201,7 @@ def _say_if_nobody_consumes(client: Any, priority: str) -> None:
     except Exception:  # noqa: BLE001 - only a hint; the timeout itself is reported anyway
         return
     if note:
-        err.print(f"[yellow]{escape(note)}[/yellow]: the job stays queued until a worker for it starts",
-                  soft_wrap=True)
+        err.print(f"[yellow]{escape(note)}[/yellow]; the job stays queued until one starts", soft_wrap=True)
 
 
 @app.command()

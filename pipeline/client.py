@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from tuwen.pipeline import app as queue
 from tuwen.pipeline.errors import InvalidImage, InvalidInput, InvalidParams, Unavailable
-from tuwen.pipeline.inputs import check_question, decode_image
+from tuwen.pipeline.inputs import check_question, decode_image, picture_too_large
 from tuwen.pipeline.jobs import JobStore, cache_prefix, connect, outage
 from tuwen.pipeline.schema import GenerationParams, JobRequest, JobResult, JobStatus, Priority
 from tuwen.pipeline.structured import schema_error
@@ -310,8 +310,7 @@ def read_image(image: ImageInput, max_bytes: int, *, follow_symlinks: bool = Tru
                            code="invalid_image")
     data = _read_at_most(read, max_bytes + 1)
     if len(data) > max_bytes:
-        raise InvalidImage(f"the image is more than {max_bytes} bytes; the limit is {max_bytes}",
-                           code="image_too_large")
+        raise picture_too_large(max_bytes)
     return data
 
 
@@ -330,15 +329,14 @@ def _read_path(path: str | bytes, max_bytes: int, follow_symlinks: bool) -> byte
         if not stat.S_ISREG(st.st_mode):
             raise InvalidInput(f"not a regular file: {shown}", code="file_not_readable")
         if st.st_size > max_bytes:
-            raise InvalidImage(f"the image is {st.st_size} bytes; the limit is {max_bytes}", code="image_too_large")
+            raise picture_too_large(max_bytes, st.st_size)
         data = _read_at_most(lambda n: os.read(fd, n), max_bytes + 1)
     except OSError as exc:
         raise InvalidInput(f"cannot read {shown}: {exc.strerror or exc}", code="file_not_readable") from exc
     finally:
         os.close(fd)
     if len(data) > max_bytes:  # it grew after the size check
-        raise InvalidImage(f"the image is more than {max_bytes} bytes; the limit is {max_bytes}",
-                           code="image_too_large")
+        raise picture_too_large(max_bytes)
     return data
 
 

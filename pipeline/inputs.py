@@ -26,6 +26,22 @@ except ImportError:  # pragma: no cover - depends on the installed extras
     pass
 
 
+def in_mib(n: int) -> str:
+    """A byte count as people read limits: ``20 MiB``, ``25.3 MiB`` (``512 KiB`` below one MiB)."""
+    if n < 1024 * 1024:
+        return f"{n / 1024:.3g} KiB"
+    value = n / (1024 * 1024)
+    return f"{value:.0f} MiB" if value == int(value) else f"{value:.1f} MiB"
+
+
+def picture_too_large(limit: int, size: int | None = None) -> InvalidImage:
+    """``image_too_large``, saying the limit as people read it, then the bytes: "picture over 20 MiB (it is
+    26214400 bytes; TUWEN_MAX_IMAGE_BYTES is 20971520)". ``size`` None: more than the limit was read."""
+    seen = f"it is {size} bytes" if size is not None else f"more than {limit} bytes arrived"
+    return InvalidImage(f"picture over {in_mib(limit)} ({seen}; TUWEN_MAX_IMAGE_BYTES is {limit})",
+                        code="image_too_large")
+
+
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, max_aspect_ratio: float) -> Image.Image:
     """Decode untrusted bytes to an RGB picture, or raise ``InvalidImage`` with a precise code.
 
@@ -35,7 +51,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, max_aspect_rat
     if not data:
         raise InvalidImage("the image is empty (0 bytes)", code="empty_image")
     if len(data) > max_bytes:
-        raise InvalidImage(f"the image is {len(data)} bytes; the limit is {max_bytes}", code="image_too_large")
+        raise picture_too_large(max_bytes, len(data))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -53,7 +53,23 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'running', n}
 """
 
-# KEYS[1]=job; ARGV: status, result json, now, ttl, channel. Returns 1 if written, 0 if already final.
+#: How long a job's stream (``streams``) is kept after its last entry.
+STREAM_TTL_S = 600
+#: Most entries a stream keeps (an answer is at most MAX_NEW_TOKENS pieces, plus the end entries).
+STREAM_MAX_LEN = 8192
+
+# A job that streams (its record says ``stream``) also gets an ``ended`` entry on its stream when it ends, in the
+# same script: a reader blocked on the stream wakes at once, also for an answer that never streamed (from the
+# answer cache, a failure before the first token, a cancel). KEYS[2]=stream; ARGV[6]=its TTL.
+_STREAM_ENDED = """
+if redis.call('HGET', KEYS[1], 'stream') == '1' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '%d', '*', 'ended', ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+""" % STREAM_MAX_LEN
+
+# KEYS[1]=job, KEYS[2]=stream; ARGV: status, result json, now, ttl, channel, stream ttl. Returns 1 if written,
+# 0 if already final.
 _FINISH = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return -1 end
@@ -61,16 +77,19 @@ if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'result', ARGV[2], 'finished_at', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[1])
+""" + _STREAM_ENDED + """
 return 1
 """
 
-# KEYS[1]=job; ARGV: result json, now, channel. Cancels a queued job; flags a running one.
+# KEYS[1]=job, KEYS[2]=stream; ARGV: 'cancelled', result json, now, channel, '', stream ttl. Cancels a queued
+# job; flags a running one.
 _CANCEL = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return 'missing' end
 if s == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[1], 'finished_at', ARGV[2])
-  redis.call('PUBLISH', ARGV[3], 'cancelled')
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[2], 'finished_at', ARGV[3])
+  redis.call('PUBLISH', ARGV[4], 'cancelled')
+""" + _STREAM_ENDED + """
   return 'cancelled'
 end
 if s == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
@@ -186,6 +205,7 @@ def _create_args(request: JobRequest, ttl_s: int) -> tuple[list[str], list[Any]]
         "image_keys": "\n".join(images),
         "created_at": repr(request.created_at),
         "attempts": 0,
+        **({"stream": "1"} if request.stream else {}),
     }
     return [_key(request.id), *(IMAGE_REFS + image for image in images)], [ttl_s, request.id,
                                                                          *(x for kv in fields.items() for x in kv)]
@@ -203,6 +223,10 @@ def no_such_job(job_id: str) -> Forbidden:
 
 def _channel(job_id: str) -> str:
     return keys.DONE + job_id
+
+
+def stream_key(job_id: str) -> str:
+    return keys.STREAM + job_id
 
 
 class JobStore:
@@ -362,13 +386,14 @@ class JobStore:
         if current.status != JobStatus.queued:
             if current.status == JobStatus.running:
                 with redis_errors():
-                    self._cancel(keys=[_key(job_id)], args=["", "", ""])
+                    self._cancel(keys=[_key(job_id), stream_key(job_id)], args=["", "", "", "", "", STREAM_TTL_S])
             return current
         result = current.model_copy(update={
             "status": JobStatus.cancelled, "finished_at": time.time(),
             "error": ErrorInfo(code="cancelled", message="the job was cancelled before it ran")})
         with redis_errors():
-            self._cancel(keys=[_key(job_id)], args=[result.model_dump_json(), repr(time.time()), _channel(job_id)])
+            self._cancel(keys=[_key(job_id), stream_key(job_id)], args=[
+                "cancelled", result.model_dump_json(), repr(time.time()), _channel(job_id), "", STREAM_TTL_S])
         return self.get(job_id)
 
     def wait(self, job_id: str, timeout: float, owner: str | None = None) -> JobResult:
@@ -457,8 +482,8 @@ class JobStore:
         with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
             for r in results:
-                self._finish(keys=[_key(r.id)], args=[r.status.value, r.model_dump_json(), now, self.ttl_s,
-                                                      _channel(r.id)], client=pipe)
+                self._finish(keys=[_key(r.id), stream_key(r.id)], args=[
+                    r.status.value, r.model_dump_json(), now, self.ttl_s, _channel(r.id), STREAM_TTL_S], client=pipe)
             if self.replicas:
                 pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
             rows = pipe.execute()

@@ -32,15 +32,19 @@ class LocalRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def persistence(self) -> list[str]:
+        """redis-server's persistence flags: none, or an AOF written through on every write."""
+        return ["--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
+
     def start(self) -> LocalRedis:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-             "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--logfile", str(self.directory / "redis.log"), *self.persistence()],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # a Ctrl-C at the terminal is for its owner, which stops it last
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + 15
         while True:

@@ -45,9 +45,18 @@ def consumers(workers: list[dict[str, Any]], queues: Iterable[str]) -> dict[str,
             for q in queues}
 
 
+#: What starts a worker: the end of every "no live worker" message.
+START_A_WORKER = "start one with `tuwen worker`, or everything on one machine with `tuwen serve`"
+
+
+def no_worker(queue: str) -> str:
+    """Why jobs on ``queue`` get no answer, and what to do about it."""
+    return f"no live worker is consuming {queue}: {START_A_WORKER}"
+
+
 def no_consumer_message(client: redis.Redis, queue: str) -> str | None:
-    """"no live worker is consuming <queue>" when that is so, else None."""
-    return None if consumers(live_workers(client), [queue])[queue] else f"no live worker is consuming {queue}"
+    """``no_worker(queue)`` when no live worker consumes ``queue``, else None."""
+    return None if consumers(live_workers(client), [queue])[queue] else no_worker(queue)
 
 
 def wait_for_worker(client: redis.Redis, timeout: float, name: str | None = None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +21,19 @@ PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "change-me-to-a-long-r
 #: URL schemes for ``TUWEN_REDIS_URL`` and (with the AMQP ones) ``TUWEN_BROKER_URL``.
 REDIS_SCHEMES = ("redis", "rediss", "unix", sentinel.SCHEME)
 BROKER_SCHEMES = REDIS_SCHEMES + ("amqp", "amqps", "pyamqp")
+
+
+def data_home() -> Path:
+    """tuwen's per-user data directory: ``$XDG_DATA_HOME/tuwen``, else ``~/.local/share/tuwen`` (the XDG base
+    directory spec; a relative ``XDG_DATA_HOME`` is ignored, as the spec says). Absolute, and the same for
+    every command one user runs, from whatever folder."""
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "tuwen"
+
+
+def default_storage_dir() -> Path:
+    return data_home() / "storage"
 
 
 def is_placeholder(secret: str) -> bool:
@@ -175,8 +189,10 @@ class Settings(TuwenSettings):
     minio_secure: bool = False
     #: S3 region, if the server needs one.
     minio_region: str | None = None
-    #: Directory for images when no S3 endpoint is configured (single machine).
-    storage_dir: Path = Path(".tuwen/storage")
+    #: Directory for images when no S3 endpoint is configured (single machine). Made absolute when read, so
+    #: that every process of one user finds the same pictures whatever folder it was started from.
+    storage_dir: Path = Field(default_factory=default_storage_dir, json_schema_extra={
+        "shown_default": "`$XDG_DATA_HOME/tuwen/storage` (`~/.local/share/tuwen/storage`)"})
     #: Stored images are deleted this many days after upload (S3 lifecycle rule; a local directory is
     #: swept at start-up). Job records and results expire after ``result_ttl_s``.
     image_ttl_days: int = Field(7, ge=1, le=3650)
@@ -209,6 +225,13 @@ class Settings(TuwenSettings):
                              "(for example redis://127.0.0.1:6379/0)")
         sentinel.parse(value or "")  # a malformed Sentinel URL says how it should look
         return value
+
+    @field_validator("storage_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        """``TUWEN_STORAGE_DIR=data/pictures`` means that folder under the one the process started in, once
+        and for all: the absolute path is what child processes and logs see."""
+        return value.expanduser().absolute()
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Settings:

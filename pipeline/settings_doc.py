@@ -24,6 +24,8 @@ _SECTION = re.compile(r"^    # -- (.+?) -+$")
 
 def _default(cls: type[BaseSettings], name: str) -> str:
     field = cls.model_fields[name]
+    if isinstance(field.json_schema_extra, dict) and "shown_default" in field.json_schema_extra:
+        return str(field.json_schema_extra["shown_default"])  # a default that depends on who runs it
     value: Any = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
     if value is None:
         return "(unset)"

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 from tuwen.storage.factory import open_object_store
 from tuwen.storage.images import ImageStore, ResultStore
 from tuwen.storage.objects import ObjectStore
 
 from tuwen.pipeline.settings import Settings
+
+log = logging.getLogger("tuwen.storage")
+
+
+def storage_place(settings: Settings) -> str:
+    """Where this process keeps pictures, in words: the directory, or the bucket and its endpoint."""
+    if settings.minio_endpoint:
+        scheme = "https" if settings.minio_secure else "http"
+        return f"bucket {settings.minio_bucket} at {scheme}://{settings.minio_endpoint}"
+    return f"directory {settings.storage_dir} (TUWEN_STORAGE_DIR)"
 
 
 def open_objects(settings: Settings) -> ObjectStore:
@@ -20,6 +32,7 @@ def open_objects(settings: Settings) -> ObjectStore:
         directory=settings.storage_dir,
     )
     store.ensure_ready()
+    log.info("pictures are stored in the %s", storage_place(settings))
     store.expire("images/", settings.image_ttl_days)
     return store
 

@@ -9,7 +9,9 @@ pub/sub), and the stream expires a few minutes after the job ends.
 
 The job store stays the record of truth: a reader that sees the job end without a finished stream (an
 answer from the cache, a failure before the first token, a worker that died mid-answer and a second one
-that finished it) sends whatever the final answer holds beyond what was streamed.
+that finished it) sends whatever the final answer holds beyond what was streamed. The script that writes a
+streaming job's result also appends an ``ended`` entry (``jobs``), so a reader blocked on the stream wakes
+as the job ends: a cached answer streamed waited out the whole read interval (1 s) before.
 """
 
 from __future__ import annotations
@@ -23,18 +25,8 @@ from typing import Any
 
 import redis
 
-from tuwen.pipeline.jobs import JobStore, redis_errors
-from tuwen.pipeline.keys import STREAM
+from tuwen.pipeline.jobs import STREAM_MAX_LEN, STREAM_TTL_S, JobStore, redis_errors, stream_key
 from tuwen.pipeline.schema import JobResult, JobStatus
-
-#: How long a job's stream is kept after its last entry.
-STREAM_TTL_S = 600
-#: Most entries a stream keeps (an answer is at most MAX_NEW_TOKENS pieces, plus the end entry).
-STREAM_MAX_LEN = 8192
-
-
-def stream_key(job_id: str) -> str:
-    return STREAM + job_id
 
 
 class StreamWriter:

@@ -13,11 +13,14 @@ that escapes the command is written to stderr with its traceback, as Python prin
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,3 +45,23 @@ def tuwen_process(*args: str, env: Mapping[str, str], timeout: float = 60) -> su
     base = {k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}
     return subprocess.run([sys.executable, "-m", "tuwen.workers.cli", *args], env={**base, **env}, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def at_a_terminal() -> None:
+    """Ctrl-C as at a terminal: a test run started in the background (bash ignores SIGINT in asynchronous
+    commands, and children inherit that) would otherwise start the command with SIGINT ignored, and Python
+    then installs no KeyboardInterrupt at all (seen: the waiting command sat out SIGINT for 20 s)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextmanager
+def as_at_a_terminal(args: list[str], **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """``args`` started as a user at a terminal starts it (SIGINT at its default, for the Ctrl-C tests), and
+    killed at the end of the block if it still runs (a test that failed half-way leaves nothing behind)."""
+    proc = subprocess.Popen(args, text=True, preexec_fn=at_a_terminal, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,22 @@ def group_of(item: pytest.Item) -> str:
     marker = item.get_closest_marker("xdist_group")
     assert marker is not None
     return str(marker.args[0])
+
+
+#: The run's own per-user data directory (``XDG_DATA_HOME``): tuwen's default storage and ``tuwen serve``'s state
+#: live under it, so no test, and no process a test starts, writes to the real ``~/.local/share/tuwen``.
+DATA_HOME = "TESTS_TUWEN_DATA_HOME"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if DATA_HOME not in os.environ:  # (an xdist worker inherits its controller's)
+        os.environ[DATA_HOME] = tempfile.mkdtemp(prefix="tuwen-tests-data-")
+    os.environ["XDG_DATA_HOME"] = os.environ[DATA_HOME]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist) removes it
+        shutil.rmtree(os.environ.get(DATA_HOME, ""), ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups

@@ -116,15 +116,8 @@ class ComposeRedis(LocalRedis):
         super().__init__(appendonly=True, port=free_port())
         self.flags = compose_redis_flags()
 
-    def start(self) -> ComposeRedis:
-        exe = shutil.which("redis-server")
-        assert exe is not None, "redis-server is not installed"
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--logfile", str(self.directory / "redis.log"), *self.flags],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, self.proc)
-        return self
+    def persistence(self) -> list[str]:
+        return self.flags
 
     def crash(self) -> None:
         """SIGKILL: no shutdown, no final write; what survives is what the AOF already held."""

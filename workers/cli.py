@@ -8,6 +8,7 @@ and a model-side command says which extra to install.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -62,6 +63,26 @@ def demo(
     from tuwen.workers.demo.run import run_demo
 
     raise typer.Exit(run_demo(console, model_path=model_path))
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[Path], typer.Option("--model", help="checkpoint directory (default: the bundled demo "
+                                                                  "model) [TUWEN_MODEL_PATH]")] = None,
+    host: Annotated[Optional[str], typer.Option(help="[TUWEN_GATEWAY_HOST] (default 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="[TUWEN_GATEWAY_PORT] (default 8000)")] = None,
+    threads: Annotated[int, typer.Option(help="the worker's torch threads")] = min(4, os.cpu_count() or 1),
+) -> None:
+    """Run everything on this machine until Ctrl-C: a private Redis (or TUWEN_REDIS_URL), storage in the
+    per-user data directory, a worker and the gateway. Prints the URL, the playground and an API key."""
+    _need_worker_extra()
+    from tuwen.pipeline.gateway.settings import GatewaySettings
+    from tuwen.workers.demo.serve import run_serve
+
+    settings = settings_from(model_path=model)
+    gw = GatewaySettings()
+    raise typer.Exit(run_serve(console, settings, redis_given="redis_url" in settings.model_fields_set,
+                               host=host or gw.gateway_host, port=port or gw.gateway_port, threads=threads))
 
 
 @app.command("train-demo")

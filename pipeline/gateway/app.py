@@ -68,7 +68,7 @@ def create_app(settings: Settings, gateway: GatewaySettings | None = None) -> Fa
     docs.mount_files(app)
     app.add_middleware(BodyLimits, limit=gw.upload_limit(settings),
                        larger={CHAT_PATH: chat_limit(settings, gw), RESPONSES_PATH: chat_limit(settings, gw),
-                               FILES_PATH: files_limit(gw)})
+                               FILES_PATH: files_limit(gw)}, picture_bytes=settings.max_image_bytes)
     # The routes themselves (the app lists included routers whole), to label requests by route template.
     routes = [route for router in ROUTERS for route in router.routes] + [r for r in app.routes if isinstance(r, Mount)]
     app.add_middleware(RequestMetrics, metrics=state.metrics, routes=routes)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tuwen.pipeline.gateway.intake import Intake
+from tuwen.pipeline.inputs import in_mib
 from tuwen.pipeline.gateway.settings import GatewaySettings
 from tuwen.pipeline.settings import Settings
 
@@ -22,12 +23,26 @@ def chat_limit(settings: Settings, gw: GatewaySettings) -> int:
     return gw.gateway_max_chat_bytes or 4 * -(-settings.max_image_bytes // 3) + 1024 * 1024
 
 
-class BodyLimits:
-    """``Intake`` with ``limit``, or with the limit ``larger`` gives the request's path."""
+def refusal(limit: int, picture_bytes: int, path: str | None) -> str:
+    """The 413 of a route that takes pictures says so in MiB ("picture over 20 MiB"): a body too large is
+    almost always a picture too large. A chat body carries its pictures base64-encoded (4 bytes for 3)."""
+    if path in (CHAT_PATH, RESPONSES_PATH):
+        largest = min(picture_bytes, limit // 4 * 3)
+        return (f"picture over {in_mib(largest)}, or pictures over {in_mib(limit // 4 * 3)} together: the request "
+                f"body exceeds {limit} bytes (TUWEN_MAX_IMAGE_BYTES, TUWEN_GATEWAY_MAX_CHAT_BYTES)")
+    if path is None:
+        return (f"picture over {in_mib(min(picture_bytes, limit))}: the request body exceeds {limit} bytes "
+                "(TUWEN_MAX_IMAGE_BYTES, TUWEN_GATEWAY_MAX_UPLOAD_BYTES)")
+    return ""
 
-    def __init__(self, app: ASGIApp, limit: int, larger: Mapping[str, int]) -> None:
-        self.default = Intake(app, limit)
-        self.by_path = {path: Intake(app, n) for path, n in larger.items()}
+
+class BodyLimits:
+    """``Intake`` with ``limit``, or with the limit ``larger`` gives the request's path; ``picture_bytes``
+    (``TUWEN_MAX_IMAGE_BYTES``) words the 413s of the routes that take pictures."""
+
+    def __init__(self, app: ASGIApp, limit: int, larger: Mapping[str, int], picture_bytes: int) -> None:
+        self.default = Intake(app, limit, refusal(limit, picture_bytes, None))
+        self.by_path = {path: Intake(app, n, refusal(n, picture_bytes, path)) for path, n in larger.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

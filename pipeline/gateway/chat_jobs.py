@@ -73,6 +73,18 @@ def accepted(state: GatewayState, key: ApiKey, what: str, job_id: str, replayed:
             **state.ignored(key, ignored)}
 
 
+#: A chat answer whose conversation carried no picture says so in this header: tuwen's models are trained on
+#: questions about pictures (the demo model on nothing else), so a text-only question is answered from its words
+#: alone, often as if about a picture that is not there (docs/openai.md, "Pictures").
+WARNING_HEADER = "Tuwen-Warning"
+NO_PICTURE = "no_picture: the conversation has no picture; the model answers questions about pictures"
+
+
+def warnings_of(chat: ChatRequest) -> dict[str, str]:
+    """The ``Tuwen-Warning`` header of a chat request, if it has one."""
+    return {} if chat.pictures else {WARNING_HEADER: NO_PICTURE}
+
+
 def one_line(value: Any) -> str:
     """``value`` as JSON for the log, on one line whatever it holds: CR, LF and every other character that
     ends a line are escaped (a ``user`` of ``"a\\r\\nFORGED …"`` cannot start a log line of its own)."""

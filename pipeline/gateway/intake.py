@@ -61,8 +61,10 @@ class Intake:
     ``_strict_utf8``). A response sent before the body was read (401, 413, 429 …) closes the connection,
     so the rest is not read for nothing."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, refusal: str = "") -> None:
         self.app, self.limit = app, limit
+        #: The 413's message: what the limit means for the caller (a picture's size, on the picture routes).
+        self.refusal = refusal or f"the request body exceeds {limit} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,8 +72,7 @@ class Intake:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            response = error_response("request_too_large", f"the request body exceeds {self.limit} bytes",
-                                      {"Connection": "close"})
+            response = error_response("request_too_large", self.refusal, {"Connection": "close"})
             return await response(scope, receive, send)
         kind = headers.get(b"content-type", b"")
         if kind.lower().startswith(b"multipart/form-data") and b"charset" not in kind.lower():
@@ -88,7 +89,7 @@ class Intake:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise ApiError("request_too_large", f"the request body exceeds {self.limit} bytes")
+                raise ApiError("request_too_large", self.refusal)
             more = message.get("more_body", False)
             unread = unread and message["type"] == "http.request" and more
             if maybe_json and message["type"] == "http.request":

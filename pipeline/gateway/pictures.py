@@ -12,7 +12,8 @@ import binascii
 import re
 
 from tuwen.pipeline.conversation import StoredImage
-from tuwen.pipeline.errors import InvalidImage, InvalidInput
+from tuwen.pipeline.errors import InvalidInput
+from tuwen.pipeline.inputs import picture_too_large
 from tuwen.pipeline.gateway.openai_errors import openai_error
 from tuwen.pipeline.gateway.remote import RemotePictures
 
@@ -55,8 +56,7 @@ def from_data_url(url: str, max_bytes: int) -> bytes:
         raise InvalidInput("only base64 data: URLs are accepted (data:image/png;base64,…)",
                            code="invalid_image_url")
     if len(payload) > 4 * -(-max_bytes // 3) + 4:
-        raise InvalidImage(f"the picture is more than {max_bytes} bytes; the limit is {max_bytes}",
-                           code="image_too_large")
+        raise picture_too_large(max_bytes)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):

@@ -23,7 +23,8 @@ from urllib.parse import urljoin
 
 import httpx
 
-from tuwen.pipeline.errors import InvalidImage, InvalidInput
+from tuwen.pipeline.errors import InvalidInput
+from tuwen.pipeline.inputs import picture_too_large
 from tuwen.pipeline.gateway.ssrf import ForbiddenTarget, InvalidUrl, Target, UrlGuard
 
 #: The statuses after which the same URL may answer later.
@@ -100,15 +101,13 @@ class RemotePictures:
                                "picture unencoded", code="image_url_failed")
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            raise InvalidImage(f"the picture is {declared} bytes; the limit is {self.max_bytes}",
-                               code="image_too_large")
+            raise picture_too_large(self.max_bytes, int(declared))
         chunks: list[bytes] = []
         got = 0
         async for chunk in response.aiter_raw():  # as the bytes arrive (a chunk size would wait for a trickle)
             got += len(chunk)
             if got > self.max_bytes:
-                raise InvalidImage(f"the picture is more than {self.max_bytes} bytes; the limit is {self.max_bytes}",
-                                   code="image_too_large")
+                raise picture_too_large(self.max_bytes)
             chunks.append(chunk)
         return b"".join(chunks)
 

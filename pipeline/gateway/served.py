@@ -8,9 +8,13 @@ import time
 from tuwen.pipeline.gateway.openai_errors import openai_error
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.openai_objects import ModelCard
+from tuwen.pipeline.registry import no_worker
 
 #: Always a name for the served model, whatever its checkpoint.
 ALIAS = "tuwen"
+#: ``Retry-After`` of the 503 for no live worker: the SDKs retry twice, honouring it, before they raise; with 5 s
+#: the openai SDK took 10-12 s to show the message, and a worker takes longer than that to start anyway.
+NO_WORKER_RETRY_S = 1
 
 def aliases(state: GatewayState) -> list[str]:
     return [ALIAS, *(a for a in state.gw.gateway_model_aliases if a != ALIAS)]
@@ -32,8 +36,8 @@ def served_model(state: GatewayState, requested: str) -> str:
     if requested in live:
         return requested
     if not live:
-        raise openai_error("model_not_served", f"no live worker is consuming {state.settings.interactive_queue}, "
-                           "so no model is served now", headers={"Retry-After": "5"}, status=503)
+        raise openai_error("model_not_served", f"no model is served now: {no_worker(state.settings.interactive_queue)}",
+                           headers={"Retry-After": str(NO_WORKER_RETRY_S)}, status=503)
     if requested in aliases(state):
         return next(iter(live))
     raise openai_error("model_not_served", f"The model `{requested}` does not exist: GET /v1/models lists the "

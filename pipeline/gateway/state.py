@@ -125,8 +125,8 @@ class WorkerCensus:
                                code="too_many_images")
 
     def missing(self, queue: str) -> str | None:
-        """Why jobs on ``queue`` get no answer ("no live worker is consuming <queue>"), or None."""
-        return None if self.counts().get(queue, 0) else f"no live worker is consuming {queue}"
+        """Why jobs on ``queue`` get no answer (``registry.no_worker``), or None."""
+        return None if self.counts().get(queue, 0) else registry.no_worker(queue)
 
 
 class GatewayState:

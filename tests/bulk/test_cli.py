@@ -4,7 +4,9 @@ nothing worked; one Ctrl-C while waiting is enough. The matrices run the command
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,8 @@ from tuwen.pipeline.bulk.records import PREFIX
 from tuwen.pipeline.bulk.store import BulkStore
 from tuwen.pipeline.settings import Settings
 from tests.bulk.conftest import draw_pictures, write_jsonl
-from tests.cli import tuwen_here, tuwen_process
+from tests.cli import as_at_a_terminal, tuwen_here, tuwen_process
+from tuwen.workers.bench.process import WorkerProcess
 
 pytestmark = [pytest.mark.integration]
 
@@ -28,13 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tuwen(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return tuwen_here(*args, env=settings.to_env())
-
-
-def at_a_terminal() -> None:
-    """Ctrl-C as at a terminal: a test run started in the background (bash ignores SIGINT in asynchronous
-    commands, and children inherit that) would otherwise start the command with SIGINT ignored, and Python
-    then installs no KeyboardInterrupt at all (seen: the waiting command sat out SIGINT for 20 s)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def bulk_of(store: BulkStore, manifest: Path) -> str:
@@ -99,10 +95,8 @@ def test_one_ctrl_c_while_waiting_stops_and_names_the_bulk(idle_settings: Settin
     manifest = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": p.name, "image": p.name, "question": q}
                                                    for p, q in pics])
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **idle_settings.to_env()}
-    proc = subprocess.Popen([sys.executable, "-m", "tuwen.pipeline.cli", "bulk", "submit", str(manifest)], env=env,
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=at_a_terminal)
-    try:
+    with as_at_a_terminal([sys.executable, "-m", "tuwen.pipeline.cli", "bulk", "submit", str(manifest)], env=env,
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         deadline, bulk_id = time.monotonic() + 90, None
         while time.monotonic() < deadline and proc.poll() is None:
             ids = [b.id for b in idle_store.recent(50) if b.input == str(manifest)]
@@ -114,10 +108,6 @@ def test_one_ctrl_c_while_waiting_stops_and_names_the_bulk(idle_settings: Settin
         # When Ctrl-C is pressed once
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     # Then the command stops, says the bulk goes on and how to watch it (its real id)
     assert proc.returncode == 130, stderr
     assert f"tuwen bulk status {bulk_id} --watch" in stderr and "Traceback" not in stderr
@@ -132,10 +122,8 @@ def test_one_ctrl_c_while_eval_waits_stops_it(idle_settings: Settings, idle_stor
 
     tsv = write_tsv(tmp_path / "demo.tsv", per_kind=1)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **idle_settings.to_env()}
-    proc = subprocess.Popen([sys.executable, "-m", "tuwen.pipeline.cli", "eval", str(tsv), "--prompt", "plain"],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=at_a_terminal)
-    try:
+    with as_at_a_terminal([sys.executable, "-m", "tuwen.pipeline.cli", "eval", str(tsv), "--prompt", "plain"],
+                          env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         # Given an evaluation waiting for answers (no worker reads these queues)
         assert proc.stderr is not None
         while "waiting for the answers" not in (line := proc.stderr.readline()):
@@ -144,10 +132,6 @@ def test_one_ctrl_c_while_eval_waits_stops_it(idle_settings: Settings, idle_stor
         # When Ctrl-C is pressed once, it stops (it used to take two presses)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert "interrupted; run the same command again to continue" in stderr
     idle_store.cancel(bulk.id)
@@ -183,3 +167,23 @@ def test_bulk_list_prints_whole_ids_however_narrow_the_terminal(idle_settings: S
         assert listed.returncode == 0, listed.stderr
         assert any(bulk.id in line for line in listed.stdout.splitlines()), (columns, listed.stdout)
     idle_store.cancel(bulk.id)
+
+
+@pytest.mark.timeout(240)
+def test_the_documented_start_runs_as_written(worker: WorkerProcess, pipeline_settings: Settings) -> None:
+    """docs/bulk.md's "Start" block, from the repository's folder, with the settings ``tuwen serve`` gives (here
+    the session worker's): the bundled pictures are answered, one result line each."""
+    doc = (REPO / "docs" / "bulk.md").read_text(encoding="utf-8")
+    block = re.search(r"## Start\n.*?```bash\n(.*?)```", doc, re.S)
+    assert block is not None
+    commands = [line for line in block.group(1).splitlines() if line.startswith("tuwen bulk")]
+    assert len(commands) == 2, commands
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **pipeline_settings.to_env(),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the installed `tuwen`
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(commands)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    pictures = sorted(p.name for p in (REPO / "workers" / "demo" / "samples").glob("*.png"))
+    assert sorted(Path(line["image"]).name for line in lines) == pictures, out.stdout
+    assert all(line["status"] == "succeeded" and line["answer"] for line in lines), out.stdout

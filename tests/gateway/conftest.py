@@ -32,6 +32,7 @@ from tuwen.pipeline.jobs import connect
 from tests.ports import free_port
 from tuwen.pipeline.settings import Settings
 
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "whsec-test-0123456789"
 UPLOAD_LIMIT = 1024 * 1024
 
@@ -171,13 +172,14 @@ def receiver() -> Iterator[Receiver]:
     thread.join(5)
 
 
-def run_doc_snippet(code: str, gateway: Gateway, token: str, picture: bytes, workdir: Path,
-                    monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a snippet of docs/openai.md as written, against ``gateway`` with ``token``, in ``workdir`` where
-    ``worksheet.png`` (the picture it reads) is ``picture``; returns what it printed."""
-    code = code.replace("http://127.0.0.1:8000/v1", gateway.url + "/v1").replace("sk-tw-3f9c…", token)
-    (workdir / "worksheet.png").write_bytes(picture)
-    monkeypatch.chdir(workdir)
+def run_doc_snippet(code: str, url: str, token: str, picture: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a snippet of the docs as written, against the gateway at ``url`` with ``token``, from the repository's
+    folder (as a fresh clone runs it), where it reads ``picture``: a bundled file, which it must name. Returns
+    what it printed."""
+    named = picture.relative_to(REPO).as_posix()
+    assert named in code, f"the snippet does not read {named}"
+    code = code.replace("http://127.0.0.1:8000/v1", url + "/v1").replace("sk-tw-3f9c…", token)
+    monkeypatch.chdir(REPO)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "docs", "exec", dont_inherit=True), {})  # noqa: S102 - the documentation's own code

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 from openai import OpenAI
@@ -194,6 +195,35 @@ def test_a_200_line_worksheet_batch_answers_every_line_once_with_the_right_facts
     print(f"\nHTTP batch: 204 lines in {elapsed:.1f}s from upload to output ({204 / elapsed:.1f} lines/s through the "
           f"HTTP path); validated and queued within {queued_s:.1f}s of batches.create, answered in "
           f"{answered_s:.1f}s ({200 / answered_s:.1f} lines/s, the worker); {right}/200 right facts")
+
+
+WORKSHEET_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer", "kind"], "properties": {
+    "answer": {"type": "string", "maxLength": 10}, "kind": {"enum": ["形状", "颜色", "数量", "算式", "描述"]}}}
+
+
+def test_a_200_line_batch_with_a_schema_gives_200_outputs_that_validate(batch_gateway: Gateway,
+                                                                       new_key: Keys) -> None:
+    """Issue 24's measure: 200 worksheet lines, each with a json_schema response_format, through the Batch API;
+    every output checked against the schema with ``jsonschema``, independently of tuwen."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "worksheet", "strict": True, "schema": WORKSHEET_SCHEMA}}
+    lines = [{**x, "body": {**x["body"], "response_format": fmt}} for x in worksheets(200, seed=20_261_207)[0]]
+    with sdk(batch_gateway, new_key()) as client:
+        started = time.monotonic()
+        created = client.batches.create(input_file_id=upload(client, jsonl(lines)), endpoint=URL,
+                                        completion_window="24h")
+        batch = wait_for(client, created.id, lambda b: b.status in TERMINAL)
+        elapsed = time.monotonic() - started
+        outputs, errors = read_lines(client, batch.output_file_id), read_lines(client, batch.error_file_id)
+    assert batch.status == "completed" and not errors, (batch, errors[:3])
+    assert sorted(x["custom_id"] for x in outputs) == sorted(x["custom_id"] for x in lines)
+    valid = 0
+    for x in outputs:
+        choice = x["response"]["body"]["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), WORKSHEET_SCHEMA)
+        valid += 1
+    assert valid == 200
+    print(f"\n200 schema lines through the Batch API in {elapsed:.1f}s: {valid}/200 outputs validate")
 
 
 def test_an_http_batch_is_a_bulk_to_the_cli_and_a_cli_bulk_a_batch_to_the_api(

@@ -234,7 +234,7 @@ def data_url_bytes(url: str) -> bytes:
 
 # -- the documented snippets --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("client", ["LangChain", "LiteLLM", "async streaming"])
-def test_the_documented_client_snippets_run_as_written(chat_gateway: Gateway, new_key: Keys, tmp_path: Path,
+def test_the_documented_client_snippets_run_as_written(chat_gateway: Gateway, new_key: Keys,
                                                        monkeypatch: pytest.MonkeyPatch, client: str) -> None:
     doc = (ROOT / "docs" / "openai.md").read_text(encoding="utf-8")
     section = doc[doc.index("## Clients"):]
@@ -242,5 +242,5 @@ def test_the_documented_client_snippets_run_as_written(chat_gateway: Gateway, ne
     assert block is not None, client
     sample = load_samples()[4]
     assert sample.question in block.group(1)
-    printed = run_doc_snippet(block.group(1), chat_gateway, new_key(), sample.path.read_bytes(), tmp_path, monkeypatch)
+    printed = run_doc_snippet(block.group(1), chat_gateway.url, new_key(), sample.path, monkeypatch)
     assert knows(printed, sample), printed

@@ -12,6 +12,7 @@ import pytest
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import PREFIX
 from tuwen.pipeline.schema import PRIVATE_FIELDS, JobResult, JobView
+from tuwen.pipeline.registry import no_worker
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.gateway.ssrf import address_allowed
 from tuwen.pipeline.gateway.webhooks import check_callback_url
@@ -214,14 +215,14 @@ def test_health_counts_workers_and_readiness_needs_one(worker: WorkerProcess, ga
     with parked_gateway.client() as api:
         health, ready = api.get("/healthz"), api.get("/readyz")
     assert health.status_code == 200 and health.json()["workers"][parked] == 0
-    assert ready.status_code == 503 and ready.json()["reason"] == f"no live worker is consuming {parked}"
+    assert ready.status_code == 503 and ready.json()["reason"] == no_worker(parked)
     assert int(ready.headers["Retry-After"]) > 0
     # A long-poll that times out with nobody to answer says why
     with parked_gateway.client(new_key()) as api:
         job = submit(api).json()["id"]
         polled = api.get(f"/v1/jobs/{job}", params={"wait": 0.5}).json()
         plain = api.get(f"/v1/jobs/{job}").json()
-    assert polled["status"] == "queued" and polled["warning"] == f"no live worker is consuming {parked}"
+    assert polled["status"] == "queued" and polled["warning"] == no_worker(parked)
     assert "warning" not in plain
 
 

@@ -6,9 +6,11 @@ import hashlib
 import hmac
 import io
 import json
+import re
 import secrets
 import socket
 import struct
+import subprocess
 import threading
 import time
 import zipfile
@@ -26,7 +28,7 @@ from tuwen.pipeline.jobs import PREFIX
 from tuwen.pipeline.keys import API_KEY
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.gateway.webhooks import Dispatcher, WebhookStore, check_callback_url, sign, verify
-from tests.gateway.conftest import SECRET, UPLOAD_LIMIT, Gateway, Receiver, gateway_settings, start_gateway
+from tests.gateway.conftest import REPO, SECRET, UPLOAD_LIMIT, Gateway, Receiver, gateway_settings, start_gateway
 from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.bench.process import WorkerProcess
 
@@ -78,6 +80,20 @@ def test_upload_then_long_poll_gives_the_answer(worker: WorkerProcess, gateway: 
     right = sum(all(f in d["answer"] for f in s.facts) for s, d in zip(samples, done))
     assert right >= len(samples) - 1, [(s.question, s.facts, d["answer"]) for s, d in zip(samples, done)]
     assert all(d["timings"]["total_ms"] > 0 and "owner" not in d and "image_key" not in d for d in done)
+
+
+def test_the_documented_curl_runs_as_written(worker: WorkerProcess, gateway: Gateway, new_key: Keys) -> None:
+    """docs/gateway.md's curl block, run by bash from the repository's folder (a bundled picture), with the
+    address and key of this gateway: the long-poll prints the answer with the picture's fact."""
+    doc = (REPO / "docs" / "gateway.md").read_text(encoding="utf-8")
+    block = re.search(r"## curl\n\n```bash\n(.*?)```", doc, re.S)
+    assert block is not None
+    script = block.group(1).replace("http://localhost:8000", gateway.url).replace("sk-tw-3f9c…", new_key())
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, capture_output=True, text=True,
+                         timeout=90)
+    assert out.returncode == 0, out.stderr
+    answered, _ = json.JSONDecoder().raw_decode(out.stdout)  # then the cancel's answer (the job had ended)
+    assert answered["status"] == "succeeded" and "4个" in answered["answer"], out.stdout
 
 
 def test_webhook_is_delivered_signed_and_shown_on_the_job(worker: WorkerProcess, gateway: Gateway,

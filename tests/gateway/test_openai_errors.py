@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -268,6 +269,46 @@ def test_chat_bodies_have_their_own_size_limit(parked_gateway: Gateway, new_key:
     assert bigger_than_an_upload.json()["error"]["code"] == "model_not_served"
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
     assert limit == 4 * -(-parked_gateway.settings.max_image_bytes // 3) + MIB
+    # The refusal says it as people read the limit: a picture over 20 MiB (the default TUWEN_MAX_IMAGE_BYTES)
+    assert parked_gateway.settings.max_image_bytes == 20 * MIB
+    assert too_big.json()["error"]["message"].startswith("picture over 20 MiB, "), too_big.json()
+
+
+def test_a_25_mb_picture_is_a_picture_over_20_mib(chat_gateway: Gateway, parked_gateway: Gateway,
+                                                  new_key: Keys) -> None:
+    """A 25 MB picture was refused in request-body bytes; whatever route it takes, it is "picture over 20 MiB"
+    (the default TUWEN_MAX_IMAGE_BYTES)."""
+    big = b"\x89PNG\r\n\x1a\n" + b"\0" * (25 * 1000 * 1000)
+    # As a data: URL, past the chat body's default limit: refused while the body streams in (parked_gateway)
+    with sdk(parked_gateway, new_key()) as client, pytest.raises(openai.APIStatusError) as past_the_body_limit:
+        client.chat.completions.create(model="tuwen", messages=[turn(url=data_url(big))])
+    # As a data: URL within a larger body limit (chat_gateway takes 40 MiB): refused for its own size
+    with sdk(chat_gateway, new_key()) as client, pytest.raises(openai.BadRequestError) as within_it:
+        client.chat.completions.create(model="tuwen", messages=[turn(url=data_url(big))])
+    # And uploaded to POST /v1/jobs
+    with chat_gateway.client(new_key()) as api:
+        upload = api.post("/v1/jobs", files={"image": ("big.png", big, "image/png")}, data={"question": "图中有什么？"})
+    assert chat_gateway.settings.max_image_bytes == parked_gateway.settings.max_image_bytes == 20 * MIB
+    assert past_the_body_limit.value.status_code == 413 and past_the_body_limit.value.code == "request_too_large"
+    assert within_it.value.code == "image_too_large"
+    assert upload.status_code == 413 and upload.json()["error"]["code"] == "request_too_large"
+    for message in (past_the_body_limit.value.message, within_it.value.message, upload.json()["error"]["message"]):
+        assert "picture over 20 MiB" in message, message  # (the SDK's message starts "Error code: 413 - ")
+
+
+def test_no_worker_is_a_503_that_says_what_to_start_and_the_sdk_shows_it_quickly(parked_gateway: Gateway,
+                                                                                new_key: Keys) -> None:
+    """With Retry-After: 5 the SDK's two retries (its default) took 10-12 s before the error showed."""
+    client = openai.OpenAI(base_url=parked_gateway.url + "/v1", api_key=new_key(), timeout=30)  # default retries
+    t0 = time.monotonic()
+    with client, pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="tuwen", messages=[turn()])
+    took = time.monotonic() - t0
+    print(f"the SDK (2 retries) showed the no-worker error after {took:.1f}s")
+    assert info.value.status_code == 503 and info.value.code == "model_not_served"
+    assert info.value.response.headers["retry-after"] == "1"
+    assert "`tuwen worker`" in info.value.message and "`tuwen serve`" in info.value.message, info.value.message
+    assert took < 5, took
 
 
 def test_pictures_past_the_served_familys_limit_are_refused_before_anything_is_stored(
@@ -357,3 +398,19 @@ def test_the_sdk_raises_its_own_classes_for_a_made_up_path_and_a_wrong_method(pa
     assert missing.value.param is None and "/v1/nope" in missing.value.message
     assert (wrong.value.status_code, wrong.value.code) == (405, "method_not_allowed")
     assert wrong.value.response.headers["allow"] == "POST"
+
+
+def test_a_question_without_a_picture_is_answered_with_a_warning(chat_gateway: Gateway, new_key: Keys) -> None:
+    """The demo model was trained on questions about pictures only: a text-only question is answered, and the
+    answer says that it had no picture (docs/openai.md, "Pictures")."""
+    with sdk(chat_gateway, new_key()) as client:
+        text_only = client.chat.completions.with_raw_response.create(
+            model="tuwen", messages=[{"role": "user", "content": "图中有几个圆形？"}], max_tokens=16)
+        with_one = client.chat.completions.with_raw_response.create(model="tuwen", messages=[turn()], max_tokens=16)
+        streamed = client.chat.completions.with_raw_response.create(
+            model="tuwen", messages=[{"role": "user", "content": "你好"}], max_tokens=8, stream=True)
+        list(streamed.parse())
+    assert text_only.parse().choices[0].message.content is not None
+    assert text_only.headers["tuwen-warning"].startswith("no_picture: "), text_only.headers
+    assert streamed.headers["tuwen-warning"].startswith("no_picture: ")
+    assert "tuwen-warning" not in with_one.headers

@@ -299,7 +299,7 @@ def test_the_async_client_creates_and_streams(responses_gateway: Gateway, new_ke
 
 
 # -- the documented snippet ---------------------------------------------------------------------------------------
-def test_the_documented_snippet_runs_as_written(responses_gateway: Gateway, new_key: Keys, tmp_path: Path,
+def test_the_documented_snippet_runs_as_written(responses_gateway: Gateway, new_key: Keys,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # Given docs/openai.md's Responses API snippet, and the worksheet it reads (the demo's counting picture)
     doc = (ROOT / "docs" / "openai.md").read_text(encoding="utf-8")
@@ -309,8 +309,7 @@ def test_the_documented_snippet_runs_as_written(responses_gateway: Gateway, new_
     sample = load_samples()[4]
     assert sample.question in snippet.group(1)
     # When it runs as written
-    printed = run_doc_snippet(snippet.group(1), responses_gateway, new_key(), sample.path.read_bytes(), tmp_path,
-                              monkeypatch)
+    printed = run_doc_snippet(snippet.group(1), responses_gateway.url, new_key(), sample.path, monkeypatch)
     # Then what it prints names the picture's fact, first and in the follow-up
     lines = printed.splitlines()
     assert knows(lines[0], sample) and knows(lines[1], sample), lines

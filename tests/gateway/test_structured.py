@@ -96,18 +96,17 @@ def test_a_bad_response_format_is_refused_before_anything_is_stored(chat_gateway
     assert stored(client) == before
 
 
-def run_structured_snippet(name: str, gateway: Gateway, token: str, tmp_path: Path,
-                           monkeypatch: pytest.MonkeyPatch) -> str:
+def run_structured_snippet(name: str, gateway: Gateway, token: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run docs/structured.md's snippet ``name`` as written, on the first demo sample; returns what it printed."""
     doc = (Path(__file__).parents[2] / "docs" / "structured.md").read_text(encoding="utf-8")
     block = re.search(rf"<!-- snippet: {name} -->\n```python\n(.*?)```", doc, re.S)
     assert block is not None, name
-    return run_doc_snippet(block.group(1), gateway, token, load_samples()[0].path.read_bytes(), tmp_path, monkeypatch)
+    return run_doc_snippet(block.group(1), gateway.url, token, load_samples()[0].path, monkeypatch)
 
 
-def test_the_documented_worksheet_grading_runs_as_written(chat_gateway: Gateway, new_key: Keys, tmp_path: Path,
+def test_the_documented_worksheet_grading_runs_as_written(chat_gateway: Gateway, new_key: Keys,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    printed = run_structured_snippet("worksheet grading", chat_gateway, new_key(), tmp_path, monkeypatch)
+    printed = run_structured_snippet("worksheet grading", chat_gateway, new_key(), monkeypatch)
     reason, parsed = printed.strip().split(" ", 1)
     assert reason == "stop", printed
     Worksheet.model_validate_json(parsed)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
@@ -246,9 +245,9 @@ def test_batch_api_lines_with_tools(chat_gateway: Gateway, new_key: Keys) -> Non
     assert errors["auto"]["response"]["body"]["error"]["code"] == "unsupported_parameter"
 
 
-def test_the_documented_tool_call_runs_as_written(chat_gateway: Gateway, new_key: Keys, tmp_path: Path,
+def test_the_documented_tool_call_runs_as_written(chat_gateway: Gateway, new_key: Keys,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    printed = run_structured_snippet("tool call", chat_gateway, new_key(), tmp_path, monkeypatch)
+    printed = run_structured_snippet("tool call", chat_gateway, new_key(), monkeypatch)
     reason, name, arguments = printed.strip().split(" ", 2)
     assert (reason, name) == ("tool_calls", "count"), printed
     jsonschema.validate(json.loads(arguments), COUNT)

@@ -83,12 +83,29 @@ def test_example_secrets_are_refused_at_start() -> None:
 
 
 @pytest.mark.integration
-def test_a_timed_out_wait_says_when_no_worker_consumes_the_queue(empty_redis: LocalRedis, s3: S3Endpoint) -> None:
+def test_a_wait_says_at_once_when_no_worker_consumes_the_queue(empty_redis: LocalRedis, s3: S3Endpoint) -> None:
     settings: Settings = make_settings(empty_redis.url, s3)
     picture = load_samples()[0].path
+    # Given no worker: `submit --wait` says so, and how to start one, before it waits (it was silent for the
+    # whole wait, 120 s by default) ...
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **settings.to_env(), "COLUMNS": "200"}
+    t0 = time.monotonic()
+    waiting = subprocess.Popen([sys.executable, "-m", "tuwen.workers.cli", "submit", str(picture), "图中是什么形状？",
+                                "--wait"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert waiting.stderr is not None
+        note = waiting.stderr.readline()
+        said_after = time.monotonic() - t0
+        assert waiting.poll() is None, note  # ... while it still waits
+    finally:
+        waiting.kill()
+        waiting.wait()
+    assert f"no live worker is consuming {settings.interactive_queue}" in note, note
+    assert "`tuwen worker`" in note and "`tuwen serve`" in note, note
+    assert said_after < 10, said_after
+    # And a wait that times out still ends with exit status 4, for either queue
     out, _ = tuwen("submit", str(picture), "图中是什么形状？", "--wait", "--timeout", "1", env=settings.to_env())
-    assert out.returncode == 4, out.stderr
-    assert f"no live worker is consuming {settings.interactive_queue}" in out.stderr
+    assert out.returncode == 4 and f"no live worker is consuming {settings.interactive_queue}" in out.stderr
     out, _ = tuwen("submit", str(picture), "图中是什么形状？", "--wait", "--timeout", "1", "--priority", "bulk",
                    env=settings.to_env())
     assert out.returncode == 4 and f"no live worker is consuming {settings.bulk_queue}" in out.stderr

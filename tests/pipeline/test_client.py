@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +15,12 @@ from tuwen.pipeline.client import Client
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
+from tuwen.workers.bench.process import WorkerProcess
 from tuwen.workers.demo.samples import load_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -51,3 +56,21 @@ def test_what_is_not_a_picture_source_is_refused_with_a_code(idle_client: Client
                 idle_client.submit(image, sample.question)  # type: ignore[arg-type]
             assert info.value.code == code, (name, info.value.message)
     assert idle_client.jobs.redis.llen(idle_client.settings.interactive_queue) == queued
+
+
+def test_the_documented_snippet_runs_as_written(worker: WorkerProcess, pipeline_settings: Settings,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/client.md's first snippet, from the repository's folder with the settings ``tuwen serve`` would
+    give it (here the session worker's), reads a bundled picture and prints the answer with its fact."""
+    doc = (REPO / "docs" / "client.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(.*?)```", doc, re.S)
+    assert block is not None and "workers/demo/samples/count-photo.png" in block.group(1)
+    for name in [k for k in os.environ if k.startswith("TUWEN_")]:
+        monkeypatch.delenv(name)
+    for name, value in pipeline_settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(REPO)
+    exec(compile(block.group(1), "docs/client.md", "exec", dont_inherit=True), {})  # noqa: S102 - the docs' own code
+    printed = capsys.readouterr().out
+    assert printed.startswith("succeeded ") and "4个" in printed, printed

@@ -92,3 +92,32 @@ def test_a_reader_gives_up_at_its_timeout(jobs: JobStore) -> None:
     deltas = list(read(jobs, request.id, timeout=1.5, poll_s=0.5))
     assert 1.4 < time.monotonic() - t0 < 4
     assert deltas == [deltas[-1]] and deltas[-1].result is None and deltas[-1].finish_reason is None
+
+
+@pytest.mark.parametrize("ending", ["an answer from the cache", "a cancel"])
+def test_a_waiting_reader_wakes_when_a_job_ends_without_streaming(jobs: JobStore, ending: str) -> None:
+    """A reader blocks on the stream for up to a second between looks at the job; a job that ends with nothing
+    streamed (an answer from the cache, a failure before the first token, a cancel) used to keep it there for
+    that whole second. The script that ends the job appends an ``ended`` entry, which wakes it at once."""
+    request = JobRequest(id=uuid.uuid4().hex, image_key="images/x", question="图中有什么？", stream=True)
+    jobs.create(request)
+    if ending == "an answer from the cache":
+        jobs.claim([request.id], "w")
+        end = threading.Timer(0.2, finish, (jobs, request, "图中是长方形。"))
+    else:
+        end = threading.Timer(0.2, jobs.cancel, (request.id,))
+    end.start()
+    t0 = time.monotonic()
+    deltas = list(read(jobs, request.id, timeout=10, poll_s=5.0))
+    took = time.monotonic() - t0
+    end.join()
+    assert deltas[-1].result is not None and deltas[-1].result.status.terminal, deltas
+    assert 0.15 < took < 0.8, took  # the job ended at 0.2 s; the reader's own look would come at 5 s
+    if ending == "an answer from the cache":
+        assert [d.text for d in deltas if d.text] == ["图中是长方形。"]
+    # A job that does not stream gets no stream
+    quiet = JobRequest(id=uuid.uuid4().hex, image_key="images/x", question="图中有什么？")
+    jobs.create(quiet)
+    jobs.claim([quiet.id], "w")
+    finish(jobs, quiet, "一")
+    assert not jobs.redis.exists(stream_key(quiet.id))

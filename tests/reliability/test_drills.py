@@ -267,6 +267,9 @@ def test_poison_jobs_fail_alone_with_a_code(worker: WorkerProcess, client: Clien
     assert all(results[r.id].status == JobStatus.succeeded for r in good)
     assert all(has_facts(results[r.id].answer or "", s.facts) for r, s in zip(good, samples))
     assert results[vanished.id].error.code == "image_not_found"  # type: ignore[union-attr]
+    # ... saying where the worker looked (the bucket and its endpoint), the clue when two processes disagree
+    where = f"{client.settings.minio_bucket}/{vanished.image_key} on {client.settings.minio_endpoint}"
+    assert where in results[vanished.id].error.message, results[vanished.id].error  # type: ignore[union-attr]
     assert results[garbage.id].error.code == "corrupt_image"  # type: ignore[union-attr]
     assert results[vanished.id].attempts == 1 and results[garbage.id].attempts == 1
     assert jobs.get(garbage.id).status == JobStatus.failed

@@ -273,7 +273,9 @@ class Answerer:
                     self.metrics.images_fetched.inc()
                     self.metrics.image_bytes.inc(len(outcome))
                 elif isinstance(outcome, ObjectNotFound):
-                    run.error = TuwenError("a picture of the job is no longer in storage",
+                    # Where it looked (a directory, or a bucket and endpoint): a producer and a worker that
+                    # disagree on TUWEN_STORAGE_DIR or the bucket show here.
+                    run.error = TuwenError(f"a picture of the job is no longer in storage ({outcome})",
                                            code=ErrorCode.image_not_found.value)
                 elif outcome.retryable:
                     retry.append((run, i, key))

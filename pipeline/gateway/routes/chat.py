@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tuwen.pipeline.gateway import sse
-from tuwen.pipeline.gateway.chat_jobs import accept, accepted, failure, job_deltas, outcome
+from tuwen.pipeline.gateway.chat_jobs import accept, accepted, failure, job_deltas, outcome, warnings_of
 from tuwen.pipeline.gateway.deps import IdempotencyKey, State, Submitter
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute
 from tuwen.pipeline.gateway.openai_request import ChatCompletionRequest, parse_chat
@@ -86,7 +86,8 @@ async def create_chat_completion(key: Submitter, state: State, request: Request,
     model = await run_in_threadpool(served_model, state, chat.model)
     created = int(time.time())
     job_id, replayed = await run_in_threadpool(accept, state, key, chat, idempotency_key)
-    headers = accepted(state, key, "chat", job_id, replayed, chat.user, chat.metadata, chat.ignored)
+    headers = {**accepted(state, key, "chat", job_id, replayed, chat.user, chat.metadata, chat.ignored),
+               **warnings_of(chat)}
     if chat.stream:
         calls = {i: CallStream(job_id, i) for i in range(chat.params.n)} if chat.params.tool_call else None
         return StreamingResponse(relay(state, job_id, key.owner, model, created, chat.include_usage, chat.params.n,

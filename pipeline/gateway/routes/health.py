@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from tuwen.pipeline.gateway.deps import State
 from tuwen.pipeline.gateway.models import Health, Ready
 from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.registry import no_worker
 
 log = logging.getLogger("tuwen.gateway")
 router = APIRouter(tags=["ops"])
@@ -50,7 +51,7 @@ def readyz(state: State) -> JSONResponse:
     down = [f"{name} is unreachable" for name, value in status.items() if value != "ok"]
     queue = state.settings.interactive_queue
     if not down and not workers.get(queue):
-        down.append(f"no live worker is consuming {queue}")
+        down.append(no_worker(queue))
     if down:
         return JSONResponse({"status": "unavailable", "reason": "; ".join(down), "workers": workers},
                             status_code=503, headers={"Retry-After": "5"})
