@@ -15,6 +15,7 @@ Choices, each measured (see shared/FACTS.md):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from celery import Celery
@@ -25,6 +26,8 @@ from tuwen.pipeline.schema import JobRequest, Priority
 from tuwen.pipeline.settings import Settings
 
 TASK_NAME = "tuwen.answer"
+#: Redis commands a publish batch buffers before it sends them (one per job, plus queue expiries if any).
+PUBLISH_BATCH = 1024
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -108,20 +111,34 @@ def queue_for(settings: Settings, priority: Priority) -> str:
 
 def enqueue(app: Celery, settings: Settings, request: JobRequest, countdown: float | None = None) -> None:
     """Publish one job. The message carries ids, keys and params; Flower shows only those."""
+    app.send_task(**_message(settings, request), countdown=countdown, retry=True,
+                  retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2})
+
+
+def publish_batch(app: Celery, settings: Settings, requests: Iterable[JobRequest]) -> None:
+    """Publish jobs together: on Redis one pipeline, a single round trip (kombu's ``Producer.batch``); a
+    broker that cannot batch (RabbitMQ) gets them one by one on one connection. The batch's connection does
+    not retry a timed-out command (kombu batches only then: a replayed pipeline could publish twice), so a
+    batch that fails raises, and may have delivered some of its messages (kombu: "delivery is uncertain").
+    The queues are declared once, before the batch, not once a message (a third of the time, profiled)."""
+    jobs = list(requests)
+    once = {} if settings.broker.startswith(("amqp://", "pyamqp://")) else {"retry_on_timeout": False}
+    with app.connection_for_write(transport_options=once) as connection:
+        producer = connection.Producer()
+        for name in sorted({queue_for(settings, job.priority) for job in jobs}):
+            producer.maybe_declare(app.amqp.queues[name], retry=True)
+        with producer.batch(max_size=PUBLISH_BATCH):
+            for job in jobs:  # buffered, nothing to retry until the batch is sent
+                app.send_task(**_message(settings, job), producer=producer, retry=False, declare=[])
+
+
+def _message(settings: Settings, request: JobRequest) -> dict[str, Any]:
+    """``send_task``'s arguments for the job: what the worker reads, and what Flower shows of it."""
     payload = request.model_dump(mode="json")
     shown = {k: v for k, v in payload.items() if k != "messages"}
     shown["image_keys"] = request.image_keys
     shown["turns"] = len(request.messages)
     if settings.flower_show_text:
         shown["question"] = request.question
-    app.send_task(
-        TASK_NAME,
-        kwargs={"job": payload},
-        task_id=request.id,
-        queue=queue_for(settings, request.priority),
-        countdown=countdown,
-        argsrepr="()",
-        kwargsrepr=repr({"job": shown}),
-        retry=True,
-        retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
-    )
+    return {"name": TASK_NAME, "kwargs": {"job": payload}, "task_id": request.id,
+            "queue": queue_for(settings, request.priority), "argsrepr": "()", "kwargsrepr": repr({"job": shown})}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import IO, Any, Union
@@ -38,6 +38,12 @@ class StoredImage:
     """A picture already in the image store, named by its key (``images/<sha256>``)."""
 
     key: str
+
+
+@dataclass(frozen=True)
+class OwnedImage(StoredImage):
+    """A stored picture already found to be the owner's (``Client.owned_images``, many at once): a job names
+    it with no further check."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,8 @@ class Client:
         """The key a job names ``image`` by: a ``StoredImage``'s, if ``owner`` may name it (else
         ``image_not_found``, worded alike for a missing key and another owner's); or that of the picture,
         validated and stored for ``owner``."""
+        if isinstance(image, OwnedImage):
+            return image.key
         if isinstance(image, StoredImage):
             if not self.owns_image(image.key, owner):
                 raise InvalidInput(f"no such picture: {image.key}", code="image_not_found")
@@ -179,10 +187,19 @@ class Client:
         images = self.images
         if not isinstance(key, str) or not key.startswith(images.prefix):
             return False
-        if not self.jobs.is_image_owner(key, owner):
-            return False
+        return self.jobs.is_image_owner(key, owner) and self._stored(key)
+
+    def owned_images(self, keys: Iterable[object], owner: str) -> set[str]:
+        """The keys among ``keys`` that ``owner`` may name (``owns_image``), checked together: one round trip
+        to Redis, and one look in storage per distinct key."""
+        prefix = self.images.prefix
+        candidates = [k for k in dict.fromkeys(keys) if isinstance(k, str) and k.startswith(prefix)]
+        owned = [k for k, yes in zip(candidates, self.jobs.image_owners(candidates, owner)) if yes]
+        return {k for k in owned if self._stored(k)}
+
+    def _stored(self, key: str) -> bool:
         try:
-            return bool(images.exists(key))
+            return bool(self.images.exists(key))
         except InvalidKey:
             return False
         except StorageError as exc:
@@ -212,6 +229,22 @@ class Client:
             queue.enqueue(self.celery, self.settings, request, countdown=countdown)
         except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
             raise outage("the job queue is not reachable", exc) from exc
+
+    def publish_many(self, requests: Sequence[JobRequest]) -> None:
+        """Publish jobs whose records exist, together (one round trip on a Redis broker): a bulk's batch of
+        lines; then mark them queued and wake idle workers, in one more (``JobStore.queued_many``). As with
+        ``publish``, a job published twice still runs once."""
+        if not requests:
+            return
+        try:
+            queue.publish_batch(self.celery, self.settings, requests)
+        except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
+            raise outage("the job queue is not reachable", exc) from exc
+        by_queue: dict[str | None, list[str]] = {}
+        for request in requests:
+            by_queue.setdefault(self._wakes(request), []).append(request.id)
+        for wake, ids in by_queue.items():
+            self.jobs.queued_many(ids, wake=wake)
 
     def _wakes(self, request: JobRequest) -> str | None:
         """The queue whose idle workers a new message of ``request`` should wake (tuwen's Redis transport)."""

@@ -225,9 +225,15 @@ class TuwenError(Exception):
 
 
 class InvalidInput(TuwenError):
-    """The request itself is bad; retrying it unchanged cannot help."""
+    """The request itself is bad; retrying it unchanged cannot help. ``param`` names the request field at
+    fault, where there is one (as OpenAI's error bodies do)."""
 
     code = "invalid_input"
+
+    def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message, code=code, retryable=retryable)
+        self.param = param
 
 
 class InvalidImage(InvalidInput):

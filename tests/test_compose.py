@@ -106,3 +106,28 @@ def test_services_refuse_the_example_secrets_and_accept_real_ones(have_compose: 
         settings = settings_of(real[name])
         assert settings.redis_url == f"redis://:{REAL['TUWEN_REDIS_PASSWORD']}@redis:6379/0"
     assert not is_placeholder(real["flower"]["environment"]["FLOWER_BASIC_AUTH"].partition(":")[2])
+
+
+@pytest.mark.timeout(120)
+def test_the_demo_profile_runs_the_bundled_model_on_a_cpu_and_the_gpu_profile_stays(have_compose: None) -> None:
+    env = {**env_from_example(), **REAL}
+    # Given the file with each profile: it lints (v1 renders every service whatever the profile)
+    for profile in ("demo", "gpu"):
+        out = compose("--profile", profile, "config", "-q", env=env)
+        assert out.returncode == 0, (profile, out.stderr)
+    assert compose("config", "--profiles", env=env).stdout.split() == ["demo", "gpu", "rabbitmq"]
+    services = rendered(env)
+    demo, gpu = services["worker-demo"], services["worker"]
+    assert demo["profiles"] == ["demo"] and gpu["profiles"] == ["gpu"]
+    # Then the demo worker needs no GPU and no model directory: the image's bundled demo model, on the CPU
+    assert "deploy" not in demo and not demo.get("volumes")
+    settings = settings_of(demo)
+    assert settings.device == "cpu" and settings.model_path is None and settings.quantization.value == "none"
+    assert demo["command"][:1] == ["worker"] and demo["image"] == gpu["image"] == services["gateway"]["image"]
+    # And the GPU worker is as it was: a GPU reserved, the checkpoint mounted, nf4
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and settings_of(gpu).quantization.value == "nf4"
+    assert any(str(v).endswith(":/models/checkpoint:ro") or "/models/checkpoint" in str(v) for v in gpu["volumes"])
+    # And Redis, MinIO, the gateway and Flower start with either profile
+    for name in ("redis", "minio", "minio-init", "gateway", "flower"):
+        assert "profiles" not in services[name], name

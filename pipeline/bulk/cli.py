@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from tuwen.pipeline.errors import InvalidInput, TuwenError
@@ -158,7 +158,7 @@ def submit(
     images_dir: Annotated[Path | None, typer.Option(
         help="the folder image paths are inside; nothing outside it is read (default: FILE's folder)")] = None,
     question: Annotated[str | None, typer.Option(help="the question for a folder (and lines without one)")] = None,
-    owner: Annotated[str, typer.Option()] = "default",
+    owner: Annotated[str, typer.Option(help="whose bulk it is: its jobs, results and pictures")] = "default",
     concurrency: Annotated[int, typer.Option(help="parallel uploads")] = 8,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="show progress until the bulk ends")] = True,
     new: Annotated[bool, typer.Option("--new", help="a new bulk even if this input was submitted before")] = False,
@@ -265,7 +265,9 @@ def list_bulks(limit: Annotated[int, typer.Option()] = 20,
     if as_json:
         _dump([b.to_json() for b in bulks])
         return
-    table = Table("id", "state", "total", "completed", "failed", "created", "input")
+    # Ids are never cut, however narrow the terminal: the input's name folds instead.
+    ids = Column("id", no_wrap=True, min_width=max((len(b.id) for b in bulks), default=2))
+    table = Table(ids, "state", "total", "completed", "failed", "created", Column("input", overflow="fold"))
     for b in bulks:
         c = b.request_counts
         table.add_row(escape(b.id), b.state.value, str(c.total), str(c.completed), str(c.failed), _when(b.created_at),

@@ -6,8 +6,8 @@ A line that succeeded goes to the output file, its body the ``chat.completion`` 
 the ``response`` (``responses_objects.response_object``; what its request said, such as ``instructions``, is
 not kept with a line, so those fields are null). The others go to the error
 file: a request that was refused (before or in the model) has the status and OpenAI error body the chat
-endpoint would have answered, and ``error: null``; a line the batch itself stopped (cancelled, expired,
-its job record gone) has ``response: null`` and ``error: {code, message}``, as at OpenAI.
+endpoint would have answered (its ``param`` too), and ``error: null``; a line the batch itself stopped
+(cancelled, expired, its job record gone) has ``response: null`` and ``error: {code, message}``, as at OpenAI.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def openai_line(bulk: Bulk, entry: Entry, result: JobResult | None) -> tuple[dic
         line["error"] = {"code": code, "message": message}
         return line, False
     status = http_status(code, openai=True)  # as the chat endpoint answers it, refused or failed in the model
-    body = error_body(status, code, message)
+    body = error_body(status, code, message, param=error.get("param"))
     line["response"] = {"status_code": status, "request_id": job_id, "body": body}
     return line, False
 

@@ -4,7 +4,7 @@ Keys under ``keys.BULK``, all with the results' TTL: ``<id>`` (hash), ``<id>:lin
 per input line, in input order), ``<id>:lock`` (the live submitter), ``<id>:hook`` (its webhook's delivery),
 ``index`` (sorted set of ids by creation time) and ``owner:<owner>`` (the same, per owner). A line's
 entry is ``{"n": line number, "c": custom_id, "q": question, "i": the image as the line wrote it, "j": job
-id}``, or ``"e": {code, message}`` instead of ``"j"`` for a line refused before it became a job.
+id}``, or ``"e": {code, message[, param]}`` instead of ``"j"`` for a line refused before it became a job.
 """
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ _TIMES = tuple(f"{s.value}_at" for s in BulkState if s != BulkState.validating)
 
 
 def entry_for(rec: Record, *, job_id: str | None = None, question: str | None = None,
-              error: ErrorInfo | None = None) -> Entry:
-    """A line's entry: its job, or the error that refused it."""
+              error: ErrorInfo | None = None, param: str | None = None) -> Entry:
+    """A line's entry: its job, or the error that refused it (and the request field at fault, ``param``,
+    where there is one: a Batch API line's error names it as the chat endpoint does)."""
     asked = question or (rec.question if isinstance(rec.question, str) else None)
     image = rec.image if isinstance(rec.image, str) else None
     entry: Entry = {"n": rec.line, "c": rec.custom_id, "q": asked, "i": image}
     if job_id:
         entry["j"] = job_id
     if error:
-        entry["e"] = {"code": error.code, "message": error.message}
+        entry["e"] = {"code": error.code, "message": error.message, **({"param": param} if param else {})}
     return entry
 
 
@@ -201,11 +202,19 @@ class Records:
     # -- lines -------------------------------------------------------------------------------------------
     def append(self, bulk_id: str, entry: Entry) -> None:
         """Record the next input line (``queued`` if it has a job, else ``rejected``)."""
+        self.append_many(bulk_id, [entry])
+
+    def append_many(self, bulk_id: str, entries: list[Entry]) -> None:
+        """Record the next input lines, all or none (one transaction, one round trip)."""
+        if not entries:
+            return
         key = PREFIX + bulk_id
+        queued = sum(1 for e in entries if e.get("j"))
         with redis_errors():
             pipe = self.redis.pipeline(transaction=True)
-            pipe.rpush(key + ":lines", json.dumps(entry, ensure_ascii=False))
-            pipe.hincrby(key, "queued" if entry.get("j") else "rejected", 1)
+            pipe.rpush(key + ":lines", *(json.dumps(e, ensure_ascii=False) for e in entries))
+            pipe.hincrby(key, "queued", queued)
+            pipe.hincrby(key, "rejected", len(entries) - queued)
             pipe.expire(key + ":lines", self.ttl_s)
             pipe.expire(key, self.ttl_s)
             pipe.execute()

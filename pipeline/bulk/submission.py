@@ -1,10 +1,14 @@
 """Submitting a bulk's lines: stream the input, prepare lines on a thread pool (reading and uploading
-pictures is the slow part), then publish and record them one by one, in input order.
+pictures is the slow part), then place them a batch at a time, in input order: the batch's jobs are
+recorded (one transaction), published (one pipeline on a Redis broker) and its lines recorded (one
+transaction). No round trip is made per line, so lines that name pictures already stored go at thousands a
+second (docs/performance.md, row e1).
 
-Each line is appended to the bulk's line list right after its job is published, so a submission run
-again skips the recorded lines. Only the one line in flight when a process died is ambiguous: if its job
-exists it is recorded now, and published again if it is still queued (a duplicate message is harmless:
-the job store never runs a finished job again nor overwrites its result).
+A batch's lines are appended to the bulk's line list, all or none, only after its jobs were published (and
+marked queued, waking idle workers), so a submission run again skips the recorded lines. Only the batch in
+flight when a process died is ambiguous: those of its jobs that exist are recorded now, and published again
+if still queued (they may have been published already: a duplicate message is harmless, since the job store
+never runs a finished job again nor overwrites its result); its other lines are placed as new.
 
 How a line becomes a job depends on the input format: ``QuestionLines`` for the manifest's lines (a
 picture and a question); another format passes its own ``LinePreparer``.
@@ -12,23 +16,25 @@ picture and a question); another format passes its own ``LinePreparer``.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tuwen.pipeline.bulk.manifest import Record, Source
 from tuwen.pipeline.bulk.model import Bulk, BulkState, job_id_for
-from tuwen.pipeline.bulk.records import Records, entry_for
-from tuwen.pipeline.client import Client, StoredImage, read_image
+from tuwen.pipeline.bulk.records import Entry, Records, entry_for
+from tuwen.pipeline.client import Client, OwnedImage, StoredImage, read_image
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobStatus, Priority
 
-CHUNK = 256  #: lines read, uploaded and published at a time
+CHUNK = 256  #: lines read, prepared and placed (recorded and published together) at a time
 
 
 @dataclass
@@ -45,6 +51,14 @@ class LinePreparer(Protocol):
         """The line's job, not yet queued (its pictures stored); ``InvalidInput`` refuses the line."""
 
 
+@runtime_checkable
+class LooksAhead(Protocol):
+    """A ``LinePreparer`` that checks a batch's lines together before it prepares each one."""
+
+    def ahead(self, records: list[Record], bulk: Bulk) -> None:
+        """Look up at once what the lines need, so that preparing one makes no round trip of its own."""
+
+
 class QuestionLines:
     """Lines that ask ``question`` about one picture: a path inside ``base``, the bytes a source carries,
     or the key of a picture the bulk's owner stored before."""
@@ -52,6 +66,11 @@ class QuestionLines:
     def __init__(self, client: Client, base: Path | None) -> None:
         self.client = client
         self.base = base
+        self._owned: set[str] = set()  #: the stored pictures of the batch at hand that the owner may name
+
+    def ahead(self, records: list[Record], bulk: Bulk) -> None:
+        """Which stored pictures the lines name are the owner's: one round trip for the batch."""
+        self._owned = self.client.owned_images((r.image for r in records if r.data is None), bulk.owner)
 
     def __call__(self, rec: Record, bulk: Bulk, job_id: str) -> JobRequest:
         picture = self._picture(rec)
@@ -73,13 +92,15 @@ class QuestionLines:
         path = confined(self.base, rec.image) if self.base is not None else None
         if path is not None:
             return read_image(path, self.client.settings.max_image_bytes, follow_symlinks=False)
-        return StoredImage(rec.image)
+        return OwnedImage(rec.image) if rec.image in self._owned else StoredImage(rec.image)
 
 
 def confined(base: Path, name: str) -> Path | None:
     """``base / name`` with every symlink resolved, if that is an existing path inside ``base``; else
     None: missing, absolute, escaping (``..`` or a symlink out) and unresolvable paths alike."""
     if not name or "\0" in name or Path(name).is_absolute():
+        return None
+    if not os.path.lexists(os.path.join(base, name)):  # most often a stored picture's key: one lstat, no resolving
         return None
     try:
         root = base.resolve(strict=True)
@@ -102,9 +123,21 @@ def not_found_message(name: str, base: Path | None, key_prefix: str = "images/")
     return f"no picture {name!r}: not {where}{stored}"
 
 
+@dataclass(frozen=True)
+class LeftBehind:
+    """A line's job that a run which died created (and perhaps published) but did not record."""
+
+    job_id: str
+    request: JobRequest | None
+    queued: bool
+
+
+Prepared = JobRequest | InvalidInput | LeftBehind
+
+
 class Submission:
     """One run over a bulk's input, from its first unrecorded line to the end or until stopped: the bulk
-    leaves ``in_progress`` (cancelled, expired) or ``stop`` is set."""
+    leaves ``in_progress`` (cancelled, expired) or ``stop`` is set (the lines taken so far are placed)."""
 
     def __init__(self, client: Client, records: Records, bulk: Bulk, prepare: LinePreparer, *,
                  stop: threading.Event | None = None,
@@ -122,51 +155,66 @@ class Submission:
         try:
             lines = islice(source.records(), self.bulk.submitted, None)
             while chunk := list(islice(lines, CHUNK)):
-                for rec, prepared in zip(chunk, pool.map(self._prepared, chunk)):
-                    if resumed and self._recover(rec):  # the line in flight when the last run died
-                        self.progress.queued += 1
+                found = self._left_behind(chunk) if resumed else {}
+                resumed = False
+                if isinstance(self.prepare, LooksAhead):
+                    self.prepare.ahead(chunk, self.bulk)
+                batch: list[tuple[Record, Prepared]] = []
+                for rec, prepared in zip(chunk, pool.map(partial(self._prepared, found), chunk)):
+                    batch.append((rec, prepared))
+                    if isinstance(prepared, InvalidInput):
+                        self.progress.rejected += 1
                     else:
-                        self._place(rec, prepared)
-                    resumed = False
+                        self.progress.queued += 1
                     if self.on_progress:
                         self.on_progress(self.progress)
                     if self.stop is not None and self.stop.is_set():
+                        break
+                self._place(batch)
+                if self.stop is not None and self.stop.is_set():
+                    return
+                if time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    if self.records.get(self.bulk.id).state != BulkState.in_progress:
                         return
-                    if time.monotonic() - last_check > 1.0:
-                        last_check = time.monotonic()
-                        if self.records.get(self.bulk.id).state != BulkState.in_progress:
-                            return
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _prepared(self, rec: Record) -> JobRequest | ErrorInfo:
-        """The line's job, or why it is refused: a bad line fails alone, it does not stop the bulk."""
+    def _prepared(self, found: dict[str, LeftBehind], rec: Record) -> Prepared:
+        """The line's job, the job a dead run left behind for it, or why it is refused: a bad line fails
+        alone, it does not stop the bulk."""
+        job_id = job_id_for(self.bulk.id, rec.custom_id or "")
+        out: Prepared
         try:
-            out: JobRequest | ErrorInfo = self.prepare(rec, self.bulk, job_id_for(self.bulk.id, rec.custom_id or ""))
+            out = found.get(job_id) or self.prepare(rec, self.bulk, job_id)
         except InvalidInput as exc:
-            out = ErrorInfo(code=exc.code, message=exc.message)
+            out = exc
         with self._counter:
             self.progress.uploaded += 1
         return out
 
-    def _place(self, rec: Record, prepared: JobRequest | ErrorInfo) -> None:
-        if isinstance(prepared, ErrorInfo):
-            self.records.append(self.bulk.id, entry_for(rec, error=prepared))
-            self.progress.rejected += 1
-        else:
-            self.client.enqueue(prepared)
-            self.records.append(self.bulk.id, entry_for(rec, job_id=prepared.id, question=prepared.question))
-            self.progress.queued += 1
+    def _place(self, batch: list[tuple[Record, Prepared]]) -> None:
+        """Record the batch's new jobs, publish them (and the queued jobs left behind), then record its
+        lines. A failure on the way leaves the lines unrecorded, for the next run to find (``_left_behind``)."""
+        new = [p for _, p in batch if isinstance(p, JobRequest)]
+        again = [p.request for _, p in batch if isinstance(p, LeftBehind) and p.queued and p.request is not None]
+        if new:
+            self.client.jobs.create_many(new)
+        self.client.publish_many([*new, *again])
+        self.records.append_many(self.bulk.id, [_entry(rec, p) for rec, p in batch])
 
-    def _recover(self, rec: Record) -> bool:
-        """Whether the line's job already exists (then it is recorded now, and re-published if still queued)."""
-        job_id = job_id_for(self.bulk.id, rec.custom_id or "")
-        current = self.client.jobs.get(job_id)
-        if current.status == JobStatus.unknown:
-            return False
-        request = self.client.jobs.request(job_id)
-        if current.status == JobStatus.queued and request is not None:
-            self.client.publish(request)
-        self.records.append(self.bulk.id, entry_for(rec, job_id=job_id,
-                                                    question=request.question if request else None))
-        return True
+    def _left_behind(self, chunk: list[Record]) -> dict[str, LeftBehind]:
+        """The jobs of the first lines not recorded that exist already: a run that died in the middle of a
+        batch (which starts at the first unrecorded line and is at most ``CHUNK`` lines) left them."""
+        ids = [job_id_for(self.bulk.id, rec.custom_id or "") for rec in chunk]
+        states = self.client.jobs.get_many(ids)
+        return {job_id: LeftBehind(job_id, self.client.jobs.request(job_id), state.status == JobStatus.queued)
+                for job_id, state in states.items() if state.status != JobStatus.unknown}
+
+
+def _entry(rec: Record, prepared: Prepared) -> Entry:
+    if isinstance(prepared, InvalidInput):
+        return entry_for(rec, error=ErrorInfo(code=prepared.code, message=prepared.message), param=prepared.param)
+    if isinstance(prepared, LeftBehind):
+        return entry_for(rec, job_id=prepared.job_id, question=prepared.request.question if prepared.request else None)
+    return entry_for(rec, job_id=prepared.id, question=prepared.question)

@@ -5,7 +5,8 @@ as there (``pictures.picture``), then prepared as a bulk-priority job of the bat
 (``conversation.prepare_conversation``). A line's response is not stored: the output file holds it.
 
 An adapter between two shapes: the chat code refuses with ``OpenAIError`` (an HTTP answer), a bulk line
-with ``InvalidInput`` (an error line), so ``ChatLines`` turns one into the other, code and message kept.
+with ``InvalidInput`` (an error line), so ``ChatLines`` turns one into the other, code, message and param
+kept.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class ChatLines:
             self._check_model(chat.model)
             turns = fetched_turns(self.state, chat, self.state.settings.bulk_queue)
         except OpenAIError as exc:
-            raise InvalidInput(exc.message, code=exc.code) from exc
+            raise InvalidInput(exc.message, code=exc.code, param=exc.param) from exc
         return prepare_conversation(self.state.client, turns, chat.params, owner=bulk.owner, priority=Priority.bulk,
                                     job_id=job_id, bulk_id=bulk.id)
 

@@ -69,7 +69,8 @@ def as_openai(exc: Exception) -> OpenAIError:
     if isinstance(exc, TuwenError):
         if exc.status == 500:
             log.error("gateway error %s: %s", exc.code, exc.message)
-        return openai_error(exc.code, exc.message, headers=retry_after(exc.status, exc.retryable))
+        return openai_error(exc.code, exc.message, param=getattr(exc, "param", None),
+                            headers=retry_after(exc.status, exc.retryable))
     if isinstance(exc, RequestValidationError):
         code, message = validation_code(exc)
         errors = list(exc.errors())

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 from tuwen.pipeline.gateway.openai_errors import openai_error
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.openai_objects import ModelCard
@@ -19,11 +21,12 @@ def aliases(state: GatewayState) -> list[str]:
 
 
 def cards(state: GatewayState) -> list[ModelCard]:
-    """The live workers' models (on this gateway's interactive queue), oldest first, then the aliases."""
+    """The live workers' models (on this gateway's interactive queue), oldest first, then the aliases: listed
+    even while no worker is live (a request then gets 503 ``model_not_served``, to come back later)."""
     live = state.census.models(state.settings.interactive_queue)
     found = [ModelCard(id=model, created=int(seen)) for model, seen in live.items()]
-    return found + [ModelCard(id=name, created=found[0].created) for name in aliases(state) if found
-                    and name not in live]
+    created = found[0].created if found else int(time.time())
+    return found + [ModelCard(id=name, created=created) for name in aliases(state) if name not in live]
 
 
 def served_model(state: GatewayState, requested: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -242,6 +243,74 @@ def test_a_killed_submission_resumes_and_loses_nothing(idle_store: BulkStore, id
     jobs = list(idle_store.redis.scan_iter(JOB_PREFIX + bulk_id + "_*", count=1000))
     assert len(jobs) == 800
     assert 800 <= idle_store.redis.llen(idle_settings.bulk_queue) <= 801
+    idle_store.cancel(bulk_id)
+
+
+#: ``tuwen bulk submit`` that SIGKILLs itself at its second batch's publish: "before" it (the batch's jobs
+#: recorded, none published) or "after" it (published, the batch's lines not recorded yet).
+DIES_IN_A_BATCH = """
+import os, signal, sys
+from tuwen.pipeline import cli
+from tuwen.pipeline.client import Client
+
+when, publish, calls = sys.argv.pop(1), Client.publish_many, []
+
+def publish_then_die(self, requests):
+    calls.append(len(requests))
+    if len(calls) == 2 and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    publish(self, requests)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Client.publish_many = publish_then_die
+sys.argv[0] = "tuwen"
+cli.main()
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_submission_killed_in_the_middle_of_a_batch_resumes_with_every_line_once(
+        idle_store: BulkStore, idle_settings: Settings, tmp_path: Path, when: str) -> None:
+    # Given 3 batches' worth of lines over stored pictures, and a submission killed at its second batch's
+    # publish: before it (jobs recorded, nothing published) or after it (published, lines not recorded)
+    keys = [idle_store.client.store_image(p) for p, _ in draw_pictures(tmp_path, 3, seed=16)]
+    n = 2 * CHUNK + 40
+    rows = [{"custom_id": f"m{i}", "image": keys[i % 3], "question": "图中有几个圆形？"} for i in range(n)]
+    rows[CHUNK + 7]["image"] = "images/" + "0" * 64  # a refused line inside the batch that dies
+    manifest = write_jsonl(tmp_path / "in.jsonl", rows)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUWEN_")}, **idle_settings.to_env()}
+    args = ["bulk", "submit", str(manifest), "--no-wait"]
+    killed = subprocess.run([sys.executable, "-c", DIES_IN_A_BATCH, when, *args], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    bulk_id = next(b.id for b in idle_store.recent(50) if b.input == str(manifest))
+    assert idle_store.get(bulk_id).submitted == CHUNK  # the first batch only
+    jobs = list(idle_store.redis.scan_iter(JOB_PREFIX + bulk_id + "_*", count=1000))
+    assert len(jobs) == 2 * CHUNK - 1  # the second batch's jobs exist (all but the refused line's)
+    published = idle_store.redis.llen(idle_settings.bulk_queue)
+    assert published == (CHUNK if when == "before" else 2 * CHUNK - 1)
+    # When the same command runs again (it waits for the dead submitter's lock to lapse)
+    rerun = subprocess.run([sys.executable, "-m", "tuwen.pipeline.cli", *args], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    # Then every line is recorded exactly once, in input order, the refused one with its error, each other
+    # with one job of its own
+    lines = entries(idle_store, bulk_id)
+    assert [e["c"] for e in lines] == [r["custom_id"] for r in rows]
+    assert [e.get("e", {}).get("code") for e in lines].count("image_not_found") == 1
+    assert lines[CHUNK + 7]["e"]["code"] == "image_not_found" and "j" not in lines[CHUNK + 7]
+    job_ids = [e["j"] for e in lines if "j" in e]
+    assert len(job_ids) == len(set(job_ids)) == n - 1
+    assert len(list(idle_store.redis.scan_iter(JOB_PREFIX + bulk_id + "_*", count=1000))) == n - 1
+    bulk = idle_store.get(bulk_id)
+    assert (bulk.submitted, bulk.queued, bulk.rejected) == (n, n - 1, 1)
+    # And every job was published once; killed after its batch's publish, that batch's jobs (still queued)
+    # once more: the only duplicates, harmless since a job runs once whatever its messages
+    again = 0 if when == "before" else CHUNK - 1
+    assert idle_store.redis.llen(idle_settings.bulk_queue) == n - 1 + again
     idle_store.cancel(bulk_id)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tuwen.pipeline.bulk.manifest import open_source
 from tuwen.pipeline.bulk.model import BulkState
 from tuwen.pipeline.bulk.records import PREFIX
 from tuwen.pipeline.bulk.store import BulkStore
@@ -149,6 +150,23 @@ def test_a_question_that_is_not_text_fails_its_line_and_the_report_still_renders
     out = tuwen(idle_settings, "bulk", "report", bulk_id, "--html", str(page))
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert page.read_text(encoding="utf-8").count("invalid_question") == 2
+
+
+@pytest.mark.timeout(120)
+def test_bulk_list_prints_whole_ids_however_narrow_the_terminal(idle_settings: Settings, idle_store: BulkStore,
+                                                                tmp_path: Path) -> None:
+    # Given a bulk whose input has a long path (the widest column)
+    deep = tmp_path / ("三年级二班的练习题" * 5)
+    pics = draw_pictures(deep, 1, seed=17)
+    manifest = write_jsonl(deep / "questions.jsonl", [{"custom_id": "a", "image": pics[0][0].name,
+                                                       "question": pics[0][1]}])
+    bulk = idle_store.submit(open_source(manifest))
+    # When the bulks are listed at 60 and at 120 columns, then its id is printed whole, on one line
+    for columns in ("60", "120"):
+        listed = tuwen_process("bulk", "list", env={**idle_settings.to_env(), "COLUMNS": columns})
+        assert listed.returncode == 0, listed.stderr
+        assert any(bulk.id in line for line in listed.stdout.splitlines()), (columns, listed.stdout)
+    idle_store.cancel(bulk.id)
 
 
 @pytest.mark.timeout(240)

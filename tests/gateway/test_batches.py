@@ -337,6 +337,34 @@ def test_a_file_with_duplicate_ids_fails_whole_with_per_line_errors(
     assert [e["type"] for e in signed_events(receiver, batch.id)] == ["batch.failed"]
 
 
+def test_a_refused_lines_error_is_the_chat_endpoints_param_included(batch_gateway: Gateway, new_key: Keys) -> None:
+    # Given lines that ask for what tuwen refuses (audio out), each with the field at fault, and one good line
+    lines, _ = worksheets(1, seed=12)
+    refused = {"modalities": {"modalities": ["text", "audio"]},
+               "audio": {"audio": {"voice": "alloy", "format": "wav"}},
+               "message-audio": {"messages": [{"role": "assistant", "audio": {"id": "audio_1"}},
+                                              {"role": "user", "content": "图中有什么？"}]}}
+    for name, fields in refused.items():
+        body = {**lines[0]["body"], **fields}
+        lines.append({"custom_id": f"bad-{name}", "method": "POST", "url": URL, "body": body})
+    with sdk(batch_gateway, new_key()) as client:
+        batch = client.batches.create(input_file_id=upload(client, jsonl(lines)), endpoint=URL,
+                                      completion_window="24h")
+        done = wait_for(client, batch.id, lambda b: b.status in TERMINAL, timeout=120)
+        errors = {x["custom_id"]: x for x in read_lines(client, done.error_file_id)}
+    assert done.status == "completed" and done.request_counts.failed == 3, done
+    # When the chat endpoint gets the same bodies
+    with batch_gateway.client(new_key()) as api:
+        answers = {x["custom_id"]: api.post(URL, json=x["body"]) for x in lines[1:]}
+    # Then each error line is the chat endpoint's answer: status and whole error body, param included
+    for custom_id, answer in answers.items():
+        line = errors[custom_id]
+        assert line["error"] is None and line["response"]["status_code"] == answer.status_code == 400, line
+        assert line["response"]["body"] == answer.json(), (line, answer.json())
+    assert {c: errors[c]["response"]["body"]["error"]["param"] for c in answers} == {
+        "bad-modalities": "modalities", "bad-audio": "audio", "bad-message-audio": "messages[0].audio"}
+
+
 def test_another_owner_gets_not_found_for_the_file_the_batch_and_the_content(
         batch_gateway: Gateway, new_key: Keys) -> None:
     lines, examples = worksheets(3, seed=3)

@@ -280,6 +280,19 @@ def test_models_lists_what_live_workers_hold(chat_gateway: Gateway, new_key: Key
     assert named.model == model and missing.value.code == "model_not_served"
 
 
+def test_models_lists_tuwen_even_while_no_worker_is_live(parked_gateway: Gateway, new_key: Keys) -> None:
+    # Given a gateway whose interactive queue no worker consumes
+    with sdk(parked_gateway, new_key()) as client:
+        # When the models are listed, then tuwen is there (docs/openai.md: "tuwen always"), and it can be read
+        listed = [m.id for m in client.models.list()]
+        one = client.models.retrieve("tuwen")
+        # And a request naming it is told that no worker is live now, to come back later
+        with pytest.raises(openai.APIStatusError) as none_live:
+            client.chat.completions.create(model="tuwen", messages=[ask(load_samples()[0])], max_tokens=8)
+    assert listed == ["tuwen"] and one.id == "tuwen" and one.created > 0
+    assert none_live.value.status_code == 503 and none_live.value.code == "model_not_served"
+
+
 def test_idempotency_key_gives_the_first_job(chat_gateway: Gateway, new_key: Keys) -> None:
     messages = [ask(load_samples()[1])]
     key = {"Idempotency-Key": f"chat-{uuid.uuid4().hex}"}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tuwen.pipeline.app import make_celery
+from tuwen.pipeline.bulk.submission import CHUNK
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.localredis import LocalRedis
 from tests.ports import free_port
@@ -24,6 +25,8 @@ from tests.drills import Lives, assert_kills_landed, check, kill_log, kill_repea
 from tests.faults import ResultWrites, report
 from tests.rabbit import LocalRabbit
 from tests.s3servers import S3Endpoint
+from tuwen.workers.bench.bulk import stored_manifest, submit_rate
+from tuwen.workers.demo.samples import load_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -81,3 +84,20 @@ def test_kill_9_on_rabbitmq(rabbit_settings: Settings, tmp_path: Path, lives: li
     assert numbers["publishes"] == 40 and numbers["duplicated"] == 0, numbers
     assert_kills_landed(kills, results, 2)
     assert numbers["recomputed"] >= 2, numbers
+
+
+def test_a_bulk_is_published_batch_by_batch_onto_a_quorum_queue(rabbit_settings: Settings, tmp_path: Path) -> None:
+    # Given more than a batch of lines (RabbitMQ cannot batch: its messages go one by one, confirmed)
+    client = Client(rabbit_settings)
+    lines = CHUNK + 44
+    manifest = stored_manifest(tmp_path / "in.jsonl", [client.store_image(load_samples()[0].path)], lines, "r")
+    # When it is submitted with no worker running
+    _, bulk = submit_rate(client, manifest, lines)
+    # Then every line is queued once, on the bulk queue, declared as a quorum queue
+    assert bulk.queued == lines
+    app = make_celery(rabbit_settings)
+    with app.connection_for_write() as conn:
+        queued = conn.default_channel.queue_declare(rabbit_settings.bulk_queue, durable=True, auto_delete=False,
+                                                    arguments={"x-queue-type": "quorum"})
+    assert queued.message_count == lines
+    client.close()

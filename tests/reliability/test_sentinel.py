@@ -21,13 +21,17 @@ from pydantic import ValidationError
 
 from tuwen.pipeline import sentinel
 from tuwen.pipeline.aclient import AsyncClient
+from tuwen.pipeline.bulk.submission import CHUNK
 from tuwen.pipeline.client import Client
+from tuwen.pipeline.jobs import PREFIX as JOB_PREFIX
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings
 from tests.drills import Lives, Producer, check, outcome, wait_until
 from tests.faults import SentinelRedis, report
 from tests.s3servers import S3Endpoint
+from tuwen.workers.bench.bulk import stored_manifest, submit_rate
+from tuwen.workers.demo.samples import load_samples
 
 #: The production default: a dead worker's jobs come back through the reaper, not the visibility timeout.
 DEFAULT_VISIBILITY_TIMEOUT_S = Settings.model_fields["visibility_timeout_s"].default
@@ -149,4 +153,38 @@ def test_a_sentinel_deployment_is_followed_by_a_plain_client() -> None:
         assert new.get("tuwen:drill:before") == "1" and new.get("tuwen:drill:after") == "1"
         assert sentinel.counts.primary_changes == changes + 1
         new.close()
+        client.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_bulk_goes_through_sentinel_batched_and_a_replica_holds_its_jobs(s3: S3Endpoint, tmp_path: Path) -> None:
+    with SentinelRedis() as deployment:
+        # Given tuwen on a Sentinel deployment (one replica acknowledges writes), its replicas in sync, and two
+        # batches' worth of lines
+        primary = redis.Redis(port=deployment.primary_port(), decode_responses=True)
+        wait_until(lambda: primary.info("replication").get("slave0", {}).get("state") == "online", 30,
+                   "a replica in sync (a fresh one waits for the primary's first snapshot)")
+        settings = make_settings(deployment.url, s3, answer_cache=False)
+        client = Client(settings)
+        lines = CHUNK + 30
+        manifest = stored_manifest(tmp_path / "in.jsonl", [client.store_image(load_samples()[0].path)], lines, "s")
+        unreplicated = sentinel.counts.unreplicated_writes
+        # When it is submitted (batched: one publish pipeline and one WAIT a batch)
+        _, bulk = submit_rate(client, manifest, lines)
+        # Then every line is queued, each job was marked queued with the WAIT of its batch, and every WAIT was
+        # acknowledged in time
+        assert bulk.queued == lines
+        ids = list(primary.scan_iter(JOB_PREFIX + bulk.id + "_*", count=1000))
+        assert len(ids) == lines and all(primary.hget(i, "queued_at") for i in ids)
+        assert sentinel.counts.unreplicated_writes == unreplicated
+        # And a replica holds every job record and every message
+        held = []
+        for port in set(deployment.ports) - {deployment.primary_port()}:
+            replica = redis.Redis(port=port, decode_responses=True)
+            jobs = sum(1 for _ in replica.scan_iter(JOB_PREFIX + bulk.id + "_*", count=1000))
+            held.append((jobs, replica.llen(settings.bulk_queue)))
+            replica.close()
+        assert (lines, lines) in held, held
+        primary.close()
         client.close()

@@ -10,7 +10,7 @@ backlog, read its own pause as a stalled loop and exit (seen: status 75 after a 
 
 * one: 1 worker × 1 thread, the demo model (rows d, f, h)
 * wide / pair: 1 worker × 2 threads against 2 workers × 1 thread, equal thread budgets (row g)
-* null: the null model (``Hooks(null_model=True)``), batches ≤ 64 (row e)
+* null: the null model (``Hooks(null_model=True)``), batches ≤ 64 (rows e, e1)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tuwen.pipeline.localredis import LocalRedis
 from tuwen.pipeline.schema import JobResult, JobStatus
 from tuwen.pipeline.settings import Settings
 from tuwen.workers.serve.hooks import Hooks
+from tuwen.workers.bench.bulk import job_ids, stored_manifest, submit_rate
 from tuwen.workers.bench.process import WorkerProcess
 
 
@@ -122,6 +123,22 @@ class Fleet:
         finally:
             client.close()
 
+    def stored_bulk(self, keys: list[str], lines: int, rep: int) -> tuple[float, int]:
+        """(e1) submit a bulk of ``lines`` lines over stored pictures while the null set-up is paused, then
+        drain it. Returns (submitted lines/s, jobs succeeded)."""
+        client = Client(self.settings["null"])
+        try:
+            manifest = stored_manifest(self.tmp / f"stored-{rep}.jsonl", keys, lines, f"r{rep}")
+            rate, bulk = submit_rate(client, manifest, lines)
+            self._resume("null")
+            try:
+                results = client.wait_many(job_ids(client, bulk), timeout=600)
+            finally:
+                self._pause("null")
+            return rate, _succeeded(list(results.values()))
+        finally:
+            client.close()
+
     def idle_latency(self, data: list[tuple[bytes, str]], rounds: int) -> tuple[float, int]:
         """(f) one job at a time on an idle worker: median of (submit → result) minus the model's time."""
         client = Client(self.settings["one"])
@@ -189,6 +206,9 @@ class Fleet:
         row.add(rate, _succeeded(res), len(pictures))
         table("e0", "e's submission: store a new picture + record + publish (8 client threads)", "jobs/s").add(
             submit, _succeeded(res), len(pictures))
+        rate, ok = self.stored_bulk([r.image_key for r in res if r.image_key], opts.bulk_lines, rep)
+        table("e1", f"bulk submission, {opts.bulk_lines} lines naming pictures already stored (e's): "
+              "tuwen bulk submit's rate", "lines/s").add(rate, ok, opts.bulk_lines)
         rounds = min(opts.idle_rounds, len(data))
         latency, ok = self.idle_latency(data, rounds)
         table("f", "one job on an idle system: latency minus model time", "ms").add(latency, ok, rounds)

@@ -1,4 +1,4 @@
-"""The pages for people: ``/docs`` (Swagger UI), ``/redoc`` and ``/playground``, all served from this
+"""The pages for people: ``/docs`` (Swagger UI), ``/redoc``, ``/playground`` and its icon, all served from this
 gateway, so they work without a network (FastAPI's own pages load their scripts from a CDN). The
 scripts and styles come from ``fastapi-offline``'s bundled files, mounted at ``/docs/assets`` (ReDoc's
 without the one thing it fetched from elsewhere, a logo); the gateway's own files (``static/``) at
@@ -82,3 +82,9 @@ def redoc(request: Request) -> HTMLResponse:
 def playground() -> FileResponse:
     """A page to try the chat API in a browser (it needs an API key)."""
     return FileResponse(STATIC / "playground.html", media_type="text/html; charset=utf-8")
+
+
+@router.get("/favicon.ico")
+def favicon() -> FileResponse:
+    """The icon browsers ask every page of the gateway for (图 on tuwen's dark blue)."""
+    return FileResponse(STATIC / "favicon.ico", media_type="image/x-icon")

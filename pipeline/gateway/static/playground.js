@@ -3,12 +3,54 @@ const $ = (id) => document.getElementById(id);
 let messages = [];          // the conversation so far, in OpenAI's chat format
 let picture = null;         // data: URL of the chosen picture, sent with the next user turn
 let pictureBytes = null;    // its bytes: once sent, later turns name it tuwen://images/<sha256> instead
+let lastModels = null;      // the last /v1/models answer, to say it again in another language
+
+// Every label in both languages; Chinese first, English a click away (remembered for the browser session).
+const TEXT = {
+  zh: {
+    tagline: "看图提问，用中文问；回答从队列中逐字流回", key: "API 密钥", model: "模型", picture: "图片",
+    max: "最多生成的 token 数", maxPlaceholder: "服务器默认", reset: "新对话", send: "发送",
+    question: "图中有几个圆形？（Enter 发送，Shift+Enter 换行）", noModels: "（填入密钥后载入模型）",
+    schema: "JSON schema（可选：回答为符合它的 JSON 对象）", parsed: "解析后的 JSON", lang: "EN",
+    models: (n) => n ? `${n} 个模型在线` : "没有在线的 worker：请运行 tuwen worker",
+    modelsFailed: (status) => `载入模型失败：${status}`,
+    done: (job, first, whole) => `任务 ${job} · 首个 token ${first} ms · 完整回答 ${whole} ms`,
+    badSchema: (why) => `JSON schema 不是有效的 JSON：${why}`,
+    notWhole: (reason) => `回答不是完整的 JSON（finish_reason: ${reason}）`,
+  },
+  en: {
+    tagline: "ask about a picture, in Chinese; the answer streams from the queue", key: "API key", model: "model",
+    picture: "picture", max: "max tokens", maxPlaceholder: "the server's default", reset: "New conversation",
+    send: "Send", question: "图中有几个圆形？ (Enter sends, Shift+Enter for a new line)",
+    noModels: "(load models with the key)", parsed: "parsed JSON", lang: "中文",
+    schema: "JSON schema (optional: the answer is a JSON object valid against it)",
+    models: (n) => n ? `${n} model${n > 1 ? "s" : ""} live` : "no live worker: start tuwen worker",
+    modelsFailed: (status) => `loading the models failed: ${status}`,
+    done: (job, first, whole) => `job ${job} · first token ${first} ms · whole answer ${whole} ms`,
+    badSchema: (why) => `the JSON schema is not valid JSON: ${why}`,
+    notWhole: (reason) => `the answer is not whole JSON (finish_reason: ${reason})`,
+  },
+};
+let lang = sessionStorage.getItem("tuwen.lang") === "en" ? "en" : "zh";
+const t = (name) => TEXT[lang][name];
+
+function applyLanguage() {
+  document.documentElement.lang = lang === "en" ? "en" : "zh-CN";
+  for (const el of document.querySelectorAll("[data-text]")) el.textContent = t(el.dataset.text);
+  for (const el of document.querySelectorAll("[data-placeholder]")) el.placeholder = t(el.dataset.placeholder);
+  $("preview").alt = lang === "en" ? "the picture you chose" : "你选的图片";
+  if (lastModels) showModelCount(lastModels);
+}
 
 function say(role, text, cls) {
   const div = document.createElement("div");
   div.className = "turn " + (cls || role);
-  div.textContent = text;
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  div.appendChild(body);
   $("chat").appendChild(div);
+  div.scrollIntoView({ block: "nearest" });
   return div;
 }
 
@@ -16,10 +58,16 @@ function headers() {
   return { "Authorization": "Bearer " + $("key").value.trim(), "Content-Type": "application/json" };
 }
 
+// Worker models are named checkpoint@digest:quantization; the others (tuwen, the configured aliases) are
+// names of the same served model, so they are not counted.
+function showModelCount(models) {
+  $("status").textContent = t("models")(models.filter((m) => m.id.includes("@")).length);
+}
+
 async function loadModels() {
   if (!$("key").value.trim()) return;
   const res = await fetch("/v1/models", { headers: headers() });
-  if (!res.ok) { $("status").textContent = "models: " + res.status; return; }
+  if (!res.ok) { $("status").textContent = t("modelsFailed")(res.status); return; }
   const body = await res.json();
   $("model").innerHTML = "";
   for (const m of body.data) {
@@ -27,7 +75,8 @@ async function loadModels() {
     opt.value = opt.textContent = m.id;
     $("model").appendChild(opt);
   }
-  $("status").textContent = body.data.length ? body.data.length + " model(s) live" : "no live worker";
+  lastModels = body.data;
+  showModelCount(body.data);
 }
 
 // The key of a picture the gateway stored: the sha256 of its bytes. Sending the key instead of the
@@ -38,7 +87,48 @@ async function storedUrl(bytes) {
   return "tuwen://images/" + Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-$("key").addEventListener("change", loadModels);
+function clearPicture() {
+  picture = null;
+  pictureBytes = null;
+  $("picture").value = "";
+  $("preview").removeAttribute("src");
+  $("preview").style.display = "none";
+}
+
+// The response_format of the schema box, or null when it is empty; throws on JSON that does not parse.
+function responseFormat() {
+  const text = $("schema").value.trim();
+  if (!text) return null;
+  let schema;
+  try { schema = JSON.parse(text); } catch (err) { throw new Error(t("badSchema")(err.message)); }
+  return { type: "json_schema", json_schema: { name: "playground", schema, strict: true } };
+}
+
+function showParsed(out, answer, finish) {
+  const label = document.createElement("span");
+  label.className = "parsed-label";
+  const pre = document.createElement("pre");
+  pre.className = "parsed";
+  try {
+    pre.textContent = JSON.stringify(JSON.parse(answer), null, 2);
+    label.textContent = t("parsed");
+  } catch (err) {
+    pre.textContent = t("notWhole")(finish || "?");
+    pre.classList.add("error");
+  }
+  out.append(label, pre);
+}
+
+$("lang").addEventListener("click", () => {
+  lang = lang === "en" ? "zh" : "en";
+  sessionStorage.setItem("tuwen.lang", lang);
+  applyLanguage();
+});
+// The key stays for this browser session (a reload keeps it; closing the tab forgets it).
+$("key").addEventListener("change", () => {
+  sessionStorage.setItem("tuwen.key", $("key").value.trim());
+  loadModels();
+});
 $("picture").addEventListener("change", () => {
   const file = $("picture").files[0];
   if (!file) return;
@@ -47,33 +137,54 @@ $("picture").addEventListener("change", () => {
   reader.readAsDataURL(file);
   file.arrayBuffer().then((bytes) => { pictureBytes = bytes; });
 });
-$("reset").addEventListener("click", () => { messages = []; $("chat").innerHTML = ""; });
+$("reset").addEventListener("click", () => {
+  messages = [];
+  $("chat").innerHTML = "";
+  clearPicture();
+  $("question").focus();
+});
+// Enter sends, Shift+Enter makes a new line; Enter that confirms an input method's candidate does neither.
+$("question").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+    event.preventDefault();
+    if (!$("send").disabled) $("ask").requestSubmit();
+  }
+});
 
 $("ask").addEventListener("submit", async (event) => {
   event.preventDefault();
   const question = $("question").value.trim();
   if (!question) return;
+  let format;
+  try { format = responseFormat(); } catch (err) { $("status").textContent = err.message; return; }
   if (!$("model").value) await loadModels();
   const content = [];
   if (picture) content.push({ type: "image_url", image_url: { url: picture } });
   content.push({ type: "text", text: question });
   const turn = { role: "user", content };
-  say("user", question + (picture ? "  [+ picture]" : ""));
+  const asked = say("user", question);
+  if (picture) {
+    const thumb = document.createElement("img");
+    thumb.className = "thumb";
+    thumb.src = picture;
+    thumb.alt = $("preview").alt;
+    asked.prepend(thumb);
+  }
   $("question").value = "";
   $("send").disabled = true;
   const out = say("assistant", "");
+  const text = out.querySelector(".text");
   const started = performance.now();
-  let first = null, answer = "";
+  let first = null, answer = "", finish = null;
   try {
-    const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(),
-      // No max tokens given: the server's default (what is left of the context, up to its cap).
-      body: JSON.stringify({ model: $("model").value || "tuwen", messages: [...messages, turn], stream: true,
-                             max_tokens: parseInt($("max").value, 10) || undefined }),
-    });
+    const body = { model: $("model").value || "tuwen", messages: [...messages, turn], stream: true,
+                   // No max tokens given: the server's default (what is left of the context, up to its cap).
+                   max_tokens: parseInt($("max").value, 10) || undefined };
+    if (format) body.response_format = format;
+    const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
     if (!res.ok) {
-      const body = await res.json().catch(() => ({}));
-      throw new Error((body.error && (body.error.code + ": " + body.error.message)) || res.statusText);
+      const failed = await res.json().catch(() => ({}));
+      throw new Error((failed.error && (failed.error.code + ": " + failed.error.message)) || res.statusText);
     }
     const job = res.headers.get("X-Tuwen-Job-Id");
     const reader = res.body.getReader();
@@ -91,27 +202,32 @@ $("ask").addEventListener("submit", async (event) => {
         if (!data || data === "[DONE]") continue;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.code + ": " + chunk.error.message);
-        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-        if (delta && delta.content) {
+        const choice = chunk.choices && chunk.choices[0];
+        if (choice && choice.finish_reason) finish = choice.finish_reason;
+        if (choice && choice.delta && choice.delta.content) {
           if (first === null) first = performance.now() - started;
-          answer += delta.content;
-          out.textContent = answer;
+          answer += choice.delta.content;
+          text.textContent = answer;
         }
       }
     }
+    if (format) showParsed(out, answer, finish);
     if (picture && pictureBytes) {
       const stored = await storedUrl(pictureBytes);
       if (stored) turn.content[0] = { type: "image_url", image_url: { url: stored } };
     }
     messages.push(turn, { role: "assistant", content: answer });
-    picture = null;
-    pictureBytes = null;
-    $("status").textContent = "job " + job + " · first token " + Math.round(first || 0) + " ms · whole answer " +
-      Math.round(performance.now() - started) + " ms";
+    clearPicture();
+    $("status").textContent = t("done")(job, Math.round(first || 0), Math.round(performance.now() - started));
   } catch (err) {
     out.className = "turn error";
-    out.textContent = String(err.message || err);
+    text.textContent = String(err.message || err);
   } finally {
     $("send").disabled = false;
+    out.scrollIntoView({ block: "nearest" });
   }
 });
+
+applyLanguage();
+const savedKey = sessionStorage.getItem("tuwen.key");
+if (savedKey) { $("key").value = savedKey; loadModels(); }
