@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tuwen.pipeline.bulk.records import PREFIX as BULK_PREFIX
+from tuwen.pipeline.bulk.submission import CHUNK
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import connect
 from tuwen.pipeline.settings import Settings
@@ -24,6 +25,9 @@ from tests.drills import GatewayProcess
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 MB = 1024 * 1024
+#: Lines of the killed batch: more than one placement (``CHUNK`` lines recorded and published together), so
+#: that the kill lands between two.
+LINES = CHUNK + 144
 
 
 @pytest.fixture
@@ -52,19 +56,19 @@ def test_a_gateway_killed_mid_submission_leaves_the_batch_to_the_other_with_ever
         gateways.append(first.start())
         again = GatewayProcess(own_queues, tmp_path / "gateway-2.log")
         gateways.append(again.start())
-        lines, _ = worksheets(200, seed=1_234, prefix="rs")
+        lines, _ = worksheets(LINES, seed=1_234, prefix="rs")
         with sdk(first, token) as client:
-            # Given a 200-line batch whose lines the gateway is submitting
+            # Given a batch of two placements (CHUNK lines each) whose lines the gateway is submitting
             batch = client.batches.create(input_file_id=upload(client, jsonl(lines)), endpoint=URL,
                                           completion_window="24h")
             deadline = time.monotonic() + 60
-            while int(redis.hget(BULK_PREFIX + batch.id, "queued") or 0) < 40 and time.monotonic() < deadline:
+            while int(redis.hget(BULK_PREFIX + batch.id, "queued") or 0) < CHUNK and time.monotonic() < deadline:
                 time.sleep(0.01)
             # When the gateway is killed (SIGKILL) in the middle of it
             first.kill()
         killed = time.monotonic()
         submitted = int(redis.hget(BULK_PREFIX + batch.id, "queued") or 0)
-        assert 40 <= submitted < 200, f"the kill came at {submitted} of 200 lines submitted"
+        assert CHUNK <= submitted < LINES, f"the kill came at {submitted} of {LINES} lines submitted"
         # ... and it was the one submitting: nothing more is queued until its lock lapses
         time.sleep(1.0)
         assert int(redis.hget(BULK_PREFIX + batch.id, "queued") or 0) == submitted
@@ -80,18 +84,18 @@ def test_a_gateway_killed_mid_submission_leaves_the_batch_to_the_other_with_ever
             assert client.files.delete(batch.input_file_id).deleted
         # And the batch completes, every line answered exactly once
         assert done.status == "completed", done
-        assert done.request_counts.model_dump() == {"total": 200, "completed": 200, "failed": 0}
+        assert done.request_counts.model_dump() == {"total": LINES, "completed": LINES, "failed": 0}
         assert not errors and sorted(x["custom_id"] for x in outputs) == sorted(x["custom_id"] for x in lines)
         # … each line recorded once, as one job that ran once
         entries = redis.lrange(BULK_PREFIX + batch.id + ":lines", 0, -1)
-        assert len(entries) == 200
+        assert len(entries) == LINES
         reader = Client(own_queues)
         try:
             jobs = reader.jobs.get_many([x["response"]["request_id"] for x in outputs])
         finally:
             reader.close()
-        assert len(jobs) == 200 and {j.attempts for j in jobs.values()} == {1}
-        print(f"\nkilled at {submitted}/200 lines submitted; the other gateway completed the batch "
+        assert len(jobs) == LINES and {j.attempts for j in jobs.values()} == {1}
+        print(f"\nkilled at {submitted}/{LINES} lines submitted; the other gateway completed the batch "
               f"{time.monotonic() - killed:.1f}s after the kill")
     finally:
         redis.close()

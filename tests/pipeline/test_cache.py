@@ -46,24 +46,27 @@ def cache_worker(cache_settings: Settings, tmp_path_factory: pytest.TempPathFact
 def test_repeated_job_is_answered_from_the_cache(cache_worker: WorkerProcess, cache_settings: Settings) -> None:
     client = Client(cache_settings)
     sample = load_samples()[6]
-    first = client.wait(client.submit(sample.path.read_bytes(), sample.question).id, timeout=60)
+    # An owner of its own: another module's jobs of the session's Redis on this picture would keep its answers
+    owner = f"cache-{uuid.uuid4().hex[:8]}"
+    first = client.wait(client.submit(sample.path.read_bytes(), sample.question, owner=owner).id, timeout=60)
     assert first.status == JobStatus.succeeded and not first.cached
     port = cache_settings.metrics_port
     batches_before = metric(port, "tuwen_model_seconds_count")
     # The same picture (uploaded again) and question: answered without a model call.
-    again = client.wait(client.submit(sample.path.read_bytes(), sample.question).id, timeout=60)
+    again = client.wait(client.submit(sample.path.read_bytes(), sample.question, owner=owner).id, timeout=60)
     assert again.status == JobStatus.succeeded and again.cached
     assert again.answer == first.answer and again.id != first.id
     assert "generate_ms" not in again.timings
     assert metric(port, "tuwen_model_seconds_count") == batches_before
     assert metric(port, "tuwen_answer_cache_hits_total") == 1
     # Other generation parameters are another question: the model runs.
-    other = client.wait(client.submit(sample.path.read_bytes(), sample.question, max_new_tokens=5).id, timeout=60)
+    other = client.wait(client.submit(sample.path.read_bytes(), sample.question, max_new_tokens=5,
+                                      owner=owner).id, timeout=60)
     assert not other.cached and metric(port, "tuwen_model_seconds_count") == batches_before + 1
     # Deleting the image's jobs also forgets the cached answers about it.
     for job_id in (first.id, again.id, other.id):
         client.delete(job_id)
-    fresh = client.wait(client.submit(sample.path.read_bytes(), sample.question).id, timeout=60)
+    fresh = client.wait(client.submit(sample.path.read_bytes(), sample.question, owner=owner).id, timeout=60)
     assert not fresh.cached
     client.close()
 
