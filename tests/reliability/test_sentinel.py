@@ -137,7 +137,7 @@ def test_a_sentinel_deployment_is_followed_by_a_plain_client() -> None:
     with SentinelRedis() as deployment:
         client = Client(Settings(redis_url=deployment.url))
         client.jobs.redis.set("tuwen:drill:before", "1")
-        assert client.jobs.redis.execute_command("WAIT", 1, 5000) == 1  # on the replica before the kill
+        assert client.jobs.redis.execute_command("WAIT", 2, 5000) == 2  # on both replicas before the kill
         old = deployment.kill_primary()
         wait_until(lambda: deployment.primary_port() != old, 60, "the sentinels promoted the replica")
         changes = sentinel.counts.primary_changes
