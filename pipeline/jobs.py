@@ -229,6 +229,12 @@ def stream_key(job_id: str) -> str:
     return keys.STREAM + job_id
 
 
+def _wake_tokens(pipe: Any, queue: str, count: int) -> Any:
+    """Add to ``pipe`` ``count`` wake tokens for ``queue``'s idle workers, the list kept to ``keys.WAKE_CAP``."""
+    return pipe.lpush(keys.WAKE + queue, *[1] * min(count, keys.WAKE_CAP)).ltrim(keys.WAKE + queue, 0,
+                                                                                  keys.WAKE_CAP - 1)
+
+
 class JobStore:
     """Create, claim, finish, cancel, read and wait for jobs."""
 
@@ -276,8 +282,7 @@ class JobStore:
             for job_id in job_ids:
                 pipe.hset(_key(job_id), "queued_at", now)
             if wake is not None:
-                tokens = [1] * min(len(job_ids), keys.WAKE_CAP)
-                pipe.lpush(keys.WAKE + wake, *tokens).ltrim(keys.WAKE + wake, 0, keys.WAKE_CAP - 1)
+                _wake_tokens(pipe, wake, len(job_ids))
             if self.replicas:
                 pipe.execute_command("WAIT", self.replicas, self.replicas_timeout_ms)
             replies = pipe.execute()
@@ -294,8 +299,7 @@ class JobStore:
         """Push a wake token for an idle worker of ``queue`` (``keys.WAKE``). A token that cannot be pushed
         costs that worker at most a second (its wait's timeout), so failing here fails nothing."""
         try:
-            self.redis.pipeline(transaction=False).lpush(keys.WAKE + queue, 1).ltrim(
-                keys.WAKE + queue, 0, keys.WAKE_CAP - 1).execute()
+            _wake_tokens(self.redis.pipeline(transaction=False), queue, 1).execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.debug("no wake token for %s: %s", queue, exc)
 

@@ -87,11 +87,15 @@ class Counts:
         self.primary_changes = 0
         self.unreplicated_writes = 0
 
-    def primary_moved(self, service: str, before: Any, after: Any) -> None:
-        with self._lock:
-            self.primary_changes += 1
-        log.warning("Redis Sentinel: the primary of %s moved from %s:%s to %s:%s; following it", service,
-                    *before, *after)
+    def followed(self, service: str, before: Any, after: Any) -> Any:
+        """``after``, the primary's address a client was just told; a change from ``before`` (a client's
+        earlier answer, None at its first) is counted and logged."""
+        if before is not None and after != before:
+            with self._lock:
+                self.primary_changes += 1
+            log.warning("Redis Sentinel: the primary of %s moved from %s:%s to %s:%s; following it", service,
+                        *before, *after)
+        return after
 
     def unreplicated(self, what: str, acked: int, wanted: int, timeout_ms: int) -> None:
         with self._lock:
@@ -125,10 +129,7 @@ class _FollowingProxy(redis.sentinel.SentinelConnectionPoolProxy):  # type: igno
 
     def get_master_address(self) -> Any:
         before = self.master_address
-        address = super().get_master_address()
-        if before is not None and address != before:
-            counts.primary_moved(self.service_name, before, address)
-        return address
+        return counts.followed(self.service_name, before, super().get_master_address())
 
 
 class FollowingPool(redis.sentinel.SentinelConnectionPool):  # type: ignore[misc]
@@ -141,10 +142,7 @@ class FollowingPool(redis.sentinel.SentinelConnectionPool):  # type: ignore[misc
 class AsyncFollowingPool(async_sentinel.SentinelConnectionPool):  # type: ignore[misc]
     async def get_master_address(self) -> Any:
         before = self.master_address
-        address = await super().get_master_address()
-        if before is not None and address != before:
-            counts.primary_moved(self.service_name, before, address)
-        return address
+        return counts.followed(self.service_name, before, await super().get_master_address())
 
 
 def _sentinel_kwargs(target: SentinelUrl, options: dict[str, Any]) -> dict[str, Any]:
