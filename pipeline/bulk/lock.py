@@ -1,7 +1,8 @@
-"""One submitter (or canceller) per bulk, across processes; re-entrant within one ``BulkLock``."""
+"""One submitter (or canceller) per bulk, across processes and threads; re-entrant within one thread."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,7 +23,8 @@ class BulkBusy(TuwenError):
 class BulkLock:
     def __init__(self, locks: Locks) -> None:
         self.locks = locks
-        self._held: set[str] = set()
+        #: The bulks this thread holds: a gateway's request thread must wait for its batch keeper's submitter.
+        self._mine = threading.local()
 
     def busy(self, bulk_id: str) -> bool:
         """Whether a submitter or canceller (in any process, this one included) holds the bulk's lock now."""
@@ -32,8 +34,10 @@ class BulkLock:
     @contextmanager
     def held(self, bulk_id: str, wait_s: float = LOCK_TTL_S + 2) -> Iterator[None]:
         """Hold the bulk's lock for the block. Taking it again inside the block (a bulk expiring while its
-        submitter refreshes it) goes straight through."""
-        if bulk_id in self._held:
+        submitter refreshes it) goes straight through; another thread of this process waits as another
+        process would."""
+        held: set[str] = self._mine.__dict__.setdefault("held", set())
+        if bulk_id in held:
             yield
             return
 
@@ -41,8 +45,8 @@ class BulkLock:
             return BulkBusy(f"bulk {bulk_id} is being submitted or cancelled by another process")
 
         with self.locks.held(Records.lock_key(bulk_id), LOCK_TTL_S, wait_s, busy):
-            self._held.add(bulk_id)
+            held.add(bulk_id)
             try:
                 yield
             finally:
-                self._held.discard(bulk_id)
+                held.discard(bulk_id)

@@ -40,6 +40,8 @@ class BulkState(str, Enum):
 
 #: The states a bulk can still be stopped in (cancelled or expired).
 LIVE = (BulkState.validating, BulkState.in_progress, BulkState.finalizing)
+#: The states of a bulk stopped before its end.
+STOPPED = (BulkState.cancelling, BulkState.cancelled, BulkState.expired)
 
 
 class RequestCounts(BaseModel):
@@ -116,6 +118,12 @@ class Bulk(BaseModel):
     openai: OpenAIBatch | None = None
     #: The delivery of the batch's webhook (``openai.callback_url``), once it ended.
     webhook: WebhookView | None = None
+
+    @property
+    def unread(self) -> bool:
+        """Stopped (cancelled, expired) before every input line was submitted: the rest is still to be
+        recorded as stopped, so that the output has a line for each input line."""
+        return self.state in STOPPED and self.submitted < self.request_counts.total
 
     @property
     def finished_at(self) -> float | None:

@@ -16,7 +16,7 @@ from itertools import islice
 
 from tuwen.pipeline.bulk.files import FileStore
 from tuwen.pipeline.bulk.lock import LOCK_TTL_S, BulkLock
-from tuwen.pipeline.bulk.model import LIVE, Bulk, BulkState
+from tuwen.pipeline.bulk.model import LIVE, STOPPED, Bulk, BulkState
 from tuwen.pipeline.bulk.openai_outputs import write_files
 from tuwen.pipeline.bulk.outputs import Outputs, result_lines
 from tuwen.pipeline.bulk.records import PAGE, Records
@@ -66,8 +66,8 @@ class Progress:
                 return self.halt(bulk_id, BulkState.expired)
         # A stopped bulk's files wait until its submitter (or canceller) has let go: until then lines may
         # still be recorded, or queued ones not yet cancelled.
-        stopping = bulk.state in (BulkState.cancelling, BulkState.expired, BulkState.cancelled)
-        if pending or (stopping and self.lock.busy(bulk_id)):
+        stopping = bulk.state in STOPPED
+        if pending or (stopping and (self.lock.busy(bulk_id) or self._unread_input(bulk))):
             return bulk
         if bulk.state in (BulkState.finalizing, BulkState.cancelling):
             self._store_outputs(bulk)
@@ -78,6 +78,11 @@ class Progress:
             self._store_outputs(bulk)
             bulk = self.records.get(bulk_id)
         return bulk
+
+    def _unread_input(self, bulk: Bulk) -> bool:
+        """A stopped batch's lines never submitted, while its input file is still there to read them from
+        (its batch keeper records them as stopped; without the file they are left out)."""
+        return bulk.unread and bulk.openai is not None and self.files.find(bulk.openai.input_file_id) is not None
 
     def _store_outputs(self, bulk: Bulk) -> None:
         output_key, errors_key = self.outputs.store(bulk, result_lines(self.records, bulk))

@@ -181,6 +181,11 @@ class Records:
         with redis_errors():
             self.redis.hset(PREFIX + bulk_id, mapping=fields)
 
+    def outputs_stale(self, bulk_id: str) -> None:
+        """Lines were recorded after the bulk's result files were stored: the next refresh stores them again."""
+        with redis_errors():
+            self.redis.hdel(PREFIX + bulk_id, "output_key", "errors_key")
+
     def set_webhook(self, bulk_id: str, webhook: WebhookView) -> None:
         """Record the state of the bulk's webhook delivery."""
         with redis_errors():

@@ -76,7 +76,7 @@ class BulkStore:
         bulk_id = bulk_id or self._id_for(source.digest(), owner, fresh)
         with self.lock.held(bulk_id):
             bulk = self._open(bulk_id, source, owner, window_s, metadata or {})
-            if bulk.state == BulkState.in_progress:
+            if bulk.state == BulkState.in_progress or bulk.unread:  # a stopped bulk's rest is recorded as such
                 lines = prepare or QuestionLines(self.client, source.base)
                 Submission(self.client, self.records, bulk, lines, stop=stop, on_progress=on_progress).run(
                     source, concurrency)

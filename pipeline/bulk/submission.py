@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +34,13 @@ from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobStatus, Priority
 
 CHUNK = 256  #: lines read, prepared and placed (recorded and published together) at a time
+
+#: The error of a line not yet submitted when its bulk was stopped (an expired or cancelled bulk's output
+#: still has a line for every input line, as an OpenAI batch's error file has).
+STOPPED_LINE = {
+    BulkState.expired: ErrorInfo(code="bulk_expired", message="the bulk did not finish within its completion window"),
+    BulkState.cancelled: ErrorInfo(code="cancelled", message="the bulk was cancelled before this line was submitted"),
+}
 
 
 @dataclass
@@ -150,11 +156,13 @@ class Submission:
 
     def run(self, source: Source, concurrency: int = 8) -> None:
         _ = self.client.images  # open the store once, before the threads share it
-        resumed, last_check = self.bulk.submitted > 0, time.monotonic()
+        resumed = self.bulk.submitted > 0
         pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="tuwen-upload")
         try:
             lines = islice(source.records(), self.bulk.submitted, None)
             while chunk := list(islice(lines, CHUNK)):
+                if self._stopped_rest(chunk, lines):
+                    return
                 found = self._left_behind(chunk) if resumed else {}
                 resumed = False
                 if isinstance(self.prepare, LooksAhead):
@@ -170,15 +178,28 @@ class Submission:
                         self.on_progress(self.progress)
                     if self.stop is not None and self.stop.is_set():
                         break
+                # Checked again: a bulk stopped while its pictures were stored gets none of its jobs queued.
+                if self._stopped_rest([rec for rec, _ in batch], lines):
+                    return
                 self._place(batch)
                 if self.stop is not None and self.stop.is_set():
                     return
-                if time.monotonic() - last_check > 1.0:
-                    last_check = time.monotonic()
-                    if self.records.get(self.bulk.id).state != BulkState.in_progress:
-                        return
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _stopped_rest(self, chunk: list[Record], rest: Iterator[Record]) -> bool:
+        """If the bulk was stopped (cancelled, expired), record ``chunk`` and every line after it as stopped,
+        with no job, so that its output accounts for every input line; whether it was. One read per chunk."""
+        state = self.records.get(self.bulk.id).state
+        if state == BulkState.in_progress:
+            return False
+        error = STOPPED_LINE.get(state, STOPPED_LINE[BulkState.cancelled])
+        part = chunk
+        while part:
+            self.records.append_many(self.bulk.id, [entry_for(rec, error=error) for rec in part])
+            part = list(islice(rest, CHUNK))
+        self.records.outputs_stale(self.bulk.id)  # stored before (its submitter had died): they lack these lines
+        return True
 
     def _prepared(self, found: dict[str, LeftBehind], rec: Record) -> Prepared:
         """The line's job, the job a dead run left behind for it, or why it is refused: a bad line fails

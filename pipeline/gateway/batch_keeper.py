@@ -59,8 +59,9 @@ def no_such_batch(batch_id: str) -> NotFound:
 
 
 def needs_input(bulk: Bulk) -> bool:
-    """Whether the batch still reads its input file: to validate it, or to submit lines."""
-    return bulk.state == BulkState.validating or (
+    """Whether the batch still reads its input file: to validate it, to submit lines, or (stopped) to record
+    the lines it never submitted."""
+    return bulk.state == BulkState.validating or bulk.unread or (
         bulk.state == BulkState.in_progress and bulk.submitted < bulk.request_counts.total)
 
 
@@ -192,8 +193,8 @@ class BatchKeeper:
         self._missing.discard(bulk_id)
         if not bulk.state.terminal:
             bulk = self.store.refresh(bulk_id)
-        if needs_input(bulk):
-            self._submit_soon(bulk_id)
+        if needs_input(bulk) and not (bulk.unread and self._input_of(bulk) is None):
+            self._submit_soon(bulk_id)  # (a stopped batch whose input is gone ends without its unread lines)
             return
         if bulk.openai is not None:
             self.files.release(bulk.openai.input_file_id, bulk_id)
@@ -221,11 +222,10 @@ class BatchKeeper:
         """Validate the batch's input if it was not yet, then submit its remaining lines (resumably)."""
         try:
             bulk = self.store.records.get(bulk_id)
-            assert bulk.openai is not None, "only batches created over HTTP are tended"
-            file = self.files.find(bulk.openai.input_file_id)
-            if file is None:
+            if (file := self._input_of(bulk)) is None:
                 self._input_gone(bulk)
                 return
+            assert bulk.openai is not None, "only batches created over HTTP are tended"
             source = BatchInput(self.files, file, bulk.openai.endpoint, max_line_bytes=chat_limit(
                 self.state.settings, self.state.gw), max_lines=self.state.gw.max_batch_lines)
             self._submitter.submit(source, bulk_id=bulk_id, owner=bulk.owner, prepare=self.lines, stop=self._stop,
@@ -240,6 +240,9 @@ class BatchKeeper:
             with self._busy_lock:
                 self._busy.discard(bulk_id)
             self._wake.set()
+
+    def _input_of(self, bulk: Bulk) -> StoredFile | None:
+        return self.files.find(bulk.openai.input_file_id) if bulk.openai is not None else None
 
     def _input_gone(self, bulk: Bulk) -> None:
         """The input file expired or was deleted before the batch read it all."""

@@ -461,3 +461,38 @@ def test_a_folder_is_submitted_as_every_picture_times_one_question(idle_store: B
     assert cancelled.exit_code == 0 and "cancelled" in cancelled.stdout
     no_question = runner.invoke(cli(), ["bulk", "submit", str(tmp_path / "pages")], env=env)
     assert no_question.exit_code == 2 and "--question" in no_question.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("stop_as", ["cancelled", "expired"])
+def test_a_bulk_stopped_before_all_its_lines_were_submitted_accounts_for_every_line(
+        idle_store: BulkStore, idle_settings: Settings, tmp_path: Path, stop_as: str) -> None:
+    # Given 600 lines of which a submitter that then died placed 150
+    pics = draw_pictures(tmp_path, 3, seed=11)
+    rows = [{"custom_id": f"s{i}", "image": pics[i % 3][0].name, "question": pics[i % 3][1]} for i in range(600)]
+    manifest = write_jsonl(tmp_path / "in.jsonl", rows)
+    stop = threading.Event()
+    first = idle_store.submit(open_source(manifest), stop=stop,
+                              on_progress=lambda p: stop.set() if p.queued >= 150 else None)
+    assert first.submitted == 150
+    # When the bulk is stopped (cancelled, or past its window) and its input is submitted again
+    if stop_as == "cancelled":
+        stopped = idle_store.cancel(first.id)
+    else:
+        idle_store.redis.hset(PREFIX + first.id, "expires_at", repr(time.time() - 1))
+        stopped = idle_store.refresh(first.id)
+    assert stopped.state.value == stop_as and stopped.unread
+    again = idle_store.submit(open_source(manifest))
+    # Then no job was queued for the other 450, yet every input line has its stopped line, in input order
+    code = "cancelled" if stop_as == "cancelled" else "bulk_expired"
+    assert idle_store.redis.llen(idle_settings.bulk_queue) == 150
+    assert again.id == first.id and not again.unread and again.output_key
+    assert again.request_counts.model_dump() == {"total": 600, "completed": 0, "failed": 600}
+    results = list(idle_store.results(first.id))
+    assert [r["custom_id"] for r in results] == [r["custom_id"] for r in rows]
+    assert {r["error"]["code"] for r in results} == {code}
+    assert sum(1 for r in results if r["job_id"]) == 150
+    # And the stored result file, written when the bulk stopped, was written again with all 600
+    stored = open_results(idle_settings).get_bytes(f"bulks/{first.id}/results.jsonl").decode().splitlines()
+    assert [json.loads(x)["custom_id"] for x in stored] == [r["custom_id"] for r in rows]
