@@ -304,10 +304,15 @@ class JobStore:
             log.debug("no wake token for %s: %s", queue, exc)
 
     def _replicated(self, acked: Any, what: str) -> None:
-        """A ``WAIT``'s reply: fewer replicas than asked within the timeout is logged and counted, not refused
-        (the write is on the primary; refusing it would fail the client without undoing it)."""
+        """A ``WAIT``'s reply: fewer replicas than asked within the timeout is logged, counted and refused
+        (``Unavailable``, retryable). The write is on this server, but a server that is no longer the primary
+        (frozen while the sentinels promoted another, then thawed) has no replica left, and its writes are
+        dropped when it rejoins as a replica: nobody may be told of them. The caller retries; a write that did
+        survive is found by the retry (records are created only where none exists, results are kept first)."""
         if int(acked) < self.replicas:
             sentinel.counts.unreplicated(what, int(acked), self.replicas, self.replicas_timeout_ms)
+            raise Unavailable(f"Redis did not confirm that a replica holds {what} within "
+                              f"{self.replicas_timeout_ms} ms (TUWEN_REDIS_REPLICAS_ACK={self.replicas}); try again")
 
     def delete(self, job_id: str, owner: str | None = None) -> tuple[str, dict[str, str]]:
         """Remove the job's record and result. Returns the job's owner and each of its images' fate:

@@ -100,8 +100,8 @@ class Counts:
     def unreplicated(self, what: str, acked: int, wanted: int, timeout_ms: int) -> None:
         with self._lock:
             self.unreplicated_writes += 1
-        log.warning("%s reached %d of %d replicas within %d ms: a failover now could lose it", what, acked,
-                    wanted, timeout_ms)
+        log.warning("%s reached %d of %d replicas within %d ms: refused, since a failover could lose it", what,
+                    acked, wanted, timeout_ms)
 
 
 counts = Counts()

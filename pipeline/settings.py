@@ -160,7 +160,8 @@ class Settings(TuwenSettings):
     #: Replicas that must hold a job's record, and its result, before the client is told of them (Redis
     #: ``WAIT``), so that a failover cannot lose what a client was told. Unset: 1 with Sentinel, else 0 (off).
     redis_replicas_ack: int | None = Field(None, ge=0, le=16)
-    #: Longest a write waits for those replicas; past it the write goes on, logged and counted.
+    #: Longest a write waits for those replicas; past it the call fails as retryable (``service_unavailable``),
+    #: logged and counted: the write may be on a server that is no longer the primary.
     redis_replicas_ack_timeout_ms: int = Field(1000, ge=1, le=60_000)
     #: Celery broker; defaults to ``redis_url``. Job state always lives in Redis.
     broker_url: str | None = None

@@ -281,9 +281,27 @@ class SentinelRedis:
         self.procs[port].wait()
         return port
 
+    def freeze_primary(self) -> int:
+        """SIGSTOP the primary: its connections stay open and unanswered (a hung machine, not a dead one)."""
+        port = self.primary_port()
+        self.procs[port].send_signal(signal.SIGSTOP)
+        return port
+
+    def thaw(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGCONT)
+
+    def role(self, port: int) -> str:
+        """``master`` or ``slave``, as the server at ``port`` says of itself."""
+        client = redis.Redis(port=port, decode_responses=True, socket_timeout=2)
+        try:
+            return str(client.info("replication")["role"])
+        finally:
+            client.close()
+
     def __exit__(self, *exc: object) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # one the drill froze must run to end
                 proc.terminate()
         for proc in self.procs.values():
             try:

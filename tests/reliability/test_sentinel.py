@@ -124,6 +124,48 @@ def test_primary_sigkilled_mid_run_fails_over_and_nothing_is_lost(s3: S3Endpoint
     assert last_s > 0, "no id was handed out in the last second before the kill: the drill did not probe it"
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(420)
+def test_a_frozen_primary_comes_back_as_a_replica_and_nothing_written_to_it_is_taken_as_done(
+        s3: S3Endpoint, tmp_path: Path, lives: list[Lives]) -> None:
+    t_start = time.monotonic()
+    with SentinelRedis() as deployment:
+        # Given tuwen on Sentinel with its production defaults, a producer submitting and a worker answering
+        settings = make_settings(deployment.url, s3, visibility_timeout_s=DEFAULT_VISIBILITY_TIMEOUT_S,
+                                 answer_cache=False)
+        client = Client(settings)
+        worker = Lives(settings, "frozen@drill", tmp_path)
+        lives.append(worker)
+        worker.start()
+        producer = Producer.mid_run(client, worker)
+        # When the primary is frozen (SIGSTOP: connections open, nothing answered) while the worker runs a job
+        old = deployment.freeze_primary()
+        frozen, frozen_at = time.monotonic(), time.time()
+        before = len(producer.ids())
+        # ... for longer than the sentinels take to promote a replica, then thawed with what it was sent pending
+        failover_s = wait_until(lambda: deployment.primary_port() != old, 60, "the sentinels promoted a replica")
+        time.sleep(2.0)
+        deployment.thaw(old)
+        thawed = time.monotonic()
+        rejoined_s = wait_until(lambda: deployment.role(old) == "slave", 60, "the old primary rejoined as a replica")
+        # ... and the producer goes on until 10 more jobs were handed out
+        wait_until(lambda: len(producer.ids()) >= before + 10, 120, "10 jobs handed out after the thaw")
+        producer.stop()
+        # Then every id handed out (those the frozen server answered after its thaw included) is answered, right
+        numbers, results = outcome(client, producer.jobs, worker.logs, timeout=240, since=frozen)
+        report("Redis primary frozen (SIGSTOP) past the failover, then thawed: it rejoins as a replica",
+               **numbers, failover_s=round(failover_s, 1), frozen_s=round(thawed - frozen, 1),
+               thaw_to_replica_s=round(rejoined_s, 1), handed_out_before_freeze=before,
+               refused_submits=producer.refused, unreplicated_refused=sentinel.counts.unreplicated_writes,
+               unfinished={i: (r.status.value, r.attempts) for i, r in results.items() if not r.status.terminal},
+               duration_s=round(time.monotonic() - t_start, 1))
+        answered_after = [r for r in results.values() if r.finished_at and r.finished_at > frozen_at]
+        worker.stop()
+        client.close()
+    check(numbers, producer.jobs, results)
+    assert answered_after, "no job was answered after the freeze: the drill did not probe the failover"
+
+
 async def _read(settings: Settings, job_id: str) -> JobStatus:
     aclient = AsyncClient(settings)
     try:
