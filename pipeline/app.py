@@ -15,8 +15,10 @@ Choices, each measured (see shared/FACTS.md):
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 from kombu import Queue
@@ -52,9 +54,29 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 
 def reads_wake_lists(broker: str) -> bool:
-    """Whether workers on ``broker`` use tuwen's Redis transport, which waits on the queues' wake lists
-    (``redis://`` and ``redis+sentinel://``; kombu's own transport reads the queues for ``rediss://``)."""
-    return broker.startswith(("redis://", sentinel.SCHEME + "://"))
+    """Whether workers on ``broker`` use tuwen's Redis transport (its poison screen, reaper and wake lists):
+    every Redis broker, ``redis://``, ``rediss://`` (TLS) or ``redis+sentinel://``."""
+    return broker.startswith(("redis://", "rediss://", sentinel.SCHEME + "://"))
+
+
+#: A ``rediss://`` URL's TLS parameters, as redis-py reads them from the URL, and their ``ssl`` values.
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
+def broker_tls(broker: str) -> dict[str, Any] | None:
+    """kombu's ``ssl`` options for a ``rediss://`` broker, from the URL's own parameters as redis-py reads
+    them (``?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem``, ``ssl_certfile``, ``ssl_keyfile``), so that the
+    broker, the job store and the reaper connect alike. The server's certificate is verified unless
+    ``ssl_cert_reqs=none`` says otherwise (kombu alone would default to not verifying it). None for a plain
+    broker."""
+    if not broker.startswith("rediss://"):
+        return None
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(broker).query).items()}
+    reqs = query.get("ssl_cert_reqs", "required").lower()
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs={reqs} in the broker URL: use required, optional or none")
+    return {"ssl_cert_reqs": _CERT_REQS[reqs], **{k: query[k] for k in _TLS_FILES if k in query}}
 
 
 def broker_url(settings: Settings) -> str:
@@ -87,6 +109,8 @@ def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
         "task_send_sent_event": False,
         "enable_utc": True,
     }
+    if (tls := broker_tls(settings.broker)) is not None:
+        conf["broker_use_ssl"] = tls  # also for tuwen's transport, which kombu's rediss:// default misses
     if settings.broker.startswith(("amqp://", "pyamqp://")):
         conf["task_queues"] = [
             Queue(settings.interactive_queue, queue_arguments={"x-queue-type": "quorum"}),

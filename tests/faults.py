@@ -324,3 +324,63 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15)
                 time.sleep(0.02)
     finally:
         client.close()
+
+
+class TlsRedis:
+    """A redis-server that speaks only TLS (its plain port closed), with a certificate authority of its own
+    made for the test by ``openssl``. ``url`` is a ``rediss://`` URL that verifies the server against it."""
+
+    def __init__(self) -> None:
+        self.exe = shutil.which("redis-server")
+        assert self.exe is not None, "redis-server is not installed"
+        self.directory = Path(tempfile.mkdtemp(prefix="tuwen-tls-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={self.ca}"
+
+    def _certificates(self) -> None:
+        d = self.directory
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+                "-subj", "/CN=tuwen test CA")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+                "-subj", "/CN=127.0.0.1")
+        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", "server.crt", "-days", "1", "-extfile", "san.ext")
+
+    def __enter__(self) -> TlsRedis:
+        self._certificates()
+        d = self.directory
+        self.proc = subprocess.Popen(
+            [str(self.exe), "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1", "--dir", str(d),
+             "--tls-cert-file", str(d / "server.crt"), "--tls-key-file", str(d / "server.key"),
+             "--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no", "--save", "",
+             "--logfile", str(d / "redis.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, f"no TLS redis on {self.port}"
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -9,10 +9,10 @@ from typing import Any
 
 from celery import signals
 
+from tuwen.pipeline import app as queue
 from tuwen.pipeline.jobs import JobStore, connect
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.stores import open_images
-from tuwen.workers.serve import transport
 from tuwen.workers.serve.liveness import Keeper, Pulse, Repeating, install_fault_stall, pulse_step
 from tuwen.workers.serve.metrics import WorkerMetrics
 from tuwen.workers.serve.poison import Screen
@@ -55,7 +55,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     log.info("model %s loaded in %.2fs", runtime.model_id, runtime.load_seconds or 0)
     redis_client = connect(settings.redis_url)
     queues = queues or [settings.interactive_queue, settings.bulk_queue]
-    broker = connect(settings.broker) if transport.applies_to(settings.broker) else None
+    broker = connect(settings.broker) if queue.reads_wake_lists(settings.broker) else None
     metrics = WorkerMetrics()
     metrics.model_load.set(runtime.load_seconds or 0)
     metrics.watch_grammars(runtime)

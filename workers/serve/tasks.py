@@ -196,7 +196,7 @@ def make_worker_app(settings: Settings, runtime: Runtime, scheduler: Scheduler, 
     registered under ``tuwen.answer``. On a Redis broker it reads through tuwen's transport, which hands
     messages it cannot run to ``screen`` (``tuwen.workers.serve.poison``) and never blocks on a pub/sub read."""
     app = queue.make_celery(settings, worker=True)
-    if transport.applies_to(settings.broker):
+    if queue.reads_wake_lists(settings.broker):
         app.conf.broker_transport = transport.transport_for(settings.broker)
         app.conf.broker_transport_options = {
             **app.conf.broker_transport_options, "tuwen_screen": transport.screen_option(screen) if screen else None,

@@ -41,7 +41,6 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from tuwen.pipeline import sentinel
-from tuwen.pipeline.app import reads_wake_lists
 from tuwen.pipeline.keys import WAKE
 
 log = logging.getLogger(__name__)
@@ -265,10 +264,6 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
 
 
-def applies_to(broker_url: str) -> bool:
-    """Whether a worker uses this transport (and the reaper) for ``broker_url``: ``redis://`` or
-    ``redis+sentinel://`` (the brokers whose producers push wake tokens)."""
-    return reads_wake_lists(broker_url)
 
 
 def transport_for(broker_url: str) -> str:
