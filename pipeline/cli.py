@@ -266,7 +266,9 @@ def flower(
     from tuwen.pipeline.settings import is_placeholder
 
     settings = settings_from()
-    env = {**os.environ, "CELERY_BROKER_URL": settings.broker}
+    # Flower loads tuwen's own app (tuwen.pipeline.flower_app) from these settings: a Sentinel or TLS broker
+    # reaches it as the workers see it. CELERY_BROKER_URL would override the app's broker with the raw URL.
+    env = {k: v for k, v in os.environ.items() if k != "CELERY_BROKER_URL"} | settings.to_env()
     if basic_auth:
         if is_placeholder(basic_auth.partition(":")[2]):
             _fail(InvalidInput("FLOWER_BASIC_AUTH still has an example password (such as change-me); set a "
@@ -277,8 +279,8 @@ def flower(
                   "reach it")
     # Workers answer Flower's broadcasts from their consuming loop; one busy decoding may take longer than
     # Flower's 1 s default, and its Workers page then showed none (seen on a loaded 2-core machine).
-    cmd = [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}",
-           "--inspect_timeout=5000"]
+    cmd = [sys.executable, "-m", "celery", "-A", "tuwen.pipeline.flower_app", "flower", f"--port={port}",
+           f"--address={address}", "--inspect_timeout=5000"]
     child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def forward(signum: int, _frame: object) -> None:

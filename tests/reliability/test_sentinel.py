@@ -11,6 +11,7 @@ replica before it heard (``TUWEN_REDIS_REPLICAS_ACK``, on by default with Sentin
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from tuwen.pipeline.jobs import PREFIX as JOB_PREFIX
 from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings
+from tests.monitoring.test_monitoring import AUTH, http_get, start_flower
+from tests.ports import free_port
 from tests.drills import Lives, Producer, check, outcome, wait_until
 from tests.faults import SentinelRedis, report
 from tests.s3servers import S3Endpoint
@@ -164,6 +167,46 @@ def test_a_frozen_primary_comes_back_as_a_replica_and_nothing_written_to_it_is_t
         client.close()
     check(numbers, producer.jobs, results)
     assert answered_after, "no job was answered after the freeze: the drill did not probe the failover"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_flower_watches_a_sentinel_deployment_through_a_failover(s3: S3Endpoint, tmp_path: Path,
+                                                                 lives: list[Lives]) -> None:
+    with SentinelRedis() as deployment:
+        # Given a worker and `tuwen flower` on a Sentinel deployment (one TUWEN_REDIS_URL for both)
+        settings = make_settings(deployment.url, s3, answer_cache=False)
+        client = Client(settings)
+        worker = Lives(settings, "flower@sentinel", tmp_path)
+        lives.append(worker)
+        worker.start()
+        port = free_port()
+        flower = start_flower(settings, port, tmp_path / "flower.log")
+        base = f"http://127.0.0.1:{port}"
+        try:
+            sample = load_samples()[0]
+
+            def seen(job_id: str) -> bool:
+                return job_id in http_get(base + "/api/tasks?limit=1000", AUTH).decode()
+
+            for round_ in ("before", "after"):
+                # When a job runs (before the primary is killed, and again after the sentinels promoted a replica)
+                job = client.submit(sample.path.read_bytes(), sample.question)
+                assert client.wait(job.id, timeout=120).status == JobStatus.succeeded
+                # Then Flower shows the worker, its task, and the broker's queues read through the sentinels
+                wait_until(lambda: "flower@sentinel" in json.loads(http_get(base + "/api/workers?refresh=1", AUTH,
+                                                                             timeout=30)), 60, f"worker {round_}")
+                wait_until(lambda: seen(job.id), 60, f"Flower saw the task {round_} the failover", every=0.5)
+                queues = json.loads(http_get(base + "/api/queues/length", AUTH, timeout=30))["active_queues"]
+                assert {q["name"] for q in queues} >= {settings.interactive_queue}, queues
+                if round_ == "before":
+                    old = deployment.kill_primary()
+                    wait_until(lambda: deployment.primary_port() != old, 60, "the sentinels promoted a replica")
+        finally:
+            flower.terminate()
+            flower.wait(20)
+            worker.stop()
+            client.close()
 
 
 async def _read(settings: Settings, job_id: str) -> JobStatus:
