@@ -13,15 +13,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import redis
+from openai import OpenAI
 from pydantic import ValidationError
 
 from tuwen.pipeline import sentinel
 from tuwen.pipeline.aclient import AsyncClient
+from tuwen.pipeline.gateway.apikeys import KeyStore
 from tuwen.pipeline.bulk.submission import CHUNK
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.jobs import PREFIX as JOB_PREFIX
@@ -30,14 +35,18 @@ from tuwen.pipeline.settings import Settings
 from tests.conftest import make_settings
 from tests.monitoring.test_monitoring import AUTH, http_get, start_flower
 from tests.ports import free_port
-from tests.drills import Lives, Producer, check, outcome, wait_until
+from tests.drills import GatewayProcess, Lives, Producer, check, outcome, wait_until
+from tests.gateway.test_batches import ask
 from tests.faults import SentinelRedis, report
 from tests.s3servers import S3Endpoint
 from tuwen.workers.bench.bulk import stored_manifest, submit_rate
-from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.demo.samples import Sample, load_samples
+from tuwen.workers.demo.scenes import has_facts
 
 #: The production default: a dead worker's jobs come back through the reaper, not the visibility timeout.
 DEFAULT_VISIBILITY_TIMEOUT_S = Settings.model_fields["visibility_timeout_s"].default
+#: Distinct jobs the failover drill hands out in all (TUWEN_DRILL_JOBS; the issue's 200 by default).
+DRILL_JOBS = int(os.environ.get("TUWEN_DRILL_JOBS", "200"))
 
 
 @pytest.mark.parametrize("url, sentinels, service, db, password, sentinel_password", [
@@ -72,7 +81,7 @@ def test_a_malformed_sentinel_url_is_refused_at_start_saying_how_it_should_look(
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_primary_sigkilled_mid_run_fails_over_and_nothing_is_lost(s3: S3Endpoint, tmp_path: Path,
                                                                    lives: list[Lives]) -> None:
     t_start = time.monotonic()
@@ -84,27 +93,37 @@ def test_primary_sigkilled_mid_run_fails_over_and_nothing_is_lost(s3: S3Endpoint
         settings = make_settings(deployment.url, s3, visibility_timeout_s=DEFAULT_VISIBILITY_TIMEOUT_S,
                                  answer_cache=False, **({"redis_replicas_ack": int(ack)} if ack else {}))
         assert settings.replicas_ack == (int(ack) if ack else 1)
-        client = Client(settings)
+        client, second = Client(settings), Client(settings)
         worker = Lives(settings, "sentinel@drill", tmp_path)
         lives.append(worker)
         pid = worker.start().proc.pid  # type: ignore[union-attr]
-        # ... a producer submitting without pause, and the worker answering
-        producer = Producer.mid_run(client, worker)
+        gateway = GatewayProcess(settings, tmp_path / "gateway.log").start()
+        token = KeyStore(client.jobs.redis).create("sentinel-drill", "drill", 0)[1]
+        # ... two producers submitting without pause, the worker answering, and a chat answer streaming
+        producers = [Producer.mid_run(client, worker), Producer(second)]
+        producers[1].start()
+        stream = Streamer(gateway.url, token, load_samples()[1])
+        wait_until(lambda: stream.chunks > 0, 120, "a streamed answer under way")
         # When the primary is killed with SIGKILL while the worker runs a job it claimed
         old = deployment.kill_primary()
         crashed, crashed_at = time.monotonic(), time.time()
-        before = len(producer.ids())
-        last_s = sum(crashed - t <= 1.0 for t in list(producer.handed_out_at))
+        streaming = stream.chunks > 0 and not stream.finished.is_set()
+        handed = lambda: sum(len(p.ids()) for p in producers)  # noqa: E731
+        before = handed()
+        last_s = sum(crashed - t <= 1.0 for p in producers for t in list(p.handed_out_at))
         # ... the sentinels promote the replica
         failover_s = wait_until(lambda: deployment.primary_port() != old, 60, "the sentinels promoted the replica")
         assert deployment.primary_port() in set(deployment.ports) - {old}
-        # ... and the producer goes on until 10 more jobs were handed out after it
-        wait_until(lambda: len(producer.ids()) >= before + 10, 90, "10 jobs handed out after the failover")
-        producer.stop()
-        # Then every id ever handed out is answered, right, and seen answered: nothing is unknown
-        numbers, results = outcome(client, producer.jobs, worker.logs, timeout=240, since=crashed)
+        # ... and the producers go on until DRILL_JOBS distinct jobs were handed out, 10 of them after the kill
+        wait_until(lambda: handed() >= max(before + 10, DRILL_JOBS), 300, f"{DRILL_JOBS} jobs handed out")
+        for producer in producers:
+            producer.stop()
+        stream.finished.wait(180)
+        # Then every id ever handed out is answered, right, and seen answered: nothing is unknown, nothing twice
+        jobs = {**producers[0].jobs, **producers[1].jobs}
+        numbers, results = outcome(client, jobs, worker.logs, timeout=300, since=crashed)
         # ... an AsyncClient (the gateway's) reads them from the new primary
-        last = producer.ids()[-1]
+        last = producers[0].ids()[-1]
         assert asyncio.run(_read(settings, last)) == JobStatus.succeeded
         # ... and the worker kept running, and said once per client that it followed the new primary
         alive = worker.current.alive and worker.current.proc.pid == pid  # type: ignore[union-attr]
@@ -114,17 +133,62 @@ def test_primary_sigkilled_mid_run_fails_over_and_nothing_is_lost(s3: S3Endpoint
         first_answer_s = min(r.finished_at for r in results.values()
                              if r.finished_at and r.finished_at > promoted_at) - crashed_at
         report(f"Redis primary SIGKILLed mid-run; Sentinel promotes a replica (replica ack {settings.replicas_ack})",
-               **numbers, failover_s=round(failover_s, 1), kill_to_first_answer_after_promotion_s=round(first_answer_s, 1), handed_out_before_kill=before, handed_out_last_second=last_s,
-               refused_submits=producer.refused, worker_kept_running=alive, follow_logs=followed,
+               **numbers, failover_s=round(failover_s, 1), kill_to_first_answer_after_promotion_s=round(first_answer_s, 1),
+               producers=len(producers), handed_out_before_kill=before, handed_out_last_second=last_s,
+               refused_submits=sum(p.refused for p in producers), stream_in_flight_at_kill=streaming,
+               stream_attempts=stream.attempts, stream_errors=stream.errors, stream_right=stream.right,
+               worker_kept_running=alive, follow_logs=followed,
                unfinished={i: (r.status.value, r.attempts) for i, r in results.items() if not r.status.terminal},
                duration_s=round(time.monotonic() - t_start, 1))
+        gateway.stop()
         worker.stop()
         client.close()
+        second.close()
     if settings.replicas_ack:
-        check(numbers, producer.jobs, results)
+        check(numbers, jobs, results)
+    assert numbers["jobs"] >= DRILL_JOBS and len(set(jobs)) == numbers["jobs"], numbers
+    assert streaming, "the streamed answer had ended before the kill: the drill did not probe it"
+    assert stream.right, (stream.answer, stream.errors)  # streamed right, or its retry (after a coded error) was
     assert alive, worker.current.log_tail()
     assert followed >= 1, log[-4000:]
     assert last_s > 0, "no id was handed out in the last second before the kill: the drill did not probe it"
+
+
+class Streamer(threading.Thread):
+    """A chat answer streamed through the gateway with the openai SDK, as a web backend would: a stream that
+    breaks (a coded error event, or the connection) is asked again a second later, as a client would, up to 8
+    times."""
+
+    def __init__(self, url: str, token: str, sample: Sample) -> None:
+        super().__init__(daemon=True)
+        self.sdk = OpenAI(base_url=url + "/v1", api_key=token, max_retries=0, timeout=120)
+        self.sample, self.chunks, self.attempts = sample, 0, 0
+        self.errors: list[str] = []
+        self.answer, self.finished = "", threading.Event()
+        self.start()
+
+    @property
+    def right(self) -> bool:
+        return has_facts(self.answer, self.sample.facts)
+
+    def run(self) -> None:
+        message = ask(self.sample.path.read_bytes(), self.sample.question)
+        try:
+            while self.attempts < 8 and not self.right:
+                self.attempts += 1
+                parts: list[str] = []
+                try:
+                    for chunk in self.sdk.chat.completions.create(model="tuwen", messages=[message], stream=True,
+                                                                  max_tokens=48):
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            parts.append(chunk.choices[0].delta.content)
+                            self.chunks += 1
+                    self.answer = "".join(parts)
+                except (openai.APIError, httpx.HTTPError) as exc:
+                    self.errors.append(getattr(exc, "code", None) or type(exc).__name__)
+                    time.sleep(1.0)
+        finally:
+            self.finished.set()
 
 
 @pytest.mark.integration
