@@ -86,6 +86,20 @@ def render_scale(width_pt: float, height_pt: float, settings: Settings) -> float
     return max(settings.pdf_page_side / max(width_pt, height_pt, 1e-3), settings.pdf_min_dpi / POINTS_PER_INCH)
 
 
+def page_count(data: bytes) -> int:
+    """How many pages a PDF has; 0 when PDFium cannot open it (no limits applied: ``check_pdf`` does)."""
+    if not is_pdf(data):
+        return 0
+    with _PDFIUM:
+        raw = pdfium_c.FPDF_LoadMemDocument64(data, len(data), None)
+        if not raw:
+            return 0
+        try:
+            return int(pdfium_c.FPDF_GetPageCount(raw))
+        finally:
+            pdfium_c.FPDF_CloseDocument(raw)
+
+
 def check_pdf(data: bytes, settings: Settings) -> int:
     """The page count of a PDF tuwen will render, or ``InvalidPdf`` with its code (nothing is rendered)."""
     with _PDFIUM:

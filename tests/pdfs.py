@@ -26,6 +26,22 @@ def scenes(seed: int, kinds: Sequence[str]) -> list[Example]:
     return [draw_worksheet_example(rng, kind) for kind in kinds]
 
 
+#: Questions that fit every page (``--questions``), with the scene kind whose facts answer each.
+GENERIC_QUESTIONS = {"shape": "图中是什么形状？", "colour": "图形是什么颜色的？", "count": "数一数，图中一共有几个图形？"}
+
+
+def worksheet(seed: int, pages: int) -> tuple[list[Image.Image], list[dict[str, tuple[str, ...]]]]:
+    """``pages`` worksheet pages of shapes and, per page, the facts that answer each kind of question (a
+    shape, colour or count scene drawn from the same seed is the same picture)."""
+    pictures, facts = [], []
+    for n in range(pages):
+        drawn = {kind: draw_worksheet_example(random.Random(seed * 1000 + n), kind) for kind in GENERIC_QUESTIONS}
+        assert len({ex.image.tobytes() for ex in drawn.values()}) == 1  # one picture, three questions
+        pictures.append(drawn["shape"].image)
+        facts.append({kind: ex.facts for kind, ex in drawn.items()})
+    return pictures, facts
+
+
 def scene_pdf(pictures: Sequence[Image.Image]) -> bytes:
     """A PDF with one page per picture, each page the picture's size at 72 DPI (Pillow)."""
     out = io.BytesIO()

@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 
 from tuwen.pipeline.bulk.manifest import Record, Source
 from tuwen.pipeline.bulk.model import Bulk, BulkState, job_id_for
+from tuwen.pipeline.bulk.pdfs import PdfPages
 from tuwen.pipeline.bulk.records import Entry, Records, entry_for
 from tuwen.pipeline.client import Client, OwnedImage, StoredImage, read_image
 from tuwen.pipeline.errors import InvalidInput
@@ -73,10 +74,13 @@ class QuestionLines:
         self.client = client
         self.base = base
         self._owned: set[str] = set()  #: the stored pictures of the batch at hand that the owner may name
+        self.pages = PdfPages(client.settings, base)  #: the PDF pages the batch at hand names, rendered
 
     def ahead(self, records: list[Record], bulk: Bulk) -> None:
-        """Which stored pictures the lines name are the owner's: one round trip for the batch."""
+        """Which stored pictures the lines name are the owner's: one round trip for the batch; and the PDF
+        pages they name, rendered once each."""
         self._owned = self.client.owned_images((r.image for r in records if r.data is None), bulk.owner)
+        self.pages.ahead(records)
 
     def __call__(self, rec: Record, bulk: Bulk, job_id: str) -> JobRequest:
         picture = self._picture(rec)
@@ -93,6 +97,8 @@ class QuestionLines:
     def _picture(self, rec: Record) -> bytes | StoredImage:
         if rec.data is not None:
             return rec.data
+        if rec.pdf is not None or rec.pages is not None:
+            return self.pages.picture(rec)
         if not isinstance(rec.image, str) or not rec.image.strip():
             raise InvalidInput("the line names no image", code="missing_image")
         path = confined(self.base, rec.image) if self.base is not None else None

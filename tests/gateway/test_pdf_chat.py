@@ -1,6 +1,6 @@
 """PDFs in the OpenAI-compatible APIs, driven by the official ``openai`` SDK against a real gateway and the
 session's worker with the demo model: chat ``file`` parts (inline ``file_data`` and a ``file_id`` uploaded
-with purpose ``user_data``) and the Responses API's ``input_file``. Each page of a worksheet PDF drawn with
+with purpose ``user_data``), the Responses API's ``input_file`` and Batch API lines. Each page of a worksheet PDF drawn with
 the demo scenes is answered with that page's facts; a text layer goes into the prompt after its page; more
 pages than the family takes is a 400 that says how many fit, with nothing stored."""
 
@@ -15,8 +15,9 @@ import pytest
 
 from tests.gateway.conftest import Gateway
 from tests.gateway.test_openai import chat_gateway, data_url, sdk  # noqa: F401 - chat_gateway: fixture
+from tests.gateway.test_batches import batch_gateway, jsonl, line, read_lines, upload, wait_for  # noqa: F401
 from tests.gateway.test_openai_errors import stored
-from tests.pdfs import scene_pdf, scenes, text_layer_pdf
+from tests.pdfs import GENERIC_QUESTIONS, scene_pdf, scenes, sized_pdf, text_layer_pdf, worksheet
 from tuwen.pipeline.client import Client
 from tuwen.pipeline.schema import JobRequest
 from tuwen.workers.demo.scenes import has_facts
@@ -96,3 +97,26 @@ def test_more_pages_than_the_family_takes_says_how_many_fit_and_stores_nothing(c
     assert refused.value.param == "messages[0].content[0]"
     assert stored(client) == before
     client.close()
+
+
+def test_batch_api_lines_carry_pdfs_as_file_parts(batch_gateway: Gateway, new_key: Keys) -> None:
+    # Given a batch whose lines each ask about a one-page PDF (file parts), and one line with a bad PDF
+    pictures, facts = worksheet(uuid.uuid4().int % 10**6, 3)
+    lines = [line(f"page-{n}", [{"role": "user", "content": [file_part(scene_pdf([p])), {
+        "type": "text", "text": GENERIC_QUESTIONS["colour"]}]}], max_tokens=32) for n, p in enumerate(pictures, 1)]
+    lines.append(line("bomb", [{"role": "user", "content": [file_part(sized_pdf(14400, 14400)),
+                                                            {"type": "text", "text": "图中是什么形状？"}]}]))
+    with sdk(batch_gateway, new_key()) as api:
+        # When it runs through the Batch API
+        batch = api.batches.create(input_file_id=upload(api, jsonl(lines)), endpoint="/v1/chat/completions",
+                                   completion_window="24h")
+        done = wait_for(api, batch.id, lambda b: b.status in ("completed", "failed", "expired", "cancelled"))
+        out = {x["custom_id"]: x for x in read_lines(api, done.output_file_id)}
+        errors = {x["custom_id"]: x for x in read_lines(api, done.error_file_id)}
+    # Then each page's line names its page's colour, and the bomb fails alone with its code
+    assert done.status == "completed"
+    answers = {cid: x["response"]["body"]["choices"][0]["message"]["content"] for cid, x in out.items()}
+    assert all(has_facts(answers[f"page-{n}"], facts[n - 1]["colour"]) for n in (1, 2, 3)), answers
+    refused = errors["bomb"]["response"]
+    assert refused["status_code"] == 400 and refused["body"]["error"]["code"] == "pdf_page_too_large", refused
+    assert refused["body"]["error"]["param"] == "messages[0].content[0]"
