@@ -29,6 +29,8 @@ class FileRef:
     purpose ``user_data``, and where it sits in the request (for errors)."""
 
     param: str
+    #: Where ``file_data`` and ``file_id`` sit: ``param`` + ``.file`` in chat, ``param`` in Responses.
+    fields: str
     file_data: str | None = None
     file_id: str | None = None
     filename: str | None = None
@@ -65,7 +67,7 @@ def file_ref(fields: dict[str, Any], where: str, prefix: str) -> FileRef:
     if (data is None) == (file_id is None):
         raise openai_error("invalid_messages", f"{prefix}: give file_data (data:application/pdf;base64,…) or "
                            "file_id (a file uploaded with purpose user_data), one of them", param=prefix)
-    return FileRef(where, data, file_id, name[:MAX_FILENAME] if name else None)
+    return FileRef(where, prefix, data, file_id, name[:MAX_FILENAME] if name else None)
 
 
 def chat_file(part: dict[str, Any], where: str, ignored: list[str]) -> FileRef:

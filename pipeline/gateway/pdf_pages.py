@@ -84,22 +84,22 @@ def pdf_bytes(state: GatewayState, ref: FileRef, owner: str) -> bytes:
         head, comma, payload = ref.file_data.partition(",")
         if not head.startswith("data:") or not comma or "base64" not in head.lower().split(";")[1:]:
             raise openai_error("not_a_pdf", "file_data must be a base64 data: URL (data:application/pdf;base64,…)",
-                               param=f"{ref.param}.file_data")
+                               param=f"{ref.fields}.file_data")
         if len(payload) > 4 * -(-limit // 3) + 4:
-            raise openai_error("pdf_too_large", too_large, param=f"{ref.param}.file_data")
+            raise openai_error("pdf_too_large", too_large, param=f"{ref.fields}.file_data")
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise openai_error("not_a_pdf", "file_data is not valid base64", param=f"{ref.param}.file_data") from None
+            raise openai_error("not_a_pdf", "file_data is not valid base64", param=f"{ref.fields}.file_data") from None
     assert ref.file_id is not None
     try:
         file = state.files.get(ref.file_id, owner)
     except NotFound as exc:
-        raise openai_error(exc.code, exc.message, param=f"{ref.param}.file_id") from None
+        raise openai_error(exc.code, exc.message, param=f"{ref.fields}.file_id") from None
     if file.purpose != USER_DATA_PURPOSE:
         raise openai_error("unsupported_purpose", f"{ref.file_id} was uploaded with purpose {file.purpose}; a "
                            f"conversation reads files uploaded with purpose {USER_DATA_PURPOSE}",
-                           param=f"{ref.param}.file_id")
+                           param=f"{ref.fields}.file_id")
     if file.bytes > limit:
-        raise openai_error("pdf_too_large", too_large, param=f"{ref.param}.file_id")
+        raise openai_error("pdf_too_large", too_large, param=f"{ref.fields}.file_id")
     return b"".join(state.files.chunks(file))

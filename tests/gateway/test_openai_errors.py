@@ -71,6 +71,15 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
     "image_url without url": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
                               "invalid_messages", "messages[0].content[0].image_url.url"),
     "empty messages": ({"messages": []}, "invalid_messages", "messages"),
+    "a file part with no file": ({"messages": [{"role": "user", "content": [{"type": "file", "file": {
+        "filename": "a.pdf"}}]}]}, "invalid_messages", "messages[0].content[0].file"),
+    "a file part with both": ({"messages": [{"role": "user", "content": [{"type": "file", "file": {
+        "file_id": "file-1", "file_data": "data:application/pdf;base64,JVBERi0="}}]}]}, "invalid_messages",
+        "messages[0].content[0].file"),
+    "file_data not a data: URL": ({"messages": [{"role": "user", "content": [{"type": "file", "file": {
+        "file_data": "JVBERi0xLjcK"}}]}]}, "not_a_pdf", "messages[0].content[0].file.file_data"),
+    "a PDF in a system turn": ({"messages": [{"role": "system", "content": [{"type": "file", "file": {
+        "file_id": "file-1"}}]}, {"role": "user", "content": "?"}]}, "invalid_messages", "messages[0].content"),
     "a picture in an assistant turn": ({"messages": [
         {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "tuwen://images/" + "0" * 64}}]},
         {"role": "user", "content": "?"}]}, "invalid_messages", "messages[0].content"),
