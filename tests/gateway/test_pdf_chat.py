@@ -1,8 +1,8 @@
 """PDFs in the OpenAI-compatible APIs, driven by the official ``openai`` SDK against a real gateway and the
 session's worker with the demo model: chat ``file`` parts (inline ``file_data`` and a ``file_id`` uploaded
-with purpose ``user_data``), the Responses API's ``input_file`` and Batch API lines. Each page of a worksheet PDF drawn with
-the demo scenes is answered with that page's facts; a text layer goes into the prompt after its page; more
-pages than the family takes is a 400 that says how many fit, with nothing stored."""
+with purpose ``user_data``), the Responses API's ``input_file`` and Batch API lines. Each page of a worksheet
+PDF drawn with the demo scenes is answered with that page's facts; a text layer goes into the prompt after its
+page; more pages than the family takes is a 400 that says how many fit, with nothing stored."""
 
 from __future__ import annotations
 
