@@ -133,7 +133,6 @@ class PdfPages:
 
     def picture(self, rec: Record) -> bytes:
         """The line's page as PNG bytes, or the ``InvalidInput`` that its PDF or page list gets."""
-        assert rec.pdf is not None or rec.page is not None
         if not isinstance(rec.pdf, str) or not rec.pdf.strip():
             raise InvalidInput("the line's pdf must name a PDF file", code="missing_image")
         with self._lock:

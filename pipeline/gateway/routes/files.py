@@ -102,7 +102,9 @@ async def upload_file(key: Submitter, state: State, keeper: Keeper, request: Req
             limit = state.settings.max_pdf_bytes if purpose == USER_DATA_PURPOSE else state.gw.max_batch_file_bytes
             stored = await run_in_threadpool(keeper.files.upload, key.owner, filename, purpose, upload.file, limit)
         except FileTooLarge as exc:
-            raise openai_error(exc.code, exc.message, param="file") from None
+            setting = "TUWEN_MAX_PDF_BYTES" if purpose == USER_DATA_PURPOSE else "TUWEN_MAX_BATCH_FILE_BYTES"
+            raise openai_error(exc.code, exc.message.replace("TUWEN_MAX_BATCH_FILE_BYTES", setting),
+                               param="file") from None
     finally:
         await form.close()
     return FileObject.of(stored)
