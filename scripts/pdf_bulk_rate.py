@@ -1,5 +1,6 @@
 """A 100-page PDF × 5 questions through the bulk path, end to end: a private Redis, local storage and one demo
-worker; each run draws a fresh worksheet PDF (distinct pages: no answer is cached), submits it as
+worker, its answer cache off (the scenes repeat: a cached answer would cost nothing); each run draws a fresh
+worksheet PDF, submits it as
 ``tuwen bulk submit --pdf --questions`` does (``PdfSource``), and waits until every line is answered. Prints per
 run the pages/s end to end, the submission's share, rendering's share (the same pages rendered alone, as the
 submitter renders them) and how many answers name their page's facts; then the min–max over the runs.
@@ -52,7 +53,7 @@ def main() -> None:
         root = Path(tmp)
         settings = Settings(redis_url=redis.url, storage_dir=root / "storage", model_path=bundled_demo_model(),
                             interactive_queue="pdf-i", bulk_queue="pdf-b", max_batch_size=32, max_new_tokens=32,
-                            pdf_page_side=args.side)
+                            pdf_page_side=args.side, answer_cache=False)
         worker = WorkerProcess(settings, "pdf-bench", root / "worker.log", threads=args.threads).start()
         client = Client(settings)
         try:
@@ -78,7 +79,8 @@ def main() -> None:
                 print(f"run {run + 1}: {args.pages} pages × {len(QUESTIONS)} questions = {len(lines)} lines in "
                       f"{elapsed:.1f} s: {args.pages / elapsed:.2f} pages/s ({len(lines) / elapsed:.1f} answers/s); "
                       f"submission {submitted:.1f} s ({submitted / elapsed:.0%}), rendering alone {rendering:.2f} s "
-                      f"({rendering / elapsed:.1%}); {right}/{len(lines)} answers name their page's facts; "
+                      f"({rendering / elapsed:.1%}); {len({x['image_key'] for x in lines})} pictures stored; "
+                      f"{right}/{len(lines)} answers name their page's facts; "
                       f"state {bulk.state.value}", flush=True)
             print(f"pages/s end to end: {min(rates):.2f}–{max(rates):.2f} over {args.runs} runs "
                   f"(TUWEN_PDF_PAGE_SIDE {args.side}, worker threads {args.threads})")
