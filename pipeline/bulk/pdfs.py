@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,9 @@ class PdfPages:
         self._lock = threading.Lock()
         self._pages: dict[tuple[str, int], bytes] = {}
         self._failed: dict[str, InvalidInput] = {}
+        #: Each page's stored key, once one line stored it (its lock held while storing): a page's other
+        #: questions name it, so it is checked and stored once, not once per question.
+        self._stored: dict[tuple[str, int], tuple[threading.Lock, list[str]]] = {}
 
     def ahead(self, records: list[Record]) -> None:
         """Render every page the lines name, one PDF at a time (each read and opened once)."""
@@ -129,7 +132,17 @@ class PdfPages:
             except InvalidInput as exc:
                 failed[name] = exc
         with self._lock:
-            self._pages, self._failed = pages, failed
+            self._pages, self._failed, self._stored = pages, failed, {}
+
+    def stored(self, rec: Record, store: Callable[[bytes], str]) -> str:
+        """The key of the line's page, stored by ``store`` the first time a line of the chunk asks for it."""
+        png = self.picture(rec)
+        with self._lock:
+            lock, key = self._stored.setdefault((str(rec.pdf), rec.page or 0), (threading.Lock(), []))
+        with lock:
+            if not key:
+                key.append(store(png))
+            return key[0]
 
     def picture(self, rec: Record) -> bytes:
         """The line's page as PNG bytes, or the ``InvalidInput`` that its PDF or page list gets."""

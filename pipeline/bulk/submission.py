@@ -30,8 +30,9 @@ from tuwen.pipeline.bulk.manifest import Record, Source
 from tuwen.pipeline.bulk.model import Bulk, BulkState, job_id_for
 from tuwen.pipeline.bulk.pdfs import PdfPages
 from tuwen.pipeline.bulk.records import Entry, Records, entry_for
-from tuwen.pipeline.client import Client, OwnedImage, StoredImage, read_image
+from tuwen.pipeline.client import Client, OwnedImage, StoredImage, check_budget, read_image
 from tuwen.pipeline.errors import InvalidInput
+from tuwen.pipeline.inputs import check_question
 from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobStatus, Priority
 
 CHUNK = 256  #: lines read, prepared and placed (recorded and published together) at a time
@@ -83,7 +84,7 @@ class QuestionLines:
         self.pages.ahead(records)
 
     def __call__(self, rec: Record, bulk: Bulk, job_id: str) -> JobRequest:
-        picture = self._picture(rec)
+        picture = self._picture(rec) if rec.pdf is None and rec.pages is None else self._page(rec, bulk.owner)
         try:
             return self.client.prepare(picture, rec.question or "", params=rec.params, priority=Priority.bulk,
                                        owner=bulk.owner, bulk_id=bulk.id, job_id=job_id)
@@ -94,11 +95,16 @@ class QuestionLines:
                 raise InvalidInput(message, code="image_not_found") from exc
             raise
 
+    def _page(self, rec: Record, owner: str) -> OwnedImage:
+        """A PDF page's picture, stored once for all the lines that ask about it (``PdfPages.stored``), after
+        this line's question and params are checked: a refused line stores nothing."""
+        check_question(rec.question or "", max_chars=self.client.settings.max_conversation_chars)
+        check_budget(self.client.check_params(rec.params), self.client.settings)
+        return OwnedImage(self.pages.stored(rec, lambda png: self.client.store_image(png, owner)))
+
     def _picture(self, rec: Record) -> bytes | StoredImage:
         if rec.data is not None:
             return rec.data
-        if rec.pdf is not None or rec.pages is not None:
-            return self.pages.picture(rec)
         if not isinstance(rec.image, str) or not rec.image.strip():
             raise InvalidInput("the line names no image", code="missing_image")
         path = confined(self.base, rec.image) if self.base is not None else None
