@@ -49,6 +49,12 @@ def test_each_page_of_a_pdf_is_answered_with_its_facts_inline_and_by_file_id(cha
         uploaded = api.files.create(file=("p2.pdf", io.BytesIO(scene_pdf([pages[1].image])), "application/pdf"),
                                     purpose="user_data")
         assert uploaded.purpose == "user_data"
+        # (an upload that is not a PDF tuwen can read is refused with its code, and not kept)
+        for bad, code in ((b"%PDF-1.7\n" + bytes(range(256)), "corrupt_pdf"), (b"hello", "not_a_pdf")):
+            with pytest.raises(openai.BadRequestError) as refused:
+                api.files.create(file=("bad.pdf", io.BytesIO(bad), "application/pdf"), purpose="user_data")
+            assert refused.value.code == code
+        assert [f.id for f in api.files.list()] == [uploaded.id]
         answers = []
         for number, page in enumerate(pages, start=1):
             # When each page is sent as a one-page PDF, inline or (page 2) by its file id, with its question

@@ -31,6 +31,7 @@ from tuwen.pipeline.gateway.deps import Reader, State, Submitter, charge
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute, openai_error
 from tuwen.pipeline.gateway.openai_request import printable_name
 from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.pdf import InvalidPdf, check_pdf
 
 router = APIRouter(prefix="/v1/files", tags=["batches"], route_class=OpenAIRoute)
 
@@ -78,7 +79,8 @@ def upload_body() -> dict[str, Any]:
              responses=error_responses(400, 401, 413, 429, 503))
 async def upload_file(key: Submitter, state: State, keeper: Keeper, request: Request) -> FileObject:
     """The file is streamed to storage part by part, never held whole; past `TUWEN_MAX_BATCH_FILE_BYTES`
-    the answer is 413 `file_too_large` and nothing is kept."""
+    (`TUWEN_MAX_PDF_BYTES` for `user_data`) the answer is 413 `file_too_large` and nothing is kept. A
+    `user_data` file must be a PDF tuwen can read: else 400 with its code (`not_a_pdf` …), and it is not kept."""
     form = await request.form(max_files=1, max_fields=len(UPLOAD_FIELDS))
     try:
         names = [name for name, _ in form.multi_items()]
@@ -107,7 +109,19 @@ async def upload_file(key: Submitter, state: State, keeper: Keeper, request: Req
                                param="file") from None
     finally:
         await form.close()
+    if purpose == USER_DATA_PURPOSE:
+        await run_in_threadpool(checked_pdf, state, keeper, stored)
     return FileObject.of(stored)
+
+
+def checked_pdf(state: GatewayState, keeper: BatchKeeper, file: StoredFile) -> None:
+    """A ``user_data`` upload is a PDF tuwen can read (``pipeline.pdf``), or it is deleted and refused with
+    its code (``not_a_pdf``, ``corrupt_pdf`` …): nothing is kept that no conversation could use."""
+    try:
+        check_pdf(b"".join(keeper.files.chunks(file)), state.settings)
+    except InvalidPdf as exc:
+        keeper.files.delete(file)
+        raise openai_error(exc.code, exc.message, param="file") from None
 
 
 @router.get("", response_model=FileList, summary="文件列表 · the caller's files, newest first",
