@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from tuwen.pipeline import app as queue
 from tuwen.pipeline.errors import InvalidImage, InvalidInput, InvalidParams, Unavailable
 from tuwen.pipeline.inputs import check_question, decode_image, picture_too_large
+from tuwen.pipeline.pdf import InvalidPdf, check_pdf, page_numbers, render_pdf
 from tuwen.pipeline.jobs import JobStore, cache_prefix, connect, outage
 from tuwen.pipeline.schema import GenerationParams, JobRequest, JobResult, JobStatus, Priority
 from tuwen.pipeline.structured import schema_error
@@ -104,6 +105,24 @@ class Client:
         self.enqueue(request)
         return JobResult(id=request.id, status=JobStatus.queued, owner=owner, created_at=request.created_at,
                          image_key=request.image_key)
+
+    def submit_pdf(self, pdf: ImageInput, question: str, *, pages: str | None = None,
+                   **options: Any) -> list[JobResult]:
+        """``submit`` for each page of ``pdf`` (``pages``: ``"3-5,9"``, all if None), its picture the page rendered
+        (``pipeline.pdf``); returns the jobs in page order. Every page is rendered and checked before any is
+        stored, so a PDF refused with a code (``corrupt_pdf`` …) stores and queues nothing."""
+        try:
+            data = read_image(pdf, self.settings.max_pdf_bytes)
+        except InvalidImage as exc:
+            raise InvalidPdf(exc.message.replace("picture", "PDF"), code="pdf_too_large"
+                             if exc.code == "image_too_large" else exc.code) from exc
+        chosen = page_numbers(pages, check_pdf(data, self.settings))
+        pictures = [self.check_image(page.png).data for page in render_pdf(data, self.settings, chosen)]
+        requests = [self.prepare(picture, question, **options) for picture in pictures]
+        for request in requests:
+            self.enqueue(request)
+        return [JobResult(id=r.id, status=JobStatus.queued, owner=r.owner, created_at=r.created_at,
+                          image_key=r.image_key) for r in requests]
 
     def prepare(self, image: ImageInput | StoredImage, question: str, *, max_new_tokens: int | None = None,
                 params: GenerationParams | Mapping[str, Any] | None = None,

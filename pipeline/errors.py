@@ -94,6 +94,21 @@ class ErrorCode(str, Enum):
                          "together).", True)
     image_url_too_many_redirects = ("image_url_too_many_redirects", 422, "A remote picture URL redirected more than "
                                     "TUWEN_GATEWAY_IMAGE_URL_MAX_REDIRECTS times.")
+    # -- PDFs (their pages become pictures before anything is stored) ------------------------------------------
+    not_a_pdf = ("not_a_pdf", 422, "A file given as a PDF is empty or is not a PDF (no %PDF- header); tuwen reads PDFs "
+                 "and pictures.")
+    pdf_too_large = ("pdf_too_large", 422, "The PDF is larger than TUWEN_MAX_PDF_BYTES.")
+    corrupt_pdf = ("corrupt_pdf", 422, "The PDF is damaged or truncated: PDFium cannot open it, or a page cannot be "
+                   "read or rendered.")
+    encrypted_pdf = ("encrypted_pdf", 422, "The PDF needs a password to open; send it decrypted.")
+    empty_pdf = ("empty_pdf", 422, "The PDF has no pages.")
+    too_many_pages = ("too_many_pages", 422, "The PDF has more pages than TUWEN_MAX_PDF_PAGES, or a chat request's "
+                      "PDFs have more pages than the served model takes pictures in one job (the message says how "
+                      "many fit).")
+    pdf_page_too_large = ("pdf_page_too_large", 422, "A PDF page would render to more than TUWEN_MAX_IMAGE_PIXELS "
+                          "pixels at TUWEN_PDF_MIN_DPI (checked from its size before drawing: a PDF bomb).")
+    invalid_pages = ("invalid_pages", 422, "A page list (pages: \"3-5,9\") is malformed or names a page the PDF "
+                     "does not have.")
     file_not_found = ("file_not_found", 422, "A local file the command was given does not exist.")
     file_not_readable = ("file_not_readable", 422, "A local file exists but cannot be read (permissions, a folder, a "
                          "FIFO).")
@@ -127,8 +142,9 @@ class ErrorCode(str, Enum):
     empty_file = ("empty_file", 422, "The input file has no lines.")
     # -- the Batch API: files and batches (/v1/files, /v1/batches) -----------------------------------
     file_too_large = ("file_too_large", 413, "An uploaded file is larger than TUWEN_MAX_BATCH_FILE_BYTES.")
-    unsupported_purpose = ("unsupported_purpose", 422, "A file uploaded with a purpose other than batch (tuwen keeps "
-                           "Batch API files only).")
+    unsupported_purpose = ("unsupported_purpose", 422, "A file uploaded with a purpose tuwen does not keep (it keeps "
+                           "batch and user_data), or used where its purpose does not fit: a batch reads a batch file, "
+                           "a chat or response a user_data PDF.")
     unknown_file = ("unknown_file", 404, "No such file for this owner (never uploaded, deleted, expired, or another "
                     "owner's: all worded alike).")
     file_in_use = ("file_in_use", 409, "The file is the input of a batch that is still reading it; delete it once the "

@@ -154,7 +154,8 @@ def _finish(bulk: Bulk, as_json: bool) -> None:
 
 @bulk_app.command("submit")
 def submit(
-    file: Annotated[Path, typer.Argument(help="JSONL or CSV (custom_id, image, question, params), or a folder")],
+    file: Annotated[Path | None, typer.Argument(
+        help="JSONL or CSV (custom_id, image or pdf + pages, question, params), or a folder")] = None,
     images_dir: Annotated[Path | None, typer.Option(
         help="the folder image paths are inside; nothing outside it is read (default: FILE's folder)")] = None,
     question: Annotated[str | None, typer.Option(help="the question for a folder (and lines without one)")] = None,
@@ -167,14 +168,19 @@ def submit(
     schema: Annotated[Path | None, typer.Option(
         help="a JSON Schema file: every answer is a JSON object valid against it (a line's params may override)")
     ] = None,
+    pdf: Annotated[Path | None, typer.Option(help="a PDF instead of FILE: --questions about each of its pages")] = None,
+    questions: Annotated[Path | None, typer.Option(help="with --pdf: a text file, one question a line")] = None,
+    pages: Annotated[str | None, typer.Option(help="with --pdf: the pages, e.g. 3-5,9 (default: all)")] = None,
 ) -> None:
-    """Submit a file of questions as one bulk (on the bulk queue); the same command again resumes it."""
+    """Submit a file of questions as one bulk (on the bulk queue); the same command again resumes it.
+    With --pdf and --questions, every question is asked about every page (a page's questions together)."""
     from tuwen.pipeline.bulk.manifest import WithParams, open_source, schema_params
     from tuwen.pipeline.client import Client
 
     store = _store()
     with _errors():
-        source = open_source(file, images_dir=images_dir, question=question)
+        source = _pdf_source(pdf, questions, pages, store) if pdf is not None or file is None else \
+            open_source(file, images_dir=images_dir, question=question)
         if schema is not None:
             defaults = schema_params(schema)
             Client.check_params(defaults)  # a schema that cannot be enforced refuses the whole file, up front
@@ -208,6 +214,18 @@ def submit(
             err.print(f"interrupted; the bulk goes on. Watch it with: tuwen bulk status {escape(queued)} --watch")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     _finish(bulk, as_json)
+
+
+def _pdf_source(pdf: Path | None, questions: Path | None, pages: str | None, store: Any) -> Any:
+    """``--pdf FILE --questions FILE [--pages 3-5,9]`` as a bulk's source (``bulk.pdfs.PdfSource``)."""
+    from tuwen.pipeline.bulk.pdfs import PdfSource, read_questions
+    from tuwen.pipeline.errors import InvalidInput
+
+    if pdf is None or questions is None:
+        raise InvalidInput("give FILE, or --pdf with --questions", code="missing_question")
+    if not pdf.is_file():
+        raise InvalidInput(f"no such file: {pdf}", code="file_not_found")
+    return PdfSource(pdf, read_questions(questions, store.client.settings.max_conversation_chars), pages)
 
 
 @bulk_app.command("status")

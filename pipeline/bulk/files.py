@@ -31,8 +31,11 @@ from tuwen.storage.images import ResultStore
 #: A file's parts in the object store are about this large (an upload is read this much at a time).
 PART_BYTES = 1024 * 1024
 FILE_ID_PATTERN = r"^file-[A-Za-z0-9]{1,64}$"
-#: What an owner uploads (``batch``) and what a batch writes (``batch_output``).
-UPLOAD_PURPOSES = ("batch",)
+#: What an owner uploads (``batch``: a Batch API input file; ``user_data``: a PDF for chat and responses,
+#: ``pipeline.gateway.pdf_pages``) and what a batch writes (``batch_output``).
+BATCH_PURPOSE = "batch"
+USER_DATA_PURPOSE = "user_data"
+UPLOAD_PURPOSES = (BATCH_PURPOSE, USER_DATA_PURPOSE)
 OUTPUT_PURPOSE = "batch_output"
 _OWNED = keys.FILE + "owner:"
 

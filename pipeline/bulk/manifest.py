@@ -1,6 +1,7 @@
 """Bulk input: JSONL, CSV or a folder × one question, streamed line by line and validated whole.
 
-JSONL lines ``{"custom_id", "image", "question", "params"?}``; a CSV with the same columns (``params`` as
+JSONL lines ``{"custom_id", "image", "question", "params"?}`` (or ``"pdf"`` and ``"pages"`` instead of
+``image``: one line per page, ``bulk.pdfs``); a CSV with the same columns (``params`` as
 JSON text); or every picture in a folder × one question (custom_id: the relative path). ``image`` is a
 path inside ``images_dir`` (default: the input file's folder) or the key of a picture the same owner
 stored before (``images/<sha256>``). A line nested deeper than ``inputs.MAX_NESTING`` is refused, unparsed.
@@ -53,6 +54,11 @@ class Record:
     problem: str | None = None
     #: The problem's error code (``invalid_manifest`` if none is given).
     code: str | None = None
+    #: A PDF's page instead of a picture (``bulk.pdfs``): the file as the line names it, the page (1-based;
+    #: None when the PDF or its page list cannot be read) and the line's page list.
+    pdf: str | None = None
+    page: int | None = None
+    pages: str | None = None
 
 
 class Source:
@@ -113,6 +119,12 @@ class JsonlSource(Source):
                     yield Record(number, None, problem="not a JSON object", code="invalid_json_line")
                     continue
                 cid, problem = custom_id_of(obj.get("custom_id"))
+                if "pdf" in obj and not problem:
+                    from tuwen.pipeline.bulk.pdfs import pdf_records
+
+                    yield from pdf_records(number, cid, obj["pdf"], obj.get("pages"),
+                                           obj.get("question", self.question), obj.get("params"), self.base)
+                    continue
                 yield Record(number, cid, obj.get("image"), obj.get("question", self.question), obj.get("params"),
                              problem=problem, code="missing_custom_id" if problem else None)
 

@@ -25,6 +25,8 @@ def result_line(entry: Entry, result: JobResult | None, state: BulkState) -> dic
     line: dict[str, Any] = {"line": entry["n"], "custom_id": entry["c"], "job_id": entry.get("j"),
                             "status": "failed", "question": entry.get("q"), "image": entry.get("i"),
                             "image_key": None, "answer": None, "error": entry.get("e"), "model_id": None}
+    if "f" in entry:  # a PDF's page: which file, which page
+        line.update(file=entry["f"], page=entry.get("p"))
     if result is None:
         return line
     error = result.error.model_dump(exclude={"retryable"}) if result.error else None

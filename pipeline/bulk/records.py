@@ -4,7 +4,8 @@ Keys under ``keys.BULK``, all with the results' TTL: ``<id>`` (hash), ``<id>:lin
 per input line, in input order), ``<id>:lock`` (the live submitter), ``<id>:hook`` (its webhook's delivery),
 ``index`` (sorted set of ids by creation time) and ``owner:<owner>`` (the same, per owner). A line's
 entry is ``{"n": line number, "c": custom_id, "q": question, "i": the image as the line wrote it, "j": job
-id}``, or ``"e": {code, message[, param]}`` instead of ``"j"`` for a line refused before it became a job.
+id}``, or ``"e": {code, message[, param]}`` instead of ``"j"`` for a line refused before it became a job; a PDF's page
+adds ``"f"`` (the file) and ``"p"`` (the page).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def entry_for(rec: Record, *, job_id: str | None = None, question: str | None = 
     asked = question or (rec.question if isinstance(rec.question, str) else None)
     image = rec.image if isinstance(rec.image, str) else None
     entry: Entry = {"n": rec.line, "c": rec.custom_id, "q": asked, "i": image}
+    if rec.pdf is not None:
+        entry.update(f=rec.pdf, p=rec.page)
     if job_id:
         entry["j"] = job_id
     if error:

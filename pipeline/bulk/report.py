@@ -37,6 +37,7 @@ th{background:#f6f8fa;position:sticky;top:0}
 td.pic img{max-width:160px;max-height:120px;border:1px solid #d0d7de;background:#fff}
 td.pic .none{display:inline-block;width:120px;height:60px;line-height:60px;text-align:center;color:#8c959f;
  border:1px dashed #d0d7de}
+td.pic .src{color:#57606a;font-size:12px}
 .st{font-weight:600;border-radius:10px;padding:2px 8px;white-space:nowrap}
 .ok .st{background:#dafbe1;color:#1a7f37} .bad .st{background:#ffebe9;color:#cf222e}
 .wait .st{background:#fff8c5;color:#7d4e00}
@@ -133,6 +134,9 @@ def write_report(path: Path, bulk: Bulk, lines: Iterable[dict[str, Any]], images
             status = line["status"]
             css = "ok" if status == "succeeded" else "bad" if status in ("failed", "cancelled") else "wait"
             pic = f'<img alt="" src="{thumb}">' if thumb else '<span class="none">无图 no picture</span>'
+            if line.get("file") is not None:  # a PDF's page
+                page = f" · 第{line['page']}页 p. {line['page']}" if line.get("page") else ""
+                pic += f'<div class="src">{e(str(line["file"]))}{page}</div>'
             err = line.get("error") or {}
             detail = (f'<div class="err">{e(str(err.get("code", "")))}: {e(str(err.get("message", "")))}</div>'
                       if err else "")

@@ -28,9 +28,11 @@ from typing import Protocol, runtime_checkable
 
 from tuwen.pipeline.bulk.manifest import Record, Source
 from tuwen.pipeline.bulk.model import Bulk, BulkState, job_id_for
+from tuwen.pipeline.bulk.pdfs import PdfPages
 from tuwen.pipeline.bulk.records import Entry, Records, entry_for
-from tuwen.pipeline.client import Client, OwnedImage, StoredImage, read_image
+from tuwen.pipeline.client import Client, OwnedImage, StoredImage, check_budget, read_image
 from tuwen.pipeline.errors import InvalidInput
+from tuwen.pipeline.inputs import check_question
 from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobStatus, Priority
 
 CHUNK = 256  #: lines read, prepared and placed (recorded and published together) at a time
@@ -73,13 +75,16 @@ class QuestionLines:
         self.client = client
         self.base = base
         self._owned: set[str] = set()  #: the stored pictures of the batch at hand that the owner may name
+        self.pages = PdfPages(client.settings, base)  #: the PDF pages the batch at hand names, rendered
 
     def ahead(self, records: list[Record], bulk: Bulk) -> None:
-        """Which stored pictures the lines name are the owner's: one round trip for the batch."""
+        """Which stored pictures the lines name are the owner's: one round trip for the batch; and the PDF
+        pages they name, rendered once each."""
         self._owned = self.client.owned_images((r.image for r in records if r.data is None), bulk.owner)
+        self.pages.ahead(records)
 
     def __call__(self, rec: Record, bulk: Bulk, job_id: str) -> JobRequest:
-        picture = self._picture(rec)
+        picture = self._picture(rec) if rec.pdf is None and rec.pages is None else self._page(rec, bulk.owner)
         try:
             return self.client.prepare(picture, rec.question or "", params=rec.params, priority=Priority.bulk,
                                        owner=bulk.owner, bulk_id=bulk.id, job_id=job_id)
@@ -89,6 +94,13 @@ class QuestionLines:
                 message = not_found_message(picture.key, self.base, self.client.images.prefix)
                 raise InvalidInput(message, code="image_not_found") from exc
             raise
+
+    def _page(self, rec: Record, owner: str) -> OwnedImage:
+        """A PDF page's picture, stored once for all the lines that ask about it (``PdfPages.stored``), after
+        this line's question and params are checked: a refused line stores nothing."""
+        check_question(rec.question or "", max_chars=self.client.settings.max_conversation_chars)
+        check_budget(self.client.check_params(rec.params), self.client.settings)
+        return OwnedImage(self.pages.stored(rec, lambda png: self.client.store_image(png, owner)))
 
     def _picture(self, rec: Record) -> bytes | StoredImage:
         if rec.data is not None:

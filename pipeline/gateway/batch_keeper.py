@@ -25,7 +25,7 @@ import redis
 from fastapi import Depends, Request
 
 from tuwen.pipeline import keys
-from tuwen.pipeline.bulk.files import UPLOAD_PURPOSES, FileStore, StoredFile, no_such_file
+from tuwen.pipeline.bulk.files import BATCH_PURPOSE, FileStore, StoredFile, no_such_file
 from tuwen.pipeline.bulk.lock import BulkBusy
 from tuwen.pipeline.bulk.manifest import InvalidManifest
 from tuwen.pipeline.bulk.model import ENDPOINTS, Bulk, BulkState, InputError, OpenAIBatch, batch_id
@@ -97,7 +97,7 @@ class BatchKeeper:
         if body.completion_window != COMPLETION_WINDOW:
             raise InvalidInput(f"completion_window must be {COMPLETION_WINDOW}", code="invalid_completion_window")
         file = self.files.get(body.input_file_id, owner)
-        if file.purpose not in UPLOAD_PURPOSES:
+        if file.purpose != BATCH_PURPOSE:
             raise InvalidInput(f"input_file_id: {file.id} has purpose {file.purpose}; a batch reads a file "
                                "uploaded with purpose batch", code="invalid_params")
         if body.callback_url is not None:

@@ -55,7 +55,7 @@ class ChatLines:
                 raise openai_error("unsupported_parameter", "stream: a batch line is answered whole, not "
                                    "streamed", param="stream")
             self._check_model(chat.model)
-            turns = fetched_turns(self.state, chat, self.state.settings.bulk_queue)
+            turns = fetched_turns(self.state, chat, self.state.settings.bulk_queue, bulk.owner)
         except OpenAIError as exc:
             raise InvalidInput(exc.message, code=exc.code, param=exc.param) from exc
         return prepare_conversation(self.state.client, turns, chat.params, owner=bulk.owner, priority=Priority.bulk,

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuwen.pipeline.gateway.apikeys import ApiKey, job_made
-from tuwen.pipeline.conversation import Turn, prepare_conversation
+from tuwen.pipeline.conversation import StoredImage, Turn, prepare_conversation
 from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.openai_errors import NO_RETRY, OpenAIError, as_openai, openai_error
-from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef
+from tuwen.pipeline.gateway.openai_request import ChatRequest, Part, PictureRef
+from tuwen.pipeline.gateway.parts import PagePicture
+from tuwen.pipeline.gateway.pdf_pages import pictures_in, with_pages
 from tuwen.pipeline.gateway.pictures import picture
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.gateway.tool_calls import refuse_auto
@@ -34,21 +36,32 @@ _LINE_ENDS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
 
 
 # -- submitting -----------------------------------------------------------------------------------------
-def fetched_turns(state: GatewayState, chat: ChatRequest, queue: str) -> list[Turn]:
-    """The conversation with its pictures fetched (not yet stored), once the model served on ``queue`` is
-    known to take that many (``too_many_images`` before anything is fetched), and to serve its tool choice."""
+def fetched_turns(state: GatewayState, chat: ChatRequest, queue: str, owner: str) -> list[Turn]:
+    """The conversation with its pictures fetched and its PDFs read into pages (``pdf_pages``; not yet
+    stored), once the model served on ``queue`` is known to take that many (``too_many_images`` before
+    anything is fetched), and to serve its tool choice."""
     if chat.auto_tools:
         refuse_auto(state.census.renders_tools(queue))
-    state.census.check_pictures(queue, chat.pictures)
+    turns = with_pages(state, owner, chat.turns, queue)
+    state.census.check_pictures(queue, pictures_in(turns))
     limit = state.settings.max_image_bytes
-    return [Turn(t.role.value, [picture(p.url, p.param, max_bytes=limit, remote=state.pictures)
-                                if isinstance(p, PictureRef) else p for p in t.parts]) for t in chat.turns]
+    return [Turn(t.role.value, [part(state, p, limit) for p in t.parts]) for t in turns]
+
+
+def part(state: GatewayState, p: Part, limit: int) -> str | bytes | StoredImage:
+    """A part as ``prepare_conversation`` takes it: text, a picture's bytes, or a stored picture's key."""
+    if isinstance(p, PictureRef):
+        return picture(p.url, p.param, max_bytes=limit, remote=state.pictures)
+    if isinstance(p, PagePicture):
+        return p.png
+    assert isinstance(p, str), p  # with_pages left no FileRef
+    return p
 
 
 def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest, job_id: str | None = None) -> str:
     """Get the pictures, store them for the key's owner and queue the job (under ``job_id`` if given);
     returns its id."""
-    turns = fetched_turns(state, chat, state.settings.interactive_queue)
+    turns = fetched_turns(state, chat, state.settings.interactive_queue, key.owner)
     job = prepare_conversation(state.client, turns, chat.params, owner=key.owner, priority=Priority.interactive,
                                stream=chat.stream, job_id=job_id)
     state.client.enqueue(job)

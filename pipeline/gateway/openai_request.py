@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
 from tuwen.pipeline.gateway import tool_calls
+from tuwen.pipeline.gateway.parts import FileRef, PagePicture, PictureRef as PictureRef, chat_file
 from tuwen.pipeline.gateway.openai_params import NO_TOOLS, REFUSED, REFUSED_IN_MESSAGES, ROLES, SAMPLING, neutral
 from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role
@@ -120,18 +121,14 @@ class ChatCompletionRequest(ChatParams):
 
 
 # -- the parsed request ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PictureRef:
-    """A picture of the conversation by URL, and where it sits in the request (for errors)."""
-
-    url: str
-    param: str
+#: A turn's part: text, a picture by URL, a PDF, or a PDF's page once read (``parts``, ``pdf_pages``).
+Part = str | PictureRef | FileRef | PagePicture
 
 
 @dataclass(frozen=True)
 class ChatTurn:
     role: Role
-    parts: tuple[str | PictureRef, ...]
+    parts: tuple[Part, ...]
 
 
 @dataclass(frozen=True)
@@ -151,8 +148,8 @@ class ChatRequest:
 
     @property
     def pictures(self) -> int:
-        """How many pictures the conversation carries."""
-        return sum(isinstance(p, PictureRef) for t in self.turns for p in t.parts)
+        """How many pictures the conversation carries (a PDF's pages once it is read)."""
+        return sum(isinstance(p, (PictureRef, PagePicture)) for t in self.turns for p in t.parts)
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -264,17 +261,19 @@ def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
                      where)
 
 
-def chat_turn(role: Role, parts: tuple[str | PictureRef, ...], where: str) -> ChatTurn:
+def chat_turn(role: Role, parts: tuple[Part, ...], where: str) -> ChatTurn:
     """A turn of the conversation (chat messages and Responses input items alike): only user turns may carry
-    pictures."""
-    if role != Role.user and any(isinstance(p, PictureRef) for p in parts):
+    pictures (or PDFs)."""
+    if role != Role.user and any(isinstance(p, (PictureRef, FileRef)) for p in parts):
         raise openai_error("invalid_messages", f"{where}: only user messages may carry pictures",
                            param=f"{where}.content")
     return ChatTurn(role, parts)
 
 
-def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:
+def _part(part: Any, where: str, ignored: list[str]) -> Part:
     kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "file":
+        return chat_file(part, where, ignored)
     if isinstance(part, dict):
         known = {"type", "text"} if kind == "text" else {"type", "image_url"}
         ignored += [f"{where}.{printable_name(k)}" for k in sorted(set(part) - known)]  # cache_control …
@@ -285,10 +284,10 @@ def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:
             raise openai_error("invalid_messages", f"{where}.text must be a string", param=f"{where}.text")
         return str(part["text"])
     if kind != "image_url":
-        if kind in ("input_audio", "file", "refusal"):
+        if kind in ("input_audio", "refusal"):
             raise openai_error("unsupported_parameter", f"{where}: {kind} parts are not supported; "
-                               "send text and image_url parts", param=f"{where}.type")
-        raise openai_error("invalid_messages", f"{where} must be a part of type text or image_url",
+                               "send text, image_url and file parts", param=f"{where}.type")
+        raise openai_error("invalid_messages", f"{where} must be a part of type text, image_url or file",
                            param=f"{where}.type" if isinstance(part, dict) else where)
     try:
         parsed = ImageContent.model_validate({k: v for k, v in part.items() if k in ("type", "image_url")})

@@ -1,9 +1,8 @@
 """The Responses request tuwen accepts (``POST /v1/responses``), checked the way OpenAI answers it.
 
 ``parse_responses`` turns the JSON body into a ``ResponsesRequest``: ``instructions``, the ``input`` (a
-string, or message items whose parts are ``input_text`` / ``output_text`` and ``input_image``, pictures
-still URLs), ``GenerationParams`` and the options of the response (``stream``, ``store``,
-``previous_response_id``). The rules are the chat API's:
+string, or message items of ``input_text`` / ``output_text``, ``input_image`` and ``input_file`` parts, still
+URLs), ``GenerationParams`` and the options (``stream``, ``store``, ``previous_response_id``). As in chat:
 
 * what tuwen implements is honoured (``max_output_tokens``, ``temperature``, ``top_p``, ``truncation``, text.format);
 * a parameter whose effect a client relies on and tuwen cannot give is refused with a 400
@@ -25,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
 from tuwen.pipeline.gateway.openai_request import (
-    EXAMPLE_PICTURE, MAX_METADATA, MAX_METADATA_KEY, MAX_METADATA_VALUE, ChatRequest, ChatTurn, PictureRef,
+    EXAMPLE_PICTURE, MAX_METADATA, MAX_METADATA_KEY, MAX_METADATA_VALUE, ChatRequest, ChatTurn, Part, PictureRef,
     chat_turn, json_object, printable_name)
+from tuwen.pipeline.gateway.parts import input_file
 from tuwen.pipeline.gateway.openai_params import ROLES
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role, Truncation
 from tuwen.pipeline.structured import schema_error
@@ -67,8 +67,7 @@ class InputText(BaseModel):
 class InputImage(BaseModel):
     type: Literal["input_image"]
     image_url: str = Field(min_length=1, examples=[EXAMPLE_PICTURE],
-                           description="data:image/…;base64,…, tuwen://images/<sha256>, or http(s) on an allowed "
-                                       "host")
+                           description="data:image/…;base64,…, tuwen://images/<sha256>, or http(s) (allowed hosts)")
     detail: Literal["auto", "low", "high", "original"] | None = None
 
 
@@ -128,8 +127,7 @@ TOLERATED = frozenset({"parallel_tool_calls", "max_tool_calls", "stream_options"
 #: Message item fields that belong to items the SDK hands back (``resp.output``): taken, not used.
 ITEM_FIELDS = frozenset({"type", "role", "content", "id", "status", "phase"})
 #: Part types whose effect a client relies on and tuwen cannot give.
-REFUSED_PARTS = {"input_file": "file inputs are not supported", "input_audio": "audio inputs are not supported",
-                 "refusal": "refusal parts are not supported"}
+REFUSED_PARTS = {"input_audio": "audio inputs are not supported", "refusal": "refusal parts are not supported"}
 
 
 # -- the parsed request ---------------------------------------------------------------------------------------
@@ -273,21 +271,23 @@ def _item(item: Any, where: str, ignored: list[str]) -> ChatTurn:
                      where)
 
 
-def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:
+def _part(part: Any, where: str, ignored: list[str]) -> Part:
     if not isinstance(part, dict):
         raise openai_error("invalid_messages", f"{where} must be an object", param=where)
     kind = part.get("type")
     if isinstance(kind, str) and kind in REFUSED_PARTS:
-        raise openai_error("unsupported_parameter", f"{where}: {REFUSED_PARTS[kind]}; send input_text and "
-                           "input_image parts", param=f"{where}.type")
+        raise openai_error("unsupported_parameter", f"{where}: {REFUSED_PARTS[kind]}; send input_text, "
+                           "input_image and input_file parts", param=f"{where}.type")
+    if kind == "input_file":
+        return input_file(part, where, ignored)
     if kind in ("input_text", "output_text"):
         ignored += [f"{where}.{header_name(k)}" for k in part if k not in ("type", "text", "annotations", "logprobs")]
         if not isinstance(part.get("text"), str):
             raise openai_error("invalid_messages", f"{where}.text must be a string", param=f"{where}.text")
         return str(part["text"])
     if kind != "input_image":
-        raise openai_error("invalid_messages", f"{where} must be a part of type input_text, output_text or "
-                           "input_image", param=f"{where}.type")
+        raise openai_error("invalid_messages", f"{where} must be a part of type input_text, output_text, "
+                           "input_image or input_file", param=f"{where}.type")
     if part.get("file_id") is not None:
         raise openai_error("unsupported_parameter", f"{where}.file_id: pictures come as image_url (a data: "
                            "URL, tuwen://images/<sha256> or http(s))", param=f"{where}.file_id")

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from tuwen.pipeline import keys
 from tuwen.pipeline.gateway.openai_errors import OpenAIError, openai_error
 from tuwen.pipeline.gateway.openai_request import ChatTurn, PictureRef
+from tuwen.pipeline.gateway.parts import PagePicture
 from tuwen.pipeline.gateway.pictures import stored_url
 from tuwen.pipeline.jobs import JobStore, redis_errors
 from tuwen.pipeline.responses_objects import ResponseFacts, job_of
@@ -126,7 +127,8 @@ def items_of(turns: Sequence[ChatTurn], job: JobRequest) -> list[dict[str, Any]]
     for turn in turns:
         text_type = "output_text" if turn.role == Role.assistant else "input_text"
         items.append({"role": turn.role.value, "content": [
-            {"type": "input_image", "image_url": stored_url(next(keys_in_order))} if isinstance(p, PictureRef)
+            {"type": "input_image", "image_url": stored_url(next(keys_in_order))}
+            if isinstance(p, (PictureRef, PagePicture))
             else {"type": text_type, "text": p} for p in turn.parts]})
     return items
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from tuwen.pipeline.bulk.files import FileStore
 from tuwen.pipeline import registry
 from tuwen.pipeline.aclient import AsyncClient
 from tuwen.pipeline.gateway.apikeys import ApiKey, Idempotency, KeyStore
@@ -145,6 +146,8 @@ class GatewayState:
         self.metrics = Metrics()
         self.waiters = Waiters()
         self.census = WorkerCensus(self.redis, [settings.interactive_queue, settings.bulk_queue])
+        #: The owners' uploaded files: chat and Responses PDFs by ``file_id`` (purpose ``user_data``).
+        self.files = FileStore(self.redis, settings)
         #: Job state on the event loop (chat waits and streams), and the chat API's remote pictures.
         self.aclient = AsyncClient(settings)
         self.pictures = RemotePictures(  # no hosts listed: any host, at public addresses only

@@ -21,6 +21,7 @@ from tuwen.pipeline.gateway.bodylimits import chat_limit
 from tuwen.pipeline.jobs import PREFIX
 from tests.gateway.conftest import UPLOAD_LIMIT, Gateway
 from tests.gateway.test_gateway import _corpus as upload_corpus
+from tests.pdfs import PAGE_KINDS, bad_pdfs, scene_pdf, scenes
 from tests.gateway.test_openai import MIB, ask, chat_gateway, data_url, knows, sdk  # noqa: F401 - chat_gateway: fixture
 from tests.reliability.test_bad_input import REFUSED
 from tuwen.workers.demo.samples import load_samples
@@ -70,6 +71,15 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
     "image_url without url": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
                               "invalid_messages", "messages[0].content[0].image_url.url"),
     "empty messages": ({"messages": []}, "invalid_messages", "messages"),
+    "a file part with no file": ({"messages": [{"role": "user", "content": [{"type": "file", "file": {
+        "filename": "a.pdf"}}]}]}, "invalid_messages", "messages[0].content[0].file"),
+    "a file part with both": ({"messages": [{"role": "user", "content": [{"type": "file", "file": {
+        "file_id": "file-1", "file_data": "data:application/pdf;base64,JVBERi0="}}]}]}, "invalid_messages",
+        "messages[0].content[0].file"),
+    "file_data not a data: URL": ({"messages": [{"role": "user", "content": [{"type": "file", "file": {
+        "file_data": "JVBERi0xLjcK"}}]}]}, "not_a_pdf", "messages[0].content[0].file.file_data"),
+    "a PDF in a system turn": ({"messages": [{"role": "system", "content": [{"type": "file", "file": {
+        "file_id": "file-1"}}]}, {"role": "user", "content": "?"}]}, "invalid_messages", "messages[0].content"),
     "a picture in an assistant turn": ({"messages": [
         {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "tuwen://images/" + "0" * 64}}]},
         {"role": "user", "content": "?"}]}, "invalid_messages", "messages[0].content"),
@@ -177,6 +187,16 @@ def chat_corpus() -> dict[str, tuple[dict[str, Any], str]]:
         ("tuwen URL of no picture", f"tuwen://images/{sha}", "image_not_found"),
     ]:
         cases[name] = ({"messages": [turn(url=url)]}, code)
+    # The bad-PDF corpus as chat file parts (tests/pdfs.py), each with a good first page beside it: nothing stored.
+    good = scene_pdf([e.image for e in scenes(uuid.uuid4().int, PAGE_KINDS)])
+    five = scene_pdf([e.image for e in scenes(uuid.uuid4().int, ("shape",) * 5)])
+    more = {"pdf: 5 pages, the demo family takes 4": (five, "too_many_pages"),
+            "pdf: a PNG as file_data": (fresh_picture(), "not_a_pdf")}
+    for name, (pdf, code) in {**bad_pdfs(good), **more}.items():
+        cases[name] = ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(fresh_picture())}},
+            {"type": "file", "file": {"file_data": data_url(pdf, "application/pdf"), "filename": "w.pdf"}},
+            {"type": "text", "text": "图中是什么形状？"}]}]}, code)
     return cases
 
 

@@ -20,6 +20,8 @@ from tuwen.pipeline.schema import JobStatus
 from tuwen.pipeline.settings import Settings
 from tests.cli import tuwen_here, tuwen_process
 from tests.faults import report
+from tests.pdfs import GENERIC_QUESTIONS, PAGE_KINDS, bad_pdfs, scene_pdf, scenes, worksheet
+from tuwen.workers.demo.scenes import has_facts
 from tuwen.workers.demo.samples import load_samples
 from tuwen.workers.bench.process import WorkerProcess
 
@@ -209,3 +211,31 @@ def test_special_tokens_split_across_the_conversation_stay_text(worker: WorkerPr
     assert worker.alive
     report("special tokens split across the conversation", cases=len(SPLIT_TOKENS), succeeded=len(SPLIT_TOKENS),
            table=list(SPLIT_TOKENS))
+
+
+def test_the_bad_pdf_corpus_through_submit_pdf_gets_codes_and_stores_nothing(pipeline_settings: Settings) -> None:
+    # Given the bad-PDF corpus (tests/pdfs.py), a page list past the end, and a PDF over TUWEN_MAX_PDF_BYTES
+    settings = pipeline_settings.model_copy(update={"interactive_queue": "pdf-corpus-probe", "max_pdf_bytes": 60_000})
+    good = scene_pdf([e.image for e in scenes(9191, PAGE_KINDS)])
+    cases = {**bad_pdfs(good), "pages past the end": (good, "invalid_pages"),
+             "over TUWEN_MAX_PDF_BYTES": (good + b"\n%" + b"x" * 60_000, "pdf_too_large")}
+    client = Client(settings)
+    before = state(client, "pdf-corpus-probe")
+    # When each is submitted with Client.submit_pdf
+    got = {}
+    for name, (pdf, _) in cases.items():
+        with pytest.raises(InvalidInput) as info:
+            client.submit_pdf(pdf, Q, pages="2-7" if name == "pages past the end" else None)
+        assert info.value.message and not info.value.retryable
+        got[name] = info.value.code
+    # Then each has its code, and nothing was stored or queued
+    assert got == {name: code for name, (_, code) in cases.items()}
+    assert state(client, "pdf-corpus-probe") == before
+    client.close()
+
+
+def test_submit_pdf_makes_one_job_per_page_answered_with_its_facts(worker: WorkerProcess, client: Client) -> None:
+    pictures, facts = worksheet(4711, 3)
+    jobs = client.submit_pdf(scene_pdf(pictures), GENERIC_QUESTIONS["colour"], pages="3,1")
+    answers = [client.wait(job.id, timeout=60).answer or "" for job in jobs]
+    assert [has_facts(a, facts[n - 1]["colour"]) for a, n in zip(answers, (3, 1))] == [True, True], answers

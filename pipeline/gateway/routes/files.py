@@ -1,6 +1,7 @@
 """``/v1/files``: the Batch API's files, per owner, in OpenAI's shapes (walk-through: docs/openai.md).
 
-``POST`` takes a multipart upload (``file``, ``purpose=batch``) and streams it to storage part by part,
+``POST`` takes a multipart upload (``file``, ``purpose=batch``, or ``user_data`` for a PDF that chat
+and responses name by ``file_id``: ``pdf_pages``) and streams it to storage part by part,
 never whole in memory (413 ``file_too_large`` past ``TUWEN_MAX_BATCH_FILE_BYTES``); ``GET`` lists the
 owner's files (``purpose``, ``after``, ``limit``, ``order``), ``GET /{id}`` reads one, ``GET /{id}/content``
 streams its bytes (a batch's output and error files are files too) and ``DELETE /{id}`` deletes it (409
@@ -19,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from tuwen.pipeline.gateway.apikeys import ApiKey
-from tuwen.pipeline.bulk.files import FILE_ID_PATTERN, UPLOAD_PURPOSES, FileTooLarge, StoredFile, no_such_file
+from tuwen.pipeline.bulk.files import (
+    FILE_ID_PATTERN, UPLOAD_PURPOSES, USER_DATA_PURPOSE, FileTooLarge, StoredFile, no_such_file)
 from tuwen.pipeline.envelope import printable
 from tuwen.pipeline.errors import NotFound
 from tuwen.pipeline.gateway.batch_keeper import BatchKeeper, Keeper
@@ -29,6 +31,7 @@ from tuwen.pipeline.gateway.deps import Reader, State, Submitter, charge
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute, openai_error
 from tuwen.pipeline.gateway.openai_request import printable_name
 from tuwen.pipeline.gateway.state import GatewayState
+from tuwen.pipeline.pdf import InvalidPdf, check_pdf
 
 router = APIRouter(prefix="/v1/files", tags=["batches"], route_class=OpenAIRoute)
 
@@ -42,8 +45,8 @@ class FileQuery(BaseModel):
     """The query of ``GET /v1/files``; another parameter is refused, not ignored."""
 
     model_config = ConfigDict(extra="forbid")
-    #: ``batch`` (uploaded) or ``batch_output`` (written by batches); all if absent.
-    purpose: Literal["batch", "batch_output"] | None = None
+    #: ``batch`` or ``user_data`` (uploaded) or ``batch_output`` (written by batches); all if absent.
+    purpose: Literal["batch", "user_data", "batch_output"] | None = None
     limit: int = Field(10_000, ge=1, le=10_000)
     #: A file id: the page after it.
     after: str | None = Field(None, pattern=FILE_ID_PATTERN, max_length=80)
@@ -66,17 +69,18 @@ def upload_body() -> dict[str, Any]:
     the API key is checked)."""
     schema = {"type": "object", "required": ["file", "purpose"], "properties": {
         "file": {"type": "string", "contentMediaType": "application/octet-stream",
-                 "description": "JSONL: one {custom_id, method: POST, url: /v1/chat/completions, body} per line"},
+                 "description": "batch: JSONL, one {custom_id, method: POST, url, body} per line; user_data: a PDF"},
         "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)}}}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 @router.post("", response_model=FileObject, openapi_extra=upload_body(),
-             summary="上传文件 · upload a Batch API input file (multipart: file, purpose=batch)",
+             summary="上传文件 · upload a Batch API input file (purpose=batch) or a PDF (purpose=user_data)",
              responses=error_responses(400, 401, 413, 429, 503))
 async def upload_file(key: Submitter, state: State, keeper: Keeper, request: Request) -> FileObject:
     """The file is streamed to storage part by part, never held whole; past `TUWEN_MAX_BATCH_FILE_BYTES`
-    the answer is 413 `file_too_large` and nothing is kept."""
+    (`TUWEN_MAX_PDF_BYTES` for `user_data`) the answer is 413 `file_too_large` and nothing is kept. A
+    `user_data` file must be a PDF tuwen can read: else 400 with its code (`not_a_pdf` …), and it is not kept."""
     form = await request.form(max_files=1, max_fields=len(UPLOAD_FIELDS))
     try:
         names = [name for name, _ in form.multi_items()]
@@ -88,22 +92,36 @@ async def upload_file(key: Submitter, state: State, keeper: Keeper, request: Req
                 raise openai_error("invalid_params", f"{name} was sent more than once", param=name)
         purpose, upload = form.get("purpose"), form.get("file")
         if not isinstance(purpose, str) or not purpose:
-            raise openai_error("invalid_params", "purpose is required: batch", param="purpose")
+            raise openai_error("invalid_params", "purpose is required: batch or user_data", param="purpose")
         if purpose not in UPLOAD_PURPOSES:
             raise openai_error("unsupported_purpose", f"purpose {printable(purpose[:64])!r}: tuwen keeps "
-                               "Batch API files only (purpose batch)", param="purpose")
+                               "Batch API files (batch) and PDFs for conversations (user_data)", param="purpose")
         if not isinstance(upload, UploadFile):
             raise openai_error("invalid_params", "file is required: the file part (with a filename)",
                                param="file")
         filename = printable((upload.filename or "upload.jsonl")[:MAX_FILENAME])
         try:
-            stored = await run_in_threadpool(keeper.files.upload, key.owner, filename, purpose, upload.file,
-                                             state.gw.max_batch_file_bytes)
+            limit = state.settings.max_pdf_bytes if purpose == USER_DATA_PURPOSE else state.gw.max_batch_file_bytes
+            stored = await run_in_threadpool(keeper.files.upload, key.owner, filename, purpose, upload.file, limit)
         except FileTooLarge as exc:
-            raise openai_error(exc.code, exc.message, param="file") from None
+            setting = "TUWEN_MAX_PDF_BYTES" if purpose == USER_DATA_PURPOSE else "TUWEN_MAX_BATCH_FILE_BYTES"
+            raise openai_error(exc.code, exc.message.replace("TUWEN_MAX_BATCH_FILE_BYTES", setting),
+                               param="file") from None
     finally:
         await form.close()
+    if purpose == USER_DATA_PURPOSE:
+        await run_in_threadpool(checked_pdf, state, keeper, stored)
     return FileObject.of(stored)
+
+
+def checked_pdf(state: GatewayState, keeper: BatchKeeper, file: StoredFile) -> None:
+    """A ``user_data`` upload is a PDF tuwen can read (``pipeline.pdf``), or it is deleted and refused with
+    its code (``not_a_pdf``, ``corrupt_pdf`` …): nothing is kept that no conversation could use."""
+    try:
+        check_pdf(b"".join(keeper.files.chunks(file)), state.settings)
+    except InvalidPdf as exc:
+        keeper.files.delete(file)
+        raise openai_error(exc.code, exc.message, param="file") from None
 
 
 @router.get("", response_model=FileList, summary="文件列表 · the caller's files, newest first",

@@ -12,6 +12,7 @@ owner: another owner's response is a 404 worded as for one that never existed.
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
@@ -26,6 +27,7 @@ from tuwen.pipeline.gateway.openai_errors import OpenAIRoute
 from tuwen.pipeline.gateway.responses_request import ResponsesCreate, ResponsesRequest, parse_responses
 from tuwen.pipeline.gateway.responses_store import StoredResponse, items_of, not_found
 from tuwen.pipeline.gateway.openapi import json_body
+from tuwen.pipeline.gateway.pdf_pages import with_pages
 from tuwen.pipeline.gateway.served import served_model
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.openai_objects import error_responses
@@ -58,6 +60,7 @@ def begin(state: GatewayState, key: ApiKey, ask: ResponsesRequest, facts: Respon
     """Queue the job (after the conversation it continues, if any) and store the response unless told not
     to: ``(job id, replayed)``."""
     history = state.responses.history(ask.previous_response_id, key.owner) if ask.previous_response_id else ()
+    ask = replace(ask, turns=with_pages(state, key.owner, ask.turns, state.settings.interactive_queue))
     job_id, replayed = accept(state, key, ask.as_chat(history), idempotency_key)
     job = state.client.jobs.request(job_id) if ask.store else None
     if job is not None:  # its pictures by the keys they were stored under
