@@ -3,6 +3,8 @@ allow, least recently used out first; and the policy's grouping of a join's rows
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.workers.test_engine import engine_for, rows_for
@@ -59,3 +61,23 @@ def test_memory_caps_hold_and_least_recent_goes_first() -> None:
         assert len(reuse.features) == len(reuse.prefixes) == 1
     assert got == plain
     assert reuse.features.evictions == reuse.prefixes.evictions == len(its) - 1
+
+
+def test_the_hand_over_orders_its_buffer_by_picture_affinity() -> None:
+    """The worker's hand-over (``serve.tasks.Handover``) reads each buffered message's pictures (per owner)
+    and hands over the oldest first, then its page-mates, then pictures it handed over lately; interactive
+    jobs stay ahead of bulk ones."""
+    from types import SimpleNamespace
+
+    from tuwen.pipeline.schema import JobRequest
+    from tuwen.workers.serve.tasks import Handover
+
+    def message(n: int, key: str, owner: str = "a", queue: str = "bulk") -> Any:
+        job = JobRequest(id=f"job-{n:04d}", image_key=key, question="几个？", owner=owner).model_dump(mode="json")
+        return SimpleNamespace(id=job["id"], kwargs={"job": job}, delivery_info={"routing_key": queue})
+
+    handover = Handover()
+    handover._warm_up([message(0, "images/warm")])
+    held = [message(1, "images/x"), message(2, "images/warm", owner="b"), message(3, "images/warm"),
+            message(4, "images/x"), message(5, "images/y", queue="interactive")]
+    assert [r.id for r in handover._by_affinity(held)] == ["job-0005", "job-0001", "job-0004", "job-0003", "job-0002"]

@@ -227,3 +227,16 @@ def shared_prefill(prefixes: Sequence[Hashable | None],
     groups = [rows for key, rows in by_key.items() if len(rows) > 1 or key in cached]
     grouped = {i for rows in groups for i in rows}
     return [i for i in range(len(prefixes)) if i not in grouped], groups
+
+
+def affinity_order(pictures: Sequence[frozenset[Hashable]], warm: Container[Hashable]) -> list[int]:
+    """The order buffered jobs (oldest first, ``pictures``: each job's) go over in (``serve.tasks.Handover``):
+    the oldest first, whatever it is, then the jobs on one of its pictures (they share one prefill of it in
+    the join), then jobs whose pictures this worker ran lately (``warm``: their features and prefixes are
+    likely cached), then the rest, each kind oldest first. The oldest always goes, so every job becomes the
+    oldest in time: none starves."""
+    if not pictures:
+        return []
+    head = pictures[0]
+    return sorted(range(len(pictures)), key=lambda i: (i > 0, not pictures[i] & head,
+                                                       not any(p in warm for p in pictures[i]), i))
