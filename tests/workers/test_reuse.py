@@ -81,3 +81,21 @@ def test_the_hand_over_orders_its_buffer_by_picture_affinity() -> None:
     held = [message(1, "images/x"), message(2, "images/warm", owner="b"), message(3, "images/warm"),
             message(4, "images/x"), message(5, "images/y", queue="interactive")]
     assert [r.id for r in handover._by_affinity(held)] == ["job-0005", "job-0001", "job-0004", "job-0003", "job-0002"]
+
+
+def test_the_bench_page_rows_measure_reuse_against_without() -> None:
+    """``tuwen bench --rows pages`` (``bench.pages.measure``) on the demo model: a page's questions in one join
+    share one prefill with reuse, asked one by one they find it cached, and the answers are those without."""
+    from tuwen.workers.bench.pages import PAGE_QUESTIONS, measure
+    from tuwen.workers.demo.samples import load_samples
+
+    rt = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1, max_new_tokens=4))
+    rt.load()
+    rt.min_new_tokens = 4
+    picture = load_samples()[1].path.read_bytes()
+    on, off = (measure(rt, picture, PAGE_QUESTIONS[:4], 4, reuse) for reuse in (True, False))
+    assert on.tokens == off.tokens and all(len(t) == 4 for t in on.tokens) and off.reuse is None
+    assert on.reuse is not None and (on.reuse.prefix_hits, on.reuse.prefix_misses) == (3, 1)
+    assert 0 < on.prefill_s < on.seconds
+    by_one = measure(rt, picture, PAGE_QUESTIONS[:4], 4, True, one_by_one=True)
+    assert by_one.tokens == off.tokens and by_one.reuse is not None and by_one.reuse.prefix_hits == 3
