@@ -77,7 +77,7 @@ def test_the_hand_over_orders_its_buffer_by_picture_affinity() -> None:
         return SimpleNamespace(id=job["id"], kwargs={"job": job}, delivery_info={"routing_key": queue})
 
     handover = Handover()
-    handover._warm_up([message(0, "images/warm")])
+    handover._warm_up([frozenset({("a", "images/warm")})])
     held = [message(1, "images/x"), message(2, "images/warm", owner="b"), message(3, "images/warm"),
             message(4, "images/x"), message(5, "images/y", queue="interactive")]
     assert [r.id for r in handover._by_affinity(held)] == ["job-0005", "job-0001", "job-0004", "job-0003", "job-0002"]

@@ -75,6 +75,8 @@ class Handover(Batches):
         self._coming_lock = threading.Lock()  #: the hand-over adds, pool threads take
         #: (owner, image key) of pictures handed over lately, least recent first (``_warm_up``).
         self._warm: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: id(message) -> its pictures, for the messages held (read once, when they arrive).
+        self._held_pictures: dict[int, frozenset[tuple[str, str]]] = {}
 
     @property
     def limits(self) -> Limits:
@@ -99,6 +101,8 @@ class Handover(Batches):
             if not self._held:
                 self._oldest = time.monotonic()
             self._held.extend(requests)
+            for request in requests:  # read once, not at every look
+                self._held_pictures[id(request)] = _pictures(request)
         self.pass_on()
 
     def _look_loop(self) -> None:
@@ -132,16 +136,17 @@ class Handover(Batches):
                 held = sorted(self._held, key=self._lane)
             if not held:
                 return
-            held = self._by_affinity(held)
             todo = self.plan(len(held), sum(1 for req in held if self._lane(req) == 0))
             if not todo.hand_over:
                 return
+            held = self._by_affinity(held)
             going = {id(r) for r in held[:todo.hand_over]}
             with self._held_lock:
                 self._held = [r for r in self._held if id(r) not in going]
                 self._oldest = time.monotonic() if self._held else None
+                pictures = [self._held_pictures.pop(i, frozenset()) for i in going]
+            self._warm_up(pictures)
             self._group = todo.group
-            self._warm_up(held[:todo.hand_over])
             self._hand_over(held[:todo.hand_over])
 
     def _by_affinity(self, held: list[Any]) -> list[Any]:
@@ -149,13 +154,14 @@ class Handover(Batches):
         out: list[Any] = []
         for lane in (0, 1):
             same = [r for r in held if self._lane(r) == lane]
-            out += [same[i] for i in affinity_order([_pictures(r) for r in same], self._warm)]
+            pictures = [self._held_pictures.get(id(r)) or _pictures(r) for r in same]
+            out += [same[i] for i in affinity_order(pictures, self._warm)]
         return out
 
-    def _warm_up(self, requests: list[Any]) -> None:
+    def _warm_up(self, pictures: list[frozenset[tuple[str, str]]]) -> None:
         """Remember the pictures handed over last (a bounded number: the worker's caches are bounded too)."""
-        for request in requests:
-            for picture in _pictures(request):
+        for each in pictures:
+            for picture in each:
                 self._warm.pop(picture, None)
                 self._warm[picture] = None
         while len(self._warm) > self.warm_pictures:
