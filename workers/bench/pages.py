@@ -35,12 +35,14 @@ SIZES = (1, 4, 10)
 
 @dataclass
 class Page:
-    """One measurement: seconds in all, in the join's prefill (to every row's first token) and in decode."""
+    """One measurement: CPU seconds of this process in all and in the joins' prefill (to every row's first
+    token; the rest is decode), wall seconds, each row's tokens, and the caches used."""
 
     seconds: float
     prefill_s: float
     tokens: list[list[int]]
     reuse: Reuse | None
+    wall_s: float = 0.0
 
 
 def measure(rt: Runtime, picture: bytes, questions: list[str], answer_tokens: int, reuse: bool,
@@ -50,17 +52,17 @@ def measure(rt: Runtime, picture: bytes, questions: list[str], answer_tokens: in
     engine.reuse = Reuse(rt.model, 256 << 20, 512 << 20) if reuse else None
     groups = [[q] for q in questions] if one_by_one else [questions]
     prepared = [rt.prepare([Item(picture, q, answer_tokens) for q in group]) for group in groups]
-    t0, prefill, finished = time.perf_counter(), 0.0, []
+    wall, t0, prefill, finished = time.perf_counter(), time.process_time(), 0.0, []
     for group in prepared:
-        t = time.perf_counter()
+        t = time.process_time()
         finished += engine.add(group.rows, group.enc)
-        prefill += time.perf_counter() - t
+        prefill += time.process_time() - t
         while engine.size:
             finished += engine.step()
-    seconds = time.perf_counter() - t0
+    seconds = time.process_time() - t0
     order = {id(r): i for g in prepared for i, r in enumerate(g.rows)}
     tokens = [f.tokens for f in sorted(finished, key=lambda f: order[id(f.row)])]
-    return Page(seconds, prefill, tokens, engine.reuse)
+    return Page(seconds, prefill, tokens, engine.reuse, time.perf_counter() - wall)
 
 
 def rows(opts: Any, table: Any, log: Callable[[str], None]) -> None:
@@ -75,6 +77,9 @@ def rows(opts: Any, table: Any, log: Callable[[str], None]) -> None:
     picture_tokens = (picture_size[0] // picture_size[1]) ** 2
     measure(rt, picture, PAGE_QUESTIONS[:1], answer_tokens, True)  # warm-up
     shares: dict[str, list[float]] = {}
+    walls: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}  #: per repeat, over one question of the same repeat (reuse on / off)
+    ones: dict[bool, float] = {}
     last: dict[str, Page] = {}
     for rep in range(opts.repeats):
         for n in SIZES:
@@ -83,22 +88,31 @@ def rows(opts: Any, table: Any, log: Callable[[str], None]) -> None:
             same = same and all(len(t) == answer_tokens for t in pages[True].tokens)
             for on, key in ((True, f"p{n}"), (False, f"p{n}x")):
                 what = f"a page, {n} question{'s' if n > 1 else ''} in one join, reuse {'on' if on else 'off'}"
-                table(key, what, "s/page").add(pages[on].seconds, n if same else 0, n)
+                table(key, what, "CPU s/page").add(pages[on].seconds, n if same else 0, n)
                 shares.setdefault(key, []).append(pages[on].prefill_s / pages[on].seconds)
+                walls.setdefault(key, []).append(pages[on].wall_s)
                 last[key] = pages[on]
+            for on, suffix in ((True, ""), (False, "x")):  # this repeat's ratio: its rows ran side by side
+                ratios.setdefault(f"p{n}{suffix}", []).append(pages[on].seconds / ones[on] if n > 1 else 1.0)
+                if n == 1:
+                    ones[on] = pages[on].seconds
         one_by_one = measure(rt, picture, PAGE_QUESTIONS, answer_tokens, True, one_by_one=True)
         same = one_by_one.tokens == last["p10x"].tokens
-        table("ps10", "a page, 10 questions one after another, reuse on", "s/page").add(
+        table("ps10", "a page, 10 questions one after another, reuse on", "CPU s/page").add(
             one_by_one.seconds, 10 if same else 0, 10)
         shares.setdefault("ps10", []).append(one_by_one.prefill_s / one_by_one.seconds)
+        walls.setdefault("ps10", []).append(one_by_one.wall_s)
+        ratios.setdefault("ps10", []).append(one_by_one.seconds / ones[True])
         last["ps10"] = one_by_one
         log(f"[{rep + 1}] page rows done")
     for key, page in last.items():
-        table[key].note = f"prefill {100 * statistics.median(shares[key]):.0f}% / decode " \
-                          f"{100 - 100 * statistics.median(shares[key]):.0f}%" + _caches(page.reuse)
-    for n in SIZES[1:]:
-        on, off = table[f"p{n}"].median / table["p1"].median, table[f"p{n}x"].median / table["p1x"].median
-        table[f"p{n}"].note += f"; **{on:.2f}× one question** (off: {off:.2f}×)"
+        share = statistics.median(shares[key])
+        table[key].note = (f"prefill {100 * share:.0f}% / decode {100 - 100 * share:.0f}%; wall "
+                           f"{statistics.median(walls[key]):.1f} s ({min(walls[key]):.1f}–{max(walls[key]):.1f})"
+                           + _caches(page.reuse))
+        if key != "p1" and key != "p1x":
+            r = ratios[key]
+            table[key].note += f"; **{statistics.median(r):.2f}× one question** ({min(r):.2f}–{max(r):.2f})"
     table["p1"].note += (f"; {picture_tokens} picture tokens, questions {min(asked)}-{max(asked)} tokens "
                          f"({picture_tokens / max(asked):.0f}× the longest); answers {answer_tokens} tokens each")
 
@@ -112,7 +126,7 @@ def _caches(reuse: Reuse | None) -> str:
 
 
 def targets(table: Any) -> list[str]:
-    ratio = table["p10"].median / table["p1"].median
+    ratio = table["p10"].median / table["p1"].median  # medians of CPU seconds (the note has each repeat's ratio)
     ok = all(r.all_ok for r in table.rows.values())
     return [f"a page's 10 questions ≤ 2.5× one question with reuse: {ratio:.2f}× — "
             f"{'met' if ratio <= 2.5 else 'missed'}",
