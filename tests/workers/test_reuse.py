@@ -99,3 +99,13 @@ def test_the_bench_page_rows_measure_reuse_against_without() -> None:
     assert 0 < on.prefill_s < on.seconds
     by_one = measure(rt, picture, PAGE_QUESTIONS[:4], 4, True, one_by_one=True)
     assert by_one.tokens == off.tokens and by_one.reuse is not None and by_one.reuse.prefix_hits == 3
+
+
+def test_one_setting_turns_reuse_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TUWEN_PREFIX_REUSE=0``: the runtime keeps no caches and its engines prefill every row whole."""
+    monkeypatch.setenv("TUWEN_PREFIX_REUSE", "0")
+    off = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1))
+    assert off.reuse is None and off.engine().reuse is None
+    monkeypatch.delenv("TUWEN_PREFIX_REUSE")
+    on = Runtime(Settings(model_path=bundled_demo_model(), torch_threads=1))
+    assert on.reuse is not None and on.engine().reuse is on.reuse
