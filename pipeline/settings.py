@@ -153,6 +153,18 @@ class Settings(TuwenSettings):
     #: thread per possible decoding group (``max_batch_size``) plus these (``Settings.pool_threads``).
     worker_groups: int = Field(4, ge=1, le=64)
 
+    # -- reuse: each picture seen once per worker (docs/performance.md) -----------------------------------
+    #: Compute the prompt prefix that rows share (system prompt, earlier turns, the pictures) once: rows of one
+    #: join with the same prefix share one prefill, and a later row finds it cached. Off: every row is
+    #: prefilled whole, and no picture's features or prefix is kept.
+    prefix_reuse: bool = True
+    #: Bytes of projected picture features a worker keeps (the encoder cache; per owner, least recently used
+    #: out first). 0 keeps none.
+    encoder_cache_mb: int = Field(256, ge=0)
+    #: Bytes of prompt-prefix key/value cache a worker keeps (per owner, least recently used out first),
+    #: besides the running batch's. 0 keeps none (rows of one join still share a prefill).
+    prefix_cache_mb: int = Field(512, ge=0)
+
     # -- queue ---------------------------------------------------------------------------------------
     #: Redis for job state, results and (by default) the queue; ``redis+sentinel://h1:26379,h2:26379/<service>/<db>``
     #: follows a Sentinel deployment's primary through failovers (docs/deployment.md).

@@ -134,6 +134,7 @@ def bench(
     model_path: Annotated[Optional[Path], typer.Option(help="the model for rows a-h (default: the demo)")] = None,
     cache_dir: Annotated[Path, typer.Option(help="where the bench checkpoint is built once")] = Path("build"),
     out: Annotated[Optional[Path], typer.Option(help="also write the table here")] = None,
+    rows: Annotated[str, typer.Option(help="all, or pages: only rows p (a page asked 1, 4 and 10 questions)")] = "all",
 ) -> None:
     """Benchmark against this machine's limit: roofline, decode, mixed workload, queue, interactive latency."""
     _need_worker_extra()
@@ -141,7 +142,7 @@ def bench(
 
     given = {k: v for k, v in dict(inputs=inputs, max_new_tokens=max_new_tokens, transport_jobs=transport_jobs,
                                    repeats=repeats, max_batch_size=batch_size,
-                                   model_path=model_path).items() if v is not None}
+                                   model_path=model_path, rows=rows).items() if v is not None}
     opts = Options.quick(cache_dir=cache_dir, **given) if quick else Options(cache_dir=cache_dir, **given)
     report = run(opts, log=lambda line: err.print(line, markup=False))
     text = report.markdown()

@@ -192,3 +192,31 @@ def test_the_cache_keys_on_a_forced_tool_call(cache_worker: WorkerProcess, cache
     assert not first.cached and first.finish_reason == "tool_calls" and split(first.answer or "") is not None
     assert again.cached and again.finish_reason == "tool_calls" and again.answer == first.answer
     client.close()
+
+
+def test_a_page_is_seen_once_per_owner(cache_worker: WorkerProcess, cache_settings: Settings) -> None:
+    """Reuse in a real worker (``engine.reuse``): a second question on a page finds the page's prefix and
+    prefills only the question, and the worker's metrics say so; another owner's identical picture finds
+    nothing (the caches are per owner, docs/performance.md)."""
+    client = Client(cache_settings)
+    port = cache_settings.metrics_port
+    sample = load_samples()[8]
+    png, owner = sample.path.read_bytes(), f"page-{uuid.uuid4().hex[:8]}"
+    names = ("tuwen_prefix_cache_hits_total", "tuwen_prefix_cache_misses_total", "tuwen_encoder_cache_misses_total")
+    before = [metric(port, name) for name in names]
+    # Given a first question on a page
+    first = client.wait(client.submit(png, sample.question, owner=owner).id, timeout=60)
+    assert first.status == JobStatus.succeeded and sample.facts[0] in (first.answer or "")
+    assert [metric(port, name) for name in names] == [before[0], before[1] + 1, before[2] + 1]
+    # When a second question comes about it (other knobs: not the answer cache's)
+    second = client.wait(client.submit(png, sample.question, owner=owner, max_new_tokens=6).id, timeout=60)
+    # Then the page's prefix was found, the picture not encoded again, and the answer is the same one
+    assert second.status == JobStatus.succeeded and not second.cached
+    assert (first.answer or "").startswith(second.answer or "-") and second.generated_tokens == 6
+    assert [metric(port, name) for name in names] == [before[0] + 1, before[1] + 1, before[2] + 1]
+    # And another owner's identical page finds nothing of it
+    stranger = client.wait(client.submit(png, sample.question, owner=f"{owner}-b", max_new_tokens=7).id, timeout=60)
+    assert stranger.status == JobStatus.succeeded and not stranger.cached
+    assert [metric(port, name) for name in names] == [before[0] + 1, before[1] + 2, before[2] + 2]
+    assert metric(port, "tuwen_prefix_cache_bytes") > 0
+    client.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.workers.test_families import FAMILIES, items
+from tests.workers.test_families import FAMILIES, QUESTIONS, items
 from tuwen.pipeline.settings import Settings
 from tuwen.workers.engine.batch import Engine, Finished, Row, Sampling
 from tuwen.workers.demo import bundled_demo_model
@@ -39,11 +39,14 @@ def rows_for(rt: Runtime, its: list[Item], **extra: Any) -> list[Row]:
 
 
 def generate_alone(rt: Runtime, it: Item) -> list[int]:
-    """The reference: ``model.generate`` on one row, greedy, cut at the end of sequence."""
+    """The reference: ``model.generate`` on one row, greedy, cut at the end of sequence (the item's own
+    ``messages`` if it has them, else its question about its picture)."""
     import torch
 
-    prompt = rt.processor.apply_chat_template(rt.messages(it.question), add_generation_prompt=True)
-    enc = rt.processor(images=[it.image.convert("RGB")], text=[prompt], return_tensors="pt")  # type: ignore[union-attr]
+    messages = [dict(m) for m in it.messages] or rt.messages(it.question)
+    prompt = rt.processor.apply_chat_template(messages, add_generation_prompt=True)
+    pictures = [p.convert("RGB") for p in (it.images or (it.image,))]  # type: ignore[union-attr]
+    enc = rt.processor(images=pictures, text=[prompt], return_tensors="pt")
     eos = rt.model.generation_config.eos_token_id
     with torch.inference_mode():
         out = rt.model.generate(**enc, max_new_tokens=it.max_new_tokens, do_sample=False,
@@ -175,3 +178,38 @@ def test_logit_bias_moves_its_row_alone() -> None:
     got = {f.row.key: f.tokens for f in engine_for(rt).run([rows[0], banned, pushed])}
     assert got[0] == free.tokens, "the free row is untouched"
     assert got["ban"][0] != first and got["push"][0] == forced
+
+
+def test_prefix_reuse_answers_as_alone(loaded: Runtime) -> None:
+    """Reuse (``engine.reuse``): rows of one join on one picture share one prefill of their prefix, a later
+    join finds it cached, pictures in a new prompt (both at once) find their features in the encoder cache;
+    every answer is token for token ``generate`` alone. Another owner's identical picture shares nothing."""
+    from tuwen.workers.engine.reuse import Reuse
+
+    its = items(24)
+    page, other = its[0].image, its[1].image
+    asked = [Item(page, q, 24) for q in QUESTIONS[:4]] + [Item(other, q, 24) for q in QUESTIONS[2:4]] + [its[2]]
+    both = ({"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                         {"type": "text", "text": QUESTIONS[4]}]},)
+    asked.append(Item(max_new_tokens=24, messages=both, images=(page, other)))
+    alone = [generate_alone(loaded, it) for it in asked]
+    assert len({tuple(t) for t in alone}) > 1, "the answers must differ, or identity proves nothing"
+    reuse = Reuse(loaded.model, 1 << 30, 1 << 30)
+    engine = engine_for(loaded)
+    engine.reuse = reuse
+    prompt = loaded.processor.apply_chat_template([dict(m) for m in both], add_generation_prompt=True)
+    pictures = [page.convert("RGB"), other.convert("RGB")]  # type: ignore[union-attr]
+    rows = rows_for(loaded, asked[:-1]) + [Row(key=7, prompt=prompt, images=pictures, max_new_tokens=24)]
+    stranger = Row(key="b", prompt=rows[0].prompt, images=rows[0].images, max_new_tokens=24, scope="b")
+    done = engine.add([rows[0], rows[1], rows[4], stranger, rows[6], rows[2]])
+    assert (reuse.prefix_hits, reuse.prefix_misses, len(reuse.prefixes)) == (2, 4, 4), "the page's three: one prefill"
+    assert (reuse.features.hits, reuse.features.misses) == (0, 4), "each owner's picture through the tower once"
+    done += engine.step() + engine.step()
+    done += engine.add([rows[3], rows[5], rows[7]])  # the page and the other picture again: cached prefixes
+    while engine.size:
+        done += engine.step()
+    got = {f.row.key: f.tokens for f in done}
+    assert [got[i] for i in range(len(asked))] == alone
+    assert got["b"] == alone[0]
+    assert (reuse.prefix_hits, reuse.prefix_misses) == (4, 5)
+    assert (reuse.features.hits, reuse.features.misses) == (2, 4), "both pictures in a new prompt: features cached"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tuwen.workers.engine.policy import BULK, INTERACTIVE, Head, Limits, View, plan
+from tuwen.workers.engine.policy import BULK, INTERACTIVE, Head, Limits, View, affinity_order, plan
 
 W64 = Limits(64, beside_interactive=8)  # the worker's defaults: 64 rows, 8 bulk rows beside interactive ones
 T = Limits(64, max_tokens=1000)
@@ -123,3 +123,26 @@ def test_the_policy_is_pure() -> None:
     assert imported <= {"__future__", "dataclasses"}
     view = View(running=64, running_bulk=64, heads=(Head(1), B8), waiting=9, interactive_waiting=1, buffered=5)
     assert plan(W64, view) == plan(W64, view)
+
+
+@pytest.mark.parametrize("pictures, warm, order", [
+    ([], set(), []),
+    (["c", "a", "b"], set(), [0, 1, 2]),  # nothing to prefer: oldest first
+    (["a", "b", "a", "c", "b"], {"c"}, [0, 2, 3, 1, 4]),  # the oldest's page-mates, then warm pictures
+    (["x", "c", "c"], {"c"}, [0, 1, 2]),  # the oldest goes first even when cold
+    (["a", "", "b"], {"b"}, [0, 2, 1]),  # a job without pictures waits behind warm ones, never for ever
+])
+def test_affinity_prefers_the_oldest_then_its_pictures_then_warm_ones(pictures: list[str], warm: set[str],
+                                                                       order: list[int]) -> None:
+    assert affinity_order([frozenset([p]) if p else frozenset() for p in pictures], warm) == order
+
+
+def test_affinity_starves_no_job() -> None:
+    """A cold job behind a stream of warm ones goes over within as many hand-overs as jobs were before it."""
+    queue = [frozenset(["w"])] * 3 + [frozenset(["cold"])]
+    for rounds in range(1, 10):
+        first = affinity_order(queue, {"w"})[0]
+        if queue[first] == frozenset(["cold"]):
+            break
+        queue = [q for i, q in enumerate(queue) if i != first] + [frozenset(["w"])]  # a warm job arrives
+    assert rounds == 4

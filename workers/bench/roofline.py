@@ -87,20 +87,24 @@ def _seconds(fn: Any) -> float:
 
 
 # -- the bench checkpoint -----------------------------------------------------------------------------
-def bench_checkpoint(shape: BenchShape, root: Path) -> Path:
-    """The checkpoint for ``shape`` under ``root`` (built once: seeded random weights, fp32, offline)."""
+def bench_checkpoint(shape: BenchShape, root: Path, picture: tuple[int, int] | None = None) -> Path:
+    """The checkpoint for ``shape`` under ``root`` (built once: seeded random weights, fp32, offline).
+    ``picture``: (image size, patch size) of its vision tower and processor; None: the demo's (96 / 12, 64
+    picture tokens). LLaVA-1.5's (336, 14) makes 576."""
     digest = hashlib.sha256(json.dumps(asdict(shape), sort_keys=True).encode()).hexdigest()[:8]
-    path = root / f"bench-model-{shape.hidden}x{shape.layers}-{digest}"
+    seen = f"-{picture[0]}px" if picture else ""
+    path = root / f"bench-model-{shape.hidden}x{shape.layers}{seen}-{digest}"
     if (path / "config.json").exists():
         return path
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from tuwen.workers.demo.build import IMAGE_SEQ_LENGTH, IMAGE_SIZE, PATCH_SIZE, build_processor
+    from tuwen.workers.demo.build import IMAGE_SIZE, PATCH_SIZE, build_processor
 
-    processor = build_processor()
+    size, patch = picture or (IMAGE_SIZE, PATCH_SIZE)
+    processor = build_processor(size, patch)
     tok = processor.tokenizer
     vision = CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=192)
+                              image_size=size, patch_size=patch, projection_dim=192)
     text = LlamaConfig(vocab_size=len(tok), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                        num_key_value_heads=shape.heads, max_position_embeddings=1024,
@@ -108,7 +112,7 @@ def bench_checkpoint(shape: BenchShape, root: Path) -> Path:
     config = LlavaConfig(vision_config=vision, text_config=text,  # type: ignore[call-arg]
                          image_token_id=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-1, vision_feature_select_strategy="default",
-                         image_seq_length=IMAGE_SEQ_LENGTH)
+                         image_seq_length=(size // patch) ** 2)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config)
     gen = model.generation_config

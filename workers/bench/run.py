@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tuwen.pipeline.settings import CpuLinear, Settings
-from tuwen.workers.bench import roofline, workload
+from tuwen.workers.bench import pages, roofline, workload
 from tuwen.workers.bench.fleet import Fleet
 from tuwen.workers.bench.http import HttpSetups
 from tuwen.workers.bench.workload import BATCH
@@ -59,6 +59,8 @@ class Options:
     shape: roofline.BenchShape = roofline.BenchShape()
     cache_dir: Path = Path("build")
     model_path: Path | None = None  #: the demo model for rows a–h (default: the bundled one)
+    #: ``all``: the whole table; ``pages``: only rows p (a page asked 1, 4 and 10 questions, ``bench.pages``).
+    rows: str = "all"
 
     @classmethod
     def quick(cls, **overrides: Any) -> Options:
@@ -136,6 +138,13 @@ def run(opts: Options, log: Callable[[str], None] = print) -> Report:
     torch.set_num_threads(1)
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     table = Table()
+    if opts.rows == "pages":
+        pages.rows(opts, table, log)
+        header = (f"tuwen bench --rows pages — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+                  f"{platform.node()}, load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at "
+                  f"the end, torch 1 thread, {opts.repeats} interleaved repeats; took "
+                  f"{time.perf_counter() - t_start:.0f}s")
+        return Report(header, list(table.rows.values()), pages.targets(table), "")
     batches = sorted({*opts.batches, opts.max_batch_size})
     checkpoint = roofline.bench_checkpoint(opts.shape, opts.cache_dir)
     big = roofline.load(checkpoint, opts.decode_steps + 2)  # what a CPU worker runs: oneDNN linear layers

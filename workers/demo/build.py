@@ -89,17 +89,18 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_processor() -> LlavaProcessor:
+def build_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
+    """The demo's processor; other picture geometry for bench checkpoints (LLaVA-1.5's is 336 / 14)."""
     image_processor = CLIPImageProcessor(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"height": image_size, "width": image_size},
         do_center_crop=False,
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        crop_size={"height": image_size, "width": image_size},
         do_convert_rgb=True,
     )
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=build_tokenizer(),
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tuwen.workers.engine.kvcache import RoomyLayer, left_pad, roomy_cache, rows_of, stacked
 from tuwen.workers.engine.logprobs import Entries, Step, measure
+from tuwen.workers.engine.reuse import Prefill, Reuse
 
 #: What a row's prompt inputs may hold besides ids and mask (the families' picture tensors).
 _PICTURE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos",
@@ -101,6 +102,10 @@ class Row:
     on_text: Callable[..., None] | None = None
     #: Makes the row's grammar constraint (``engine.grammar``), fresh each time the row starts; None: free.
     grammar: Callable[[], Any] | None = None
+    #: Whose row this is: the encoder and prefix caches are per owner (``engine.reuse``).
+    scope: str = ""
+    #: The pictures' digests (``reuse.picture_digest``), made where the row is prepared; empty: made on join.
+    digests: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -246,8 +251,11 @@ class Parked:
 class Engine:
     """A running batch over one loaded model. Not thread-safe: one loop drives it."""
 
-    def __init__(self, model: Any, processor: Any, eos_token_ids: set[int], pad_token_id: int) -> None:
+    def __init__(self, model: Any, processor: Any, eos_token_ids: set[int], pad_token_id: int,
+                 reuse: Reuse | None = None) -> None:
         self.model = model
+        #: The worker's encoder and prefix caches (``engine.reuse``); None: every row prefilled whole.
+        self.reuse = reuse
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.eos = eos_token_ids
@@ -279,28 +287,43 @@ class Engine:
 
     def add(self, rows: Sequence[Row], enc: Any | None = None) -> list[Finished]:
         """Prefill ``rows`` together and join them to the running batch. Returns rows that finished
-        on their first token (end of sequence at once, or ``max_new_tokens == 1``)."""
+        on their first token (end of sequence at once, or ``max_new_tokens == 1``). With reuse
+        (``engine.reuse``) the rows may join in parts: those sharing a prefix, and the others."""
         if not rows:
             return []
         joined = time.perf_counter()
         enc = enc if enc is not None else self.encode(rows)
         inputs = dict(enc)
         mask = inputs["attention_mask"]
-        kwargs = {k: inputs[k] for k in _PICTURE_KEYS if k in inputs}
         positions = self.model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
-        with torch.inference_mode():
-            out = self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions,
-                             cache=roomy_cache(self.model.config), use_cache=True, logits_to_keep=1, **kwargs)
         deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
         real = mask.sum(-1)
         next_pos = real + (deltas.view(-1).to(real.device) if deltas is not None and positions.ndim == 3 else 0)
-        ids = inputs["input_ids"]
+        if self.reuse is not None and self.reuse.applies and any(r.images for r in rows):
+            parts = Prefill(self.reuse, rows, inputs, positions).parts()
+        else:
+            kwargs = {k: inputs[k] for k in _PICTURE_KEYS if k in inputs}
+            with torch.inference_mode():
+                out = self.model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=positions,
+                                 cache=roomy_cache(self.model.config), use_cache=True, logits_to_keep=1, **kwargs)
+            parts = [(list(range(len(rows))), out.cache, out.logits[:, -1, :], mask)]
+        finished = []
+        for index, cache, logits, part_mask in parts:
+            sel = torch.tensor(index, dtype=torch.long, device=mask.device)
+            finished += self._enter([rows[i] for i in index], inputs["input_ids"][sel], mask[sel], joined, cache,
+                                    logits, part_mask, next_pos[sel])
+        return finished
+
+    def _enter(self, rows: list[Row], ids: torch.Tensor, prompt_mask: torch.Tensor, joined: float, cache: Any,
+               logits: torch.Tensor, mask: torch.Tensor, next_pos: torch.Tensor) -> list[Finished]:
+        """Rows prefilled (their cache, last logits and attention mask) join the batch and pick their first
+        token. ``ids`` / ``prompt_mask``: their prompts as encoded."""
+        real = prompt_mask.sum(-1)
         live = []
         for i, (r, n) in enumerate(zip(rows, real.tolist())):
             family = _Choices(r.sampling.n) if r.sampling.n > 1 else None
-            prompt_ids = ids[i][mask[i].bool()].tolist() if r.sampling.repetition_penalty != 1.0 else None
+            prompt_ids = ids[i][prompt_mask[i].bool()].tolist() if r.sampling.repetition_penalty != 1.0 else None
             live += [_Live(r, int(n), self.tokenizer, joined, prompt_ids, c, family) for c in range(r.sampling.n)]
-        cache, logits = out.cache, out.logits[:, -1, :]
         if len(live) > len(rows):  # the choices of a row share its prefill: copies of its cache, not n prefills
             index = torch.repeat_interleave(torch.arange(len(rows), device=mask.device),
                                             torch.tensor([r.sampling.n for r in rows], device=mask.device))

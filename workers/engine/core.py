@@ -342,6 +342,11 @@ class Scheduler:
             lane.appendleft((ticket, rows)) if front else lane.append((ticket, rows))
 
     def _free_memory(self) -> None:
+        """Out of memory: the kept pictures' features and prefixes go first (``engine.reuse``), then the
+        allocator's cached blocks."""
+        reuse = getattr(self.engine, "reuse", None)
+        if reuse is not None:
+            reuse.clear()
         if self.runtime.device.startswith("cuda"):
             torch.cuda.empty_cache()
 

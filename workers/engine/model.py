@@ -28,6 +28,7 @@ from tuwen.workers.engine.batch import Engine, Row, Sampling
 from tuwen.workers.engine.families import apply_image_limits, family_max_images
 from tuwen.workers.engine.logprobs import Entries
 from tuwen.workers.engine.prompts import Prompt, Prompts
+from tuwen.workers.engine.reuse import Reuse, picture_digest
 from tuwen.workers.engine.requests import Answer, Group, Item, Prepared
 
 log = logging.getLogger(__name__)
@@ -242,11 +243,22 @@ class Runtime:
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
     def engine(self) -> Any:
-        """A fresh decode engine over the loaded model (``workers.engine``)."""
+        """A fresh decode engine over the loaded model (``workers.engine``), with the worker's caches."""
         model, tok = self.model, self.processor.tokenizer
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tok.eos_token_id
-        return Engine(model, self.processor, set(eos if isinstance(eos, list) else [eos]), tok.pad_token_id)
+        return Engine(model, self.processor, set(eos if isinstance(eos, list) else [eos]), tok.pad_token_id,
+                      reuse=self.reuse)
+
+    @cached_property
+    def reuse(self) -> Reuse | None:
+        """The encoder and prefix caches (``engine.reuse``), one per loaded model; None with
+        ``TUWEN_PREFIX_REUSE=0`` or for a model they do not apply to."""
+        s = self.settings
+        if not s.prefix_reuse:
+            return None
+        reuse = Reuse(self.model, s.encoder_cache_mb << 20, s.prefix_cache_mb << 20)
+        return reuse if reuse.applies else None
 
     def _row(self, p: Prepared) -> tuple[Any, Prompt]:
         biased = [token for token, _ in (p.item.sampling.logit_bias if p.item.sampling else ())]
@@ -257,7 +269,8 @@ class Runtime:
         self.prompts.check(prompt, len(p.images))
         row = Row(key=p.index, prompt=prompt.text, images=p.images, max_new_tokens=p.max_new_tokens or 1,
                   sampling=p.item.sampling or Sampling(), stop=p.item.stop, on_text=p.item.on_text,
-                  grammar=self.grammar(p.item.response_format))
+                  grammar=self.grammar(p.item.response_format), scope=p.item.owner,
+                  digests=tuple(picture_digest(img) for img in p.images) if self.reuse is not None else ())
         return row, prompt
 
     def grammar(self, response_format: dict[str, Any] | None) -> Any:

@@ -41,6 +41,7 @@ The rules:
 
 from __future__ import annotations
 
+from collections.abc import Container, Hashable, Sequence
 from dataclasses import dataclass
 
 INTERACTIVE, BULK = 0, 1
@@ -212,3 +213,30 @@ def _bulk_hand_over(limits: Limits, view: View, group: int) -> int:
     # A smaller group goes once it waited the batch window, or at once if it is all there is and the loop
     # has nothing else to join next (a backlog's last jobs waited 50 ms for nobody).
     return n if n >= join or (n and (window or (not ahead and buffered < join))) else 0
+
+
+def shared_prefill(prefixes: Sequence[Hashable | None],
+                   cached: Container[Hashable]) -> tuple[list[int], list[list[int]]]:
+    """Which rows of a join share a prefill of their prefix (``engine.reuse``): rows with one prefix key, two
+    or more of them, or one whose prefix is cached, go as a group (the prefix once, then each row's question);
+    the other rows are prefilled whole, together. Returns (those rows, the groups), rows as indexes."""
+    by_key: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(prefixes):
+        if key is not None:
+            by_key.setdefault(key, []).append(i)
+    groups = [rows for key, rows in by_key.items() if len(rows) > 1 or key in cached]
+    grouped = {i for rows in groups for i in rows}
+    return [i for i in range(len(prefixes)) if i not in grouped], groups
+
+
+def affinity_order(pictures: Sequence[frozenset[Hashable]], warm: Container[Hashable]) -> list[int]:
+    """The order buffered jobs (oldest first, ``pictures``: each job's) go over in (``serve.tasks.Handover``):
+    the oldest first, whatever it is, then the jobs on one of its pictures (they share one prefill of it in
+    the join), then jobs whose pictures this worker ran lately (``warm``: their features and prefixes are
+    likely cached), then the rest, each kind oldest first. The oldest always goes, so every job becomes the
+    oldest in time: none starves."""
+    if not pictures:
+        return []
+    head = pictures[0]
+    return sorted(range(len(pictures)), key=lambda i: (i > 0, not pictures[i] & head,
+                                                       not any(p in warm for p in pictures[i]), i))

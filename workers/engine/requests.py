@@ -36,6 +36,8 @@ class Item:
     #: OpenAI's ``response_format``: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
     #: {"schema": ...}}`` constrain the answer (``engine.grammar``); None or ``text``: free text.
     response_format: dict[str, Any] | None = None
+    #: Whose job this is: the worker's picture and prefix caches are per owner (``engine.reuse``).
+    owner: str = ""
 
     def conversation(self) -> tuple[list[dict[str, Any]], list[bytes | Image.Image]]:
         if self.messages:

@@ -206,7 +206,7 @@ class Answerer:
                 job_id, piece, choice, logprobs)
         return Item(messages=tuple(messages), images=tuple(images), max_new_tokens=p.max_new_tokens,
                     sampling=Sampling.of(p), stop=tuple(p.stop), truncation=p.truncation.value, on_text=on_text,
-                    continue_final=run.job.continues,
+                    continue_final=run.job.continues, owner=run.job.owner,
                     response_format=p.tool_call.response_format() if p.tool_call else p.response_format)
 
     @staticmethod

@@ -59,6 +59,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     metrics = WorkerMetrics()
     metrics.model_load.set(runtime.load_seconds or 0)
     metrics.watch_grammars(runtime)
+    metrics.watch_reuse(runtime)
     if broker is not None:
         metrics.watch_queues(broker, queues)
     if settings.metrics_port:

@@ -47,6 +47,29 @@ class GrammarStats(Collector):
             yield CounterMetricFamily(f"tuwen_grammar_{name}", what, value=value)
 
 
+class ReuseStats(Collector):
+    """The encoder and prefix caches (``engine.reuse``), read from the runtime at scrape time: hits, misses,
+    evictions and bytes held. A prefix hit is a row that found its prefix (cached, or a join-mate's prefill);
+    a miss, a row with pictures that prefilled it."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        reuse = getattr(self.runtime, "reuse", None) if getattr(self.runtime, "_model", None) is not None else None
+        for cache, what in (("encoder", "pictures' projected features"),
+                            ("prefix", "prompt prefixes' key/value cache")):
+            lru = getattr(reuse, "features" if cache == "encoder" else "prefixes", None)
+            hits = (reuse.prefix_hits if cache == "prefix" else lru.hits) if lru is not None else 0
+            misses = (reuse.prefix_misses if cache == "prefix" else lru.misses) if lru is not None else 0
+            yield CounterMetricFamily(f"tuwen_{cache}_cache_hits", f"Lookups that found {what}", value=hits)
+            yield CounterMetricFamily(f"tuwen_{cache}_cache_misses", f"Lookups that computed {what}", value=misses)
+            yield CounterMetricFamily(f"tuwen_{cache}_cache_evictions", f"Entries of {what} let go for room",
+                                      value=lru.evictions if lru is not None else 0)
+            yield GaugeMetricFamily(f"tuwen_{cache}_cache_bytes", f"Bytes of {what} kept",
+                                    value=lru.used if lru is not None else 0)
+
+
 class WorkerMetrics:
     """All metrics in one private registry (so tests can build several)."""
 
@@ -86,6 +109,9 @@ class WorkerMetrics:
 
     def watch_grammars(self, runtime: Any) -> None:
         self.registry.register(GrammarStats(runtime))
+
+    def watch_reuse(self, runtime: Any) -> None:
+        self.registry.register(ReuseStats(runtime))
 
     def serve(self, port: int, address: str = "127.0.0.1") -> None:
         """Serve ``/metrics`` on ``address:port`` (``TUWEN_METRICS_ADDRESS``; this host only by default)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -34,7 +35,7 @@ from tuwen.workers.serve.metrics import WorkerMetrics
 from tuwen.workers.serve.poison import Screen
 from tuwen.workers.engine.model import Runtime
 from tuwen.workers.engine.core import Scheduler
-from tuwen.workers.engine.policy import HANDOVER_ROWS, Limits, Plan, plan
+from tuwen.workers.engine.policy import HANDOVER_ROWS, Limits, Plan, affinity_order, plan
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Handover(Batches):
     look_s = 0.01
     interactive_queue = "interactive"
     scheduler: Scheduler | None = None
+    #: Pictures handed over lately that affinity prefers (about what the worker's caches hold).
+    warm_pictures = 1024
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,6 +73,10 @@ class Handover(Batches):
         #: A hand-over's job ids -> its ``Scheduler.expect`` calls, for the pool thread that answers it.
         self._coming: dict[tuple[str, ...], list[Callable[[], None]]] = {}
         self._coming_lock = threading.Lock()  #: the hand-over adds, pool threads take
+        #: (owner, image key) of pictures handed over lately, least recent first (``_warm_up``).
+        self._warm: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: id(message) -> its pictures, for the messages held (read once, when they arrive).
+        self._held_pictures: dict[int, frozenset[tuple[str, str]]] = {}
 
     @property
     def limits(self) -> Limits:
@@ -94,6 +101,8 @@ class Handover(Batches):
             if not self._held:
                 self._oldest = time.monotonic()
             self._held.extend(requests)
+            for request in requests:  # read once, not at every look
+                self._held_pictures[id(request)] = _pictures(request)
         self.pass_on()
 
     def _look_loop(self) -> None:
@@ -119,8 +128,9 @@ class Handover(Batches):
         return plan(scheduler.limits, view)
 
     def pass_on(self) -> None:
-        """Hand over what the policy says, interactive jobs first; the rest stays buffered, the oldest
-        keeping its arrival time (the batch window runs from there)."""
+        """Hand over what the policy says, interactive jobs first, and within a lane by picture affinity
+        (``policy.affinity_order``); the rest stays buffered, the oldest keeping its arrival time (the batch
+        window runs from there)."""
         with self._flushing:
             with self._held_lock:
                 held = sorted(self._held, key=self._lane)
@@ -129,12 +139,33 @@ class Handover(Batches):
             todo = self.plan(len(held), sum(1 for req in held if self._lane(req) == 0))
             if not todo.hand_over:
                 return
+            held = self._by_affinity(held)
             going = {id(r) for r in held[:todo.hand_over]}
             with self._held_lock:
                 self._held = [r for r in self._held if id(r) not in going]
                 self._oldest = time.monotonic() if self._held else None
+                pictures = [self._held_pictures.pop(i, frozenset()) for i in going]
+            self._warm_up(pictures)
             self._group = todo.group
             self._hand_over(held[:todo.hand_over])
+
+    def _by_affinity(self, held: list[Any]) -> list[Any]:
+        """Each lane's jobs in ``policy.affinity_order`` (the lanes stay in their order)."""
+        out: list[Any] = []
+        for lane in (0, 1):
+            same = [r for r in held if self._lane(r) == lane]
+            pictures = [self._held_pictures.get(id(r)) or _pictures(r) for r in same]
+            out += [same[i] for i in affinity_order(pictures, self._warm)]
+        return out
+
+    def _warm_up(self, pictures: list[frozenset[tuple[str, str]]]) -> None:
+        """Remember the pictures handed over last (a bounded number: the worker's caches are bounded too)."""
+        for each in pictures:
+            for picture in each:
+                self._warm.pop(picture, None)
+                self._warm[picture] = None
+        while len(self._warm) > self.warm_pictures:
+            self._warm.popitem(last=False)
 
     def _lane(self, request: Any) -> int:
         info = getattr(request, "delivery_info", None) or {}
@@ -172,6 +203,18 @@ class Handover(Batches):
 
 def _nothing() -> None:
     pass
+
+
+def _pictures(request: Any) -> frozenset[tuple[str, str]]:
+    """A buffered job's pictures as (owner, image key), read from its message as it is (a malformed one has
+    none: ``parse`` deals with it). Per owner, as the worker's caches are."""
+    try:
+        job = (request.kwargs or {})["job"]
+        owner = str(job.get("owner", "default"))
+        return frozenset((owner, str(part["key"])) for m in job["messages"] for part in m["content"]
+                         if isinstance(part, dict) and part.get("type") == "image" and "key" in part)
+    except (KeyError, TypeError, AttributeError):
+        return frozenset()
 
 
 def _ids(requests: Sequence[Any]) -> tuple[str, ...]:
