@@ -120,7 +120,7 @@ def test_the_policy_is_pure() -> None:
     imported = {n.module or "" for n in ast.walk(ast.parse(inspect.getsource(policy))) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(ast.parse(inspect.getsource(policy))) if isinstance(n, ast.Import)
                  for a in n.names}
-    assert imported <= {"__future__", "dataclasses"}
+    assert imported <= {"__future__", "collections.abc", "dataclasses"}
     view = View(running=64, running_bulk=64, heads=(Head(1), B8), waiting=9, interactive_waiting=1, buffered=5)
     assert plan(W64, view) == plan(W64, view)
 
