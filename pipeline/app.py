@@ -129,7 +129,7 @@ def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
     return app
 
 
-def queue_for(settings: Settings, priority: Priority) -> str:
+def queue_for(settings: Settings, priority: Priority | str) -> str:
     return settings.bulk_queue if priority == Priority.bulk else settings.interactive_queue
 
 

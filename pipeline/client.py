@@ -18,10 +18,13 @@ from typing import IO, Any, Union
 
 from pydantic import ValidationError
 
+import redis
+
 from tuwen.pipeline import app as queue
+from tuwen.pipeline import registry
 from tuwen.pipeline.errors import InvalidImage, InvalidInput, InvalidParams, Unavailable
 from tuwen.pipeline.inputs import check_question, decode_image, picture_too_large
-from tuwen.pipeline.pdf import InvalidPdf, check_pdf, page_numbers, render_pdf
+from tuwen.pipeline.pdf import InvalidPdf, check_pdf, page_numbers, page_side, render_pdf
 from tuwen.pipeline.jobs import JobStore, cache_prefix, connect, outage
 from tuwen.pipeline.schema import GenerationParams, JobRequest, JobResult, JobStatus, Priority
 from tuwen.pipeline.structured import schema_error
@@ -106,6 +109,15 @@ class Client:
         return JobResult(id=request.id, status=JobStatus.queued, owner=owner, created_at=request.created_at,
                          image_key=request.image_key)
 
+    def page_side(self, priority: Priority | str) -> int:
+        """The long side a PDF page is rendered at for jobs of ``priority`` (``pdf.page_side``: the setting, else
+        what the live workers of its queue announce, else the default; Redis away: the default)."""
+        try:
+            workers = registry.live_workers(self.jobs.redis)
+        except redis.RedisError:
+            workers = []
+        return page_side(self.settings, registry.picture_side(workers, queue.queue_for(self.settings, priority)))
+
     def submit_pdf(self, pdf: ImageInput, question: str, *, pages: str | None = None,
                    **options: Any) -> list[JobResult]:
         """``submit`` for each page of ``pdf`` (``pages``: ``"3-5,9"``, all if None), its picture the page rendered
@@ -116,8 +128,9 @@ class Client:
         except InvalidImage as exc:
             raise InvalidPdf(exc.message.replace("picture", "PDF"), code="pdf_too_large"
                              if exc.code == "image_too_large" else exc.code) from exc
-        chosen = page_numbers(pages, check_pdf(data, self.settings))
-        pictures = [self.check_image(page.png).data for page in render_pdf(data, self.settings, chosen)]
+        side = self.page_side(options.get("priority", Priority.interactive))
+        chosen = page_numbers(pages, check_pdf(data, self.settings, side))
+        pictures = [self.check_image(page.png).data for page in render_pdf(data, self.settings, chosen, side)]
         requests = [self.prepare(picture, question, **options) for picture in pictures]
         for request in requests:
             self.enqueue(request)

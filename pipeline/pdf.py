@@ -80,10 +80,21 @@ def page_numbers(spec: str | None, count: int) -> list[int]:
     return chosen
 
 
-def render_scale(width_pt: float, height_pt: float, settings: Settings) -> float:
-    """Pixels per point for a page: its long side becomes ``pdf_page_side`` pixels, at no less than
+#: A page's long side when neither ``TUWEN_PDF_PAGE_SIDE`` nor a live worker says one.
+DEFAULT_PAGE_SIDE = 1024
+
+
+def page_side(settings: Settings, announced: int | None = None) -> int:
+    """The long side pages are rendered at: ``TUWEN_PDF_PAGE_SIDE`` if set, else the served family's
+    preferred size its workers announce (``registry.picture_side``), else ``DEFAULT_PAGE_SIDE``."""
+    return settings.pdf_page_side or announced or DEFAULT_PAGE_SIDE
+
+
+def render_scale(width_pt: float, height_pt: float, settings: Settings, side: int | None = None) -> float:
+    """Pixels per point for a page: its long side becomes ``side`` pixels (``page_side``), at no less than
     ``pdf_min_dpi`` (a big page is drawn bigger rather than illegibly small)."""
-    return max(settings.pdf_page_side / max(width_pt, height_pt, 1e-3), settings.pdf_min_dpi / POINTS_PER_INCH)
+    long = side or page_side(settings)
+    return max(long / max(width_pt, height_pt, 1e-3), settings.pdf_min_dpi / POINTS_PER_INCH)
 
 
 def page_count(data: bytes) -> int:
@@ -100,29 +111,32 @@ def page_count(data: bytes) -> int:
             pdfium_c.FPDF_CloseDocument(raw)
 
 
-def check_pdf(data: bytes, settings: Settings) -> int:
-    """The page count of a PDF tuwen will render, or ``InvalidPdf`` with its code (nothing is rendered)."""
+def check_pdf(data: bytes, settings: Settings, side: int | None = None) -> int:
+    """The page count of a PDF tuwen will render (at ``side``, as ``render_pdf``), or ``InvalidPdf`` with its
+    code (nothing is rendered)."""
     with _PDFIUM:
         doc = _open(data, settings)
         try:
             count = len(doc)
             for index in range(count):
-                _page_size(doc, index, settings)
+                _page_size(doc, index, settings, side)
             return count
         finally:
             doc.close()
 
 
-def render_pdf(data: bytes, settings: Settings, pages: Sequence[int] | None = None) -> list[Page]:
-    """Every page of ``pages`` (1-based; None: all) as a PNG picture and its text, checked first: a refused
-    PDF renders nothing. Raises ``InvalidPdf`` (its code) for what ``check_pdf`` refuses."""
+def render_pdf(data: bytes, settings: Settings, pages: Sequence[int] | None = None,
+               side: int | None = None) -> list[Page]:
+    """Every page of ``pages`` (1-based; None: all) as a PNG picture, its long side ``side`` pixels
+    (``page_side``), and its text, checked first: a refused PDF renders nothing. Raises ``InvalidPdf`` (its
+    code) for what ``check_pdf`` refuses."""
     with _PDFIUM:
         doc = _open(data, settings)
         try:
             chosen = list(pages) if pages is not None else list(range(1, len(doc) + 1))
             if any(n < 1 or n > len(doc) for n in chosen):
                 raise InvalidPdf(f"the PDF has {len(doc)} pages", code="invalid_pages")
-            scales = {n: _page_size(doc, n - 1, settings)[2] for n in chosen}
+            scales = {n: _page_size(doc, n - 1, settings, side)[2] for n in chosen}
             return [_render(doc, n, scales[n]) for n in chosen]
         finally:
             doc.close()
@@ -156,7 +170,8 @@ def _open(data: bytes, settings: Settings) -> pdfium.PdfDocument:
     return doc
 
 
-def _page_size(doc: pdfium.PdfDocument, index: int, settings: Settings) -> tuple[int, int, float]:
+def _page_size(doc: pdfium.PdfDocument, index: int, settings: Settings,
+               side: int | None = None) -> tuple[int, int, float]:
     """A page's rendered size and scale, refused before rendering when too many pixels or too long."""
     try:
         width, height = doc.get_page_size(index)
@@ -164,7 +179,7 @@ def _page_size(doc: pdfium.PdfDocument, index: int, settings: Settings) -> tuple
         raise InvalidPdf(f"page {index + 1} of the PDF cannot be read", code="corrupt_pdf") from None
     if not (width > 0 and height > 0):
         raise InvalidPdf(f"page {index + 1} of the PDF has no area", code="corrupt_pdf")
-    scale = render_scale(width, height, settings)
+    scale = render_scale(width, height, settings, side)
     w, h = max(1, round(width * scale)), max(1, round(height * scale))
     if w * h > settings.max_image_pixels:
         raise InvalidPdf(f"page {index + 1} is {width:.0f}×{height:.0f} points: {w}×{h} pixels at "

@@ -45,6 +45,14 @@ def consumers(workers: list[dict[str, Any]], queues: Iterable[str]) -> dict[str,
             for q in queues}
 
 
+def picture_side(workers: list[dict[str, Any]], queue: str) -> int | None:
+    """The long side, in pixels, that the live workers consuming ``queue`` resize a picture to (their model
+    family's preferred size, which each announces); the largest of them, or None when none says."""
+    names = set(consumers(workers, [queue])[queue])
+    sides = [int(w["picture_side"]) for w in workers if w["name"] in names and w.get("picture_side")]
+    return max(sides) if sides else None
+
+
 #: What starts a worker: the end of every "no live worker" message.
 START_A_WORKER = "start one with `tuwen worker`, or everything on one machine with `tuwen serve`"
 

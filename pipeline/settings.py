@@ -230,10 +230,10 @@ class Settings(TuwenSettings):
     max_pdf_bytes: int = Field(64 * 1024 * 1024, ge=1)
     #: Most pages one PDF may have; past it the PDF is refused with too_many_pages before any is rendered.
     max_pdf_pages: int = Field(500, ge=1, le=100_000)
-    #: A PDF page is rendered with its long side this many pixels: the served family's preferred picture
-    #: size (docs/education.md: 336 for LLaVA-1.5, 672 for LLaVA-NeXT, about 1,200 for Qwen2-VL at the
-    #: default max_image_tokens). The model's processor resizes it as it does any picture.
-    pdf_page_side: int = Field(1024, ge=32, le=8192)
+    #: A PDF page is rendered with its long side this many pixels. Unset: the served family's preferred
+    #: picture size, as its live workers announce it (336 for LLaVA-1.5, 672 for LLaVA-NeXT, about 1,200 for
+    #: Qwen2-VL at the default max_image_tokens), else 1024. The processor resizes it as any picture.
+    pdf_page_side: int | None = Field(None, ge=32, le=8192)
     #: Pages are never rendered below this many dots per inch (small print stays legible): a big page is
     #: drawn bigger instead, and refused with pdf_page_too_large when that is over max_image_pixels.
     pdf_min_dpi: float = Field(72.0, ge=1.0, le=1200.0)

@@ -108,8 +108,8 @@ class PdfPages:
     """The rendered pages a chunk of lines needs, rendered once per chunk (``ahead``) and looked up per line
     (``picture``) from the preparing threads."""
 
-    def __init__(self, settings: Settings, base: Path | None) -> None:
-        self.settings, self.base = settings, base
+    def __init__(self, settings: Settings, base: Path | None, side: int | None = None) -> None:
+        self.settings, self.base, self.side = settings, base, side
         self._lock = threading.Lock()
         self._pages: dict[tuple[str, int], bytes] = {}
         self._failed: dict[str, InvalidInput] = {}
@@ -127,7 +127,7 @@ class PdfPages:
         failed: dict[str, InvalidInput] = {}
         for name, numbers in wanted.items():
             try:
-                for page in render_pdf(self._read(name), self.settings, sorted(numbers)):
+                for page in render_pdf(self._read(name), self.settings, sorted(numbers), self.side):
                     pages[name, page.number] = page.png
             except InvalidInput as exc:
                 failed[name] = exc
@@ -156,7 +156,7 @@ class PdfPages:
         if failed is not None:
             raise failed
         data = self._read(rec.pdf)  # no page: the reason is the PDF's, or the page list's
-        page_numbers(rec.pages, check_pdf(data, self.settings))
+        page_numbers(rec.pages, check_pdf(data, self.settings, self.side))
         raise InvalidPdf(f"pages {rec.pages!r}: no page chosen", code="invalid_pages")
 
     def _read(self, name: str) -> bytes:

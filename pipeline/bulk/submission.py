@@ -75,7 +75,8 @@ class QuestionLines:
         self.client = client
         self.base = base
         self._owned: set[str] = set()  #: the stored pictures of the batch at hand that the owner may name
-        self.pages = PdfPages(client.settings, base)  #: the PDF pages the batch at hand names, rendered
+        #: the PDF pages the batch at hand names, rendered at the bulk workers' preferred size
+        self.pages = PdfPages(client.settings, base, side=client.page_side(Priority.bulk))
 
     def ahead(self, records: list[Record], bulk: Bulk) -> None:
         """Which stored pictures the lines name are the owner's: one round trip for the batch; and the PDF

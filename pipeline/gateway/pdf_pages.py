@@ -23,7 +23,7 @@ from tuwen.pipeline.gateway.openai_request import ChatTurn, Part
 from tuwen.pipeline.gateway.parts import FileRef, PagePicture, PictureRef
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.inputs import in_mib
-from tuwen.pipeline.pdf import check_pdf, render_pdf
+from tuwen.pipeline.pdf import check_pdf, page_side, render_pdf
 
 T = TypeVar("T")
 #: How a page's text layer enters the conversation, after the page's picture.
@@ -41,11 +41,12 @@ def with_pages(state: GatewayState, owner: str, turns: tuple[ChatTurn, ...], que
     if not refs:
         return turns
     settings = state.settings
+    side = page_side(settings, state.census.picture_side(queue))  # the served family's preferred size
     documents: dict[FileRef, bytes] = {}
     counts: dict[FileRef, int] = {}
     for ref in refs:
         documents[ref] = pdf_bytes(state, ref, owner)
-        counts[ref] = _read(ref, lambda: check_pdf(documents[ref], settings))
+        counts[ref] = _read(ref, lambda: check_pdf(documents[ref], settings, side))
     others = pictures_in(turns)
     limits = [n for n in (state.census.max_images(queue), settings.max_images_per_job) if n]
     limit = min(limits)
@@ -59,7 +60,7 @@ def with_pages(state: GatewayState, owner: str, turns: tuple[ChatTurn, ...], que
     expanded: dict[FileRef, list[Part]] = {}
     for ref in refs:
         parts: list[Part] = []
-        for page in _read(ref, lambda: render_pdf(documents[ref], settings)):
+        for page in _read(ref, lambda: render_pdf(documents[ref], settings, side=side)):
             parts.append(PagePicture(page.png, f"{ref.param} (page {page.number})"))
             if page.text:
                 parts.append(PAGE_TEXT.format(number=page.number, text=page.text))

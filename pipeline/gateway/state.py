@@ -109,6 +109,10 @@ class WorkerCensus:
         limits = [int(w["max_images"]) for w in workers if w["name"] in names and w.get("max_images")]
         return min(limits) if limits else None
 
+    def picture_side(self, queue: str) -> int | None:
+        """The long side the live workers consuming ``queue`` resize pictures to (``registry.picture_side``)."""
+        return registry.picture_side(self._live(), queue)
+
     def renders_tools(self, queue: str) -> bool:
         """Every live worker consuming ``queue`` announces that its checkpoint's chat template renders tools
         (``renders_tools``, found by rendering a probe); False when none is live."""

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from tests.pdfs import PAGE_KINDS, bad_pdfs, scene_pdf, scenes, scripted_pdf, sized_pdf, text_layer_pdf
-from tuwen.pipeline.pdf import InvalidPdf, check_pdf, clean_text, page_numbers, render_pdf
+from tuwen.pipeline import registry
+from tuwen.pipeline.pdf import (DEFAULT_PAGE_SIDE, InvalidPdf, check_pdf, clean_text, page_numbers, page_side,
+                                render_pdf)
 from tuwen.pipeline.settings import Settings
 
 SETTINGS = Settings(pdf_page_side=448)
@@ -30,6 +32,20 @@ def test_pages_come_back_as_pictures_of_the_page_side_with_their_text() -> None:
     diff = sum(abs(a - b) for a, b in zip(first.convert("RGB").tobytes()[::97], scene.tobytes()[::97]))
     assert diff / len(scene.tobytes()[::97]) < 24
     assert [p.number for p in render_pdf(data, SETTINGS, [3, 1])] == [3, 1]
+
+
+def test_pages_are_drawn_at_the_size_the_served_family_announces_unless_the_setting_says() -> None:
+    # Given workers of two families on the bulk queue, announcing the side their processors bring pictures to
+    workers = [{"name": "a", "queues": ["bulk"], "picture_side": 336}, {"name": "b", "queues": ["bulk"],
+               "picture_side": 672}, {"name": "c", "queues": ["interactive"], "picture_side": 96}]
+    announced = registry.picture_side(workers, "bulk")
+    # Then a bulk's pages are drawn at the larger (no worker sees a page smaller than it takes) ...
+    assert announced == 672 and registry.picture_side(workers, "nobody") is None
+    page = scene_pdf([e.image for e in scenes(3, PAGE_KINDS)[:1]])
+    assert render_pdf(page, Settings(), side=page_side(Settings(), announced))[0].size == (672, 672)
+    # ... TUWEN_PDF_PAGE_SIDE wins over them, and with no worker to ask, the default
+    assert page_side(Settings(pdf_page_side=448), announced) == 448
+    assert page_side(Settings(), None) == DEFAULT_PAGE_SIDE
 
 
 def test_a_big_page_is_drawn_at_the_minimum_dpi_and_a_bomb_is_refused_before_drawing() -> None:

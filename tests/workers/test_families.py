@@ -409,3 +409,28 @@ def test_worker_answers_qwen2_vl_jobs_like_the_runtime(qwen_worker: tuple[Worker
                                                                          for a in alone]
     assert all(r.model_id == rt.model_id for r in ordered)
     assert max(r.batch_size or 0 for r in ordered) > 1
+
+
+def test_the_announced_picture_side_is_the_size_the_processor_brings_a_picture_to(checkpoint: Checkpoint) -> None:
+    # Given the family's runtime and the side it announces (PDF pages are rendered at it)
+    rt = Runtime(Settings(model_path=checkpoint.path, torch_threads=1))
+    side, image_processor = rt.picture_side, rt.processor.image_processor
+    assert side is not None and side >= 28
+    # When a big square picture goes through the processor
+    out = image_processor(images=[picture(2000, 2000)], return_tensors="pt")
+    if checkpoint.family.dynamic:  # Then it comes out about side × side (to a merged patch)
+        unit = image_processor.patch_size * image_processor.merge_size
+        _, h, w = (int(x) for x in out["image_grid_thw"][0])
+        assert abs(h * image_processor.patch_size - side) <= unit and abs(w * image_processor.patch_size - side) <= unit
+    elif getattr(image_processor, "image_grid_pinpoints", None):  # tiles: the largest grid bounds what it sees
+        crop = max(_crop(image_processor))
+        tiles = out["pixel_values"].shape[1] - 1  # past the whole picture's own tile
+        assert side % crop == 0 and 0 < tiles and tiles * crop ** 2 <= side ** 2
+    else:  # a fixed size: exactly it
+        assert max(out["pixel_values"].shape[-2:]) == side
+
+
+def _crop(image_processor: Any) -> tuple[int, int]:
+    size = image_processor.crop_size
+    size = size if isinstance(size, dict) else dict(size)
+    return int(size["height"]), int(size["width"])

@@ -94,3 +94,25 @@ MAX_IMAGES = {"llava": 4, "llava_next": 4, "qwen2_vl": 8, "qwen2_5_vl": 8}
 def family_max_images(config: Any) -> int:
     """Most pictures per job for a loaded model's config (1 for a family tuwen has not measured)."""
     return MAX_IMAGES.get(getattr(config, "model_type", ""), 1)
+
+
+def picture_side(processor: Any) -> int | None:
+    """The long side, in pixels, the loaded image processor brings a picture to: what a PDF page is best
+    rendered at (announced to the gateway and the bulk submitter). Read from what the processor has:
+    dynamic resolution, the side of a square of its most pixels; tiles (``image_grid_pinpoints``), the
+    largest grid's long side; a fixed size, its crop or resize size. None when it says none of these."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return None
+    pixel_range = _pixel_range(image_processor)
+    if pixels_per_token(image_processor) is not None and pixel_range is not None and pixel_range[1]:
+        return int(pixel_range[1] ** 0.5)
+    pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
+    if pinpoints:
+        return max(max(int(x) for x in point) for point in pinpoints)
+    for name in ("crop_size", "size"):
+        size = _as_dict(getattr(image_processor, name, None))
+        sides = [int(size[k]) for k in ("height", "width", "shortest_edge", "longest_edge") if size.get(k)]
+        if sides:
+            return max(sides)
+    return None

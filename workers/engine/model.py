@@ -25,7 +25,7 @@ from tuwen.pipeline.inputs import check_question, decode_image
 from tuwen.pipeline.settings import CpuLinear, DType, Quantization, Settings
 from tuwen.workers.engine import packed
 from tuwen.workers.engine.batch import Engine, Row, Sampling
-from tuwen.workers.engine.families import apply_image_limits, family_max_images
+from tuwen.workers.engine.families import apply_image_limits, family_max_images, picture_side
 from tuwen.workers.engine.logprobs import Entries
 from tuwen.workers.engine.prompts import Prompt, Prompts
 from tuwen.workers.engine.reuse import Reuse, picture_digest
@@ -196,6 +196,12 @@ class Runtime:
     def max_images(self) -> int:
         """Most pictures one job may carry: the family's limit, lowered by ``TUWEN_MAX_IMAGES_PER_JOB``."""
         return min(family_max_images(self.model.config), self.settings.max_images_per_job)
+
+    @cached_property
+    def picture_side(self) -> int | None:
+        """The long side the processor brings a picture to (``families.picture_side``): announced, so that PDF
+        pages are rendered at the size the model sees."""
+        return picture_side(self.processor)
 
     @property
     def renders_tools(self) -> bool:
@@ -411,6 +417,10 @@ class NullRuntime(Runtime):
     @property
     def renders_tools(self) -> bool:
         return False
+
+    @property
+    def picture_side(self) -> int | None:  # type: ignore[override]
+        return None
 
     def engine(self) -> Any:
         return _NoEngine()

@@ -83,6 +83,7 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
         "model_id": runtime.model_id, "device": runtime.device, "queues": queues, "pid": os.getpid(),
         "max_batch_size": settings.max_batch_size, "load_seconds": runtime.load_seconds,
         "max_images": runtime.max_images, "renders_tools": runtime.renders_tools,
+        "picture_side": runtime.picture_side,
     }, pulse, settings.stall_timeout_s, queue_depth)
     sweeper = None
     if broker is not None:
