@@ -214,6 +214,20 @@ class Settings(TuwenSettings):
     #: own minimum. Clipped to half of ``max_image_tokens``.
     min_image_tokens: int = Field(0, ge=0, le=16384)
 
+    # -- spoken questions ----------------------------------------------------------------------------
+    #: Largest audio file accepted (a spoken question), in bytes; OpenAI's transcription limit.
+    max_audio_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    #: Longest spoken question accepted, in seconds (by the header, and again as it decodes).
+    max_audio_seconds: float = Field(60.0, gt=0, le=3600)
+    #: Queue of the speech stage: audio jobs are transcribed here, then go on to the picture queues.
+    speech_queue: str = "speech"
+    #: The speech worker's checkpoint: any local Whisper-family directory (``AutoModelForSpeechSeq2Seq``).
+    speech_model_path: Path | None = None
+    #: Most audio jobs the speech worker transcribes in one batch.
+    speech_batch_size: int = Field(8, ge=1, le=256)
+    #: Most tokens of one transcript (Whisper's decoder holds 448 with its prompt).
+    speech_max_new_tokens: int = Field(224, ge=1, le=440)
+
     @field_validator("redis_url", "broker_url")
     @classmethod
     def _known_scheme(cls, value: str | None, info: ValidationInfo) -> str | None:
