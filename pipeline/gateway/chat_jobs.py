@@ -17,7 +17,8 @@ from tuwen.pipeline.gateway.apikeys import ApiKey, job_made
 from tuwen.pipeline.conversation import Turn, prepare_conversation
 from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.openai_errors import NO_RETRY, OpenAIError, as_openai, openai_error
-from tuwen.pipeline.gateway.openai_request import ChatRequest, PictureRef
+from tuwen.pipeline.gateway.openai_request import ChatRequest
+from tuwen.pipeline.gateway.parts import PictureRef
 from tuwen.pipeline.gateway.pictures import picture
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.gateway.tool_calls import refuse_auto

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
+from tuwen.pipeline.gateway.parts import ChatTurn, PictureRef, Spoken, audio_part
 from tuwen.pipeline.gateway import tool_calls
 from tuwen.pipeline.gateway.openai_params import NO_TOOLS, REFUSED, REFUSED_IN_MESSAGES, ROLES, SAMPLING, neutral
 from tuwen.pipeline.inputs import MAX_NESTING
@@ -120,20 +121,6 @@ class ChatCompletionRequest(ChatParams):
 
 
 # -- the parsed request ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PictureRef:
-    """A picture of the conversation by URL, and where it sits in the request (for errors)."""
-
-    url: str
-    param: str
-
-
-@dataclass(frozen=True)
-class ChatTurn:
-    role: Role
-    parts: tuple[str | PictureRef, ...]
-
-
 @dataclass(frozen=True)
 class ChatRequest:
     model: str
@@ -264,7 +251,7 @@ def _turn(message: Any, where: str, ignored: list[str]) -> ChatTurn:
                      where)
 
 
-def chat_turn(role: Role, parts: tuple[str | PictureRef, ...], where: str) -> ChatTurn:
+def chat_turn(role: Role, parts: tuple[str | PictureRef | Spoken, ...], where: str) -> ChatTurn:
     """A turn of the conversation (chat messages and Responses input items alike): only user turns may carry
     pictures."""
     if role != Role.user and any(isinstance(p, PictureRef) for p in parts):
@@ -273,10 +260,10 @@ def chat_turn(role: Role, parts: tuple[str | PictureRef, ...], where: str) -> Ch
     return ChatTurn(role, parts)
 
 
-def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:
+def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef | Spoken:
     kind = part.get("type") if isinstance(part, dict) else None
     if isinstance(part, dict):
-        known = {"type", "text"} if kind == "text" else {"type", "image_url"}
+        known = {"type", "text"} if kind == "text" else {"type", kind}
         ignored += [f"{where}.{printable_name(k)}" for k in sorted(set(part) - known)]  # cache_control …
     if kind == "text":
         # By hand, not by the model: text that is not valid Unicode (lone surrogates from JSON's \u escapes)
@@ -284,10 +271,12 @@ def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:
         if not isinstance(part.get("text"), str):
             raise openai_error("invalid_messages", f"{where}.text must be a string", param=f"{where}.text")
         return str(part["text"])
+    if kind == "input_audio":
+        return audio_part(part, where)
     if kind != "image_url":
-        if kind in ("input_audio", "file", "refusal"):
+        if kind in ("file", "refusal"):
             raise openai_error("unsupported_parameter", f"{where}: {kind} parts are not supported; "
-                               "send text and image_url parts", param=f"{where}.type")
+                               "send text, image_url and input_audio parts", param=f"{where}.type")
         raise openai_error("invalid_messages", f"{where} must be a part of type text or image_url",
                            param=f"{where}.type" if isinstance(part, dict) else where)
     try:

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
 from tuwen.pipeline.gateway.openai_request import (
-    EXAMPLE_PICTURE, MAX_METADATA, MAX_METADATA_KEY, MAX_METADATA_VALUE, ChatRequest, ChatTurn, PictureRef,
-    chat_turn, json_object, printable_name)
+    EXAMPLE_PICTURE, MAX_METADATA, MAX_METADATA_KEY, MAX_METADATA_VALUE, ChatRequest, chat_turn, json_object, printable_name)
+from tuwen.pipeline.gateway.parts import ChatTurn, PictureRef, Spoken, audio_part
 from tuwen.pipeline.gateway.openai_params import ROLES
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role, Truncation
 from tuwen.pipeline.structured import schema_error
@@ -128,8 +128,7 @@ TOLERATED = frozenset({"parallel_tool_calls", "max_tool_calls", "stream_options"
 #: Message item fields that belong to items the SDK hands back (``resp.output``): taken, not used.
 ITEM_FIELDS = frozenset({"type", "role", "content", "id", "status", "phase"})
 #: Part types whose effect a client relies on and tuwen cannot give.
-REFUSED_PARTS = {"input_file": "file inputs are not supported", "input_audio": "audio inputs are not supported",
-                 "refusal": "refusal parts are not supported"}
+REFUSED_PARTS = {"input_file": "file inputs are not supported", "refusal": "refusal parts are not supported"}
 
 
 # -- the parsed request ---------------------------------------------------------------------------------------
@@ -273,13 +272,14 @@ def _item(item: Any, where: str, ignored: list[str]) -> ChatTurn:
                      where)
 
 
-def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef:
+def _part(part: Any, where: str, ignored: list[str]) -> str | PictureRef | Spoken:
     if not isinstance(part, dict):
         raise openai_error("invalid_messages", f"{where} must be an object", param=where)
     kind = part.get("type")
     if isinstance(kind, str) and kind in REFUSED_PARTS:
-        raise openai_error("unsupported_parameter", f"{where}: {REFUSED_PARTS[kind]}; send input_text and "
-                           "input_image parts", param=f"{where}.type")
+        raise openai_error("unsupported_parameter", f"{where}: {REFUSED_PARTS[kind]}", param=f"{where}.type")
+    if kind == "input_audio":
+        return audio_part(part, where)
     if kind in ("input_text", "output_text"):
         ignored += [f"{where}.{header_name(k)}" for k in part if k not in ("type", "text", "annotations", "logprobs")]
         if not isinstance(part.get("text"), str):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tuwen.pipeline import keys
 from tuwen.pipeline.gateway.openai_errors import OpenAIError, openai_error
-from tuwen.pipeline.gateway.openai_request import ChatTurn, PictureRef
+from tuwen.pipeline.gateway.parts import ChatTurn, PictureRef
 from tuwen.pipeline.gateway.pictures import stored_url
 from tuwen.pipeline.jobs import JobStore, redis_errors
 from tuwen.pipeline.responses_objects import ResponseFacts, job_of

@@ -1,0 +1,100 @@
+"""Where spoken questions come in over HTTP (issue 28, part 4), driven by the official ``openai`` SDK and httpx:
+``POST /v1/audio/transcriptions``, ``input_audio`` parts in chat completions and responses, and ``POST /v1/jobs``
+with an ``audio`` file part. A real gateway, a real speech worker and a real picture worker. With the untrained
+speech model the transcripts are noise: these check the shapes, the one job id through both stages, the codes
+and that nothing is stored for bad audio; the facts of the answers wait for the trained checkpoint."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+
+import openai
+import pytest
+
+from tuwen.pipeline.client import Client
+from tuwen.pipeline.schema import JobStatus, StageName
+from tuwen.pipeline.settings import Settings
+from tests.gateway.conftest import Gateway
+from tests.gateway.test_openai import data_url, sdk
+from tests.reliability.test_bad_audio import REFUSED
+from tests.reliability.test_bad_input import state
+from tests.workers.test_speech import spoken
+from tuwen.workers.bench.process import WorkerProcess
+from tuwen.workers.demo.samples import load_samples
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def test_transcriptions_in_each_response_format(gateway: Gateway, speech_worker: WorkerProcess,
+                                                new_key: Callable[..., str]) -> None:
+    """Given a speech worker, when the SDK transcribes a WAV as json, text and verbose_json, then each answer has
+    the same transcript in its format, and verbose_json says how long the clip is."""
+    client = sdk(gateway, new_key())
+    audio = spoken(seed=11)
+    as_json = client.audio.transcriptions.create(model="whisper-1", file=("q.wav", audio, "audio/wav"))
+    as_text = client.audio.transcriptions.create(model="whisper-1", file=("q.wav", audio, "audio/wav"),
+                                                 response_format="text")
+    verbose = client.audio.transcriptions.create(model="whisper-1", file=("q.wav", audio, "audio/wav"),
+                                                 response_format="verbose_json")
+    assert as_json.text and as_json.text == as_text.strip() == verbose.text
+    assert verbose.duration == pytest.approx(1.5, abs=0.01) and verbose.language == "zh"
+
+
+def test_bad_audio_gets_its_code_over_http_and_nothing_is_stored(gateway: Gateway, new_key: Callable[..., str],
+                                                                  client: Client) -> None:
+    """The bad-audio corpus through the SDK: a 400 with each case's code (413 past the body limit), nothing
+    stored or queued."""
+    sdk_client = sdk(gateway, new_key())
+    before = state(client, gateway.settings.speech_queue)
+    for name, (build, code) in REFUSED.items():
+        with pytest.raises(openai.APIStatusError) as info:
+            sdk_client.audio.transcriptions.create(model="whisper-1", file=("q.wav", build(), "audio/wav"))
+        body = info.value.body if isinstance(info.value.body, dict) else {}
+        if code == "audio_too_large":  # the body is refused as it streams in, past TUWEN_MAX_AUDIO_BYTES + 1 MiB
+            code = "request_too_large"
+        assert body.get("code") == code, (name, info.value.status_code, body)
+        assert info.value.status_code == (413 if code == "request_too_large" else 400), name
+    assert state(client, gateway.settings.speech_queue) == before
+
+
+def test_chat_with_a_picture_and_an_input_audio_part_is_one_job_through_both_stages(
+        gateway: Gateway, speech_worker: WorkerProcess, worker: WorkerProcess, new_key: Callable[..., str],
+        client: Client) -> None:
+    """Given both workers, when the SDK sends a picture and a spoken question (wav, then flac), then a chat
+    completion comes back, and its job shows the transcript and both stages."""
+    sample = load_samples()[1]
+    chat = sdk(gateway, new_key("spoken-chat"))
+    audio = base64.b64encode(spoken(seed=2)).decode()
+    reply = chat.chat.completions.with_raw_response.create(model="tuwen", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(sample.path.read_bytes())}},
+        {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]}])
+    completion = reply.parse()
+    assert completion.choices[0].message.content is not None
+    job = client.get(reply.headers["X-Tuwen-Job-Id"])
+    assert job.status == JobStatus.succeeded and job.transcript
+    assert [s.name for s in job.stages or []] == [StageName.speech, StageName.picture]
+    with pytest.raises(openai.BadRequestError) as info:
+        chat.chat.completions.create(model="tuwen", messages=[{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": audio, "format": "aiff"}}]}])
+    assert info.value.body["code"] == "unsupported_audio_format"  # type: ignore[index]
+
+
+def test_jobs_take_an_audio_part_and_say_when_no_speech_worker_is_live(
+        gateway: Gateway, new_key: Callable[..., str], pipeline_settings: Settings) -> None:
+    """Given no speech worker on a queue, when a picture and an audio file are posted to /v1/jobs, then the job is
+    queued in the speech stage, and a long-poll says that no live worker consumes the speech queue."""
+    from tests.gateway.conftest import gateway_settings, start_gateway
+
+    parked = start_gateway(pipeline_settings.model_copy(update={"speech_queue": "gw-no-speech"}), gateway_settings())
+    try:
+        with parked.client(new_key()) as http:
+            sample = load_samples()[0]
+            answer = http.post("/v1/jobs", files={"image": ("p.png", sample.path.read_bytes(), "image/png"),
+                                                  "audio": ("q.wav", spoken(seed=4), "audio/wav")})
+            assert answer.status_code == 202, answer.text
+            job = http.get(f"/v1/jobs/{answer.json()['id']}", params={"wait": 1}).json()
+            assert job["status"] == "queued" and job["stage"] == "speech"
+            assert "no live worker is consuming gw-no-speech" in job["warning"]
+    finally:
+        parked.stop()
