@@ -57,6 +57,11 @@ def worker(
 
         speech = settings_from(speech_model_path=model_path, device=device, speech_batch_size=batch_size,
                                batch_wait_ms=wait_ms)
+        if speech.speech_model_path is None:  # none given: the bundled demo speech model, once it is trained
+            from tuwen.workers.demo.speech import bundled_speech_model
+
+            if (bundled_speech_model() / "config.json").exists():
+                speech = speech.model_copy(update={"speech_model_path": bundled_speech_model()})
         if speech.speech_model_path is None:
             err.print("a speech worker needs a Whisper-family checkpoint: --model-path or TUWEN_SPEECH_MODEL_PATH",
                       markup=False)

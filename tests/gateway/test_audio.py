@@ -98,3 +98,26 @@ def test_jobs_take_an_audio_part_and_say_when_no_speech_worker_is_live(
             assert "no live worker is consuming gw-no-speech" in job["warning"]
     finally:
         parked.stop()
+
+
+def test_responses_take_input_audio_and_a_follow_up_continues_from_the_transcript(
+        gateway: Gateway, speech_worker: WorkerProcess, worker: WorkerProcess, new_key: Callable[..., str],
+        client: Client) -> None:
+    """Given both workers, when the SDK's responses.create gets a picture and a spoken question, then the response
+    is answered through both stages; a follow-up with previous_response_id goes on from the stored conversation,
+    the spoken part now its transcript."""
+    sample = load_samples()[2]
+    sdk_client = sdk(gateway, new_key("spoken-responses"))
+    raw = sdk_client.responses.with_raw_response.create(model="tuwen", input=[{"role": "user", "content": [
+        {"type": "input_image", "image_url": data_url(sample.path.read_bytes())},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(spoken(seed=7)).decode(),
+                                                "format": "wav"}}]}])  # type: ignore[list-item]
+    first = raw.parse()
+    job = client.get(raw.headers["X-Tuwen-Job-Id"])
+    assert first.status == "completed" and job.transcript
+    assert [s.name for s in job.stages or []] == [StageName.speech, StageName.picture]
+    follow = sdk_client.responses.with_raw_response.create(model="tuwen", previous_response_id=first.id,
+                                                           input=sample.question)
+    assert follow.parse().status == "completed"
+    again = client.jobs.request(follow.headers["X-Tuwen-Job-Id"])
+    assert again is not None and job.transcript in [m.text for m in again.messages]
