@@ -49,9 +49,10 @@ def consumers(workers: list[dict[str, Any]], queues: Iterable[str]) -> dict[str,
 START_A_WORKER = "start one with `tuwen worker`, or everything on one machine with `tuwen serve`"
 
 
-def no_worker(queue: str) -> str:
-    """Why jobs on ``queue`` get no answer, and what to do about it."""
-    return f"no live worker is consuming {queue}: {START_A_WORKER}"
+def no_worker(queue: str, speech: bool = False) -> str:
+    """Why jobs on ``queue`` get no answer, and what to do about it (``speech``: the speech stage's queue)."""
+    start = "start one with `tuwen worker --role speech`" if speech else START_A_WORKER
+    return f"no live worker is consuming {queue}: {start}"
 
 
 def no_consumer_message(client: redis.Redis, queue: str) -> str | None:

@@ -18,8 +18,9 @@ from tuwen.pipeline.conversation import Turn, prepare_conversation
 from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.openai_errors import NO_RETRY, OpenAIError, as_openai, openai_error
 from tuwen.pipeline.gateway.openai_request import ChatRequest
-from tuwen.pipeline.gateway.parts import PictureRef
+from tuwen.pipeline.gateway.parts import PictureRef, Spoken
 from tuwen.pipeline.gateway.pictures import picture
+from tuwen.pipeline.gateway.served import hears
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.gateway.tool_calls import refuse_auto
 from tuwen.pipeline.schema import ErrorInfo, JobResult, JobStatus, Priority
@@ -49,6 +50,8 @@ def fetched_turns(state: GatewayState, chat: ChatRequest, queue: str) -> list[Tu
 def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest, job_id: str | None = None) -> str:
     """Get the pictures, store them for the key's owner and queue the job (under ``job_id`` if given);
     returns its id."""
+    if any(isinstance(p, Spoken) for t in chat.turns for p in t.parts):
+        hears(state)
     turns = fetched_turns(state, chat, state.settings.interactive_queue)
     job = prepare_conversation(state.client, turns, chat.params, owner=key.owner, priority=Priority.interactive,
                                stream=chat.stream, job_id=job_id)

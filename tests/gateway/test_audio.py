@@ -41,8 +41,8 @@ def test_transcriptions_in_each_response_format(gateway: Gateway, speech_worker:
     assert verbose.duration == pytest.approx(1.5, abs=0.01) and verbose.language == "zh"
 
 
-def test_bad_audio_gets_its_code_over_http_and_nothing_is_stored(gateway: Gateway, new_key: Callable[..., str],
-                                                                  client: Client) -> None:
+def test_bad_audio_gets_its_code_over_http_and_nothing_is_stored(gateway: Gateway, speech_worker: WorkerProcess,
+                                                                  new_key: Callable[..., str], client: Client) -> None:
     """The bad-audio corpus through the SDK: a 400 with each case's code (413 past the body limit), nothing
     stored or queued."""
     sdk_client = sdk(gateway, new_key())
@@ -83,7 +83,8 @@ def test_chat_with_a_picture_and_an_input_audio_part_is_one_job_through_both_sta
 def test_jobs_take_an_audio_part_and_say_when_no_speech_worker_is_live(
         gateway: Gateway, new_key: Callable[..., str], pipeline_settings: Settings) -> None:
     """Given no speech worker on a queue, when a picture and an audio file are posted to /v1/jobs, then the job is
-    queued in the speech stage, and a long-poll says that no live worker consumes the speech queue."""
+    queued in the speech stage, and a long-poll says that no live worker consumes the speech queue; the OpenAI
+    routes refuse a spoken question with a 503 that says so."""
     from tests.gateway.conftest import gateway_settings, start_gateway
 
     parked = start_gateway(pipeline_settings.model_copy(update={"speech_queue": "gw-no-speech"}), gateway_settings())
@@ -96,6 +97,12 @@ def test_jobs_take_an_audio_part_and_say_when_no_speech_worker_is_live(
             job = http.get(f"/v1/jobs/{answer.json()['id']}", params={"wait": 1}).json()
             assert job["status"] == "queued" and job["stage"] == "speech"
             assert "no live worker is consuming gw-no-speech" in job["warning"]
+        # And a transcription or a spoken chat question is refused at once, saying what to start (the SDK's 503)
+        spoken_sdk = sdk(parked, new_key())
+        with pytest.raises(openai.InternalServerError) as info:
+            spoken_sdk.audio.transcriptions.create(model="whisper-1", file=("q.wav", spoken(), "audio/wav"))
+        assert info.value.status_code == 503 and "gw-no-speech" in info.value.message
+        assert info.value.response.headers["Retry-After"] == "1"
     finally:
         parked.stop()
 

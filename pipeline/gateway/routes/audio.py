@@ -20,6 +20,7 @@ from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.gateway.chat_jobs import failure, outcome
 from tuwen.pipeline.gateway.deps import State, Submitter
 from tuwen.pipeline.gateway.openai_errors import OpenAIRoute
+from tuwen.pipeline.gateway.served import hears
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.openai_objects import error_responses
 from tuwen.pipeline.schema import JobResult, JobStatus
@@ -71,6 +72,7 @@ async def create_transcription(key: Submitter, state: State, request: Request) -
                            code="unsupported_parameter", param="response_format")
     if fields.get("stream", "false").lower() == "true":
         raise InvalidInput("streamed transcriptions are not supported", code="unsupported_parameter", param="stream")
+    await run_in_threadpool(hears, state)
     job_id = await run_in_threadpool(queue_transcription, state, key.owner, data)
     timeout = state.gw.gateway_chat_timeout_s
     result = await outcome(state, job_id, key.owner, timeout)
