@@ -101,3 +101,44 @@ def test_training_runs_and_saves_a_plain_whisper_checkpoint(tmp_path: Path) -> N
     assert AutoConfig.from_pretrained(out).model_type == "whisper"
     log = json.loads((out / "training_log.json").read_text())
     assert log[-1]["step"] == 2 and "questions cer" in log[-1]
+
+
+# -- the shipped checkpoint ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():  # -> (model, processor)
+    import torch
+
+    from tuwen.workers.demo.speech.evaluate import load
+
+    torch.set_num_threads(1)
+    return load(bundled_speech_model())
+
+
+def test_the_shipped_checkpoint_is_small_and_plain() -> None:
+    files = {p.name: p.stat().st_size for p in bundled_speech_model().iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    assert sum(files.values()) < 10_000_000, files
+
+
+def test_the_shipped_checkpoint_transcribes_held_out_speech_within_5_percent_cer(shipped) -> None:
+    """Clips at rates and noise levels training never used, from test seeds (the documented table uses the
+    first 200 of each row; this is the first 24 of two rows)."""
+    from tuwen.workers.demo.speech.evaluate import held_out_clips, score, transcribe
+
+    model, processor = shipped
+    clips = held_out_clips("questions", 24) + held_out_clips("sums and counts", 24)
+    result = score([t for t, _ in clips], transcribe(model, processor, [a for _, a in clips]))
+    assert result["cer"] <= 0.05, result
+
+
+def test_batched_transcripts_equal_transcripts_made_alone(shipped) -> None:
+    """fp32, greedy: a padded batch of clips of different lengths (and a silence) gives each clip the
+    transcript it gets alone."""
+    from tuwen.workers.demo.speech.evaluate import held_out_clips, transcribe
+
+    model, processor = shipped
+    audios = [a for _, a in held_out_clips("questions", 5, split="dev")]
+    audios += [a for _, a in held_out_clips("sums and counts", 2, split="dev")] + [np.zeros(8000, np.float32)]
+    alone = [transcribe(model, processor, [a])[0] for a in audios]
+    assert transcribe(model, processor, audios, batch_size=len(audios)) == alone
+    assert len({len(t) for t in alone}) > 2  # transcripts of different lengths: the batch really pads

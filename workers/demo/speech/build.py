@@ -105,8 +105,8 @@ def build_model(processor: WhisperProcessor, seed: int = 0) -> WhisperForConditi
     special = ids(tok)
     eot, sot = special["<|endoftext|>"], special["<|startoftranscript|>"]
     config = WhisperConfig(
-        vocab_size=len(tok), num_mel_bins=N_MELS, d_model=192, encoder_layers=4, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=768, decoder_ffn_dim=768,
+        vocab_size=len(tok), num_mel_bins=N_MELS, d_model=160, encoder_layers=3, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=640, decoder_ffn_dim=640,
         max_source_positions=SOURCE_POSITIONS, max_target_positions=TARGET_POSITIONS,
         pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
         begin_suppress_tokens=None, suppress_tokens=None, tie_word_embeddings=True,
