@@ -9,12 +9,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from tuwen.pipeline.settings import Settings
 from tests.bulk.conftest import cli, draw_pictures, write_jsonl
 from tests.workers.test_speech import spoken
+from tuwen.workers.demo.speech.synth import wav_bytes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 runner = CliRunner()
@@ -27,9 +29,9 @@ def test_a_bulk_of_spoken_questions(speech_worker: Any, worker: Any, pipeline_se
     pics = draw_pictures(tmp_path / "imgs", 6, seed=2828)
     rows: list[dict[str, Any]] = []
     for i, (path, _) in enumerate(pics):
-        (tmp_path / "imgs" / f"q{i}.wav").write_bytes(spoken(1.0 + i / 4, seed=100 + i))
+        (tmp_path / "imgs" / f"q{i}.wav").write_bytes(spoken(seed=100 + i, text=pics[i][1]))
         rows.append({"custom_id": f"口述-{i}", "image": path.name, "audio": f"q{i}.wav"})
-    (tmp_path / "imgs" / "quiet.wav").write_bytes(spoken(1.0, seed=1)[:44] + bytes(32_000))
+    (tmp_path / "imgs" / "quiet.wav").write_bytes(wav_bytes(np.zeros(16_000, np.float32)))
     rows.insert(2, {"custom_id": "silent", "image": pics[0][0].name, "audio": "quiet.wav"})
     rows.append({"custom_id": "gone", "image": pics[1][0].name, "audio": "nope.wav"})
     manifest = write_jsonl(tmp_path / "spoken.jsonl", rows)

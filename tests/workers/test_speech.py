@@ -24,14 +24,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 RATE = 16_000
 
 
-def spoken(seconds: float = 1.5, seed: int = 0, rate: int = RATE) -> bytes:
-    """A WAV stand-in for a spoken question: a few tones and some noise (the untrained model hears anything)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    wave = sum(0.1 * np.sin(2 * np.pi * f * t) for f in rng.uniform(150, 900, 3)) + 0.02 * rng.standard_normal(len(t))
-    buf = io.BytesIO()
-    soundfile.write(buf, wave.astype(np.float32), rate, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
+def spoken(seed: int = 0, text: str | None = None) -> bytes:
+    """A spoken question as WAV bytes: the demo synthesiser's Mandarin (espeak-ng) of ``text``, by default the
+    question of the sample ``seed`` picks, in a voice drawn from ``seed``."""
+    from tuwen.workers.demo.speech.synth import speak, wav_bytes
+
+    samples = load_samples()
+    return wav_bytes(*speak(text or samples[seed % len(samples)].question, seed=seed))
+
+
+def seconds(audio: bytes) -> float:
+    return float(soundfile.info(io.BytesIO(audio)).duration)
 
 
 def test_batched_transcripts_equal_transcripts_made_alone(untrained_speech: Path) -> None:
@@ -41,12 +44,14 @@ def test_batched_transcripts_equal_transcripts_made_alone(untrained_speech: Path
 
     runtime = SpeechRuntime(Settings(speech_model_path=untrained_speech, torch_threads=1, speech_max_new_tokens=24))
     runtime.load()
-    clips = [soundfile.read(io.BytesIO(spoken(s, seed=i)), dtype="float32")[0] for i, s in enumerate((0.7, 2.0, 9.5))]
+    clips = [soundfile.read(io.BytesIO(spoken(seed=i)), dtype="float32")[0] for i in range(2)]
+    clips.append(np.concatenate([*clips, *clips, *clips]))  # longer than the demo model's 8 s window
+    assert len(clips[2]) > 8 * RATE
     together = runtime.transcribe(clips)
     alone = [runtime.transcribe([clip])[0] for clip in clips]
     assert together == alone
     assert all(t.tokens > 0 for t in together)
-    assert together[2].tokens > together[0].tokens  # the 9.5 s clip is two windows of the 8 s model
+    assert together[2].tokens > together[0].tokens  # the long clip is two windows of the 8 s model
 
 
 def test_a_spoken_question_goes_through_both_stages_under_one_id(speech_worker: WorkerProcess, worker: WorkerProcess,
@@ -54,15 +59,17 @@ def test_a_spoken_question_goes_through_both_stages_under_one_id(speech_worker: 
     """Given a speech worker and a picture worker, when a picture is asked about aloud, then the one job id ends
     succeeded with its transcript, both stages with their timings, and an answer from the picture model."""
     sample = load_samples()[0]
-    job = client.submit(sample.path, audio=spoken())
+    audio = spoken(text=sample.question)
+    job = client.submit(sample.path, audio=audio)
     assert client.get(job.id).stage == StageName.speech
     result = client.wait(job.id, timeout=120)
     assert result.status == JobStatus.succeeded, result.error
     assert result.transcript and result.answer is not None
     assert [s.name for s in result.stages or []] == [StageName.speech, StageName.picture]
     speech, picture = result.stages or []
-    assert speech.model_id and speech.model_id.startswith("untrained@") and picture.model_id == result.model_id
-    assert speech.timings["speech_model_ms"] > 0 and speech.timings["audio_ms"] == pytest.approx(1500, abs=1)
+    assert speech.model_id and picture.model_id == result.model_id and speech.model_id != result.model_id
+    assert speech.timings["speech_model_ms"] > 0 and speech.timings["audio_ms"] == pytest.approx(seconds(audio) * 1000,
+                                                                                                  abs=1)
     assert picture.timings["picture_ms"] > 0 and (speech.finished_at or 0) <= (picture.started_at or 0)
     assert result.timings["total_ms"] >= speech.timings["speech_ms"] + picture.timings["picture_ms"] - 1
     assert {"speech_ms", "speech_model_ms", "queue_ms", "fetch_ms", "total_ms"} <= set(result.timings), result.timings

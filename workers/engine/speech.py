@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,12 @@ class SpeechRuntime:
         for row in sequences.tolist():
             words = [t for t in row if t not in special]
             ended = tokenizer.eos_token_id in row[1:]
-            text = tokenizer.decode(words, skip_special_tokens=True).strip()
+            text = readable(tokenizer.decode(words, skip_special_tokens=True)).strip()
             results.append(Transcript(text, len(words), "stop" if ended else "length"))
         return results
+
+
+def readable(text: str) -> str:
+    """A transcript as a question may be: without control, surrogate, private-use or unassigned characters (a
+    byte-level tokenizer can decode them from a model that is unsure), which a follow-up turn would be refused for."""
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs", "Co", "Cn"))
