@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 
+import numpy as np
 import openai
 import pytest
 
@@ -22,6 +23,7 @@ from tests.reliability.test_bad_input import state
 from tests.workers.test_speech import seconds, spoken
 from tuwen.workers.bench.process import WorkerProcess
 from tuwen.workers.demo.samples import load_samples
+from tuwen.workers.demo.speech.synth import wav_bytes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -128,3 +130,31 @@ def test_responses_take_input_audio_and_a_follow_up_continues_from_the_transcrip
     assert follow.parse().status == "completed"
     again = client.jobs.request(follow.headers["X-Tuwen-Job-Id"])
     assert again is not None and job.transcript in [m.text for m in again.messages]
+
+
+def test_batch_api_lines_with_input_audio(gateway: Gateway, speech_worker: WorkerProcess, worker: WorkerProcess,
+                                          new_key: Callable[..., str]) -> None:
+    """Given a Batch API file of three chat lines, each a picture and a spoken question, and one line whose audio is
+    silence, when the batch runs, then the three are answered (through both stages) and the silent one fails with
+    no_speech in the error file."""
+    from tests.gateway.test_batches import jsonl, line, read_lines, upload, wait_for
+
+    samples = load_samples()
+    audio_part = lambda data: {"type": "input_audio", "input_audio": {  # noqa: E731
+        "data": base64.b64encode(data).decode(), "format": "wav"}}
+    lines = [line(f"spoken-{i}", [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(samples[i].path.read_bytes())}},
+        audio_part(spoken(seed=20 + i, text=samples[i].question))]}]) for i in range(3)]
+    silent = wav_bytes(np.zeros(16_000, np.float32))
+    lines.append(line("silent", [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(samples[0].path.read_bytes())}}, audio_part(silent)]}]))
+    client = sdk(gateway, new_key("spoken-batch"))
+    batch = client.batches.create(input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    done = wait_for(client, batch.id, lambda b: b.status in ("completed", "failed", "expired", "cancelled"), 180)
+    assert done.status == "completed", done
+    outputs = {x["custom_id"]: x for x in read_lines(client, done.output_file_id)}
+    errors = {x["custom_id"]: x for x in read_lines(client, done.error_file_id)}
+    assert set(outputs) == {"spoken-0", "spoken-1", "spoken-2"} and set(errors) == {"silent"}
+    assert all(x["response"]["status_code"] == 200 for x in outputs.values())
+    assert errors["silent"]["response"]["body"]["error"]["code"] == "no_speech"
