@@ -55,9 +55,9 @@ def no_worker(queue: str, speech: bool = False) -> str:
     return f"no live worker is consuming {queue}: {start}"
 
 
-def no_consumer_message(client: redis.Redis, queue: str) -> str | None:
-    """``no_worker(queue)`` when no live worker consumes ``queue``, else None."""
-    return None if consumers(live_workers(client), [queue])[queue] else no_worker(queue)
+def no_consumer_message(client: redis.Redis, queue: str, speech: bool = False) -> str | None:
+    """``no_worker(queue, speech)`` when no live worker consumes ``queue``, else None."""
+    return None if consumers(live_workers(client), [queue])[queue] else no_worker(queue, speech)
 
 
 def wait_for_worker(client: redis.Redis, timeout: float, name: str | None = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ trained checkpoint."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,18 @@ def test_a_failure_in_either_stage_names_the_stage(speech_worker: WorkerProcess,
     assert (second.error.code, second.error.stage) == ("image_not_found", StageName.picture)
     assert second.transcript and [s.name for s in second.stages or []] == [StageName.speech, StageName.picture]
     assert {w["name"] for w in live_workers(client.jobs.redis)} >= {speech_worker.hostname, worker.hostname}
+
+
+def test_tuwen_submit_takes_a_spoken_question(speech_worker: WorkerProcess, worker: WorkerProcess,
+                                              pipeline_settings: Settings, tmp_path: Path) -> None:
+    """``tuwen submit page.png --audio q.wav --wait --json``: the job's JSON with its transcript and both stages."""
+    from tests.cli import tuwen_here
+
+    sample = load_samples()[3]
+    (tmp_path / "q.wav").write_bytes(spoken(seed=41, text=sample.question))
+    out = tuwen_here("submit", str(sample.path), "--audio", str(tmp_path / "q.wav"), "--wait", "--json",
+                     env=pipeline_settings.to_env())
+    assert out.returncode == 0, out.stderr
+    job = json.loads(out.stdout)
+    assert job["status"] == "succeeded" and job["transcript"] and [s["name"] for s in job["stages"]] == [
+        "speech", "picture"]
