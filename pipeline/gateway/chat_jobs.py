@@ -50,7 +50,10 @@ def fetched_turns(state: GatewayState, chat: ChatRequest, queue: str) -> list[Tu
 def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest, job_id: str | None = None) -> str:
     """Get the pictures, store them for the key's owner and queue the job (under ``job_id`` if given);
     returns its id."""
-    if any(isinstance(p, Spoken) for t in chat.turns for p in t.parts):
+    spoken = [p for t in chat.turns for p in t.parts if isinstance(p, Spoken)]
+    for part in spoken:  # bad audio is refused as such (400), whether a speech worker is live or not
+        state.client.check_audio(part.data)
+    if spoken:
         hears(state)
     turns = fetched_turns(state, chat, state.settings.interactive_queue)
     job = prepare_conversation(state.client, turns, chat.params, owner=key.owner, priority=Priority.interactive,

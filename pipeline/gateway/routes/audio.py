@@ -72,6 +72,7 @@ async def create_transcription(key: Submitter, state: State, request: Request) -
                            code="unsupported_parameter", param="response_format")
     if fields.get("stream", "false").lower() == "true":
         raise InvalidInput("streamed transcriptions are not supported", code="unsupported_parameter", param="stream")
+    await run_in_threadpool(state.client.check_audio, data)  # bad audio is refused as such, worker or not
     await run_in_threadpool(hears, state)
     job_id = await run_in_threadpool(queue_transcription, state, key.owner, data)
     timeout = state.gw.gateway_chat_timeout_s
