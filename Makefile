@@ -27,13 +27,14 @@ $(VENV)/.installed: pyproject.toml
 
 # Debian packages the demo and the tests run: redis-server and rabbitmq-server (the fixtures start private
 # ones on free ports; a system RabbitMQ that the package may start is never used), docker-compose v1
-# (offline lint of docker-compose.yml), chromium + a CJK font (screenshots of Flower and of the bulk report).
+# (offline lint of docker-compose.yml), chromium + a CJK font (screenshots of Flower and of the bulk report),
+# espeak-ng (the synthetic Mandarin speech the demo speech model is trained and tested on).
 system-deps:
 	@command -v redis-server >/dev/null && test -x /usr/lib/rabbitmq/bin/rabbitmq-server \
 	  && command -v docker-compose >/dev/null && command -v chromium >/dev/null \
-	  && fc-list | grep -qi wenquanyi || \
+	  && command -v espeak-ng >/dev/null && fc-list | grep -qi wenquanyi || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	   redis-server rabbitmq-server docker-compose chromium fonts-wqy-microhei >/dev/null)
+	   redis-server rabbitmq-server docker-compose chromium fonts-wqy-microhei espeak-ng >/dev/null)
 
 # s3rver (checks S3 signatures and presigned expiry, which moto does not).
 test-services:

@@ -28,6 +28,8 @@ from tuwen.pipeline.schema import JobRequest, Priority
 from tuwen.pipeline.settings import Settings
 
 TASK_NAME = "tuwen.answer"
+#: The speech stage's task: a job whose question is audio is transcribed first (``workers.serve.speech``).
+SPEECH_TASK = "tuwen.transcribe"
 #: Redis commands a publish batch buffers before it sends them (one per job, plus queue expiries if any).
 PUBLISH_BATCH = 1024
 
@@ -98,8 +100,9 @@ def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_default_queue": settings.interactive_queue,
-        "task_queues": [Queue(settings.interactive_queue), Queue(settings.bulk_queue)],
-        "task_routes": {TASK_NAME: {"queue": settings.interactive_queue}},
+        "task_queues": [Queue(settings.interactive_queue), Queue(settings.bulk_queue), Queue(settings.speech_queue)],
+        "task_routes": {TASK_NAME: {"queue": settings.interactive_queue},
+                        SPEECH_TASK: {"queue": settings.speech_queue}},
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
@@ -115,6 +118,7 @@ def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
         conf["task_queues"] = [
             Queue(settings.interactive_queue, queue_arguments={"x-queue-type": "quorum"}),
             Queue(settings.bulk_queue, queue_arguments={"x-queue-type": "quorum"}),
+            Queue(settings.speech_queue, queue_arguments={"x-queue-type": "quorum"}),
         ]
         conf["broker_transport_options"] = {"confirm_publish": True}
     if worker:
@@ -133,6 +137,12 @@ def queue_for(settings: Settings, priority: Priority | str) -> str:
     return settings.bulk_queue if priority == Priority.bulk else settings.interactive_queue
 
 
+def route(settings: Settings, request: JobRequest) -> str:
+    """The queue a job's next message goes to: the speech queue while its question is audio, then its
+    priority's picture queue."""
+    return settings.speech_queue if request.audio_keys else queue_for(settings, request.priority)
+
+
 def enqueue(app: Celery, settings: Settings, request: JobRequest, countdown: float | None = None) -> None:
     """Publish one job. The message carries ids, keys and params; Flower shows only those."""
     app.send_task(**_message(settings, request), countdown=countdown, retry=True,
@@ -149,7 +159,7 @@ def publish_batch(app: Celery, settings: Settings, requests: Iterable[JobRequest
     once = {} if settings.broker.startswith(("amqp://", "pyamqp://")) else {"retry_on_timeout": False}
     with app.connection_for_write(transport_options=once) as connection:
         producer = connection.Producer()
-        for name in sorted({queue_for(settings, job.priority) for job in jobs}):
+        for name in sorted({route(settings, job) for job in jobs}):
             producer.maybe_declare(app.amqp.queues[name], retry=True)
         with producer.batch(max_size=PUBLISH_BATCH):
             for job in jobs:  # buffered, nothing to retry until the batch is sent
@@ -161,8 +171,12 @@ def _message(settings: Settings, request: JobRequest) -> dict[str, Any]:
     payload = request.model_dump(mode="json")
     shown = {k: v for k, v in payload.items() if k != "messages"}
     shown["image_keys"] = request.image_keys
+    if request.audio_keys:
+        shown["audio_keys"] = request.audio_keys
+    shown.pop("transcript", None)
     shown["turns"] = len(request.messages)
     if settings.flower_show_text:
         shown["question"] = request.question
-    return {"name": TASK_NAME, "kwargs": {"job": payload}, "task_id": request.id,
-            "queue": queue_for(settings, request.priority), "argsrepr": "()", "kwargsrepr": repr({"job": shown})}
+    return {"name": SPEECH_TASK if request.audio_keys else TASK_NAME, "kwargs": {"job": payload},
+            "task_id": request.id, "queue": route(settings, request), "argsrepr": "()",
+            "kwargsrepr": repr({"job": shown})}

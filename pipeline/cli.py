@@ -94,6 +94,8 @@ def _show(result: JobResult, as_json: bool) -> None:
         _dump(result.to_json())
     else:
         console.print(f"[bold]{escape(result.id)}[/bold]  {result.status.value}")
+        if result.transcript is not None:
+            console.print(f"[dim]heard:[/dim] {escape(result.transcript)}", soft_wrap=True)
         if result.answer is not None:
             console.print(escape(result.answer), soft_wrap=True)
         if result.error is not None:
@@ -109,7 +111,10 @@ def _show(result: JobResult, as_json: bool) -> None:
 @app.command()
 def submit(
     image: Annotated[Path, typer.Argument(help="picture file (PNG, JPEG, GIF, WebP, BMP, TIFF)")],
-    question: Annotated[str, typer.Argument(help="the question, e.g. 图中有几个圆形？")],
+    question: Annotated[Optional[str], typer.Argument(help="the question, e.g. 图中有几个圆形？ (may be left out "
+                                                      "with --audio)")] = None,
+    audio: Annotated[Optional[Path], typer.Option(help="a spoken question (WAV, FLAC, Ogg, MP3), transcribed "
+                                                       "first")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="block until the answer is there")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 120.0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -117,14 +122,16 @@ def submit(
     priority: Annotated[str, typer.Option(help="interactive or bulk")] = "interactive",
     owner: Annotated[str, typer.Option(help="owner of the job")] = "default",
 ) -> None:
-    """Submit one picture and question; prints the job id (or the answer with --wait)."""
+    """Submit one picture and question (typed, or spoken with --audio); prints the job id (or the answer with
+    --wait)."""
     from tuwen.pipeline.client import Client
 
     client = Client(settings_from())
     try:
-        job = client.submit(image, question, max_new_tokens=max_new_tokens, priority=priority, owner=owner)
+        job = client.submit(image, question if question is not None or audio is not None else "", audio=audio,
+                            max_new_tokens=max_new_tokens, priority=priority, owner=owner)
         if wait:
-            _say_if_nobody_consumes(client, priority)  # at once, not after the whole wait
+            _say_if_nobody_consumes(client, priority, spoken=audio is not None)  # at once, not after the whole wait
             job = client.wait(job.id, timeout=timeout, owner=owner)
     except TuwenError as exc:
         _fail(exc, as_json)
@@ -190,14 +197,15 @@ def delete(job_id: str, owner: Annotated[Optional[str], typer.Option()] = None) 
     console.print(f"{escape(job_id)}  deleted")
 
 
-def _say_if_nobody_consumes(client: Any, priority: str) -> None:
+def _say_if_nobody_consumes(client: Any, priority: str, spoken: bool = False) -> None:
     """Before a wait: say on stderr when no live worker consumes the job's queue (and how to start one)."""
     from tuwen.pipeline.app import queue_for
     from tuwen.pipeline.registry import no_consumer_message
     from tuwen.pipeline.schema import Priority
 
     try:
-        note = no_consumer_message(client.jobs.redis, queue_for(client.settings, Priority(priority)))
+        queue = client.settings.speech_queue if spoken else queue_for(client.settings, Priority(priority))
+        note = no_consumer_message(client.jobs.redis, queue, speech=spoken)
     except Exception:  # noqa: BLE001 - only a hint; the timeout itself is reported anyway
         return
     if note:

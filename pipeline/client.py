@@ -26,7 +26,8 @@ from tuwen.pipeline.errors import InvalidImage, InvalidInput, InvalidParams, Una
 from tuwen.pipeline.inputs import check_question, decode_image, picture_too_large
 from tuwen.pipeline.pdf import InvalidPdf, check_pdf, page_numbers, page_side, render_pdf
 from tuwen.pipeline.jobs import JobStore, cache_prefix, connect, outage
-from tuwen.pipeline.schema import GenerationParams, JobRequest, JobResult, JobStatus, Priority
+from tuwen.pipeline.audio import audio_too_large, decode_audio
+from tuwen.pipeline.schema import AudioPart, GenerationParams, JobRequest, JobResult, JobStatus, Message, Priority, Role
 from tuwen.pipeline.structured import schema_error
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.stores import open_images
@@ -56,6 +57,11 @@ class CheckedImage:
 
     data: bytes
     content_type: str
+
+
+@dataclass(frozen=True)
+class CheckedAudio(CheckedImage):
+    """A spoken question that passed validation, not stored yet (stored beside the pictures)."""
 
 
 class Client:
@@ -88,8 +94,9 @@ class Client:
     def submit(
         self,
         image: ImageInput | StoredImage,
-        question: str,
+        question: str | None = None,
         *,
+        audio: ImageInput | None = None,
         max_new_tokens: int | None = None,
         params: GenerationParams | Mapping[str, Any] | None = None,
         priority: Priority | str = Priority.interactive,
@@ -100,11 +107,13 @@ class Client:
     ) -> JobResult:
         """Validate, store the image, record and enqueue the job; returns it as ``queued``.
 
+        ``audio`` is a spoken question (WAV, FLAC, Ogg, MP3: bytes, a path or a binary file), asked instead of
+        ``question`` or after it: the job is transcribed on the speech queue first, then answered, under one id.
         Bad input raises an ``InvalidInput`` subclass (with a ``code``) before anything is stored
         or queued. An unreachable Redis, broker or storage raises ``Unavailable`` (retryable).
         """
-        request = self.prepare(image, question, max_new_tokens=max_new_tokens, params=params, priority=priority,
-                               owner=owner, bulk_id=bulk_id, job_id=job_id, stream=stream)
+        request = self.prepare(image, question, audio=audio, max_new_tokens=max_new_tokens, params=params,
+                               priority=priority, owner=owner, bulk_id=bulk_id, job_id=job_id, stream=stream)
         self.enqueue(request)
         return JobResult(id=request.id, status=JobStatus.queued, owner=owner, created_at=request.created_at,
                          image_key=request.image_key)
@@ -137,7 +146,8 @@ class Client:
         return [JobResult(id=r.id, status=JobStatus.queued, owner=r.owner, created_at=r.created_at,
                           image_key=r.image_key) for r in requests]
 
-    def prepare(self, image: ImageInput | StoredImage, question: str, *, max_new_tokens: int | None = None,
+    def prepare(self, image: ImageInput | StoredImage, question: str | None, *, audio: ImageInput | None = None,
+                max_new_tokens: int | None = None,
                 params: GenerationParams | Mapping[str, Any] | None = None,
                 priority: Priority | str = Priority.interactive, owner: str = "default",
                 bulk_id: str | None = None, job_id: str | None = None, stream: bool = False) -> JobRequest:
@@ -147,7 +157,9 @@ class Client:
         ``owner`` stored before (else ``image_not_found``). ``params`` are the generation parameters;
         ``max_new_tokens``, if given, overrides theirs. Nothing is stored unless everything else is valid.
         """
-        text = check_question(question, max_chars=self.settings.max_conversation_chars)
+        text = None if audio is not None and question is None else check_question(
+            question, max_chars=self.settings.max_conversation_chars)
+        spoken = self.check_audio(audio) if audio is not None else None
         raw: Any = params.model_dump(exclude_unset=True) if isinstance(params, GenerationParams) else params
         if max_new_tokens is not None:
             raw = {**(raw or {}), "max_new_tokens": max_new_tokens}
@@ -157,11 +169,32 @@ class Client:
         except ValueError as exc:
             raise InvalidParams(f"invalid priority: {exc}", code="invalid_params") from exc
         check_budget(generation, self.settings)
-        fields: dict[str, Any] = {"image_key": self.image_key(image, owner), "question": text, "params": generation,
+        content: list[dict[str, Any]] = [{"type": "image", "key": self.image_key(image, owner)}]
+        content += [{"type": "text", "text": text}] if text is not None else []
+        content += [{"type": "audio", "key": self.put_audio(spoken, owner)}] if spoken is not None else []
+        fields: dict[str, Any] = {"messages": [{"role": "user", "content": content}], "params": generation,
                                   "priority": priority, "owner": owner, "bulk_id": bulk_id, "stream": stream}
         if job_id:
             fields["id"] = job_id
         return JobRequest(**fields)
+
+    def transcription(self, audio: ImageInput, *, owner: str = "default", job_id: str | None = None) -> JobRequest:
+        """A job of the speech stage alone, whose answer is the transcript; validated and its audio stored,
+        not yet queued (``POST /v1/audio/transcriptions``)."""
+        key = self.put_audio(self.check_audio(audio), owner)
+        return JobRequest(messages=[Message(role=Role.user, content=(AudioPart(key=key),))], owner=owner,
+                          transcribe_only=True, **({"id": job_id} if job_id else {}))
+
+    def check_audio(self, audio: ImageInput) -> CheckedAudio:
+        """Read (bounded) and decode a spoken question without storing it (``InvalidAudio`` with a code)."""
+        s = self.settings
+        data = read_image(audio, s.max_audio_bytes, too_large=audio_too_large)
+        sound = decode_audio(data, max_bytes=s.max_audio_bytes, max_seconds=s.max_audio_seconds)
+        return CheckedAudio(data, sound.content_type)
+
+    def put_audio(self, audio: CheckedImage, owner: str = "default") -> str:
+        """Store a checked spoken question for ``owner``, beside the pictures (same life, same owners); its key."""
+        return self.put_image(audio, owner)
 
     @staticmethod
     def check_params(raw: Any) -> GenerationParams:
@@ -280,7 +313,7 @@ class Client:
 
     def _wakes(self, request: JobRequest) -> str | None:
         """The queue whose idle workers a new message of ``request`` should wake (tuwen's Redis transport)."""
-        return queue.queue_for(self.settings, request.priority) if queue.reads_wake_lists(self.settings.broker) \
+        return queue.route(self.settings, request) if queue.reads_wake_lists(self.settings.broker) \
             else None
 
     def get(self, job_id: str, owner: str | None = None) -> JobResult:
@@ -329,24 +362,27 @@ class Client:
             self.jobs.redis.close()
 
 
-def read_image(image: ImageInput, max_bytes: int, *, follow_symlinks: bool = True) -> bytes:
+def read_image(image: ImageInput, max_bytes: int, *, follow_symlinks: bool = True,
+               too_large: Callable[..., InvalidInput] = picture_too_large) -> bytes:
     """The picture's bytes from bytes, a path or a binary file, never reading more than
-    ``max_bytes`` + 1 bytes: a file's size is checked before it is read (``image_too_large``)."""
+    ``max_bytes`` + 1 bytes: a file's size is checked before it is read (``image_too_large``, or what
+    ``too_large`` says: a spoken question's file is read alike)."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
-        return _read_path(os.fspath(image), max_bytes, follow_symlinks)
+        return _read_path(os.fspath(image), max_bytes, follow_symlinks, too_large)
     read = getattr(image, "read", None)
     if not callable(read):
         raise InvalidImage(f"the image must be bytes, a path or a binary file, not {type(image).__name__}",
                            code="invalid_image")
     data = _read_at_most(read, max_bytes + 1)
     if len(data) > max_bytes:
-        raise picture_too_large(max_bytes)
+        raise too_large(max_bytes)
     return data
 
 
-def _read_path(path: str | bytes, max_bytes: int, follow_symlinks: bool) -> bytes:
+def _read_path(path: str | bytes, max_bytes: int, follow_symlinks: bool,
+               too_large: Callable[..., InvalidInput]) -> bytes:
     shown = os.fsdecode(path)
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
@@ -361,14 +397,14 @@ def _read_path(path: str | bytes, max_bytes: int, follow_symlinks: bool) -> byte
         if not stat.S_ISREG(st.st_mode):
             raise InvalidInput(f"not a regular file: {shown}", code="file_not_readable")
         if st.st_size > max_bytes:
-            raise picture_too_large(max_bytes, st.st_size)
+            raise too_large(max_bytes, st.st_size)
         data = _read_at_most(lambda n: os.read(fd, n), max_bytes + 1)
     except OSError as exc:
         raise InvalidInput(f"cannot read {shown}: {exc.strerror or exc}", code="file_not_readable") from exc
     finally:
         os.close(fd)
     if len(data) > max_bytes:  # it grew after the size check
-        raise picture_too_large(max_bytes)
+        raise too_large(max_bytes)
     return data
 
 

@@ -13,20 +13,27 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tuwen.pipeline.client import CheckedImage, Client, ImageInput, check_budget, first_error
+from tuwen.pipeline.client import CheckedAudio, CheckedImage, Client, ImageInput, check_budget, first_error
 from tuwen.pipeline.client import StoredImage as StoredImage  # the callers' name for a stored picture
 from tuwen.pipeline.errors import InvalidInput, InvalidParams, InvalidQuestion
 from tuwen.pipeline.inputs import check_question
 from tuwen.pipeline.schema import MAX_MESSAGES, GenerationParams, JobRequest, Priority, Role
 
 
+@dataclass(frozen=True)
+class Spoken:
+    """A spoken part of a user turn: audio bytes (WAV, FLAC, Ogg, MP3), transcribed by the speech stage."""
+
+    data: bytes
+
+
 @dataclass
 class Turn:
-    """One message: a role and its parts, each text (``str``) or a picture (bytes, path, file, or a
-    ``StoredImage``)."""
+    """One message: a role and its parts, each text (``str``), a picture (bytes, path, file, or a
+    ``StoredImage``) or ``Spoken`` audio."""
 
     role: str
-    parts: list[str | StoredImage | ImageInput] = field(default_factory=list)
+    parts: list[str | StoredImage | Spoken | ImageInput] = field(default_factory=list)
 
 
 def prepare_conversation(client: Client, turns: Sequence[Turn], params: GenerationParams | dict[str, Any], *,
@@ -45,7 +52,7 @@ def prepare_conversation(client: Client, turns: Sequence[Turn], params: Generati
     except (ValidationError, ValueError) as exc:
         raise InvalidParams(f"invalid generation parameters: {first_error(exc)}", code="invalid_params") from exc
     _check_shape(turns)
-    pictures = sum(1 for t in turns for p in t.parts if not isinstance(p, str))
+    pictures = sum(1 for t in turns for p in t.parts if not isinstance(p, (str, Spoken)))
     if pictures > settings.max_images_per_job:
         raise InvalidInput(f"{pictures} pictures in one conversation; the limit is {settings.max_images_per_job}",
                            code="too_many_images")
@@ -64,6 +71,8 @@ def prepare_conversation(client: Client, turns: Sequence[Turn], params: Generati
                 text = _text(part, last=i == last_user, max_chars=settings.max_conversation_chars)
                 if text:
                     parts.append(text)
+            elif isinstance(part, Spoken):
+                parts.append(client.check_audio(part.data))
             elif isinstance(part, StoredImage):
                 if not client.owns_image(part.key, owner):
                     raise InvalidInput(f"no such picture: {part.key}", code="image_not_found")
@@ -75,6 +84,7 @@ def prepare_conversation(client: Client, turns: Sequence[Turn], params: Generati
         raise InvalidQuestion("the conversation has no text and no picture", code="empty_question")
     messages = [{"role": turn.role, "content": [
         {"type": "text", "text": p} if isinstance(p, str) else
+        {"type": "audio", "key": client.put_audio(p, owner)} if isinstance(p, CheckedAudio) else
         {"type": "image", "key": p.key if isinstance(p, StoredImage) else client.put_image(p, owner)}
         for p in parts]} for turn, parts in zip(turns, checked)]
     fields: dict[str, Any] = {"messages": messages, "params": generation, "priority": priority, "owner": owner,

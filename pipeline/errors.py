@@ -109,6 +109,19 @@ class ErrorCode(str, Enum):
                           "pixels at TUWEN_PDF_MIN_DPI (checked from its size before drawing: a PDF bomb).")
     invalid_pages = ("invalid_pages", 422, "A page list (pages: \"3-5,9\") is malformed or names a page the PDF "
                      "does not have.")
+    # -- spoken questions ----------------------------------------------------------------------------
+    invalid_audio = ("invalid_audio", 422, "The spoken question is not something tuwen can read.")
+    empty_audio = ("empty_audio", 422, "The audio has no bytes, or lasts 0 seconds.")
+    corrupt_audio = ("corrupt_audio", 422, "The audio's header or data is damaged or truncated.")
+    unsupported_audio_format = ("unsupported_audio_format", 422, "Not WAV, FLAC, Ogg (Vorbis, Opus) or MP3.")
+    audio_too_large = ("audio_too_large", 422, "The audio file is larger than TUWEN_MAX_AUDIO_BYTES.")
+    audio_too_long = ("audio_too_long", 422, "The audio lasts longer than TUWEN_MAX_AUDIO_SECONDS, by its header or "
+                      "as it decodes (a small compressed file that expands past the limit stops there).")
+    bad_sample_rate = ("bad_sample_rate", 422, "The audio's sample rate is outside 8 kHz to 192 kHz.")
+    too_many_channels = ("too_many_channels", 422, "The audio has more than two channels.")
+    no_speech = ("no_speech", 422, "The audio is silent (its loudest 30 ms stay below -50 dBFS), or the speech "
+                 "model heard no words in it.")
+    audio_not_found = ("audio_not_found", 422, "A spoken question's audio is no longer in storage.")
     file_not_found = ("file_not_found", 422, "A local file the command was given does not exist.")
     file_not_readable = ("file_not_readable", 422, "A local file exists but cannot be read (permissions, a folder, a "
                          "FIFO).")

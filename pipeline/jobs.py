@@ -42,15 +42,31 @@ end
 return 1
 """
 
-# KEYS[1]=job; ARGV: now, worker, max_attempts, ttl. Returns {state, attempts}.
+# KEYS[1]=job; ARGV: now, worker, max_attempts, ttl, stage ('' = any). Returns {state, attempts}; the state is
+# 'moved' when the job has left the stage asked for (a speech message redelivered after its hand-on).
 _CLAIM = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return {'missing', 0} end
 if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return {s, 0} end
+if ARGV[5] and ARGV[5] ~= '' and (redis.call('HGET', KEYS[1], 'stage') or 'picture') ~= ARGV[5] then
+  return {'moved', 0}
+end
 local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'running', n}
+"""
+
+# KEYS[1]=job; ARGV: the request as handed on, ttl. The speech stage's hand-on to the picture stage: a running
+# job of the speech stage is queued again for the picture stage, its attempts counted afresh. Returns 1 if
+# handed on, 0 if the job has ended or moved meanwhile.
+_HAND_ON = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if s ~= 'running' and s ~= 'queued' then return 0 end
+if redis.call('HGET', KEYS[1], 'stage') ~= 'speech' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'stage', 'picture', 'request', ARGV[1], 'attempts', 0)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 
 #: How long a job's stream (``streams``) is kept after its last entry.
@@ -191,12 +207,12 @@ def redis_errors() -> Iterator[None]:
 
 
 #: The fields of a job's hash that ``_from_fields`` reads.
-_STATE = ("status", "result", "attempts", "owner", "image_key", "worker", "created_at", "started_at")
+_STATE = ("status", "result", "attempts", "owner", "image_key", "worker", "created_at", "started_at", "stage")
 
 
 def _create_args(request: JobRequest, ttl_s: int) -> tuple[list[str], list[Any]]:
     """``_CREATE``'s keys and arguments for a job: its record's fields, and the references of its pictures."""
-    images = list(dict.fromkeys(request.image_keys))
+    images = list(dict.fromkeys(request.image_keys + request.audio_keys))  # a spoken question is stored alike
     fields = {
         "status": JobStatus.queued.value,
         "request": request.model_dump_json(),
@@ -206,6 +222,7 @@ def _create_args(request: JobRequest, ttl_s: int) -> tuple[list[str], list[Any]]
         "created_at": repr(request.created_at),
         "attempts": 0,
         **({"stream": "1"} if request.stream else {}),
+        **({"stage": request.stage.value} if request.audio_keys else {}),
     }
     return [_key(request.id), *(IMAGE_REFS + image for image in images)], [ttl_s, request.id,
                                                                          *(x for kv in fields.items() for x in kv)]
@@ -249,6 +266,7 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
         self._requeue = client.register_script(_REQUEUE)
         self._delete = client.register_script(_DELETE)
+        self._hand_on = client.register_script(_HAND_ON)
 
     # -- producer side -------------------------------------------------------------------------------
     def create(self, request: JobRequest) -> bool:
@@ -387,6 +405,7 @@ class JobStore:
             worker=f.get("worker"),
             created_at=float(f["created_at"]) if f.get("created_at") else None,
             started_at=float(f["started_at"]) if f.get("started_at") else None,
+            stage=f.get("stage") or None,
         )
 
     def cancel(self, job_id: str, owner: str | None = None) -> JobResult:
@@ -472,14 +491,14 @@ class JobStore:
         return pubsub
 
     # -- worker side -----------------------------------------------------------------------------------
-    def claim(self, job_ids: list[str], worker: str) -> dict[str, tuple[str, int]]:
+    def claim(self, job_ids: list[str], worker: str, stage: str = "") -> dict[str, tuple[str, int]]:
         """Mark jobs running; returns ``{id: (state, attempts)}``. A state other than ``running``
-        (finished, cancelled, missing) means: do not run it again."""
+        (finished, cancelled, missing, or ``moved`` on from ``stage``) means: do not run it again."""
         now = repr(time.time())
         with redis_errors():
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
-                self._claim(keys=[_key(job_id)], args=[now, worker, 0, self.ttl_s], client=pipe)
+                self._claim(keys=[_key(job_id)], args=[now, worker, 0, self.ttl_s, stage], client=pipe)
             rows = pipe.execute()
         return {job_id: (str(r[0]), int(r[1])) for job_id, r in zip(job_ids, rows)}
 
@@ -499,6 +518,15 @@ class JobStore:
             if self.replicas:
                 self._replicated(rows.pop(), f"the results of {len(results)} jobs")
             return [int(x) == 1 for x in rows]
+
+    def hand_on(self, requests: list[JobRequest]) -> list[bool]:
+        """The speech stage is done with these jobs (their messages for the picture queue are published):
+        each is queued again for the picture stage, as handed on. False for a job that ended meanwhile."""
+        with redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for request in requests:
+                self._hand_on(keys=[_key(request.id)], args=[request.model_dump_json(), self.ttl_s], client=pipe)
+            return [int(x) == 1 for x in pipe.execute()]
 
     def requeue(self, job_ids: list[str]) -> None:
         with redis_errors():

@@ -57,14 +57,15 @@ def picture_side(workers: list[dict[str, Any]], queue: str) -> int | None:
 START_A_WORKER = "start one with `tuwen worker`, or everything on one machine with `tuwen serve`"
 
 
-def no_worker(queue: str) -> str:
-    """Why jobs on ``queue`` get no answer, and what to do about it."""
-    return f"no live worker is consuming {queue}: {START_A_WORKER}"
+def no_worker(queue: str, speech: bool = False) -> str:
+    """Why jobs on ``queue`` get no answer, and what to do about it (``speech``: the speech stage's queue)."""
+    start = "start one with `tuwen worker --role speech`" if speech else START_A_WORKER
+    return f"no live worker is consuming {queue}: {start}"
 
 
-def no_consumer_message(client: redis.Redis, queue: str) -> str | None:
-    """``no_worker(queue)`` when no live worker consumes ``queue``, else None."""
-    return None if consumers(live_workers(client), [queue])[queue] else no_worker(queue)
+def no_consumer_message(client: redis.Redis, queue: str, speech: bool = False) -> str | None:
+    """``no_worker(queue, speech)`` when no live worker consumes ``queue``, else None."""
+    return None if consumers(live_workers(client), [queue])[queue] else no_worker(queue, speech)
 
 
 def wait_for_worker(client: redis.Redis, timeout: float, name: str | None = None) -> dict[str, Any]:

@@ -143,7 +143,35 @@ class ImagePart(BaseModel):
     key: str = Field(min_length=1, max_length=512)
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class AudioPart(BaseModel):
+    """A spoken question already in the store, by key; the speech stage puts its transcript in its place."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type: Literal["audio"] = "audio"
+    key: str = Field(min_length=1, max_length=512)
+
+
+Part = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+
+
+class StageName(str, Enum):
+    """The stages a job goes through: ``speech`` (audio questions only, on ``TUWEN_SPEECH_QUEUE``), ``picture``."""
+
+    speech = "speech"
+    picture = "picture"
+
+
+class Stage(BaseModel):
+    """One stage a job went through: where, with which model, when, and its timings in milliseconds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: StageName
+    model_id: str | None = None
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
 
 
 class Role(str, Enum):
@@ -165,6 +193,10 @@ class Message(BaseModel):
         return [p.key for p in self.content if isinstance(p, ImagePart)]
 
     @property
+    def audio_keys(self) -> list[str]:
+        return [p.key for p in self.content if isinstance(p, AudioPart)]
+
+    @property
     def text(self) -> str:
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
@@ -175,6 +207,8 @@ class ErrorInfo(BaseModel):
     code: str
     message: str
     retryable: bool = False
+    #: The stage that failed, for a job with a spoken question (``speech`` or ``picture``).
+    stage: StageName | None = None
 
     @classmethod
     def of(cls, code: str, message: str) -> ErrorInfo:
@@ -209,6 +243,11 @@ class JobRequest(BaseModel):
     bulk_id: str | None = Field(None, validation_alias=AliasChoices("bulk_id", "batch_id"))
     #: Publish the answer's text as it is generated (for streaming clients).
     stream: bool = False
+    #: A job of the speech stage alone: its answer is the transcript (``POST /v1/audio/transcriptions``).
+    transcribe_only: bool = False
+    #: Set by the speech stage when it hands the job on: what it heard, and the stages done so far.
+    transcript: str | None = None
+    stages: tuple[Stage, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -225,7 +264,21 @@ class JobRequest(BaseModel):
     def _shape(self) -> JobRequest:
         if not any(m.content for m in self.messages):
             raise ValueError("the conversation has neither text nor pictures")
+        if self.transcribe_only and len(self.audio_keys) != 1:
+            raise ValueError("a transcription job has exactly one audio part")
+        if any(m.audio_keys for m in self.messages if m.role != Role.user):
+            raise ValueError("audio belongs in user messages")
         return self
+
+    @property
+    def audio_keys(self) -> list[str]:
+        """Every spoken part of the conversation, in order (none once the speech stage has handed it on)."""
+        return [key for m in self.messages for key in m.audio_keys]
+
+    @property
+    def stage(self) -> StageName:
+        """The stage the job is for: ``speech`` while it holds audio, then ``picture``."""
+        return StageName.speech if self.audio_keys else StageName.picture
 
     @property
     def continues(self) -> bool:
@@ -310,6 +363,12 @@ class JobResult(BaseModel):
     cached: bool = False
     #: Someone asked to cancel the job while it was running; it finished anyway.
     cancel_requested: bool = False
+    #: A spoken question's transcript (the speech stage's output).
+    transcript: str | None = None
+    #: The stage a job with a spoken question is in (while it runs) or ended in.
+    stage: StageName | None = None
+    #: The stages a job with a spoken question went through, each with its timings (none for typed questions).
+    stages: list[Stage] | None = None
 
     @classmethod
     def unknown(cls, job_id: str) -> JobResult:

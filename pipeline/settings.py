@@ -238,6 +238,20 @@ class Settings(TuwenSettings):
     #: drawn bigger instead, and refused with pdf_page_too_large when that is over max_image_pixels.
     pdf_min_dpi: float = Field(72.0, ge=1.0, le=1200.0)
 
+    # -- spoken questions ----------------------------------------------------------------------------
+    #: Largest audio file accepted (a spoken question), in bytes; OpenAI's transcription limit.
+    max_audio_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    #: Longest spoken question accepted, in seconds (by the header, and again as it decodes).
+    max_audio_seconds: float = Field(60.0, gt=0, le=3600)
+    #: Queue of the speech stage: audio jobs are transcribed here, then go on to the picture queues.
+    speech_queue: str = "speech"
+    #: The speech worker's checkpoint: any local Whisper-family directory (``AutoModelForSpeechSeq2Seq``).
+    speech_model_path: Path | None = None
+    #: Most audio jobs the speech worker transcribes in one batch.
+    speech_batch_size: int = Field(8, ge=1, le=256)
+    #: Most tokens of one transcript (Whisper's decoder holds 448 with its prompt).
+    speech_max_new_tokens: int = Field(224, ge=1, le=440)
+
     @field_validator("redis_url", "broker_url")
     @classmethod
     def _known_scheme(cls, value: str | None, info: ValidationInfo) -> str | None:

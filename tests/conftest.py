@@ -148,12 +148,36 @@ def make_settings(redis_url: str, s3: S3Endpoint, **overrides: object) -> Settin
 def pipeline_settings(redis_server: LocalRedis, s3: S3Endpoint) -> Settings:
     """Settings for the shared session worker: its own queues, so other tests' workers never steal."""
     return make_settings(redis_server.url, s3, interactive_queue="it-interactive", bulk_queue="it-bulk",
-                         answer_cache=False)
+                         speech_queue="it-speech", answer_cache=False)
 
 
 @pytest.fixture(scope="session")
 def worker(pipeline_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     proc = WorkerProcess(pipeline_settings, "session@tests", tmp_path_factory.mktemp("worker") / "worker.log")
+    proc.start()
+    try:
+        proc.wait_ready(timeout=180)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def untrained_speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Whisper checkpoint (the demo speech model before training): the speech stage's plumbing,
+    not its transcripts, is what tests with it check."""
+    from tuwen.workers.demo.speech.build import build_untrained
+
+    return build_untrained(tmp_path_factory.mktemp("speech") / "untrained")
+
+
+@pytest.fixture(scope="session")
+def speech_worker(pipeline_settings: Settings, untrained_speech: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """The session's speech worker (``tuwen worker --role speech``) on ``pipeline_settings``' speech queue."""
+    settings = pipeline_settings.model_copy(update={"speech_model_path": untrained_speech})
+    proc = WorkerProcess(settings, "speech@tests", tmp_path_factory.mktemp("speech-worker") / "worker.log",
+                         role="speech")
     proc.start()
     try:
         proc.wait_ready(timeout=180)

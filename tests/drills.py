@@ -81,8 +81,9 @@ def wait_for_own_heartbeat(proc: WorkerProcess, timeout: float) -> None:
 class Lives:
     """One worker name and its processes, one after another (each with its own log)."""
 
-    def __init__(self, settings: Settings, name: str, tmp: Path, hooks: Hooks | None = None) -> None:
-        self.settings, self.name, self.tmp, self.hooks = settings, name, tmp, hooks
+    def __init__(self, settings: Settings, name: str, tmp: Path, hooks: Hooks | None = None,
+                 role: str = "picture") -> None:
+        self.settings, self.name, self.tmp, self.hooks, self.role = settings, name, tmp, hooks, role
         self.procs: list[WorkerProcess] = []
         self.spawned_at = 0.0  #: wall clock before the current process started (claims after it are its own)
         self.ready_at = 0.0  #: monotonic time its own heartbeat was seen
@@ -97,7 +98,8 @@ class Lives:
 
     def start(self, timeout: float = 180) -> WorkerProcess:
         proc = WorkerProcess(self.settings, self.name,
-                             self.tmp / f"{self.name.replace('@', '_')}-{len(self.procs)}.log", hooks=self.hooks)
+                             self.tmp / f"{self.name.replace('@', '_')}-{len(self.procs)}.log", hooks=self.hooks,
+                             role=self.role)
         self.procs.append(proc)
         self.spawned_at = time.time()
         proc.start()

@@ -9,6 +9,7 @@ and a model-side command says which extra to install.
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,9 +29,19 @@ def _need_worker_extra() -> None:
         raise typer.Exit(2) from exc
 
 
+class Role(str, Enum):
+    """What a worker process does: answer questions about pictures, or transcribe spoken questions."""
+
+    picture = "picture"
+    speech = "speech"
+
+
 @app.command()
 def worker(
-    model_path: Annotated[Optional[Path], typer.Option(help="checkpoint directory [TUWEN_MODEL_PATH]")] = None,
+    role: Annotated[Role, typer.Option(help="picture: answer on the interactive and bulk queues; speech: "
+                                            "transcribe spoken questions on TUWEN_SPEECH_QUEUE")] = Role.picture,
+    model_path: Annotated[Optional[Path], typer.Option(help="checkpoint directory [TUWEN_MODEL_PATH, or "
+                                                            "TUWEN_SPEECH_MODEL_PATH for --role speech]")] = None,
     quantization: Annotated[Optional[Quantization], typer.Option(help="[TUWEN_QUANTIZATION]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N [TUWEN_DEVICE]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="[TUWEN_MAX_BATCH_SIZE]")] = None,
@@ -41,6 +52,22 @@ def worker(
 ) -> None:
     """Run a GPU (or CPU) worker: load the model once and answer batches from the queues."""
     _need_worker_extra()
+    if role == Role.speech:
+        from tuwen.workers.serve.speech import run_speech_worker
+
+        speech = settings_from(speech_model_path=model_path, device=device, speech_batch_size=batch_size,
+                               batch_wait_ms=wait_ms)
+        if speech.speech_model_path is None:  # none given: the bundled demo speech model, once it is trained
+            from tuwen.workers.demo.speech import bundled_speech_model
+
+            if (bundled_speech_model() / "config.json").exists():
+                speech = speech.model_copy(update={"speech_model_path": bundled_speech_model()})
+        if speech.speech_model_path is None:
+            err.print("a speech worker needs a Whisper-family checkpoint: --model-path or TUWEN_SPEECH_MODEL_PATH",
+                      markup=False)
+            raise typer.Exit(2)
+        run_speech_worker(speech, hostname=hostname, loglevel=loglevel)
+        return
     from tuwen.workers.serve.hooks import Hooks
     from tuwen.workers.serve.main import run_worker
 

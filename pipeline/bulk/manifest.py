@@ -59,6 +59,9 @@ class Record:
     pdf: str | None = None
     page: int | None = None
     pages: str | None = None
+    #: A spoken question: an audio file inside ``images_dir`` (transcribed by the speech stage first); the line's
+    #: ``question``, if any, goes before it.
+    audio: str | None = None
 
 
 class Source:
@@ -125,8 +128,10 @@ class JsonlSource(Source):
                     yield from pdf_records(number, cid, obj["pdf"], obj.get("pages"),
                                            obj.get("question", self.question), obj.get("params"), self.base)
                     continue
-                yield Record(number, cid, obj.get("image"), obj.get("question", self.question), obj.get("params"),
-                             problem=problem, code="missing_custom_id" if problem else None)
+                audio = obj.get("audio")  # a spoken line asks only what it says
+                question = obj.get("question", None if audio is not None else self.question)
+                yield Record(number, cid, obj.get("image"), question, obj.get("params"), problem=problem,
+                             code="missing_custom_id" if problem else None, audio=audio)
 
 
 class CsvSource(JsonlSource):
@@ -154,8 +159,10 @@ class CsvSource(JsonlSource):
         except (json.JSONDecodeError, RecursionError):
             pass  # left as text: that line fails with invalid_params
         cid, problem = custom_id_of(row.get("custom_id"))
-        return Record(number, cid, (row.get("image") or "").strip() or None, row.get("question") or self.question,
-                      params, problem=problem, code="missing_custom_id" if problem else None)
+        audio = (row.get("audio") or "").strip() or None
+        return Record(number, cid, (row.get("image") or "").strip() or None,
+                      row.get("question") or (None if audio else self.question), params, problem=problem,
+                      code="missing_custom_id" if problem else None, audio=audio)
 
 
 class FolderSource(Source):

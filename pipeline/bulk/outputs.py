@@ -29,9 +29,11 @@ def result_line(entry: Entry, result: JobResult | None, state: BulkState) -> dic
         line.update(file=entry["f"], page=entry.get("p"))
     if result is None:
         return line
-    error = result.error.model_dump(exclude={"retryable"}) if result.error else None
+    error = result.error.model_dump(mode="json", exclude={"retryable"}, exclude_none=True) if result.error else None
     line.update(status=result.status.value, image_key=result.image_key, answer=result.answer,
                 model_id=result.model_id, error=error)
+    if result.transcript is not None:  # a spoken question: what the speech stage heard
+        line["transcript"] = result.transcript
     if result.choices:  # a line whose params asked for n > 1 or logprobs: every answer, as the job has them
         line["choices"] = [c.model_dump(mode="json", exclude_none=True) for c in result.choices]
     if result.status == JobStatus.unknown:

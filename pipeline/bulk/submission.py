@@ -30,6 +30,7 @@ from tuwen.pipeline.bulk.manifest import Record, Source
 from tuwen.pipeline.bulk.model import Bulk, BulkState, job_id_for
 from tuwen.pipeline.bulk.pdfs import PdfPages
 from tuwen.pipeline.bulk.records import Entry, Records, entry_for
+from tuwen.pipeline.audio import audio_too_large
 from tuwen.pipeline.client import Client, OwnedImage, StoredImage, check_budget, read_image
 from tuwen.pipeline.errors import InvalidInput
 from tuwen.pipeline.inputs import check_question
@@ -86,9 +87,11 @@ class QuestionLines:
 
     def __call__(self, rec: Record, bulk: Bulk, job_id: str) -> JobRequest:
         picture = self._picture(rec) if rec.pdf is None and rec.pages is None else self._page(rec, bulk.owner)
+        audio = self._audio(rec)
         try:
-            return self.client.prepare(picture, rec.question or "", params=rec.params, priority=Priority.bulk,
-                                       owner=bulk.owner, bulk_id=bulk.id, job_id=job_id)
+            return self.client.prepare(picture, rec.question or ("" if audio is None else None), audio=audio,
+                                       params=rec.params, priority=Priority.bulk, owner=bulk.owner, bulk_id=bulk.id,
+                                       job_id=job_id)
         except InvalidInput as exc:
             if isinstance(picture, StoredImage) and exc.code == "image_not_found":
                 # one message for a missing file, a path out of the images dir and another owner's key
@@ -102,6 +105,17 @@ class QuestionLines:
         check_question(rec.question or "", max_chars=self.client.settings.max_conversation_chars)
         check_budget(self.client.check_params(rec.params), self.client.settings)
         return OwnedImage(self.pages.stored(rec, lambda png: self.client.store_image(png, owner)))
+
+    def _audio(self, rec: Record) -> bytes | None:
+        """The line's spoken question: a file inside the images dir, read bounded (``audio_too_large``)."""
+        if rec.audio is None:
+            return None
+        if not isinstance(rec.audio, str) or not rec.audio.strip():
+            raise InvalidInput("the line's audio must name a file", code="invalid_audio")
+        path = confined(self.base, rec.audio) if self.base is not None else None
+        if path is None:
+            raise InvalidInput(f"no audio file {rec.audio!r} inside the images dir {self.base}", code="audio_not_found")
+        return read_image(path, self.client.settings.max_audio_bytes, follow_symlinks=False, too_large=audio_too_large)
 
     def _picture(self, rec: Record) -> bytes | StoredImage:
         if rec.data is not None:

@@ -22,7 +22,7 @@ from tuwen.pipeline.gateway.batch_settings import FILES_PATH, files_limit
 from tuwen.pipeline.gateway.bodylimits import CHAT_PATH, RESPONSES_PATH, BodyLimits, chat_limit
 from tuwen.pipeline.gateway.intake import register_strict_utf8
 from tuwen.pipeline.gateway.metrics import RequestMetrics
-from tuwen.pipeline.gateway.routes import batches, chat, docs, files, health, jobs, models, responses
+from tuwen.pipeline.gateway.routes import audio, batches, chat, docs, files, health, jobs, models, responses
 from tuwen.pipeline.gateway.security import SecurityHeaders
 from tuwen.pipeline.gateway.settings import GatewaySettings
 from tuwen.pipeline.gateway.state import GatewayState
@@ -34,8 +34,8 @@ DESCRIPTION = (
     "Every error is OpenAI's `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`, `code` one of tuwen's "
     "stable codes. Auth: `Authorization: Bearer <API key>` (`tuwen keys create`). `POST /v1/chat/completions` "
     "and `POST /v1/responses` speak OpenAI's chat and Responses APIs.")
-ROUTERS = (jobs.router, chat.router, responses.router, models.router, files.router, batches.router, health.router,
-           docs.router)
+ROUTERS = (jobs.router, chat.router, responses.router, audio.router, models.router, files.router, batches.router,
+           health.router, docs.router)
 TAGS = [{"name": "jobs", "description": "提交、查询、取消任务 · submit, read, cancel jobs"},
         {"name": "chat", "description": "OpenAI-compatible chat completions, responses and models "
                                         "(docs/openai.md); errors in OpenAI's shape"},
@@ -68,7 +68,8 @@ def create_app(settings: Settings, gateway: GatewaySettings | None = None) -> Fa
     docs.mount_files(app)
     app.add_middleware(BodyLimits, limit=gw.upload_limit(settings),
                        larger={CHAT_PATH: chat_limit(settings, gw), RESPONSES_PATH: chat_limit(settings, gw),
-                               FILES_PATH: files_limit(gw)}, picture_bytes=settings.max_image_bytes)
+                               FILES_PATH: files_limit(gw), audio.AUDIO_PATH: settings.max_audio_bytes + 1024 * 1024},
+                       picture_bytes=settings.max_image_bytes)
     # The routes themselves (the app lists included routers whole), to label requests by route template.
     routes = [route for router in ROUTERS for route in router.routes] + [r for r in app.routes if isinstance(r, Mount)]
     app.add_middleware(RequestMetrics, metrics=state.metrics, routes=routes)

@@ -18,9 +18,10 @@ from tuwen.pipeline.conversation import StoredImage, Turn, prepare_conversation
 from tuwen.pipeline.gateway import sse
 from tuwen.pipeline.gateway.openai_errors import NO_RETRY, OpenAIError, as_openai, openai_error
 from tuwen.pipeline.gateway.openai_request import ChatRequest, Part, PictureRef
-from tuwen.pipeline.gateway.parts import PagePicture
+from tuwen.pipeline.gateway.parts import PagePicture, Spoken
 from tuwen.pipeline.gateway.pdf_pages import pictures_in, with_pages
 from tuwen.pipeline.gateway.pictures import picture
+from tuwen.pipeline.gateway.served import hears
 from tuwen.pipeline.gateway.state import GatewayState
 from tuwen.pipeline.gateway.tool_calls import refuse_auto
 from tuwen.pipeline.schema import ErrorInfo, JobResult, JobStatus, Priority
@@ -48,12 +49,15 @@ def fetched_turns(state: GatewayState, chat: ChatRequest, queue: str, owner: str
     return [Turn(t.role.value, [part(state, p, limit) for p in t.parts]) for t in turns]
 
 
-def part(state: GatewayState, p: Part, limit: int) -> str | bytes | StoredImage:
-    """A part as ``prepare_conversation`` takes it: text, a picture's bytes, or a stored picture's key."""
+def part(state: GatewayState, p: Part, limit: int) -> str | bytes | StoredImage | Spoken:
+    """A part as ``prepare_conversation`` takes it: text, a picture's bytes, a stored picture's key, or a
+    spoken question (its audio, checked when the job is prepared)."""
     if isinstance(p, PictureRef):
         return picture(p.url, p.param, max_bytes=limit, remote=state.pictures)
     if isinstance(p, PagePicture):
         return p.png
+    if isinstance(p, Spoken):
+        return p
     assert isinstance(p, str), p  # with_pages left no FileRef
     return p
 
@@ -61,6 +65,11 @@ def part(state: GatewayState, p: Part, limit: int) -> str | bytes | StoredImage:
 def queue_job(state: GatewayState, key: ApiKey, chat: ChatRequest, job_id: str | None = None) -> str:
     """Get the pictures, store them for the key's owner and queue the job (under ``job_id`` if given);
     returns its id."""
+    spoken = [p for t in chat.turns for p in t.parts if isinstance(p, Spoken)]
+    for each in spoken:  # bad audio is refused as such (400), whether a speech worker is live or not
+        state.client.check_audio(each.data)
+    if spoken:
+        hears(state)
     turns = fetched_turns(state, chat, state.settings.interactive_queue, key.owner)
     job = prepare_conversation(state.client, turns, chat.params, owner=key.owner, priority=Priority.interactive,
                                stream=chat.stream, job_id=job_id)

@@ -106,7 +106,7 @@ class Intake:
         await self.app(scope, counted, closing)
 
 
-async def read_submission(request: Request) -> tuple[bytes, SubmitForm]:
+async def read_submission(request: Request) -> tuple[bytes, bytes | None, SubmitForm]:
     """The picture and the text fields of a ``POST /v1/jobs`` body. Unknown fields, a field sent twice
     (two pictures …) and a picture sent as text are refused; an empty text field counts as absent."""
     form = await request.form(max_files=4, max_fields=16)
@@ -126,10 +126,15 @@ async def read_submission(request: Request) -> tuple[bytes, SubmitForm]:
             raise InvalidImage("the image must be a file part (with a filename), not a text field",
                                code="invalid_image")
         data = await image.read()
-        text = {k: v for k, v in form.items() if k != "image" and (v != "" or k == "question")}
+        audio = form.get("audio")
+        if audio is not None and not isinstance(audio, UploadFile):
+            raise InvalidInput("the audio must be a file part (with a filename), not a text field",
+                               code="invalid_audio")
+        spoken = await audio.read() if audio is not None else None
+        text = {k: v for k, v in form.items() if k not in ("image", "audio") and (v != "" or k == "question")}
     finally:
         await form.close()
     try:
-        return data, SubmitForm.model_validate(text)
+        return data, spoken, SubmitForm.model_validate(text)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None

@@ -30,11 +30,13 @@ class ErrorBody(BaseModel):
 
 
 class SubmitForm(BaseModel):
-    """The text fields of ``POST /v1/jobs``; the picture is the one ``image`` file part."""
+    """The text fields of ``POST /v1/jobs``; the picture is the one ``image`` file part, a spoken question the
+    ``audio`` file part (then ``question`` may be left out)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    question: str = Field(description="问题, in Chinese or English", examples=[EXAMPLE_QUESTION])
+    question: str | None = Field(None, description="问题, in Chinese or English (required unless `audio` is sent)",
+                                 examples=[EXAMPLE_QUESTION])
     priority: Annotated[Priority, WithJsonSchema({"type": "string", "enum": [p.value for p in Priority],
                                                   "default": Priority.interactive.value})] = Priority.interactive
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
@@ -42,7 +44,7 @@ class SubmitForm(BaseModel):
                                      description="POSTed the result when the job ends")
 
 
-FORM_FIELDS = frozenset({"image", *SubmitForm.model_fields})
+FORM_FIELDS = frozenset({"image", "audio", *SubmitForm.model_fields})
 
 
 def submit_body() -> dict[str, Any]:
@@ -52,7 +54,9 @@ def submit_body() -> dict[str, Any]:
     image = {"type": "string", "contentMediaType": "application/octet-stream", "title": "Image",
              "description": "picture (PNG, JPEG, GIF, WebP, BMP, TIFF); type is sniffed from the bytes"}
     schema = {"type": "object", "required": ["image", *fields.get("required", [])],
-              "properties": {"image": image, **fields["properties"]}}
+              "properties": {"image": image, "audio": {**image, "title": "Audio", "description": "spoken question "
+                                                       "(WAV, FLAC, Ogg, MP3), transcribed first"},
+                             **fields["properties"]}}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
 from tuwen.pipeline.gateway import tool_calls
-from tuwen.pipeline.gateway.parts import FileRef, PagePicture, PictureRef as PictureRef, chat_file
+from tuwen.pipeline.gateway.parts import (ChatTurn as ChatTurn, Part as Part, PictureRef as PictureRef, audio_part,
+                                         chat_file)
 from tuwen.pipeline.gateway.openai_params import NO_TOOLS, REFUSED, REFUSED_IN_MESSAGES, ROLES, SAMPLING, neutral
 from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role
@@ -121,16 +122,6 @@ class ChatCompletionRequest(ChatParams):
 
 
 # -- the parsed request ---------------------------------------------------------------------------------------
-#: A turn's part: text, a picture by URL, a PDF, or a PDF's page once read (``parts``, ``pdf_pages``).
-Part = str | PictureRef | FileRef | PagePicture
-
-
-@dataclass(frozen=True)
-class ChatTurn:
-    role: Role
-    parts: tuple[Part, ...]
-
-
 @dataclass(frozen=True)
 class ChatRequest:
     model: str
@@ -275,7 +266,7 @@ def _part(part: Any, where: str, ignored: list[str]) -> Part:
     if kind == "file":
         return chat_file(part, where, ignored)
     if isinstance(part, dict):
-        known = {"type", "text"} if kind == "text" else {"type", "image_url"}
+        known = {"type", "text"} if kind == "text" else {"type", kind}
         ignored += [f"{where}.{printable_name(k)}" for k in sorted(set(part) - known)]  # cache_control …
     if kind == "text":
         # By hand, not by the model: text that is not valid Unicode (lone surrogates from JSON's \u escapes)
@@ -283,11 +274,13 @@ def _part(part: Any, where: str, ignored: list[str]) -> Part:
         if not isinstance(part.get("text"), str):
             raise openai_error("invalid_messages", f"{where}.text must be a string", param=f"{where}.text")
         return str(part["text"])
+    if kind == "input_audio":
+        return audio_part(part, where)
     if kind != "image_url":
-        if kind in ("input_audio", "refusal"):
+        if kind == "refusal":
             raise openai_error("unsupported_parameter", f"{where}: {kind} parts are not supported; "
-                               "send text, image_url and file parts", param=f"{where}.type")
-        raise openai_error("invalid_messages", f"{where} must be a part of type text, image_url or file",
+                               "send text, image_url, file and input_audio parts", param=f"{where}.type")
+        raise openai_error("invalid_messages", f"{where} must be a part of type text, image_url, file or input_audio",
                            param=f"{where}.type" if isinstance(part, dict) else where)
     try:
         parsed = ImageContent.model_validate({k: v for k, v in part.items() if k in ("type", "image_url")})

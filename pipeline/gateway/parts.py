@@ -1,15 +1,20 @@
 """What a turn of a parsed chat or Responses request holds besides text: a picture by URL (``PictureRef``),
-a PDF (``FileRef``: OpenAI's ``file`` / ``input_file`` parts, its bytes inline or an uploaded file's id) and,
-once a PDF is read (``pdf_pages``), its pages as pictures (``PagePicture``). Parsing only: nothing is
-fetched here.
+a PDF (``FileRef``: OpenAI's ``file`` / ``input_file`` parts, its bytes inline or an uploaded file's id),
+once a PDF is read (``pdf_pages``) its pages as pictures (``PagePicture``), and ``input_audio`` parts, a
+spoken question as base64 with its format (``wav``, ``mp3``, ``flac``, ``ogg``; ``Spoken``), checked like
+any spoken question when the job is prepared. Parsing only: nothing is fetched here.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from typing import Any
 
+from tuwen.pipeline.conversation import Spoken as Spoken  # the turn's audio part, for the request parsers
 from tuwen.pipeline.gateway.openai_errors import openai_error
+from tuwen.pipeline.schema import Role
 
 #: The longest ``filename`` kept (the name only labels the PDF's pages; tuwen reads the bytes).
 MAX_FILENAME = 255
@@ -42,6 +47,16 @@ class PagePicture:
 
     png: bytes
     param: str
+
+
+#: A turn's part: text, a picture by URL, a PDF, a PDF's page once read, or a spoken question.
+Part = str | PictureRef | FileRef | PagePicture | Spoken
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: Role
+    parts: tuple[Part, ...]
 
 
 def _name(where: str, key: object) -> str:
@@ -89,3 +104,27 @@ def input_file(part: dict[str, Any], where: str, ignored: list[str]) -> FileRef:
                            param=f"{where}.file_url")
     ignored += [_name(where, k) for k in part if k not in ("type", "file_data", "file_id", "filename", "file_url")]
     return file_ref(part, where, where)
+
+
+#: The formats an ``input_audio`` part may name (OpenAI's ``wav`` and ``mp3``, and what libsndfile adds).
+FORMATS = ("wav", "mp3", "flac", "ogg")
+
+
+def audio_part(part: dict[str, Any], where: str) -> Spoken:
+    """The audio of an ``input_audio`` part, or an OpenAI-shaped error naming the field at fault."""
+    body = part.get("input_audio")
+    if not isinstance(body, dict):
+        raise openai_error("invalid_messages", f"{where}.input_audio must be an object with data and format",
+                           param=f"{where}.input_audio")
+    if body.get("format") not in FORMATS:
+        raise openai_error("unsupported_audio_format", f"{where}.input_audio.format must be one of "
+                           f"{', '.join(FORMATS)}", param=f"{where}.input_audio.format")
+    data = body.get("data")
+    if not isinstance(data, str):
+        raise openai_error("invalid_messages", f"{where}.input_audio.data must be base64 text",
+                           param=f"{where}.input_audio.data")
+    try:
+        return Spoken(base64.b64decode(data, validate=True))
+    except (binascii.Error, ValueError):
+        raise openai_error("invalid_audio", f"{where}.input_audio.data is not valid base64",
+                           param=f"{where}.input_audio.data") from None

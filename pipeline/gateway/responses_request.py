@@ -1,15 +1,14 @@
 """The Responses request tuwen accepts (``POST /v1/responses``), checked the way OpenAI answers it.
 
 ``parse_responses`` turns the JSON body into a ``ResponsesRequest``: ``instructions``, the ``input`` (a
-string, or message items of ``input_text`` / ``output_text``, ``input_image`` and ``input_file`` parts, still
-URLs), ``GenerationParams`` and the options (``stream``, ``store``, ``previous_response_id``). As in chat:
+string, or items of ``input_text`` / ``output_text``, ``input_image``, ``input_file``, ``input_audio`` parts,
+still URLs), ``GenerationParams`` and the options (``stream``, ``store``, ``previous_response_id``). As in chat:
 
 * what tuwen implements is honoured (``max_output_tokens``, ``temperature``, ``top_p``, ``truncation``, text.format);
 * a parameter whose effect a client relies on and tuwen cannot give is refused with a 400
   ``unsupported_parameter`` whose ``param`` names it (tools, ``n`` > 1, ``reasoning``, ``background``,
   …), unless it has its neutral value;
-* anything else is ignored, its name listed in ``ResponsesRequest.ignored`` (the ``tuwen-ignored-params``
-  header).
+* anything else is ignored, its name listed in ``ResponsesRequest.ignored`` (``tuwen-ignored-params``).
 """
 
 from __future__ import annotations
@@ -23,10 +22,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
-from tuwen.pipeline.gateway.openai_request import (
-    EXAMPLE_PICTURE, MAX_METADATA, MAX_METADATA_KEY, MAX_METADATA_VALUE, ChatRequest, ChatTurn, Part, PictureRef,
-    chat_turn, json_object, printable_name)
-from tuwen.pipeline.gateway.parts import input_file
+from tuwen.pipeline.gateway.openai_request import (EXAMPLE_PICTURE, MAX_METADATA, MAX_METADATA_KEY, MAX_METADATA_VALUE,
+                                                    ChatRequest, chat_turn, json_object, printable_name)
+from tuwen.pipeline.gateway.parts import ChatTurn, Part, PictureRef, audio_part, input_file
 from tuwen.pipeline.gateway.openai_params import ROLES
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role, Truncation
 from tuwen.pipeline.structured import schema_error
@@ -127,7 +125,7 @@ TOLERATED = frozenset({"parallel_tool_calls", "max_tool_calls", "stream_options"
 #: Message item fields that belong to items the SDK hands back (``resp.output``): taken, not used.
 ITEM_FIELDS = frozenset({"type", "role", "content", "id", "status", "phase"})
 #: Part types whose effect a client relies on and tuwen cannot give.
-REFUSED_PARTS = {"input_audio": "audio inputs are not supported", "refusal": "refusal parts are not supported"}
+REFUSED_PARTS = {"refusal": "refusal parts are not supported"}
 
 
 # -- the parsed request ---------------------------------------------------------------------------------------
@@ -277,9 +275,11 @@ def _part(part: Any, where: str, ignored: list[str]) -> Part:
     kind = part.get("type")
     if isinstance(kind, str) and kind in REFUSED_PARTS:
         raise openai_error("unsupported_parameter", f"{where}: {REFUSED_PARTS[kind]}; send input_text, "
-                           "input_image and input_file parts", param=f"{where}.type")
+                           "input_image, input_file and input_audio parts", param=f"{where}.type")
     if kind == "input_file":
         return input_file(part, where, ignored)
+    if kind == "input_audio":
+        return audio_part(part, where)
     if kind in ("input_text", "output_text"):
         ignored += [f"{where}.{header_name(k)}" for k in part if k not in ("type", "text", "annotations", "logprobs")]
         if not isinstance(part.get("text"), str):

@@ -18,8 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tuwen.pipeline import keys
 from tuwen.pipeline.gateway.openai_errors import OpenAIError, openai_error
-from tuwen.pipeline.gateway.openai_request import ChatTurn, PictureRef
-from tuwen.pipeline.gateway.parts import PagePicture
+from tuwen.pipeline.gateway.parts import ChatTurn, PagePicture, PictureRef, Spoken
 from tuwen.pipeline.gateway.pictures import stored_url
 from tuwen.pipeline.jobs import JobStore, redis_errors
 from tuwen.pipeline.responses_objects import ResponseFacts, job_of
@@ -115,13 +114,16 @@ class ResponseStore:
             raise openai_error("invalid_params", f"previous_response_id: response {response_id} is {status}; "
                                "only a response with an answer can be continued", param=CONTINUED)
         answer = (ChatTurn(Role.assistant, (result.answer,)),) if result.answer else ()
-        return turns_of(stored.conversation) + answer
+        return turns_of(stored.conversation, result.transcript or "") + answer
 
 
 # -- a conversation as stored items, and back -----------------------------------------------------------------
+#: A stored item's spoken part: the job's transcript takes its place when the conversation goes on.
+SPOKEN = "tuwen_spoken"
+
 def items_of(turns: Sequence[ChatTurn], job: JobRequest) -> list[dict[str, Any]]:
     """``turns`` as Responses input items, each picture replaced by the key the job stored it under (the job's
-    pictures are the turns' pictures, in order)."""
+    pictures are the turns' pictures, in order), a spoken part by a mark its transcript takes the place of."""
     keys_in_order: Iterator[str] = iter(job.image_keys)
     items = []
     for turn in turns:
@@ -129,12 +131,13 @@ def items_of(turns: Sequence[ChatTurn], job: JobRequest) -> list[dict[str, Any]]
         items.append({"role": turn.role.value, "content": [
             {"type": "input_image", "image_url": stored_url(next(keys_in_order))}
             if isinstance(p, (PictureRef, PagePicture))
-            else {"type": text_type, "text": p} for p in turn.parts]})
+            else {"type": SPOKEN} if isinstance(p, Spoken) else {"type": text_type, "text": p} for p in turn.parts]})
     return items
 
 
-def turns_of(items: list[dict[str, Any]]) -> tuple[ChatTurn, ...]:
-    """Stored items as turns again; their pictures are named by ``previous_response_id`` in errors."""
+def turns_of(items: list[dict[str, Any]], transcript: str = "") -> tuple[ChatTurn, ...]:
+    """Stored items as turns again; their pictures are named by ``previous_response_id`` in errors, a spoken
+    question is its ``transcript``."""
     return tuple(ChatTurn(Role(item["role"]), tuple(
-        PictureRef(part["image_url"], CONTINUED) if part["type"] == "input_image" else str(part["text"])
-        for part in item["content"])) for item in items)
+        PictureRef(part["image_url"], CONTINUED) if part["type"] == "input_image" else
+        transcript if part["type"] == SPOKEN else str(part["text"]) for part in item["content"])) for item in items)

@@ -29,6 +29,15 @@ def cards(state: GatewayState) -> list[ModelCard]:
     return found + [ModelCard(id=name, created=created) for name in aliases(state) if name not in live]
 
 
+def hears(state: GatewayState) -> None:
+    """A spoken question is queued only while a speech worker is live: else a 503 that says what to start (the
+    request would wait out its timeout for nothing)."""
+    missing = state.census.missing(state.settings.speech_queue)
+    if missing:
+        raise openai_error("model_not_served", f"no speech model is served now: {missing}",
+                           headers={"Retry-After": str(NO_WORKER_RETRY_S)}, status=503)
+
+
 def served_model(state: GatewayState, requested: str) -> str:
     """The model id a chat request gets: ``requested`` if a live worker holds it; for an alias, the
     longest-served live model. 404 ``model_not_found`` for another name; 503 when no worker is live."""

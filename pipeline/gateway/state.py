@@ -72,8 +72,10 @@ class WorkerCensus:
     (``registry.consumers``: a worker that is shutting down does not count), kept for ``max_age_s`` so
     that probes, timed-out long-polls and chat requests do not each scan Redis."""
 
-    def __init__(self, client: redis.Redis, queues: list[str], max_age_s: float = 2.0) -> None:
-        self.redis, self.queues, self.max_age_s = client, queues, max_age_s
+    def __init__(self, client: redis.Redis, queues: list[str], max_age_s: float = 2.0,
+                 speech_queue: str | None = None) -> None:
+        self.redis, self.max_age_s, self.speech_queue = client, max_age_s, speech_queue
+        self.queues = [*queues, speech_queue] if speech_queue else queues
         self._lock = threading.Lock()
         self._workers: list[dict[str, Any]] = []
         self._at = -max_age_s
@@ -131,7 +133,7 @@ class WorkerCensus:
 
     def missing(self, queue: str) -> str | None:
         """Why jobs on ``queue`` get no answer (``registry.no_worker``), or None."""
-        return None if self.counts().get(queue, 0) else registry.no_worker(queue)
+        return None if self.counts().get(queue, 0) else registry.no_worker(queue, speech=queue == self.speech_queue)
 
 
 class GatewayState:
@@ -149,7 +151,8 @@ class GatewayState:
         self.hooks = WebhookStore(self.redis, settings.result_ttl_s)
         self.metrics = Metrics()
         self.waiters = Waiters()
-        self.census = WorkerCensus(self.redis, [settings.interactive_queue, settings.bulk_queue])
+        self.census = WorkerCensus(self.redis, [settings.interactive_queue, settings.bulk_queue],
+                                   speech_queue=settings.speech_queue)
         #: The owners' uploaded files: chat and Responses PDFs by ``file_id`` (purpose ``user_data``).
         self.files = FileStore(self.redis, settings)
         #: Job state on the event loop (chat waits and streams), and the chat API's remote pictures.

@@ -513,8 +513,8 @@ def test_health_metrics_and_openapi(parked_gateway: Gateway) -> None:
     paths = spec.json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/healthz", "/readyz", "/metrics"} <= set(paths)
     upload = paths["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert set(upload["properties"]) == {"image", "question", "priority", "max_new_tokens", "callback_url"}
-    assert upload["required"] == ["image", "question"]
+    assert set(upload["properties"]) == {"image", "audio", "question", "priority", "max_new_tokens", "callback_url"}
+    assert upload["required"] == ["image"]  # the question may be spoken instead (`audio`)
     assert set(paths["/v1/jobs/{job_id}"]) == {"get", "delete"}
 
 

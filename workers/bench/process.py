@@ -19,8 +19,9 @@ class WorkerProcess:
     """A worker subprocess configured by ``settings`` (passed as ``TUWEN_*``, nothing inherited)."""
 
     def __init__(self, settings: Settings, hostname: str, log_path: Path, *, threads: int = 1,
-                 extra_env: dict[str, str] | None = None, hooks: Hooks | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, hooks: Hooks | None = None, role: str = "picture") -> None:
         self.settings, self.hostname, self.log_path = settings, hostname, log_path
+        self.role = role  #: ``picture`` or ``speech`` (``tuwen worker --role``)
         self.threads = threads
         self.extra_env = {**(hooks.to_env() if hooks else {}), **(extra_env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -34,7 +35,8 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tuwen.workers.cli", "worker", f"--hostname={self.hostname}", "--loglevel=INFO"],
+            [sys.executable, "-m", "tuwen.workers.cli", "worker", f"--role={self.role}", f"--hostname={self.hostname}",
+             "--loglevel=INFO"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         return self

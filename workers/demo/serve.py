@@ -102,12 +102,19 @@ def run_serve(console: Console, settings: Settings, *, redis_given: bool, host: 
                                        threads=threads)
                 stack.callback(_quietly, worker.stop, 30)
                 worker.start()
+                speech = _speech_worker(settings, place, threads)
+                if speech is not None:
+                    stack.callback(_quietly, speech.stop, 30)
+                    speech.start()
                 gateway = _start_gateway(settings, host, port, place.log("gateway"))
                 stack.callback(_quietly, _stop, gateway)
                 worker.wait_ready(timeout=300)
+                if speech is not None:
+                    speech.wait_ready(timeout=300)
                 _wait_ready(gateway, host, port, place.log("gateway"))
-                _announce(console, settings, worker, token, fresh, place, redis, host, port, time.monotonic() - t0)
-                died = _watch(worker, gateway, redis)
+                _announce(console, settings, worker, token, fresh, place, redis, host, port, time.monotonic() - t0,
+                          speech)
+                died = _watch([w for w in (worker, speech) if w is not None], gateway, redis)
                 console.print(f"the {died} stopped (logs in {place.root})", markup=False, soft_wrap=True)
                 outcome = 1
             except (KeyboardInterrupt, Stopped):
@@ -212,8 +219,21 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def _speech_worker(settings: Settings, place: Place, threads: int) -> WorkerProcess | None:
+    """A speech worker for spoken questions, when there is a speech checkpoint: ``TUWEN_SPEECH_MODEL_PATH``, or
+    the bundled demo speech model once it is trained; else None (spoken questions then get a 503 that says so)."""
+    from tuwen.workers.demo.speech import bundled_speech_model
+
+    path = settings.speech_model_path or bundled_speech_model()
+    if not (path / "config.json").exists():
+        return None
+    return WorkerProcess(settings.model_copy(update={"speech_model_path": path}),
+                         f"serve-speech-{os.getpid()}@{socket.gethostname()}", place.log("speech"), threads=threads,
+                         role="speech")
+
+
 def _announce(console: Console, settings: Settings, worker: WorkerProcess, token: str, fresh: bool, place: Place,
-              redis: LocalRedis | None, host: str, port: int, took: float) -> None:
+              redis: LocalRedis | None, host: str, port: int, took: float, speech: WorkerProcess | None) -> None:
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     client = connect(settings.redis_url)
     try:
@@ -225,9 +245,12 @@ def _announce(console: Console, settings: Settings, worker: WorkerProcess, token
             ("playground", f"http://{shown}:{port}/playground"),
             ("API key", f"{token}   ({'new' if fresh else 'saved'}: {place.key_file})"),
             ("model", f"{models[0] if models else '?'} on one worker"),
+            ("speech", f"{speech.settings.speech_model_path} on one speech worker (spoken questions)" if speech
+             else "off: no speech checkpoint (TUWEN_SPEECH_MODEL_PATH)"),
             ("Redis", where),
             ("pictures", storage_place(settings)),
-            ("logs", f"{place.log('worker')}, {place.log('gateway')}")]
+            ("logs", f"{place.log('worker')}, {place.log('gateway')}"
+                     + (f", {place.log('speech')}" if speech else ""))]
     console.print(f"tuwen serve is ready ({took:.1f} s):", markup=False)
     for name, value in rows:
         console.print(f"  {name:<11} {value}", markup=False, highlight=False, soft_wrap=True)
@@ -236,11 +259,12 @@ def _announce(console: Console, settings: Settings, worker: WorkerProcess, token
     console.print("Ctrl-C stops everything.", markup=False)
 
 
-def _watch(worker: WorkerProcess, gateway: subprocess.Popen[bytes], redis: LocalRedis | None) -> str:
+def _watch(workers: list[WorkerProcess], gateway: subprocess.Popen[bytes], redis: LocalRedis | None) -> str:
     """Until a piece dies (its name) or a signal comes."""
     while True:
-        if not worker.alive:
-            return "worker"
+        for worker in workers:
+            if not worker.alive:
+                return "speech worker" if worker.role == "speech" else "worker"
         if gateway.poll() is not None:
             return "gateway"
         if redis is not None and (redis.proc is None or redis.proc.poll() is not None):

@@ -25,7 +25,8 @@ from typing import Any
 from tuwen.pipeline import stats, tool_format
 from tuwen.pipeline.errors import ErrorCode, ModelError, TuwenError, Unavailable
 from tuwen.pipeline.jobs import JobStore
-from tuwen.pipeline.schema import ErrorInfo, ImagePart, JobRequest, JobResult, JobStatus, Priority, TextPart
+from tuwen.pipeline.schema import (ErrorInfo, ImagePart, JobRequest, JobResult, JobStatus, Priority, Stage, StageName,
+                                   TextPart)
 from tuwen.pipeline.settings import Settings
 from tuwen.pipeline.streams import StreamWriter
 from tuwen.storage.errors import ObjectNotFound, StorageError
@@ -233,10 +234,11 @@ class Answerer:
         job = run.job
         timings = {"queue_ms": round((started - job.created_at) * 1000, 1), **fields.pop("timings", {}),
                    "total_ms": round((finished - job.created_at) * 1000, 1)}
-        return JobResult(id=job.id, status=JobStatus.succeeded, owner=job.owner, image_key=job.image_key,
-                         created_at=job.created_at, started_at=started, finished_at=finished, attempts=run.attempts,
-                         worker=worker, model_id=self.runtime.model_id, timings=timings,
-                         cancel_requested=self._cancel_requested(job.id), **fields)
+        result = JobResult(id=job.id, status=JobStatus.succeeded, owner=job.owner, image_key=job.image_key,
+                           created_at=job.created_at, started_at=started, finished_at=finished, attempts=run.attempts,
+                           worker=worker, model_id=self.runtime.model_id, timings=timings,
+                           cancel_requested=self._cancel_requested(job.id), **fields)
+        return with_stages(job, result)
 
     def _failed(self, job: JobRequest, code: str, message: str, retryable: bool | None = None,
                 **extra: Any) -> JobResult:
@@ -245,9 +247,12 @@ class Answerer:
         error = ErrorInfo.of(code, message)
         if retryable is not None:
             error = error.model_copy(update={"retryable": retryable})
-        return JobResult(id=job.id, status=JobStatus.failed, error=error,
-                         owner=job.owner, image_key=job.image_key, created_at=job.created_at, finished_at=finished,
-                         timings={"total_ms": round((finished - job.created_at) * 1000, 1)}, **extra)
+        if job.stages:
+            error = error.model_copy(update={"stage": StageName.picture})
+        return with_stages(job, JobResult(
+            id=job.id, status=JobStatus.failed, error=error, owner=job.owner, image_key=job.image_key,
+            created_at=job.created_at, finished_at=finished,
+            timings={"total_ms": round((finished - job.created_at) * 1000, 1)}, **extra))
 
     def _cancel_requested(self, job_id: str) -> bool:
         try:
@@ -353,3 +358,21 @@ class Answerer:
             self.metrics.observe_device()
         except Exception:  # noqa: BLE001 - statistics never fail a batch
             log.debug("could not record statistics", exc_info=True)
+
+
+def with_stages(job: JobRequest, result: JobResult) -> JobResult:
+    """A job that came through the speech stage: its result also shows the transcript, both stages (this one's
+    timings from its start on the picture queue) and the speech stage's timings beside its own."""
+    if not job.stages:
+        return result
+    speech = job.stages[-1]
+    begun = speech.finished_at or job.created_at
+    own = {k: v for k, v in result.timings.items() if k != "total_ms"}
+    if result.started_at is not None:
+        own["queue_ms"] = round((result.started_at - begun) * 1000, 1)
+    picture = Stage(name=StageName.picture, model_id=result.model_id, attempts=result.attempts,
+                    started_at=result.started_at, finished_at=result.finished_at,
+                    timings={**own, "picture_ms": round(((result.finished_at or begun) - begun) * 1000, 1)})
+    return result.model_copy(update={
+        "transcript": job.transcript, "stage": StageName.picture, "stages": [*job.stages, picture],
+        "timings": {**speech.timings, **result.timings}})

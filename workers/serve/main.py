@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from celery import signals
@@ -69,6 +70,22 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     pulse = Pulse()
     app, _ = make_worker_app(settings, runtime, scheduler, jobs, open_images(settings), metrics, hostname,
                              screen=Screen(jobs, metrics, hostname, pulse.consumed))
+    if hooks.stall_after_jobs:
+        install_fault_stall(hooks.stall_after_jobs)
+    attend(app, settings, hostname, queues, {
+        "model_id": runtime.model_id, "device": runtime.device, "pid": os.getpid(),
+        "max_batch_size": settings.max_batch_size, "load_seconds": runtime.load_seconds,
+        "max_images": runtime.max_images, "renders_tools": runtime.renders_tools,
+        "picture_side": runtime.picture_side,
+    }, pulse, metrics, redis_client, broker, scheduler.stop)
+    consume(app, settings.pool_threads, queues, hostname, loglevel)
+
+
+def attend(app: Any, settings: Settings, hostname: str, queues: list[str], info: dict[str, Any], pulse: Pulse,
+           metrics: WorkerMetrics, redis_client: Any, broker: Any, stop: Callable[[], None]) -> None:
+    """What keeps any worker (picture or speech) honest, wired to its app: the pulse of its consuming loop,
+    its heartbeat and stall watchdog (``Keeper``), the reaper of dead workers' messages, the shutdown
+    deadline; ``stop`` ends its model's loop at shutdown."""
     app.steps["consumer"].add(pulse_step(pulse))
 
     def queue_depth() -> int | None:
@@ -79,19 +96,13 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
         except Exception:  # noqa: BLE001 - unknown while Redis is away
             return None
 
-    keeper = Keeper(redis_client, hostname, {
-        "model_id": runtime.model_id, "device": runtime.device, "queues": queues, "pid": os.getpid(),
-        "max_batch_size": settings.max_batch_size, "load_seconds": runtime.load_seconds,
-        "max_images": runtime.max_images, "renders_tools": runtime.renders_tools,
-        "picture_side": runtime.picture_side,
-    }, pulse, settings.stall_timeout_s, queue_depth)
+    keeper = Keeper(redis_client, hostname, {**info, "queues": queues}, pulse, settings.stall_timeout_s, queue_depth)
     sweeper = None
     if broker is not None:
-        reaper = Reaper(broker, redis_client, {settings.interactive_queue, settings.bulk_queue, *queues},
+        reaper = Reaper(broker, redis_client,
+                        {settings.interactive_queue, settings.bulk_queue, settings.speech_queue, *queues},
                         own_tags=lambda: pulse.held)
         sweeper = Repeating("tuwen-reaper", INTERVAL_S, lambda: metrics.recovered.inc(len(reaper.sweep())))
-    if hooks.stall_after_jobs:
-        install_fault_stall(hooks.stall_after_jobs)
 
     def ready(**_: Any) -> None:
         keeper.start()
@@ -104,14 +115,18 @@ def run_worker(settings: Settings, *, queues: list[str] | None = None, hostname:
     def shut_down(**_: Any) -> None:
         if sweeper is not None:
             sweeper.stop()
-        scheduler.stop()
+        stop()
         keeper.stop()
 
     signals.worker_ready.connect(ready, weak=False)
     signals.worker_shutting_down.connect(shutting_down, weak=False)
     signals.worker_shutdown.connect(shut_down, weak=False)
+
+
+def consume(app: Any, threads: int, queues: list[str], hostname: str, loglevel: str) -> None:
+    """Run the worker's consuming loop until it is told to stop."""
     app.worker_main([
-        "worker", "--pool=threads", f"--concurrency={settings.pool_threads}", f"--queues={','.join(queues)}",
+        "worker", "--pool=threads", f"--concurrency={threads}", f"--queues={','.join(queues)}",
         f"--loglevel={loglevel}", "--without-mingle", "--without-gossip", "--task-events",
         f"--hostname={hostname}",
     ])

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tuwen.pipeline import deadletter, stats
-from tuwen.pipeline.app import TASK_NAME
+from tuwen.pipeline.app import SPEECH_TASK, TASK_NAME
 from tuwen.pipeline.jobs import JobStore
 from tuwen.pipeline.schema import ErrorInfo, JobRequest, JobResult, JobStatus
 from tuwen.workers.serve.metrics import WorkerMetrics
@@ -35,11 +35,11 @@ INVALID_MESSAGE = "invalid_message"
 
 
 def check_call(message: Any) -> None:
-    """Raise ``Refused`` unless the kombu ``message`` is a ``tuwen.answer`` call with a valid job."""
+    """Raise ``Refused`` unless the kombu ``message`` is a ``tuwen.answer`` or ``tuwen.transcribe`` call with a valid job."""
     headers = message.headers
     job_id = headers.get("id") if isinstance(headers, dict) else None
     job_id = job_id if isinstance(job_id, str) else None
-    if not isinstance(headers, dict) or headers.get("task") != TASK_NAME:
+    if not isinstance(headers, dict) or headers.get("task") not in (TASK_NAME, SPEECH_TASK):
         raise Refused("not_a_tuwen_job", job_id)
     if message.content_type != "application/json":  # never decode anything else (pickle!)
         raise Refused("not_a_tuwen_job", job_id, f"content type {message.content_type!r}")

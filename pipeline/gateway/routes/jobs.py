@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from tuwen.pipeline.gateway.apikeys import ApiKey, job_made
-from tuwen.pipeline.app import queue_for
+from tuwen.pipeline.app import route
 from tuwen.pipeline.errors import Forbidden, NotFound
 from tuwen.pipeline.gateway.deps import IdempotencyKey, JobId, Reader, State, Submitter, charge
 from tuwen.pipeline.gateway.errors import ApiError, no_such_job
@@ -60,13 +60,16 @@ async def poll(state: GatewayState, key: ApiKey, job_id: str, wait: float) -> Jo
 def nobody_to_answer(state: GatewayState, job_id: str) -> str | None:
     """Why a job that is still waiting may get no answer: no live worker consumes its queue."""
     job = state.client.jobs.request(job_id)
-    return None if job is None else state.census.missing(queue_for(state.settings, job.priority))
+    return None if job is None else state.census.missing(route(state.settings, job))
 
 
 # -- submitting ---------------------------------------------------------------------------------------------
-def enqueue(state: GatewayState, key: ApiKey, data: bytes, form: SubmitForm, job_id: str | None = None) -> str:
-    """Store the picture, register the webhook and queue the job (under ``job_id`` if given); returns its id."""
-    request = state.client.prepare(data, form.question, max_new_tokens=form.max_new_tokens,
+def enqueue(state: GatewayState, key: ApiKey, data: bytes, form: SubmitForm, job_id: str | None = None,
+            audio: bytes | None = None) -> str:
+    """Store the picture (and the spoken question), register the webhook and queue the job (under ``job_id`` if
+    given); returns its id."""
+    question = (form.question or None) if audio is not None else (form.question or "")
+    request = state.client.prepare(data, question, audio=audio, max_new_tokens=form.max_new_tokens,
                                    priority=form.priority, owner=key.owner, job_id=job_id)
     if form.callback_url is not None:
         state.hooks.register(request.id, form.callback_url)
@@ -79,14 +82,15 @@ def enqueue(state: GatewayState, key: ApiKey, data: bytes, form: SubmitForm, job
 
 
 def accept(state: GatewayState, key: ApiKey, data: bytes, form: SubmitForm, idempotency_key: str | None,
-           response: Response) -> JobAccepted:
+           response: Response, audio: bytes | None = None) -> JobAccepted:
     """Queue the job once per ``Idempotency-Key``: a retry gets the first job (``Idempotent-Replayed``)."""
     if form.callback_url is not None:
         check_callback_url(form.callback_url, state.gw)
     fingerprint = hashlib.sha256(data + json.dumps(
-        [form.question, form.priority.value, form.max_new_tokens, form.callback_url]).encode()).hexdigest()
+        [form.question, form.priority.value, form.max_new_tokens, form.callback_url]).encode()
+        + (hashlib.sha256(audio).digest() if audio is not None else b"")).hexdigest()
     job_id, replayed = state.idempotency.once(key.owner, idempotency_key, fingerprint,
-                                              lambda reserved: enqueue(state, key, data, form, reserved),
+                                              lambda reserved: enqueue(state, key, data, form, reserved, audio),
                                               lambda reserved: job_made(state.client, reserved))
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -106,8 +110,8 @@ async def submit(key: Submitter, state: State, request: Request, response: Respo
     """Stores the picture, queues the job and answers at once with its id (202). The API key is
     checked before the body is read; fields: `image` (file), `question`, optional `priority`,
     `max_new_tokens`, `callback_url`."""
-    data, form = await read_submission(request)
-    return await run_in_threadpool(accept, state, key, data, form, idempotency_key, response)
+    data, audio, form = await read_submission(request)
+    return await run_in_threadpool(accept, state, key, data, form, idempotency_key, response, audio)
 
 
 @router.get("/{job_id}", response_model=JobView, response_model_exclude_none=True,

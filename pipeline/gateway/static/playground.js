@@ -4,6 +4,8 @@ let messages = [];          // the conversation so far, in OpenAI's chat format
 let picture = null;         // data: URL of the chosen picture, sent with the next user turn
 let pictureBytes = null;    // its bytes: once sent, later turns name it tuwen://images/<sha256> instead
 let lastModels = null;      // the last /v1/models answer, to say it again in another language
+let spoken = null;          // the spoken question (base64 WAV), sent as an input_audio part with the next user turn
+let recorder = null;        // the MediaRecorder while recording
 
 // Every label in both languages; Chinese first, English a click away (remembered for the browser session).
 const TEXT = {
@@ -12,6 +14,8 @@ const TEXT = {
     max: "最多生成的 token 数", maxPlaceholder: "服务器默认", reset: "新对话", send: "发送",
     question: "图中有几个圆形？（Enter 发送，Shift+Enter 换行）", noModels: "（填入密钥后载入模型）",
     schema: "JSON schema（可选：回答为符合它的 JSON 对象）", parsed: "解析后的 JSON", lang: "EN",
+    audio: "语音提问（可选：录音或音频文件）", record: "● 录音", stop: "■ 停止", heard: (s) => `语音 ${s} 秒，待发送`,
+    transcript: (text) => `听到：${text}`, spokenTurn: "（语音提问）",
     models: (n) => n ? `${n} 个模型在线` : "没有在线的 worker：请运行 tuwen worker",
     modelsFailed: (status) => `载入模型失败：${status}`,
     done: (job, first, whole) => `任务 ${job} · 首个 token ${first} ms · 完整回答 ${whole} ms`,
@@ -23,6 +27,8 @@ const TEXT = {
     picture: "picture", max: "max tokens", maxPlaceholder: "the server's default", reset: "New conversation",
     send: "Send", question: "图中有几个圆形？ (Enter sends, Shift+Enter for a new line)",
     noModels: "(load models with the key)", parsed: "parsed JSON", lang: "中文",
+    audio: "spoken question (optional: record, or an audio file)", record: "● Record", stop: "■ Stop",
+    heard: (s) => `${s} s of speech, to send`, transcript: (text) => `heard: ${text}`, spokenTurn: "(spoken question)",
     schema: "JSON schema (optional: the answer is a JSON object valid against it)",
     models: (n) => n ? `${n} model${n > 1 ? "s" : ""} live` : "no live worker: start tuwen worker",
     modelsFailed: (status) => `loading the models failed: ${status}`,
@@ -87,6 +93,43 @@ async function storedUrl(bytes) {
   return "tuwen://images/" + Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+// Any audio the browser decodes (a recording's WebM/Opus, an uploaded file) as 16-bit mono WAV, which the
+// gateway reads whatever its rate (libsndfile); returns [base64, seconds].
+async function asWav(blob) {
+  const context = new AudioContext();
+  const decoded = await context.decodeAudioData(await blob.arrayBuffer());
+  context.close();
+  const n = decoded.length, rate = decoded.sampleRate, channels = decoded.numberOfChannels;
+  const mono = new Float32Array(n);
+  for (let c = 0; c < channels; c++) {
+    const data = decoded.getChannelData(c);
+    for (let i = 0; i < n; i++) mono[i] += data[i] / channels;
+  }
+  const view = new DataView(new ArrayBuffer(44 + 2 * n));
+  const text = (at, s) => { for (let i = 0; i < s.length; i++) view.setUint8(at + i, s.charCodeAt(i)); };
+  text(0, "RIFF"); view.setUint32(4, 36 + 2 * n, true); text(8, "WAVEfmt ");
+  view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
+  view.setUint32(24, rate, true); view.setUint32(28, 2 * rate, true); view.setUint16(32, 2, true);
+  view.setUint16(34, 16, true); text(36, "data"); view.setUint32(40, 2 * n, true);
+  for (let i = 0; i < n; i++) view.setInt16(44 + 2 * i, Math.max(-1, Math.min(1, mono[i])) * 32767, true);
+  const bytes = new Uint8Array(view.buffer);
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 32768) binary += String.fromCharCode(...bytes.subarray(i, i + 32768));
+  return [btoa(binary), (n / rate).toFixed(1)];
+}
+
+async function takeSpoken(blob) {
+  const [data, seconds] = await asWav(blob);
+  spoken = data;
+  $("spoken").textContent = t("heard")(seconds);
+}
+
+function clearSpoken() {
+  spoken = null;
+  $("audio").value = "";
+  $("spoken").textContent = "";
+}
+
 function clearPicture() {
   picture = null;
   pictureBytes = null;
@@ -137,10 +180,31 @@ $("picture").addEventListener("change", () => {
   reader.readAsDataURL(file);
   file.arrayBuffer().then((bytes) => { pictureBytes = bytes; });
 });
+$("audio").addEventListener("change", () => {
+  const file = $("audio").files[0];
+  if (file) takeSpoken(file).catch((err) => { $("spoken").textContent = String(err.message || err); });
+});
+// Record from the microphone until Stop (the browser's MediaRecorder; its WebM is turned into WAV here).
+$("record").addEventListener("click", async () => {
+  if (recorder) { recorder.stop(); return; }
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  const chunks = [];
+  recorder = new MediaRecorder(stream);
+  recorder.ondataavailable = (event) => chunks.push(event.data);
+  recorder.onstop = async () => {
+    stream.getTracks().forEach((track) => track.stop());
+    recorder = null;
+    $("record").textContent = t("record");
+    await takeSpoken(new Blob(chunks, { type: chunks[0] ? chunks[0].type : "audio/webm" }));
+  };
+  recorder.start();
+  $("record").textContent = t("stop");
+});
 $("reset").addEventListener("click", () => {
   messages = [];
   $("chat").innerHTML = "";
   clearPicture();
+  clearSpoken();
   $("question").focus();
 });
 // Enter sends, Shift+Enter makes a new line; Enter that confirms an input method's candidate does neither.
@@ -154,15 +218,16 @@ $("question").addEventListener("keydown", (event) => {
 $("ask").addEventListener("submit", async (event) => {
   event.preventDefault();
   const question = $("question").value.trim();
-  if (!question) return;
+  if (!question && !spoken) return;
   let format;
   try { format = responseFormat(); } catch (err) { $("status").textContent = err.message; return; }
   if (!$("model").value) await loadModels();
   const content = [];
   if (picture) content.push({ type: "image_url", image_url: { url: picture } });
-  content.push({ type: "text", text: question });
+  if (question) content.push({ type: "text", text: question });
+  if (spoken) content.push({ type: "input_audio", input_audio: { data: spoken, format: "wav" } });
   const turn = { role: "user", content };
-  const asked = say("user", question);
+  const asked = say("user", question || t("spokenTurn"));
   if (picture) {
     const thumb = document.createElement("img");
     thumb.className = "thumb";
@@ -216,8 +281,18 @@ $("ask").addEventListener("submit", async (event) => {
       const stored = await storedUrl(pictureBytes);
       if (stored) turn.content[0] = { type: "image_url", image_url: { url: stored } };
     }
+    if (spoken) {  // what the speech stage heard: shown, and the turn's text from now on (the audio is not sent again)
+      const heard = await fetch("/v1/jobs/" + job, { headers: headers() }).then((r) => r.json());
+      const line = document.createElement("span");
+      line.className = "meta transcript";
+      line.textContent = t("transcript")(heard.transcript || "");
+      asked.append(document.createElement("br"), line);
+      turn.content = turn.content.map((part) => part.type === "input_audio" ? { type: "text", text: heard.transcript || "" }
+                                                                           : part);
+    }
     messages.push(turn, { role: "assistant", content: answer });
     clearPicture();
+    clearSpoken();
     $("status").textContent = t("done")(job, Math.round(first || 0), Math.round(performance.now() - started));
   } catch (err) {
     out.className = "turn error";
