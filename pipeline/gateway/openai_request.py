@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuwen.pipeline.gateway.openai_errors import openai_error, param_of
 from tuwen.pipeline.gateway import tool_calls
-from tuwen.pipeline.gateway.parts import (ChatTurn as ChatTurn, Part as Part, PictureRef as PictureRef, audio_part,
-                                         chat_file)
+from tuwen.pipeline.gateway.parts import (ChatTurn as ChatTurn, FileRef, PagePicture, Part as Part,
+                                         PictureRef as PictureRef, audio_part, chat_file)
 from tuwen.pipeline.gateway.openai_params import NO_TOOLS, REFUSED, REFUSED_IN_MESSAGES, ROLES, SAMPLING, neutral
 from tuwen.pipeline.inputs import MAX_NESTING
 from tuwen.pipeline.schema import MAX_MESSAGES, MAX_NEW_TOKENS, GenerationParams, Role

@@ -505,7 +505,8 @@ def test_health_metrics_and_openapi(parked_gateway: Gateway) -> None:
         health = anonymous.get("/healthz")
         metrics = anonymous.get("/metrics")
         spec = anonymous.get("/openapi.json")
-    queues = [parked_gateway.settings.interactive_queue, parked_gateway.settings.bulk_queue]
+    queues = [parked_gateway.settings.interactive_queue, parked_gateway.settings.bulk_queue,
+              parked_gateway.settings.speech_queue]  # (no speech worker is no reason not to be ready)
     assert health.status_code == 200 and health.json() == {"status": "ok", "redis": "ok", "storage": "ok",
                                                            "workers": {q: 0 for q in queues}}
     assert "tuwen_gateway_requests_total" in metrics.text and 'route="/healthz"' in metrics.text

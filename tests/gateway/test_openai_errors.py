@@ -71,8 +71,6 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], str, str | None]] = {
         "messages[0].content[0].input_audio.format"),
     "an audio part that is not audio": ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
         "data": "AAAA", "format": "wav"}}]}]}, "unsupported_audio_format", None),
-    "a file part": ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]},
-                    "unsupported_parameter", "messages[0].content[0].type"),
     "image_url without url": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
                               "invalid_messages", "messages[0].content[0].image_url.url"),
     "empty messages": ({"messages": []}, "invalid_messages", "messages"),

@@ -239,7 +239,7 @@ def run_speech_worker(settings: Settings, *, hostname: str | None = None, loglev
     runtime.load()
     redis_client = connect(settings.redis_url)
     queues = [settings.speech_queue]
-    broker = connect(settings.broker) if transport.applies_to(settings.broker) else None
+    broker = connect(settings.broker) if queue.reads_wake_lists(settings.broker) else None
     metrics = WorkerMetrics()
     metrics.model_load.set(runtime.load_seconds or 0)
     if broker is not None:
