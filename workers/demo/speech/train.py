@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tuwen.workers.demo.speech import corpus, synth
-from tuwen.workers.demo.speech.build import build_model, build_processor
+from tuwen.workers.demo.speech.build import build_model, build_processor, generation_config
 
 #: How often each kind of sentence is drawn; "silence" is noise or a room with nothing said (target: "").
 MIX = {"demo": 0.45, "sums": 0.3, "counts": 0.14, "numbers": 0.07, "silence": 0.04}
@@ -126,6 +126,7 @@ def train(
     eval_clips: int = 24,
     ctc_weight: float = 0.3,
     minutes: float | None = 28.0,
+    init_from: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train from scratch and save a ``save_pretrained`` checkpoint to ``out_dir``; returns it.
@@ -135,8 +136,15 @@ def train(
     count it reached is in ``training_log.json``, and the run is reproducible only up to that)."""
     torch.set_num_threads(threads)
     rng = random.Random(seed)
-    processor = build_processor()
-    model = build_model(processor, seed=seed)
+    if init_from is not None:  # continue from a saved checkpoint (fresh optimizer and CTC head)
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        processor = WhisperProcessor.from_pretrained(init_from)
+        model = WhisperForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
+        model.generation_config = generation_config(processor.tokenizer)
+    else:
+        processor = build_processor()
+        model = build_model(processor, seed=seed)
     t0 = time.time()
     pool = ClipPool(rng, pool_size, synth.TRAIN)
     log(f"pool of {pool_size} clips drawn in {time.time() - t0:.0f}s")
@@ -216,10 +224,11 @@ def main() -> None:  # pragma: no cover - manual entry point for background runs
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--ctc-weight", type=float, default=0.3, help="weight of the auxiliary CTC loss")
     ap.add_argument("--minutes", type=float, default=28.0, help="wall-time budget (the schedule follows it)")
+    ap.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint")
     a = ap.parse_args()
     train(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, pool_size=a.pool_size,
           threads=a.threads, eval_every=a.eval_every, ctc_weight=a.ctc_weight, minutes=a.minutes,
-          log=lambda s: print(s, flush=True))
+          init_from=a.init_from, log=lambda s: print(s, flush=True))
 
 
 if __name__ == "__main__":  # pragma: no cover
