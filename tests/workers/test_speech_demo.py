@@ -120,17 +120,6 @@ def test_the_shipped_checkpoint_is_small_and_plain() -> None:
     assert sum(files.values()) < 10_000_000, files
 
 
-def test_the_shipped_checkpoint_transcribes_held_out_speech_within_5_percent_cer(shipped) -> None:
-    """Clips at rates and noise levels training never used, from test seeds (the documented table uses the
-    first 200 of each row; this is the first 24 of two rows)."""
-    from tuwen.workers.demo.speech.evaluate import held_out_clips, score, transcribe
-
-    model, processor = shipped
-    clips = held_out_clips("questions", 24) + held_out_clips("sums and counts", 24)
-    result = score([t for t, _ in clips], transcribe(model, processor, [a for _, a in clips]))
-    assert result["cer"] <= 0.05, result
-
-
 def test_batched_transcripts_equal_transcripts_made_alone(shipped) -> None:
     """fp32, greedy: a padded batch of clips of different lengths (and a silence) gives each clip the
     transcript it gets alone."""

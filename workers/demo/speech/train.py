@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tuwen.workers.demo.speech import corpus, synth
-from tuwen.workers.demo.speech.build import build_model, build_processor
+from tuwen.workers.demo.speech.build import build_model, build_processor, generation_config
 
 #: How often each kind of sentence is drawn; "silence" is noise or a room with nothing said (target: "").
 MIX = {"demo": 0.45, "sums": 0.3, "counts": 0.14, "numbers": 0.07, "silence": 0.04}
@@ -115,36 +115,56 @@ def ctc_loss(head: torch.nn.Linear, encoded: torch.Tensor, labels: torch.Tensor,
 def train(
     out_dir: Path,
     *,
-    steps: int = 600,
+    steps: int = 3000,
     batch_size: int = 32,
     lr: float = 1.5e-3,
     seed: int = 1234,
     pool_size: int = 1200,
     refresh: int = 4,
     threads: int = 1,
-    eval_every: int = 100,
+    eval_every: int = 200,
     eval_clips: int = 24,
-    ctc_weight: float = 0.0,
+    ctc_weight: float = 0.3,
+    minutes: float | None = 28.0,
+    init_from: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Train from scratch and save a ``save_pretrained`` checkpoint to ``out_dir``; returns it."""
+    """Train from scratch and save a ``save_pretrained`` checkpoint to ``out_dir``; returns it.
+
+    With ``minutes``, the learning-rate schedule runs on whichever is further along, steps or wall time, and
+    training stops when either is spent: the run ends on time however busy the machine is (then the step
+    count it reached is in ``training_log.json``, and the run is reproducible only up to that)."""
     torch.set_num_threads(threads)
     rng = random.Random(seed)
-    processor = build_processor()
-    model = build_model(processor, seed=seed)
+    if init_from is not None:  # continue from a saved checkpoint (fresh optimizer and CTC head)
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        processor = WhisperProcessor.from_pretrained(init_from)
+        model = WhisperForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
+        model.generation_config = generation_config(processor.tokenizer)
+    else:
+        processor = build_processor()
+        model = build_model(processor, seed=seed)
     t0 = time.time()
     pool = ClipPool(rng, pool_size, synth.TRAIN)
     log(f"pool of {pool_size} clips drawn in {time.time() - t0:.0f}s")
     head = torch.nn.Linear(model.config.d_model, model.config.vocab_size + 1)  # + the CTC blank; not saved
     params = list(model.parameters()) + (list(head.parameters()) if ctc_weight else [])
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = max(1, min(300, steps // 10))
+    warmup = max(1, min(100, steps // 10))
+    t0 = time.time()
+
+    def progress(step: int) -> float:
+        spent = (time.time() - t0) / (60 * minutes) if minutes else 0.0
+        return min(1.0, max(step / steps, spent))
+
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress(s))))
     )
     history: list[dict[str, float]] = []
-    t0 = time.time()
-    for step in range(1, steps + 1):
+    step = 0
+    while progress(step) < 1.0:
+        step += 1
         model.train()
         pool.refresh(refresh)
         inputs = batch(processor, pool.sample(batch_size))
@@ -160,7 +180,8 @@ def train(
         sched.step()
         if step % 25 == 0:
             log(f"step {step}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
-        if step % eval_every == 0 or step == steps:
+        last = progress(step) >= 1.0
+        if step % eval_every == 0 or last:
             save(model, processor, out_dir)
             score = quick_cer(out_dir, eval_clips)
             history.append({"step": step, "seconds": round(time.time() - t0), **score})
@@ -194,17 +215,20 @@ def main() -> None:  # pragma: no cover - manual entry point for background runs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--pool-size", type=int, default=1200)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--ctc-weight", type=float, default=0.0, help="weight of the auxiliary CTC loss")
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--ctc-weight", type=float, default=0.3, help="weight of the auxiliary CTC loss")
+    ap.add_argument("--minutes", type=float, default=28.0, help="wall-time budget (the schedule follows it)")
+    ap.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint")
     a = ap.parse_args()
     train(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, pool_size=a.pool_size,
-          threads=a.threads, eval_every=a.eval_every, ctc_weight=a.ctc_weight, log=lambda s: print(s, flush=True))
+          threads=a.threads, eval_every=a.eval_every, ctc_weight=a.ctc_weight, minutes=a.minutes,
+          init_from=a.init_from, log=lambda s: print(s, flush=True))
 
 
 if __name__ == "__main__":  # pragma: no cover
