@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,15 +152,22 @@ def pipeline_settings(redis_server: LocalRedis, s3: S3Endpoint) -> Settings:
                          speech_queue="it-speech", answer_cache=False)
 
 
-@pytest.fixture(scope="session")
-def worker(pipeline_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    proc = WorkerProcess(pipeline_settings, "session@tests", tmp_path_factory.mktemp("worker") / "worker.log")
+@contextmanager
+def running(proc: WorkerProcess) -> Iterator[WorkerProcess]:
+    """A worker process started, ready (its model loaded), and stopped at the end, even after a failure."""
     proc.start()
     try:
         proc.wait_ready(timeout=180)
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(pipeline_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    with running(WorkerProcess(pipeline_settings, "session@tests", tmp_path_factory.mktemp("worker") / "worker.log")) \
+            as proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")
@@ -176,14 +184,9 @@ def speech_worker(pipeline_settings: Settings, untrained_speech: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     """The session's speech worker (``tuwen worker --role speech``) on ``pipeline_settings``' speech queue."""
     settings = pipeline_settings.model_copy(update={"speech_model_path": untrained_speech})
-    proc = WorkerProcess(settings, "speech@tests", tmp_path_factory.mktemp("speech-worker") / "worker.log",
-                         role="speech")
-    proc.start()
-    try:
-        proc.wait_ready(timeout=180)
+    with running(WorkerProcess(settings, "speech@tests", tmp_path_factory.mktemp("speech-worker") / "worker.log",
+                               role="speech")) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -311,8 +311,9 @@ class SentinelRedis:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    client = redis.Redis(port=port, socket_connect_timeout=1)
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15, url: str | None = None) -> None:
+    """Until the redis-server ``proc`` answers a ping on ``port`` (through ``url``, such as a ``rediss://`` one)."""
+    client = redis.Redis.from_url(url or f"redis://127.0.0.1:{port}", socket_connect_timeout=1)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -367,16 +368,7 @@ class TlsRedis:
              "--tls-cert-file", str(d / "server.crt"), "--tls-key-file", str(d / "server.key"),
              "--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no", "--save", "",
              "--logfile", str(d / "redis.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert self.proc.poll() is None and time.monotonic() < deadline, f"no TLS redis on {self.port}"
-                time.sleep(0.05)
-        client.close()
+        wait_for_port(self.port, self.proc, url=self.url)
         return self
 
     def __exit__(self, *exc: object) -> None:

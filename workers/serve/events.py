@@ -91,6 +91,14 @@ class JobEvents:
             time.sleep(FLUSH_S)
             self.flush()
 
+    def received_message(self, request: Any) -> None:
+        """``received`` for a Celery request as ``task_received`` hands it over; a malformed message is dealt
+        with in its batch, not here."""
+        try:
+            self.received(JobRequest.model_validate(request.kwargs["job"]))
+        except Exception:  # noqa: BLE001 - see above
+            pass
+
     def received(self, job: JobRequest) -> None:
         self._send("task-received", uuid=job.id, name="tuwen.answer", args="()",
                    kwargs=job_kwargs_repr(job, self.show_text), retries=0, eta=None, expires=None,

@@ -221,10 +221,7 @@ def make_speech_app(settings: Settings, runtime: SpeechRuntime, jobs: JobStore, 
 
     def received(request: Any = None, **_: Any) -> None:
         if request is not None and request.name == queue.SPEECH_TASK:
-            try:
-                events.received(JobRequest.model_validate(request.kwargs["job"]))
-            except Exception:  # noqa: BLE001 - a malformed message is dealt with in the batch
-                pass
+            events.received_message(request)
 
     signals.task_received.connect(received, weak=False)
     signals.worker_shutdown.connect(lambda **_: events.flush(), weak=False)

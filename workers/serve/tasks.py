@@ -259,10 +259,7 @@ def make_worker_app(settings: Settings, runtime: Runtime, scheduler: Scheduler, 
         if request is None or request.name != queue.TASK_NAME:
             return
         answer.note_arrival(request)
-        try:
-            events.received(JobRequest.model_validate(request.kwargs["job"]))
-        except Exception:  # noqa: BLE001 - a malformed message is dealt with in the batch
-            pass
+        events.received_message(request)
 
     signals.task_received.connect(received, weak=False)
     signals.worker_shutdown.connect(lambda **_: events.flush(), weak=False)
