@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from tuwen.workers.demo.speech.evaluate import score
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
@@ -22,4 +24,7 @@ def test_tuwen_demo_answers_every_bundled_picture_right() -> None:
     line = re.search(r"(\d+)/(\d+) answers name the right facts; (\d+) jobs in", out.stdout)
     assert line is not None, out.stdout[-3000:]
     assert line.group(1) == line.group(2) == line.group(3) == "10", line.group(0)
-    assert out.stdout.count("问：") == 10 and out.stdout.count("✓") == 10
+    assert out.stdout.count("问：") == 8 and out.stdout.count("问（语音）：") == 2 and out.stdout.count("✓") == 10
+    # the two spoken questions were heard: each line shows what the speech stage transcribed
+    heard = re.findall(r"问（语音）：(\S+)\s+听到：(\S+)", out.stdout)
+    assert len(heard) == 2 and score([s for s, _ in heard], [t for _, t in heard])["cer"] <= 0.1, heard
