@@ -23,6 +23,7 @@ from tuwen.pipeline.client import read_image
 from tuwen.pipeline.errors import InvalidImage
 from tuwen.pipeline.bulk.manifest import CsvSource, JsonlSource, open_source, validate
 from tuwen.pipeline.settings import Settings
+from tests.pdfs import PAGE_KINDS, scene_pdf, scenes
 from tests.bulk.conftest import cli, draw_pictures, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,7 +182,9 @@ def test_the_documented_example_works_as_written(idle_settings: Settings, idle_s
     assert example and command
     rows = [json.loads(x) for x in example.group(1).splitlines()]
     for row in rows:
-        if not row["image"].startswith("images/"):
+        if "pdf" in row:  # a PDF of 9 worksheet pages, of which the line asks pages 3-5 and 9
+            (tmp_path / row["pdf"]).write_bytes(scene_pdf([e.image for e in scenes(520, PAGE_KINDS * 3)]))
+        elif not row["image"].startswith("images/"):
             pic = draw_pictures(tmp_path / "draw", 1, seed=518)[0][0]
             (tmp_path / row["image"]).parent.mkdir(parents=True, exist_ok=True)
             pic.rename(tmp_path / row["image"])
@@ -197,7 +200,8 @@ def test_the_documented_example_works_as_written(idle_settings: Settings, idle_s
     # Then every line naming a file is queued; only the made-up key is not found, with the path looked at
     assert res.exit_code == 0, res.output
     lines = list(idle_store.results(json.loads(res.stdout)["id"]))
-    assert [x["status"] for x in lines] == ["queued", "queued", "failed"], lines
+    assert [x["status"] for x in lines] == ["queued", "queued", "failed"] + ["queued"] * 4, lines
+    assert [x.get("page") for x in lines[3:]] == [3, 4, 5, 9], lines
     assert lines[2]["error"]["code"] == "image_not_found"
     assert str(tmp_path.resolve() / rows[2]["image"]) in lines[2]["error"]["message"]
     idle_store.cancel(json.loads(res.stdout)["id"])

@@ -92,7 +92,8 @@ def gateway(pipeline_settings: Settings) -> Iterator[Gateway]:
 def parked_settings(pipeline_settings: Settings) -> Settings:
     tag = uuid.uuid4().hex[:8]
     return pipeline_settings.model_copy(update={"interactive_queue": f"gw-parked-{tag}",
-                                                "bulk_queue": f"gw-parked-bulk-{tag}"})
+                                                "bulk_queue": f"gw-parked-bulk-{tag}",
+                                                "speech_queue": f"gw-parked-speech-{tag}"})
 
 
 @pytest.fixture(scope="session")

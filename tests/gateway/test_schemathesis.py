@@ -75,4 +75,5 @@ def test_schema_is_complete(gateway_schema: schemathesis.BaseSchema) -> None:
         ("DELETE", "/v1/responses/{response_id}"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
         ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
         ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"), ("POST", "/v1/batches"),
-        ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"), ("POST", "/v1/batches/{batch_id}/cancel")}
+        ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"), ("POST", "/v1/batches/{batch_id}/cancel"),
+        ("POST", "/v1/audio/transcriptions")}
