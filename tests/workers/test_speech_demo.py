@@ -131,3 +131,18 @@ def test_batched_transcripts_equal_transcripts_made_alone(shipped) -> None:
     alone = [transcribe(model, processor, [a])[0] for a in audios]
     assert transcribe(model, processor, audios, batch_size=len(audios)) == alone
     assert len({len(t) for t in alone}) > 2  # transcripts of different lengths: the batch really pads
+
+
+def test_the_speech_worker_runtime_gives_a_clip_the_same_transcript_batched_or_alone() -> None:
+    """The worker's own path (``SpeechRuntime``) with the shipped checkpoint: text, token count and finish reason
+    are the same in a batch and alone (a lone row's end-of-text, which generate drops, read as 'length')."""
+    from tuwen.pipeline.settings import Settings
+    from tuwen.workers.demo.speech.evaluate import held_out_clips
+    from tuwen.workers.engine.speech import SpeechRuntime
+
+    runtime = SpeechRuntime(Settings(speech_model_path=bundled_speech_model(), torch_threads=1))
+    runtime.load()
+    clips = [a for _, a in held_out_clips("questions", 4, split="dev")]
+    together = runtime.transcribe(clips)
+    assert together == [runtime.transcribe([c])[0] for c in clips]
+    assert {t.finish_reason for t in together} == {"stop"} and all(t.text for t in together)

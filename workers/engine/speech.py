@@ -111,7 +111,8 @@ class SpeechRuntime:
         results = []
         for row in sequences.tolist():
             words = [t for t in row if t not in special]
-            ended = tokenizer.eos_token_id in row[1:]
+            # Whisper's generate drops a lone row's closing end-of-text: a row that stopped short of its budget ended
+            ended = tokenizer.eos_token_id in row[1:] or len(words) < budget
             text = readable(tokenizer.decode(words, skip_special_tokens=True)).strip()
             results.append(Transcript(text, len(words), "stop" if ended else "length"))
         return results
