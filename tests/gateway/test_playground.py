@@ -47,14 +47,9 @@ def page() -> Iterator[Any]:
 def test_playground_streams_an_answer_and_a_follow_up(page: Any, gateway: Gateway, worker: WorkerProcess,
                                                       new_key: Keys) -> None:
     sample = load_samples()[4]  # 请数一数这张练习题里有几个圆形。 → 4个
-    bodies: list[dict[str, Any]] = []
-    page.on("request", lambda r: bodies.append(json.loads(r.post_data or "{}"))
-            if r.url.endswith("/v1/chat/completions") else None)
-    page.goto(gateway.url + "/playground")
+    bodies = requests_to_chat(page)
     # Given a key pasted in, the models loaded, and a picture chosen
-    page.fill("#key", new_key())
-    page.dispatch_event("#key", "change")
-    page.wait_for_function("() => document.querySelector('#model').value.includes('@')", timeout=20_000)
+    with_key(page, gateway.url, new_key())
     page.set_input_files("#picture", str(sample.path))
     page.wait_for_function("() => document.querySelector('#preview').style.display === 'block'")
     # And the page noting each text the answer shows as it streams in

@@ -4,7 +4,6 @@ answer; then an audio file chosen instead. Real gateway, speech and picture work
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from tests.conftest import need
 from tests.gateway.conftest import Gateway
-from tests.gateway.test_playground import CHROMIUM, SHOTS
+from tests.gateway.test_playground import CHROMIUM, SHOTS, requests_to_chat, with_key
 from tests.workers.test_speech import spoken
 from tuwen.workers.bench.process import WorkerProcess
 from tuwen.workers.demo.samples import load_samples
@@ -50,13 +49,8 @@ def test_the_playground_records_a_question_and_shows_its_transcript_and_answer(
         page: Any, gateway: Gateway, speech_worker: WorkerProcess, worker: WorkerProcess,
         new_key: Callable[..., str], question_wav: Path) -> None:
     sample = load_samples()[4]
-    bodies: list[dict[str, Any]] = []
-    page.on("request", lambda r: bodies.append(json.loads(r.post_data or "{}"))
-            if r.url.endswith("/v1/chat/completions") else None)
-    page.goto(gateway.url + "/playground")
-    page.fill("#key", new_key())
-    page.dispatch_event("#key", "change")
-    page.wait_for_function("() => document.querySelector('#model').value.includes('@')", timeout=20_000)
+    bodies = requests_to_chat(page)
+    with_key(page, gateway.url, new_key())
     page.set_input_files("#picture", str(sample.path))
     # Given a question recorded from the (fake) microphone for two seconds
     page.click("#record")

@@ -111,10 +111,18 @@ def test_a_gateway_killed_mid_load_loses_nothing_and_creates_no_job_twice(s3: S3
                 # When gateway 0 is killed (SIGKILL) while it holds requests, one of them mid-submission
                 wait_until(lambda: load.answered >= 5 and load.in_flight[0] >= 2, 120,
                            "5 answered and 2 requests in flight on gateway 0")
-                wait_until(lambda: load.mid_submission(store, 0), 60, "a request mid-submission on gateway 0",
-                           every=0.001)
-                held, candidates = load.in_flight[0], load.mid_submission(store, 0)
+                # (the kill follows the sighting at once: a second look costs the round trips the window lasts)
+                candidates: list[str] = []
+                holding = [0]
+
+                def sighted() -> bool:
+                    holding[0] = load.in_flight[0]
+                    candidates[:] = load.mid_submission(store, 0)
+                    return bool(candidates)
+
+                wait_until(sighted, 60, "a request mid-submission on gateway 0", every=0.001)
                 gateways[0].kill()
+                held = holding[0]
                 killed = time.monotonic()
                 caught = [k for k in candidates if not _done(json.loads(store.get(Idempotency.key(OWNER, k))))]
                 outcomes = [f.result(timeout=300) for f in futures]

@@ -66,7 +66,7 @@ class Options:
     def quick(cls, **overrides: Any) -> Options:
         """Small sizes for the smoke test: every row, in seconds."""
         small = dict(inputs=8, max_new_tokens=8, transport_jobs=48, bulk_lines=200, decode_steps=3, short_tokens=3,
-                     long_tokens=10, idle_rounds=3, interactive_jobs=2, backlog=48, http_samples=2, http_backlog=300,
+                     long_tokens=10, idle_rounds=3, interactive_jobs=2, backlog=48, http_samples=2, http_backlog=600,
                      shape=roofline.QUICK_SHAPE)
         return cls(**{**small, **overrides})
 
